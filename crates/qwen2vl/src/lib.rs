@@ -1,5 +1,8 @@
 //! qwen2vl: Qwen2-VL vision-language inference in Rust.
 
+pub mod config;
 pub mod error;
+pub mod generation;
+pub mod processing;
 
 pub use error::{Error, Result};

@@ -1,0 +1,457 @@
+//! Serde mirrors of the checkpoint's JSON files, with Hugging Face's defaults.
+//!
+//! - `config.json` → [`Qwen2VLConfig`] (mirrors `transformers.Qwen2VLConfig`, 4.49), with the
+//!   vision tower in [`VisionConfig`] (mirrors `Qwen2VLVisionConfig`).
+//! - `preprocessor_config.json` → [`PreprocessorConfig`] (mirrors `Qwen2VLImageProcessor`).
+//! - `generation_config.json` → [`GenerationConfig`] (mirrors `GenerationConfig`).
+//!
+//! Newer checkpoints (transformers ≥ 4.52) nest the text fields under `text_config`; both
+//! layouts are accepted, the nested one taking precedence.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+fn d_vocab() -> usize {
+    152064
+}
+fn d_hidden() -> usize {
+    8192
+}
+fn d_intermediate() -> usize {
+    29568
+}
+fn d_layers() -> usize {
+    80
+}
+fn d_heads() -> usize {
+    64
+}
+fn d_kv_heads() -> usize {
+    8
+}
+fn d_max_pos() -> usize {
+    32768
+}
+fn d_rms_eps() -> f64 {
+    1e-5
+}
+fn d_rope_theta() -> f64 {
+    1_000_000.0
+}
+fn d_act() -> String {
+    "silu".into()
+}
+fn d_vision_start() -> u32 {
+    151652
+}
+fn d_vision_end() -> u32 {
+    151653
+}
+fn d_vision_token() -> u32 {
+    151654
+}
+fn d_image_token() -> u32 {
+    151655
+}
+fn d_video_token() -> u32 {
+    151656
+}
+
+/// `rope_scaling` of `config.json`: `{"type": "mrope", "mrope_section": [16, 24, 24]}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RopeScaling {
+    /// "mrope" (older files) or "default" (newer ones, which call the type `rope_type`).
+    #[serde(default, alias = "rope_type", rename = "type")]
+    pub kind: Option<String>,
+    /// Split of the rotary half-dimension into (temporal, height, width) sections.
+    pub mrope_section: Vec<usize>,
+}
+
+/// The text fields of `config.json` (Qwen2 decoder).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TextConfig {
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "d_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_intermediate")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_kv_heads")]
+    pub num_key_value_heads: usize,
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d_rms_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "d_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub use_sliding_window: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+}
+
+impl TextConfig {
+    /// Per-head dimension (`hidden_size / num_attention_heads`).
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// The M-RoPE sections; `[16, 24, 24]` when absent (the released checkpoints' value).
+    pub fn mrope_section(&self) -> Vec<usize> {
+        self.rope_scaling
+            .as_ref()
+            .map(|r| r.mrope_section.clone())
+            .unwrap_or_else(|| vec![16, 24, 24])
+    }
+}
+
+fn d_v_depth() -> usize {
+    32
+}
+fn d_v_embed() -> usize {
+    1280
+}
+fn d_v_hidden() -> usize {
+    3584
+}
+fn d_v_act() -> String {
+    "quick_gelu".into()
+}
+fn d_v_mlp_ratio() -> f64 {
+    4.0
+}
+fn d_v_heads() -> usize {
+    16
+}
+fn d_v_chans() -> usize {
+    3
+}
+fn d_v_patch() -> usize {
+    14
+}
+fn d_v_merge() -> usize {
+    2
+}
+fn d_v_temporal() -> usize {
+    2
+}
+
+/// `vision_config` of `config.json` (mirrors `Qwen2VLVisionConfig`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VisionConfig {
+    #[serde(default = "d_v_depth")]
+    pub depth: usize,
+    #[serde(default = "d_v_embed")]
+    pub embed_dim: usize,
+    /// Output width of the merger = the text model's hidden size.
+    #[serde(default = "d_v_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_v_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_v_mlp_ratio")]
+    pub mlp_ratio: f64,
+    #[serde(default = "d_v_heads")]
+    pub num_heads: usize,
+    #[serde(default = "d_v_chans", alias = "in_channels")]
+    pub in_chans: usize,
+    #[serde(default = "d_v_patch")]
+    pub patch_size: usize,
+    #[serde(default = "d_v_merge")]
+    pub spatial_merge_size: usize,
+    #[serde(default = "d_v_temporal")]
+    pub temporal_patch_size: usize,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("all vision fields have defaults")
+    }
+}
+
+impl VisionConfig {
+    /// Per-head dimension of the vision attention (80 for the released models).
+    pub fn head_dim(&self) -> usize {
+        self.embed_dim / self.num_heads
+    }
+    /// Hidden width of the vision MLP (`embed_dim * mlp_ratio`).
+    pub fn mlp_hidden_dim(&self) -> usize {
+        (self.embed_dim as f64 * self.mlp_ratio) as usize
+    }
+    /// Length of one flattened patch: `in_chans * temporal_patch_size * patch_size²` (1176).
+    pub fn patch_dim(&self) -> usize {
+        self.in_chans * self.temporal_patch_size * self.patch_size * self.patch_size
+    }
+}
+
+/// `config.json` of a Qwen2-VL checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Qwen2VLConfig {
+    pub text: TextConfig,
+    pub vision: VisionConfig,
+    pub vision_start_token_id: u32,
+    pub vision_end_token_id: u32,
+    pub vision_token_id: u32,
+    pub image_token_id: u32,
+    pub video_token_id: u32,
+    /// `torch_dtype` as written in the file (e.g. "bfloat16"), if any.
+    pub torch_dtype: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    #[serde(flatten)]
+    text: TextConfig,
+    #[serde(default)]
+    text_config: Option<serde_json::Value>,
+    #[serde(default)]
+    vision_config: Option<VisionConfig>,
+    #[serde(default = "d_vision_start")]
+    vision_start_token_id: u32,
+    #[serde(default = "d_vision_end")]
+    vision_end_token_id: u32,
+    #[serde(default = "d_vision_token")]
+    vision_token_id: u32,
+    #[serde(default = "d_image_token")]
+    image_token_id: u32,
+    #[serde(default = "d_video_token")]
+    video_token_id: u32,
+    #[serde(default)]
+    torch_dtype: Option<String>,
+    #[serde(default)]
+    dtype: Option<String>,
+}
+
+impl Qwen2VLConfig {
+    /// Parses the text of a `config.json`.
+    pub fn from_json_str(s: &str) -> std::result::Result<Self, serde_json::Error> {
+        let raw: RawConfig = serde_json::from_str(s)?;
+        let mut text = raw.text;
+        if let Some(nested) = raw.text_config {
+            // Newer layout: text fields live under `text_config`; top-level ones fill gaps.
+            let mut merged = serde_json::from_str::<serde_json::Value>(s)?;
+            if let (Some(obj), serde_json::Value::Object(inner)) = (merged.as_object_mut(), nested)
+            {
+                for (k, v) in inner {
+                    obj.insert(k, v);
+                }
+            }
+            text = serde_json::from_value(merged)?;
+        }
+        Ok(Qwen2VLConfig {
+            text,
+            vision: raw.vision_config.unwrap_or_default(),
+            vision_start_token_id: raw.vision_start_token_id,
+            vision_end_token_id: raw.vision_end_token_id,
+            vision_token_id: raw.vision_token_id,
+            image_token_id: raw.image_token_id,
+            video_token_id: raw.video_token_id,
+            torch_dtype: raw.torch_dtype.or(raw.dtype),
+        })
+    }
+
+    /// Reads `config.json` from a file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let s = read_text(path, "model config (config.json)")?;
+        Self::from_json_str(&s).map_err(|e| Error::Config {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+}
+
+fn d_min_pixels() -> u64 {
+    56 * 56
+}
+fn d_max_pixels() -> u64 {
+    28 * 28 * 1280
+}
+fn d_mean() -> [f32; 3] {
+    [0.48145466, 0.4578275, 0.40821073]
+}
+fn d_std() -> [f32; 3] {
+    [0.26862954, 0.261_302_6, 0.275_777_1]
+}
+fn d_rescale() -> f64 {
+    1.0 / 255.0
+}
+fn d_true() -> bool {
+    true
+}
+
+/// The `size` field of newer preprocessor configs: `{"shortest_edge": min, "longest_edge": max}`
+/// (in pixels, despite the names).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct SizeField {
+    #[serde(default)]
+    pub shortest_edge: Option<u64>,
+    #[serde(default)]
+    pub longest_edge: Option<u64>,
+    #[serde(default)]
+    pub min_pixels: Option<u64>,
+    #[serde(default)]
+    pub max_pixels: Option<u64>,
+}
+
+/// `preprocessor_config.json` (mirrors `Qwen2VLImageProcessor`'s constructor arguments).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PreprocessorConfig {
+    #[serde(default = "d_min_pixels")]
+    pub min_pixels: u64,
+    #[serde(default = "d_max_pixels")]
+    pub max_pixels: u64,
+    #[serde(default)]
+    pub size: Option<SizeField>,
+    #[serde(default = "d_mean")]
+    pub image_mean: [f32; 3],
+    #[serde(default = "d_std")]
+    pub image_std: [f32; 3],
+    #[serde(default = "d_rescale")]
+    pub rescale_factor: f64,
+    #[serde(default = "d_true")]
+    pub do_resize: bool,
+    #[serde(default = "d_true")]
+    pub do_rescale: bool,
+    #[serde(default = "d_true")]
+    pub do_normalize: bool,
+    #[serde(default = "d_true")]
+    pub do_convert_rgb: bool,
+    #[serde(default = "d_v_patch")]
+    pub patch_size: usize,
+    #[serde(default = "d_v_merge")]
+    pub merge_size: usize,
+    #[serde(default = "d_v_temporal")]
+    pub temporal_patch_size: usize,
+}
+
+impl Default for PreprocessorConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("all preprocessor fields have defaults")
+    }
+}
+
+impl PreprocessorConfig {
+    /// Parses the text of a `preprocessor_config.json`; a `size` object, when present, overrides
+    /// `min_pixels`/`max_pixels` the way transformers does.
+    pub fn from_json_str(s: &str) -> std::result::Result<Self, serde_json::Error> {
+        let mut c: PreprocessorConfig = serde_json::from_str(s)?;
+        if let Some(size) = &c.size {
+            if let Some(v) = size.min_pixels.or(size.shortest_edge) {
+                c.min_pixels = v;
+            }
+            if let Some(v) = size.max_pixels.or(size.longest_edge) {
+                c.max_pixels = v;
+            }
+        }
+        Ok(c)
+    }
+
+    /// Reads `preprocessor_config.json` from a file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let s = read_text(path, "preprocessor config (preprocessor_config.json)")?;
+        Self::from_json_str(&s).map_err(|e| Error::Config {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Side length that resized images must be a multiple of (`patch_size * merge_size`, 28).
+    pub fn factor(&self) -> usize {
+        self.patch_size * self.merge_size
+    }
+}
+
+/// `eos_token_id` may be one id or a list.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    /// The ids as a list.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            OneOrMany::One(x) => vec![*x],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+fn d_temperature() -> f64 {
+    1.0
+}
+fn d_top_p() -> f64 {
+    1.0
+}
+fn d_rep() -> f64 {
+    1.0
+}
+
+/// `generation_config.json` (the fields this engine uses, with `GenerationConfig`'s defaults).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GenerationConfig {
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<OneOrMany>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default)]
+    pub do_sample: bool,
+    #[serde(default = "d_temperature")]
+    pub temperature: f64,
+    #[serde(default = "d_top_p")]
+    pub top_p: f64,
+    /// HF's default is 50 when absent.
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    #[serde(default = "d_rep")]
+    pub repetition_penalty: f64,
+    #[serde(default)]
+    pub max_new_tokens: Option<usize>,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("all generation fields have defaults")
+    }
+}
+
+impl GenerationConfig {
+    /// Parses the text of a `generation_config.json`.
+    pub fn from_json_str(s: &str) -> std::result::Result<Self, serde_json::Error> {
+        serde_json::from_str(s)
+    }
+
+    /// Reads `generation_config.json` from a file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let s = read_text(path, "generation config (generation_config.json)")?;
+        Self::from_json_str(&s).map_err(|e| Error::Config {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+}
+
+fn read_text(path: &Path, what: &str) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::Model {
+        what: format!("cannot read the {what} ({e})"),
+        path: path.to_path_buf(),
+    })
+}

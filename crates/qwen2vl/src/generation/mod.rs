@@ -1,0 +1,5 @@
+//! Token selection and streaming: sampler, stop conditions, incremental detokenizer.
+
+pub mod detok;
+pub mod sampler;
+pub mod stop;

@@ -1,0 +1,6 @@
+//! Messages → model inputs: image preprocessing, chat template, tokenizer.
+
+pub mod image;
+pub mod messages;
+pub mod template;
+pub mod tokenizer;
