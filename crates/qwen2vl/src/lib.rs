@@ -6,3 +6,5 @@ pub mod generation;
 pub mod processing;
 
 pub use error::{Error, Result};
+pub mod weights;
+pub mod rope;

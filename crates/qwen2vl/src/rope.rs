@@ -1,0 +1,298 @@
+//! Rotary position ids, as pure host-side functions.
+//!
+//! - [`vision_rope_ids`]: the (row, col) id of every patch of the packed vision sequence,
+//!   in the processor's patch order (mirrors `Qwen2VisionTransformerPretrainedModel.rot_pos_emb`).
+//! - [`mrope_position_ids`]: the (temporal, height, width) ids of every prompt token and the
+//!   sequence's `rope_delta` (mirrors `Qwen2VLForConditionalGeneration.get_rope_index`,
+//!   transformers 4.49: text after a vision block resumes at max(all ids so far) + 1).
+//! - [`inv_freq`] / [`mrope_cos_sin`]: the rotary tables the towers apply.
+
+use crate::error::{Error, Result};
+
+/// `1 / theta^(2i/dim)` for `i in 0..dim/2`, in f32 as transformers computes it.
+pub fn inv_freq(dim: usize, theta: f64) -> Vec<f32> {
+    (0..dim / 2)
+        .map(|i| {
+            let exponent = (2 * i) as f32 / dim as f32;
+            1.0f32 / (theta as f32).powf(exponent)
+        })
+        .collect()
+}
+
+/// (row, col) ids of each patch for a packed sequence of images/videos.
+///
+/// For a grid (t, h, w) the patches come in the processor's order: frame, then 2x2 merge
+/// blocks in raster order, then the 4 patches inside a block in raster order. Returns
+/// `t*h*w` pairs per grid, grids concatenated.
+pub fn vision_rope_ids(grids: &[[usize; 3]], merge: usize) -> Vec<(u32, u32)> {
+    let mut ids = Vec::with_capacity(grids.iter().map(|g| g[0] * g[1] * g[2]).sum());
+    for &[t, h, w] in grids {
+        for _ in 0..t {
+            for bh in 0..h / merge {
+                for bw in 0..w / merge {
+                    for mh in 0..merge {
+                        for mw in 0..merge {
+                            ids.push(((bh * merge + mh) as u32, (bw * merge + mw) as u32));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    ids
+}
+
+/// Cos/sin tables for the vision tower's 2-D rotary embedding.
+///
+/// `head_dim` is the vision head size (80); the rotary frequencies are over `head_dim / 2`
+/// (`VisionRotaryEmbedding(head_dim // 2)`), so each patch gets `head_dim / 4` row
+/// frequencies followed by `head_dim / 4` column frequencies. Returns `(cos, sin)`, each
+/// `(n_patches, head_dim / 2)` row-major, for a non-interleaved (rotate-half) rope.
+pub fn vision_cos_sin(ids: &[(u32, u32)], head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
+    let inv = inv_freq(head_dim / 2, theta);
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(ids.len() * half);
+    let mut sin = Vec::with_capacity(ids.len() * half);
+    for &(r, c) in ids {
+        for pos in [r, c] {
+            for &f in &inv {
+                let a = pos as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+    (cos, sin)
+}
+
+/// M-RoPE cos/sin for tokens with 3-D position ids.
+///
+/// `positions` is `3 x n` (temporal, height, width ids). Frequency `j` of the rotary half
+/// (`head_dim / 2`) takes its angle from the section it falls in: `mrope_section = [16, 24, 24]`
+/// gives j < 16 → temporal, j < 40 → height, else width. This is what
+/// `apply_multimodal_rotary_pos_emb` does by splitting the doubled cos/sin into
+/// `mrope_section * 2` chunks and taking chunk `i % 3` from dimension `i % 3`.
+/// Returns `(cos, sin)`, each `(n, head_dim / 2)` row-major.
+pub fn mrope_cos_sin(
+    positions: [&[i64]; 3],
+    head_dim: usize,
+    theta: f64,
+    mrope_section: &[usize],
+) -> (Vec<f32>, Vec<f32>) {
+    let inv = inv_freq(head_dim, theta);
+    let half = head_dim / 2;
+    let mut section_of = Vec::with_capacity(half);
+    for (s, &len) in mrope_section.iter().enumerate() {
+        section_of.extend(std::iter::repeat_n(s.min(2), len));
+    }
+    section_of.resize(half, 2);
+    let n = positions[0].len();
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for i in 0..n {
+        for j in 0..half {
+            let a = positions[section_of[j]][i] as f32 * inv[j];
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    (cos, sin)
+}
+
+/// Token ids that mark vision content in a prompt.
+#[derive(Debug, Clone, Copy)]
+pub struct VisionTokens {
+    pub image_pad: u32,
+    pub video_pad: u32,
+}
+
+/// M-RoPE position ids of a prompt: `3 x len` and the `rope_delta` for decoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MropePositions {
+    /// `[temporal, height, width]`, each `len` long.
+    pub ids: [Vec<i64>; 3],
+    /// `max(ids) + 1 - len`: decoding position `p` (cache length) uses id `p + rope_delta`.
+    pub rope_delta: i64,
+}
+
+/// The 3-D position ids of a tokenized prompt (transformers 4.49 `get_rope_index`).
+///
+/// Text tokens get equal t/h/w ids counting up. A run of `n` image (video) pad tokens
+/// consumes the next image (video) grid `(t, h, w)`; it must hold `t*h*w / merge²` tokens.
+/// With `s` the id the next text token would have had, its tokens get
+/// `t = s + frame`, `h = s + row`, `w = s + col` (row/col in merged units). The text after it
+/// resumes at `max(all ids so far) + 1`.
+pub fn mrope_position_ids(
+    input_ids: &[u32],
+    tokens: VisionTokens,
+    image_grids: &[[usize; 3]],
+    video_grids: &[[usize; 3]],
+    merge: usize,
+) -> Result<MropePositions> {
+    let n = input_ids.len();
+    let mut ids: [Vec<i64>; 3] = [
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    ];
+    let (mut next_image, mut next_video) = (0usize, 0usize);
+    // The id the next text token gets: max(all ids so far) + 1.
+    let mut next: i64 = 0;
+    let mut i = 0;
+    while i < n {
+        let tok = input_ids[i];
+        let grid = if tok == tokens.image_pad {
+            let g = image_grids.get(next_image).ok_or_else(|| {
+                Error::bad_input(
+                    format!("the prompt has more images than the {} given", image_grids.len()),
+                    "one <|image_pad|> run per image",
+                )
+            })?;
+            next_image += 1;
+            Some(("image", *g))
+        } else if tok == tokens.video_pad {
+            let g = video_grids.get(next_video).ok_or_else(|| {
+                Error::bad_input(
+                    format!("the prompt has more videos than the {} given", video_grids.len()),
+                    "one <|video_pad|> run per video",
+                )
+            })?;
+            next_video += 1;
+            Some(("video", *g))
+        } else {
+            None
+        };
+        match grid {
+            None => {
+                for d in &mut ids {
+                    d.push(next);
+                }
+                next += 1;
+                i += 1;
+            }
+            Some((kind, [t, h, w])) => {
+                let (gh, gw) = (h / merge, w / merge);
+                let count = t * gh * gw;
+                let run = input_ids[i..].iter().take_while(|&&x| x == tok).count();
+                if run != count {
+                    return Err(Error::bad_input(
+                        format!(
+                            "an {kind} with grid ({t}, {h}, {w}) needs {count} pad tokens, the prompt has {run}"
+                        ),
+                        "as many pad tokens as merged vision tokens",
+                    ));
+                }
+                let start = next;
+                for ft in 0..t {
+                    for r in 0..gh {
+                        for c in 0..gw {
+                            ids[0].push(start + ft as i64);
+                            ids[1].push(start + r as i64);
+                            ids[2].push(start + c as i64);
+                        }
+                    }
+                }
+                let max_extent = t.max(gh).max(gw) as i64;
+                next = start + max_extent;
+                i += count;
+            }
+        }
+    }
+    if next_image != image_grids.len() || next_video != video_grids.len() {
+        return Err(Error::bad_input(
+            format!(
+                "{} image(s) and {} video(s) were given but the prompt has {} image and {} video placeholders",
+                image_grids.len(),
+                video_grids.len(),
+                next_image,
+                next_video
+            ),
+            "one placeholder per image and per video",
+        ));
+    }
+    let rope_delta = next - n as i64;
+    Ok(MropePositions { ids, rope_delta })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: VisionTokens = VisionTokens {
+        image_pad: 9,
+        video_pad: 8,
+    };
+
+    #[test]
+    fn text_only_counts_up() {
+        let p = mrope_position_ids(&[1, 2, 3, 4], T, &[], &[], 2).unwrap();
+        for d in &p.ids {
+            assert_eq!(d, &vec![0, 1, 2, 3]);
+        }
+        assert_eq!(p.rope_delta, 0);
+    }
+
+    #[test]
+    fn one_image_by_hand() {
+        // 2 text tokens, an image with grid (1, 4, 6) → 2x3 merged tokens, then 2 text tokens.
+        let ids = [1, 2, 9, 9, 9, 9, 9, 9, 3, 4];
+        let p = mrope_position_ids(&ids, T, &[[1, 4, 6]], &[], 2).unwrap();
+        assert_eq!(p.ids[0], vec![0, 1, 2, 2, 2, 2, 2, 2, 5, 6]);
+        assert_eq!(p.ids[1], vec![0, 1, 2, 2, 2, 3, 3, 3, 5, 6]);
+        assert_eq!(p.ids[2], vec![0, 1, 2, 3, 4, 2, 3, 4, 5, 6]);
+        // max id 6, length 10.
+        assert_eq!(p.rope_delta, 6 + 1 - 10);
+    }
+
+    #[test]
+    fn two_images_by_hand() {
+        // image A grid (1,2,2) → 1 token; image B grid (1,2,4) → 1x2 tokens.
+        let ids = [1, 9, 2, 9, 9, 3];
+        let p = mrope_position_ids(&ids, T, &[[1, 2, 2], [1, 2, 4]], &[], 2).unwrap();
+        assert_eq!(p.ids[0], vec![0, 1, 2, 3, 3, 5]);
+        assert_eq!(p.ids[1], vec![0, 1, 2, 3, 3, 5]);
+        assert_eq!(p.ids[2], vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(p.rope_delta, 5 + 1 - 6);
+    }
+
+    #[test]
+    fn video_by_hand() {
+        // video grid (3, 2, 4): 3 temporal patches of 1x2 merged tokens.
+        let ids = [1, 8, 8, 8, 8, 8, 8, 2];
+        let p = mrope_position_ids(&ids, T, &[], &[[3, 2, 4]], 2).unwrap();
+        assert_eq!(p.ids[0], vec![0, 1, 1, 2, 2, 3, 3, 4]);
+        assert_eq!(p.ids[1], vec![0, 1, 1, 1, 1, 1, 1, 4]);
+        assert_eq!(p.ids[2], vec![0, 1, 2, 1, 2, 1, 2, 4]);
+        assert_eq!(p.rope_delta, 4 + 1 - 8);
+    }
+
+    #[test]
+    fn pad_count_mismatch_is_an_error() {
+        let err = mrope_position_ids(&[9, 9, 9], T, &[[1, 4, 4]], &[], 2).unwrap_err();
+        assert!(err.to_string().contains("needs 4 pad tokens"), "{err}");
+        let err = mrope_position_ids(&[1, 2], T, &[[1, 4, 4]], &[], 2).unwrap_err();
+        assert!(err.to_string().contains("placeholders"), "{err}");
+    }
+
+    #[test]
+    fn vision_ids_follow_merge_blocks() {
+        let ids = vision_rope_ids(&[[1, 2, 4]], 2);
+        assert_eq!(
+            ids,
+            vec![(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
+        );
+    }
+
+    #[test]
+    fn mrope_sections_pick_their_axis() {
+        let t = [5i64];
+        let h = [7i64];
+        let w = [11i64];
+        let (cos, _) = mrope_cos_sin([&t, &h, &w], 8, 10000.0, &[1, 1, 2]);
+        let inv = inv_freq(8, 10000.0);
+        assert_eq!(cos[0], (5.0 * inv[0]).cos());
+        assert_eq!(cos[1], (7.0 * inv[1]).cos());
+        assert_eq!(cos[2], (11.0 * inv[2]).cos());
+        assert_eq!(cos[3], (11.0 * inv[3]).cos());
+    }
+}

@@ -1,0 +1,250 @@
+//! Finding and reading a checkpoint's tensors.
+//!
+//! A Hugging Face–format model directory holds either `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`. The files are memory-mapped; a tensor is read straight from
+//! the map into compute-dtype memory in one pass (bf16 → f32 widening included), so a weight is
+//! copied exactly once at load and never again.
+//!
+//! Tensors are asked for by their *original* checkpoint names (`model.layers.0.self_attn.q_proj.weight`,
+//! `visual.blocks.0.attn.qkv.weight`, `lm_head.weight`). Checkpoints written by transformers ≥ 4.52
+//! use `model.language_model.*` and `model.visual.*` instead; [`Weights::get`] tries both.
+//! Every name handed out is recorded, so the loader can report tensors the model never used.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use memmap2::Mmap;
+use safetensors::{Dtype as StDtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+/// The memory-mapped safetensors files of one checkpoint.
+pub struct Weights {
+    maps: Vec<(PathBuf, Mmap)>,
+    /// name → index into `maps`.
+    index: HashMap<String, usize>,
+    used: Mutex<BTreeSet<String>>,
+    dtype: DType,
+    device: Device,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights")
+            .field("files", &self.maps.len())
+            .field("tensors", &self.index.len())
+            .field("dtype", &self.dtype)
+            .finish()
+    }
+}
+
+fn weights_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Weights(format!("{}: {e}", path.display()))
+}
+
+impl Weights {
+    /// Maps the safetensors files of the model in `dir`: `model.safetensors.index.json`'s
+    /// shards when that file exists, else `model.safetensors`, else every `*.safetensors`.
+    pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index_path.is_file() {
+            let text = std::fs::read_to_string(&index_path)?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::Config {
+                    file: index_path.clone(),
+                    message: e.to_string(),
+                })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Config {
+                    file: index_path.clone(),
+                    message: "no \"weight_map\" object".into(),
+                })?;
+            let mut shards: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            shards.sort();
+            shards.dedup();
+            shards.into_iter().map(|s| dir.join(s)).collect()
+        } else if dir.join("model.safetensors").is_file() {
+            vec![dir.join("model.safetensors")]
+        } else {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| Error::Model {
+                    what: format!("cannot read the model directory ({e})"),
+                    path: dir.to_path_buf(),
+                })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            v.sort();
+            v
+        };
+        if files.is_empty() {
+            return Err(Error::Model {
+                what: "no weights found (expected model.safetensors or model.safetensors.index.json)"
+                    .into(),
+                path: dir.to_path_buf(),
+            });
+        }
+        Self::from_files(&files, dtype, device)
+    }
+
+    /// Maps the given safetensors files.
+    pub fn from_files(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        let mut maps = Vec::with_capacity(files.len());
+        let mut index = HashMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let file = File::open(path).map_err(|e| Error::Model {
+                what: format!("cannot open weights file ({e})"),
+                path: path.clone(),
+            })?;
+            // SAFETY: the file is opened read-only; like every mmap-based loader we rely on
+            // nobody truncating a checkpoint while it is being served.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| weights_err(path, e))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| weights_err(path, e))?;
+            for name in st.names() {
+                index.insert(name.to_string(), i);
+            }
+            maps.push((path.clone(), mmap));
+        }
+        Ok(Weights {
+            maps,
+            index,
+            used: Mutex::new(BTreeSet::new()),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The compute dtype tensors are converted to.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device tensors are placed on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// All tensor names in the checkpoint.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(|s| s.as_str())
+    }
+
+    /// Resolves an original-style name to the name stored in this checkpoint.
+    fn resolve(&self, name: &str) -> Option<String> {
+        if self.index.contains_key(name) {
+            return Some(name.to_string());
+        }
+        let alt = if let Some(rest) = name.strip_prefix("visual.") {
+            format!("model.visual.{rest}")
+        } else if let Some(rest) = name.strip_prefix("model.") {
+            format!("model.language_model.{rest}")
+        } else {
+            return None;
+        };
+        self.index.contains_key(&alt).then_some(alt)
+    }
+
+    /// Whether the checkpoint holds `name` (under either naming).
+    pub fn contains(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
+    }
+
+    /// Reads tensor `name`, checks it has `shape`, and converts it to the compute dtype.
+    ///
+    /// A missing tensor or a different shape is an error naming the tensor and both shapes.
+    pub fn get<S: Into<Shape>>(&self, name: &str, shape: S) -> Result<Tensor> {
+        let shape: Shape = shape.into();
+        let stored = self
+            .resolve(name)
+            .ok_or_else(|| Error::Weights(format!("missing tensor {name} (expected shape {shape:?})")))?;
+        let file_idx = self.index[&stored];
+        let (path, mmap) = &self.maps[file_idx];
+        let st = SafeTensors::deserialize(mmap).map_err(|e| weights_err(path, e))?;
+        let view = st.tensor(&stored).map_err(|e| weights_err(path, e))?;
+        if view.shape() != shape.dims() {
+            return Err(Error::Weights(format!(
+                "tensor {stored} has shape {:?}, expected {:?}",
+                view.shape(),
+                shape.dims()
+            )));
+        }
+        let t = convert(view.dtype(), view.data(), &shape, self.dtype, &self.device)
+            .map_err(|e| Error::Weights(format!("tensor {stored}: {e}")))?;
+        if let Ok(mut used) = self.used.lock() {
+            used.insert(stored);
+        }
+        Ok(t)
+    }
+
+    /// Tensors in the checkpoint that were never read, sorted.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.lock().map(|u| u.clone()).unwrap_or_default();
+        let mut v: Vec<String> = self
+            .index
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Converts raw little-endian safetensors bytes to a tensor of `dtype` in one pass.
+fn convert(
+    src: StDtype,
+    bytes: &[u8],
+    shape: &Shape,
+    dtype: DType,
+    device: &Device,
+) -> std::result::Result<Tensor, String> {
+    use half::{bf16, f16};
+    let n = shape.elem_count();
+    macro_rules! read {
+        ($size:expr, $f:expr) => {{
+            if bytes.len() != n * $size {
+                return Err(format!("{} bytes for {} elements", bytes.len(), n));
+            }
+            bytes.chunks_exact($size).map($f)
+        }};
+    }
+    let to_tensor = |v: Vec<f32>| Tensor::from_vec(v, shape.clone(), device);
+    let t = match (src, dtype) {
+        (StDtype::F32, DType::F32) => to_tensor(
+            read!(4, |c: &[u8]| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        ),
+        (StDtype::BF16, DType::F32) => to_tensor(
+            read!(2, |c: &[u8]| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+        ),
+        (StDtype::F16, DType::F32) => to_tensor(
+            read!(2, |c: &[u8]| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+        ),
+        (StDtype::BF16, DType::BF16) => Tensor::from_vec(
+            read!(2, |c: &[u8]| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect::<Vec<_>>(),
+            shape.clone(),
+            device,
+        ),
+        (StDtype::F16, DType::F16) => Tensor::from_vec(
+            read!(2, |c: &[u8]| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect::<Vec<_>>(),
+            shape.clone(),
+            device,
+        ),
+        (StDtype::F32 | StDtype::BF16 | StDtype::F16, _) => {
+            // Rare combinations (e.g. an f32 checkpoint computed in f16): widen, then narrow.
+            let wide = convert(src, bytes, shape, DType::F32, device)?;
+            wide.to_dtype(dtype)
+        }
+        (other, _) => return Err(format!("unsupported dtype {other:?} (allowed: F32, BF16, F16)")),
+    };
+    t.map_err(|e| e.to_string())
+}
