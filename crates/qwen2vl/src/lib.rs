@@ -6,5 +6,10 @@ pub mod generation;
 pub mod processing;
 
 pub use error::{Error, Result};
-pub mod weights;
+pub mod kv_cache;
+pub mod model;
+pub mod nn;
 pub mod rope;
+pub mod text;
+pub mod vision;
+pub mod weights;

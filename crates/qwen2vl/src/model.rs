@@ -1,0 +1,303 @@
+//! The two towers joined (mirrors `Qwen2VLForConditionalGeneration`, transformers 4.49):
+//! vision rows are scattered at the pad tokens, the decoder runs prefill and decode steps,
+//! and logits come out for the last position of each sequence.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::Qwen2VLConfig;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::rope::{self, MropePositions, VisionTokens};
+use crate::text::TextModel;
+use crate::vision::VisionTransformer;
+use crate::weights::Weights;
+
+/// What loading reported.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Checkpoint tensors the model did not use.
+    pub unused: Vec<String>,
+    /// Seconds spent reading and converting weights.
+    pub seconds: f64,
+}
+
+/// A loaded Qwen2-VL model.
+#[derive(Debug, Clone)]
+pub struct Qwen2VL {
+    config: Qwen2VLConfig,
+    vision: VisionTransformer,
+    text: TextModel,
+    device: Device,
+    dtype: DType,
+}
+
+impl Qwen2VL {
+    /// Loads `config.json` and the weights from a Hugging Face–format directory.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, LoadReport)> {
+        if !dir.is_dir() {
+            return Err(Error::Model {
+                what: "model directory not found".into(),
+                path: dir.to_path_buf(),
+            });
+        }
+        let start = Instant::now();
+        let config = Qwen2VLConfig::from_file(&dir.join("config.json"))?;
+        let weights = Weights::from_dir(dir, dtype, device)?;
+        let model = Self::from_weights(&config, &weights)?;
+        let unused = weights.unused();
+        if !unused.is_empty() {
+            tracing::warn!(count = unused.len(), first = %unused[0], "unused tensors in the checkpoint");
+        }
+        Ok((
+            model,
+            LoadReport {
+                unused,
+                seconds: start.elapsed().as_secs_f64(),
+            },
+        ))
+    }
+
+    /// Builds the model from already-mapped weights.
+    pub fn from_weights(config: &Qwen2VLConfig, w: &Weights) -> Result<Self> {
+        if config.vision.hidden_size != config.text.hidden_size {
+            return Err(Error::Weights(format!(
+                "vision_config.hidden_size {} differs from the text hidden_size {}",
+                config.vision.hidden_size, config.text.hidden_size
+            )));
+        }
+        Ok(Qwen2VL {
+            config: config.clone(),
+            vision: VisionTransformer::load(w, &config.vision)?,
+            text: TextModel::load(w, &config.text)?,
+            device: w.device().clone(),
+            dtype: w.dtype(),
+        })
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &Qwen2VLConfig {
+        &self.config
+    }
+
+    /// Compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The decoder.
+    pub fn text(&self) -> &TextModel {
+        &self.text
+    }
+
+    /// The vision tower.
+    pub fn vision(&self) -> &VisionTransformer {
+        &self.vision
+    }
+
+    /// Pad-token ids used for M-RoPE and scattering.
+    pub fn vision_tokens(&self) -> VisionTokens {
+        VisionTokens {
+            image_pad: self.config.image_token_id,
+            video_pad: self.config.video_token_id,
+        }
+    }
+
+    /// A fresh KV cache for `capacity` tokens.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        self.text.new_cache(capacity)
+    }
+
+    /// Runs the vision tower: `pixel_values` row-major `(n_patches, patch_dim)` for `grids`
+    /// → `(n_patches / merge², hidden)`.
+    pub fn encode_vision(&self, pixel_values: &[f32], grids: &[[usize; 3]]) -> Result<Tensor> {
+        let dim = self.config.vision.patch_dim();
+        if pixel_values.len() % dim != 0 {
+            return Err(Error::bad_input(
+                format!("pixel_values has {} values", pixel_values.len()),
+                format!("a multiple of {dim} (one row per patch)"),
+            ));
+        }
+        let n = pixel_values.len() / dim;
+        let pv = Tensor::from_slice(pixel_values, (n, dim), &self.device)?.to_dtype(self.dtype)?;
+        self.vision.forward(&pv, grids)
+    }
+
+    /// M-RoPE ids of a prompt (see [`rope::mrope_position_ids`]).
+    pub fn position_ids(
+        &self,
+        input_ids: &[u32],
+        image_grids: &[[usize; 3]],
+        video_grids: &[[usize; 3]],
+    ) -> Result<MropePositions> {
+        rope::mrope_position_ids(
+            input_ids,
+            self.vision_tokens(),
+            image_grids,
+            video_grids,
+            self.config.vision.spatial_merge_size,
+        )
+    }
+
+    /// Token embeddings with vision rows in place of the pad tokens: `(n, hidden)`.
+    ///
+    /// `image_embeds` go to the `<|image_pad|>` positions in order and `video_embeds` to the
+    /// `<|video_pad|>` ones (the reference's two `masked_scatter`s); counts must match exactly.
+    pub fn embed_prompt(
+        &self,
+        input_ids: &[u32],
+        image_embeds: Option<&Tensor>,
+        video_embeds: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let text = self.text.embed(input_ids)?;
+        let n = input_ids.len();
+        let ni = image_embeds.map(|t| t.dim(0)).transpose()?.unwrap_or(0);
+        let nv = video_embeds.map(|t| t.dim(0)).transpose()?.unwrap_or(0);
+        let (img, vid) = (self.config.image_token_id, self.config.video_token_id);
+        let pads_i = input_ids.iter().filter(|&&t| t == img).count();
+        let pads_v = input_ids.iter().filter(|&&t| t == vid).count();
+        if pads_i != ni || pads_v != nv {
+            return Err(Error::bad_input(
+                format!(
+                    "the prompt has {pads_i} image and {pads_v} video pad tokens, but the vision tower gave {ni} image and {nv} video rows"
+                ),
+                "exactly one pad token per vision row",
+            ));
+        }
+        if ni + nv == 0 {
+            return Ok(text);
+        }
+        let mut parts = vec![text];
+        parts.extend(image_embeds.cloned());
+        parts.extend(video_embeds.cloned());
+        let all = Tensor::cat(&parts, 0)?;
+        let (mut ki, mut kv) = (0u32, 0u32);
+        let index: Vec<u32> = input_ids
+            .iter()
+            .enumerate()
+            .map(|(p, &t)| {
+                if t == img {
+                    ki += 1;
+                    (n + ki as usize - 1) as u32
+                } else if t == vid {
+                    kv += 1;
+                    (n + ni + kv as usize - 1) as u32
+                } else {
+                    p as u32
+                }
+            })
+            .collect();
+        let index = Tensor::from_vec(index, n, &self.device)?;
+        Ok(all.index_select(&index, 0)?)
+    }
+
+    /// Prefill: runs the whole prompt for one sequence, appending it to `cache`, and returns
+    /// the last position's logits `(vocab,)` in f32.
+    ///
+    /// `positions` are the prompt's M-RoPE ids; when the cache already holds tokens
+    /// (a continued conversation), they must continue from there.
+    pub fn prefill(
+        &self,
+        input_ids: &[u32],
+        positions: &MropePositions,
+        image_embeds: Option<&Tensor>,
+        video_embeds: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let h = self.prefill_hidden(
+            input_ids,
+            positions,
+            image_embeds,
+            video_embeds,
+            cache,
+            None,
+        )?;
+        let last = TextModel::last_position(&h)?;
+        Ok(self.text.logits(&last)?.squeeze(0)?)
+    }
+
+    /// Like [`Qwen2VL::prefill`] but returns the last layer's hidden states `(1, n, hidden)`
+    /// and optionally every layer's output (for layer-by-layer comparison).
+    pub fn prefill_hidden(
+        &self,
+        input_ids: &[u32],
+        positions: &MropePositions,
+        image_embeds: Option<&Tensor>,
+        video_embeds: Option<&Tensor>,
+        cache: &mut KvCache,
+        collect: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        let n = input_ids.len();
+        if n == 0 {
+            return Err(Error::bad_input(
+                "the prompt is empty",
+                "at least one token",
+            ));
+        }
+        if positions.ids.iter().any(|d| d.len() != n) {
+            return Err(Error::bad_input(
+                format!("position ids do not cover the {n} prompt tokens"),
+                "3 x n position ids",
+            ));
+        }
+        cache.ensure_room(n)?;
+        let x = self
+            .embed_prompt(input_ids, image_embeds, video_embeds)?
+            .unsqueeze(0)?;
+        let (cos, sin) = self.rope_tables(
+            [&positions.ids[0], &positions.ids[1], &positions.ids[2]],
+            (1, n),
+        )?;
+        let mut caches = [cache];
+        self.text.forward(&x, &cos, &sin, &mut caches, collect)
+    }
+
+    /// One decode step for a batch of sequences: `tokens[b]` is appended to `caches[b]` at
+    /// M-RoPE position `caches[b].len() + rope_deltas[b]` (all three ids equal). Returns logits
+    /// `(B, vocab)` in f32.
+    pub fn decode_step(
+        &self,
+        tokens: &[u32],
+        rope_deltas: &[i64],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let b = tokens.len();
+        if rope_deltas.len() != b || caches.len() != b {
+            return Err(Error::Weights(format!(
+                "decode batch mismatch: {b} tokens, {} deltas, {} caches",
+                rope_deltas.len(),
+                caches.len()
+            )));
+        }
+        let pos: Vec<i64> = caches
+            .iter()
+            .zip(rope_deltas)
+            .map(|(c, d)| c.len() as i64 + d)
+            .collect();
+        let x = self.text.embed(tokens)?.unsqueeze(1)?; // (B, 1, hidden)
+        let (cos, sin) = self.rope_tables([&pos, &pos, &pos], (b, 1))?;
+        let h = self.text.forward(&x, &cos, &sin, caches, None)?;
+        self.text.logits(&TextModel::last_position(&h)?)
+    }
+
+    /// `(B, T, head_dim/2)` cos/sin tensors for `B*T` tokens' 3-D positions.
+    fn rope_tables(
+        &self,
+        positions: [&[i64]; 3],
+        (b, t): (usize, usize),
+    ) -> Result<(Tensor, Tensor)> {
+        let cfg = &self.config.text;
+        let hd = cfg.head_dim();
+        let (cos, sin) = rope::mrope_cos_sin(positions, hd, cfg.rope_theta, &cfg.mrope_section());
+        let cos = Tensor::from_vec(cos, (b, t, hd / 2), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (b, t, hd / 2), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+}
