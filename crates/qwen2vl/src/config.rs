@@ -455,3 +455,152 @@ fn read_text(path: &Path, what: &str) -> Result<String> {
         path: path.to_path_buf(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `config.json` of a released checkpoint, with the fields that differ between sizes.
+    fn official(
+        hidden: usize,
+        inter: usize,
+        layers: usize,
+        heads: usize,
+        kv: usize,
+        vocab: usize,
+        tied: bool,
+    ) -> String {
+        format!(
+            r#"{{
+  "architectures": ["Qwen2VLForConditionalGeneration"], "attention_dropout": 0.0,
+  "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+  "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
+  "video_token_id": 151656, "hidden_act": "silu", "hidden_size": {hidden},
+  "initializer_range": 0.02, "intermediate_size": {inter}, "max_position_embeddings": 32768,
+  "max_window_layers": {layers}, "model_type": "qwen2_vl", "num_attention_heads": {heads},
+  "num_hidden_layers": {layers}, "num_key_value_heads": {kv}, "rms_norm_eps": 1e-06,
+  "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": {tied},
+  "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": true,
+  "use_sliding_window": false,
+  "vision_config": {{"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16,
+    "in_chans": 3, "hidden_size": {hidden}, "patch_size": 14, "spatial_merge_size": 2,
+    "spatial_patch_size": 14, "temporal_patch_size": 2}},
+  "rope_scaling": {{"type": "mrope", "mrope_section": [16, 24, 24]}},
+  "vocab_size": {vocab}
+}}"#
+        )
+    }
+
+    fn check(
+        c: &Qwen2VLConfig,
+        hidden: usize,
+        layers: usize,
+        heads: usize,
+        kv: usize,
+        inter: usize,
+        vocab: usize,
+        tied: bool,
+    ) {
+        let t = &c.text;
+        assert_eq!(
+            (
+                t.hidden_size,
+                t.num_hidden_layers,
+                t.num_attention_heads,
+                t.num_key_value_heads
+            ),
+            (hidden, layers, heads, kv)
+        );
+        assert_eq!(
+            (t.intermediate_size, t.vocab_size, t.tie_word_embeddings),
+            (inter, vocab, tied)
+        );
+        assert_eq!(t.head_dim(), 128);
+        assert_eq!(t.mrope_section(), vec![16, 24, 24]);
+        assert_eq!(t.mrope_section().iter().sum::<usize>() * 2, t.head_dim());
+        let v = &c.vision;
+        assert_eq!(
+            (v.depth, v.embed_dim, v.num_heads, v.head_dim()),
+            (32, 1280, 16, 80)
+        );
+        assert_eq!(
+            (
+                v.mlp_hidden_dim(),
+                v.patch_size,
+                v.spatial_merge_size,
+                v.temporal_patch_size
+            ),
+            (5120, 14, 2, 2)
+        );
+        assert_eq!(v.hidden_size, hidden);
+        assert_eq!(v.patch_dim(), 1176);
+        assert_eq!(
+            (c.image_token_id, c.video_token_id, c.vision_start_token_id),
+            (151655, 151656, 151652)
+        );
+    }
+
+    #[test]
+    fn official_shapes_2b_7b_72b() {
+        let c2 =
+            Qwen2VLConfig::from_json_str(&official(1536, 8960, 28, 12, 2, 151936, true)).unwrap();
+        check(&c2, 1536, 28, 12, 2, 8960, 151936, true);
+        let c7 =
+            Qwen2VLConfig::from_json_str(&official(3584, 18944, 28, 28, 4, 152064, false)).unwrap();
+        check(&c7, 3584, 28, 28, 4, 18944, 152064, false);
+        let c72 =
+            Qwen2VLConfig::from_json_str(&official(8192, 29568, 80, 64, 8, 152064, false)).unwrap();
+        check(&c72, 8192, 80, 64, 8, 29568, 152064, false);
+    }
+
+    #[test]
+    fn nested_text_config_is_read() {
+        let s = r#"{"text_config": {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
+            "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [16, 24, 24]}},
+            "vision_config": {"hidden_size": 1536}, "tie_word_embeddings": true}"#;
+        let c = Qwen2VLConfig::from_json_str(s).unwrap();
+        assert_eq!(c.text.hidden_size, 1536);
+        assert_eq!(c.text.num_hidden_layers, 28);
+        assert!(c.text.tie_word_embeddings);
+        assert_eq!(c.text.mrope_section(), vec![16, 24, 24]);
+    }
+
+    #[test]
+    fn malformed_config_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("qwen2vl-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("config.json");
+        std::fs::write(&p, "{\"hidden_size\": \"big\"}").unwrap();
+        let e = Qwen2VLConfig::from_file(&p).unwrap_err();
+        assert!(matches!(e, Error::Config { .. }), "{e}");
+        assert!(e.to_string().contains("config.json"), "{e}");
+        let e = Qwen2VLConfig::from_file(&dir.join("missing.json")).unwrap_err();
+        assert!(e.to_string().contains("missing.json"), "{e}");
+    }
+
+    #[test]
+    fn preprocessor_and_generation_defaults() {
+        let p = PreprocessorConfig::from_json_str(
+            r#"{"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.min_pixels, p.max_pixels, p.factor()),
+            (3136, 12845056, 28)
+        );
+        let p = PreprocessorConfig::from_json_str(
+            r#"{"size": {"shortest_edge": 100, "longest_edge": 2000}}"#,
+        )
+        .unwrap();
+        assert_eq!((p.min_pixels, p.max_pixels), (100, 2000));
+        let g = GenerationConfig::from_json_str(
+            r#"{"bos_token_id": 151643, "do_sample": true, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+                "repetition_penalty": 1.05, "temperature": 0.1, "top_k": 1, "top_p": 0.001}"#,
+        )
+        .unwrap();
+        assert_eq!(g.eos_token_id.unwrap().to_vec(), vec![151645, 151643]);
+        assert_eq!((g.top_k, g.repetition_penalty), (Some(1), 1.05));
+        assert_eq!(GenerationConfig::default().temperature, 1.0);
+    }
+}

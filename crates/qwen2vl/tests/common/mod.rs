@@ -1,0 +1,113 @@
+//! Shared helpers for the golden tests: fixture paths, reference dumps, comparisons.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+/// `tests/fixtures` at the workspace root.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// One reference case: `tests/fixtures/cases/<name>/{case.json, reference.safetensors}`.
+pub struct Case {
+    pub name: String,
+    pub dir: PathBuf,
+    pub json: serde_json::Value,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl Case {
+    pub fn load(name: &str) -> Case {
+        let dir = fixtures().join("cases").join(name);
+        let text = std::fs::read_to_string(dir.join("case.json"))
+            .unwrap_or_else(|e| panic!("case {name}: case.json: {e}"));
+        let json: serde_json::Value = serde_json::from_str(&text).expect("case.json parses");
+        let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+            .unwrap_or_else(|e| panic!("case {name}: reference.safetensors: {e}"));
+        Case {
+            name: name.to_string(),
+            dir,
+            json,
+            tensors,
+        }
+    }
+
+    /// The model directory the case was made with.
+    pub fn model_dir(&self) -> PathBuf {
+        let rel = self.json["model"].as_str().expect("case.json has a model");
+        self.dir.join(rel)
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn tensor(&self, name: &str) -> &Tensor {
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("case {}: no tensor {name}", self.name))
+    }
+
+    pub fn i64s(&self, name: &str) -> Vec<i64> {
+        self.tensor(name)
+            .flatten_all()
+            .and_then(|t| t.to_dtype(DType::I64))
+            .and_then(|t| t.to_vec1::<i64>())
+            .expect("i64 tensor")
+    }
+
+    pub fn u32s(&self, name: &str) -> Vec<u32> {
+        self.i64s(name).into_iter().map(|x| x as u32).collect()
+    }
+
+    pub fn f32s(&self, name: &str) -> Vec<f32> {
+        self.tensor(name)
+            .flatten_all()
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("f32 tensor")
+    }
+
+    /// `(n, 3)` grids.
+    pub fn grids(&self, name: &str) -> Vec<[usize; 3]> {
+        if !self.has(name) {
+            return vec![];
+        }
+        self.i64s(name)
+            .chunks(3)
+            .map(|c| [c[0] as usize, c[1] as usize, c[2] as usize])
+            .collect()
+    }
+}
+
+/// Names of every case directory.
+pub fn case_names() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(fixtures().join("cases"))
+        .expect("tests/fixtures/cases exists")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("case.json").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Max |a - b| over two equal-length slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
+/// A tensor's values as a flat f32 vec.
+pub fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("f32 values")
+}
