@@ -13,3 +13,5 @@ pub mod rope;
 pub mod text;
 pub mod vision;
 pub mod weights;
+pub mod inputs;
+// pub mod pipeline;

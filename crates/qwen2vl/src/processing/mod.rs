@@ -2,5 +2,6 @@
 
 pub mod image;
 pub mod messages;
+// pub mod processor; (enabled once image.rs lands)
 pub mod template;
 pub mod tokenizer;

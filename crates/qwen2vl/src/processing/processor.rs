@@ -1,0 +1,194 @@
+//! Messages → [`ModelInputs`]: what `Qwen2VLProcessor` + qwen-vl-utils' `process_vision_info`
+//! produce in the reference, with M-RoPE ids attached.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{PreprocessorConfig, Qwen2VLConfig};
+use crate::error::{Error, Result};
+use crate::inputs::{ImageInfo, ModelInputs};
+use crate::processing::image::{decode_image, load_image, preprocess_image};
+use crate::processing::messages::{ImagePart, ImageSource, Location, Message};
+use crate::processing::template::ChatTemplate;
+use crate::processing::tokenizer::Qwen2Tokenizer;
+use crate::rope::{self, VisionTokens};
+
+/// Options of one prompt.
+#[derive(Debug, Clone)]
+pub struct ProcessOptions {
+    /// Append `<|im_start|>assistant\n` (true for generation).
+    pub add_generation_prompt: bool,
+    /// Prefix each image/video with "Picture N: " / "Video N: ".
+    pub add_vision_id: bool,
+    /// Relative image paths are resolved against this directory (default: the current one).
+    pub base_dir: Option<PathBuf>,
+}
+
+impl Default for ProcessOptions {
+    fn default() -> Self {
+        ProcessOptions {
+            add_generation_prompt: true,
+            add_vision_id: false,
+            base_dir: None,
+        }
+    }
+}
+
+/// Tokenizer, chat template and image preprocessing of one checkpoint.
+pub struct Processor {
+    tokenizer: Qwen2Tokenizer,
+    template: ChatTemplate,
+    preprocessor: PreprocessorConfig,
+    tokens: VisionTokens,
+    merge: usize,
+}
+
+impl std::fmt::Debug for Processor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Processor")
+            .field("preprocessor", &self.preprocessor)
+            .finish()
+    }
+}
+
+impl Processor {
+    /// Loads `tokenizer.json`, the chat template and `preprocessor_config.json` (defaults
+    /// when absent) from a model directory.
+    pub fn from_dir(dir: &Path, config: &Qwen2VLConfig) -> Result<Self> {
+        let pre_path = dir.join("preprocessor_config.json");
+        let preprocessor = if pre_path.is_file() {
+            PreprocessorConfig::from_file(&pre_path)?
+        } else {
+            PreprocessorConfig::default()
+        };
+        Ok(Processor {
+            tokenizer: Qwen2Tokenizer::from_dir(dir)?,
+            template: ChatTemplate::from_model_dir(dir)?,
+            preprocessor,
+            tokens: VisionTokens {
+                image_pad: config.image_token_id,
+                video_pad: config.video_token_id,
+            },
+            merge: config.vision.spatial_merge_size,
+        })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Qwen2Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template.
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// The image preprocessing settings.
+    pub fn preprocessor(&self) -> &PreprocessorConfig {
+        &self.preprocessor
+    }
+
+    /// Renders, tokenizes and preprocesses a conversation.
+    pub fn process(&self, messages: &[Message], opts: &ProcessOptions) -> Result<ModelInputs> {
+        if messages.is_empty() {
+            return Err(Error::bad_input("the conversation has no messages", "at least one message"));
+        }
+        let mut pixel_values = Vec::new();
+        let mut images = Vec::new();
+        for (mi, m) in messages.iter().enumerate() {
+            for part in m.images() {
+                let n = images.len() + 1;
+                let img = self.load(part, opts, n, mi + 1)?;
+                let (h, w) = (img.height() as usize, img.width() as usize);
+                let pre = preprocess_image(&img, &self.preprocessor, part.min_pixels, part.max_pixels)
+                    .map_err(|e| name_item(e, n, mi + 1))?;
+                pixel_values.extend_from_slice(&pre.pixel_values);
+                let [t, gh, gw] = pre.grid_thw;
+                images.push(ImageInfo {
+                    original_hw: (h, w),
+                    resized_hw: pre.resized_hw,
+                    grid_thw: pre.grid_thw,
+                    tokens: t * gh * gw / (self.merge * self.merge),
+                });
+            }
+            if m.videos().next().is_some() {
+                return Err(Error::bad_input(
+                    format!("message {} has a video", mi + 1),
+                    "images and text (video input is not supported yet)",
+                ));
+            }
+        }
+        let rendered = self
+            .template
+            .render(messages, opts.add_generation_prompt, opts.add_vision_id)?;
+        let ids = self.tokenizer.encode_prompt(&rendered)?;
+        // Each `<|image_pad|>` the template wrote becomes one pad per merged vision token.
+        let mut input_ids = Vec::with_capacity(ids.len() + images.iter().map(|i| i.tokens).sum::<usize>());
+        let mut next = 0;
+        for id in ids {
+            if id == self.tokens.image_pad {
+                let info = images.get(next).ok_or_else(|| {
+                    Error::bad_input(
+                        "the chat template wrote more image placeholders than there are images",
+                        "one placeholder per image",
+                    )
+                })?;
+                input_ids.extend(std::iter::repeat_n(id, info.tokens));
+                next += 1;
+            } else {
+                input_ids.push(id);
+            }
+        }
+        if next != images.len() {
+            return Err(Error::bad_input(
+                format!("{} images were given but the chat template placed {next}", images.len()),
+                "a chat template that places every image",
+            ));
+        }
+        let image_grid_thw: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
+        let positions = rope::mrope_position_ids(&input_ids, self.tokens, &image_grid_thw, &[], self.merge)?;
+        Ok(ModelInputs {
+            prompt: rendered.text,
+            input_ids,
+            pixel_values,
+            image_grid_thw,
+            images,
+            positions,
+        })
+    }
+
+    fn load(&self, part: &ImagePart, opts: &ProcessOptions, n: usize, message: usize) -> Result<image::RgbImage> {
+        let img = match &part.source {
+            ImageSource::Bytes(b) => decode_image(b),
+            ImageSource::Uri(s) => match Location::parse(s) {
+                Location::Path(p) => {
+                    let p = Path::new(p);
+                    let p = match &opts.base_dir {
+                        Some(base) if p.is_relative() => base.join(p),
+                        _ => p.to_path_buf(),
+                    };
+                    load_image(&p)
+                }
+                Location::Http(_) => Err(Error::bad_input(
+                    "http(s) image URLs are not supported yet",
+                    "local paths and file:// URLs",
+                )),
+                Location::Data { .. } => Err(Error::bad_input(
+                    "data: URIs are not supported yet",
+                    "local paths and file:// URLs",
+                )),
+            },
+        };
+        img.map_err(|e| name_item(e, n, message))
+    }
+}
+
+/// Prefixes a bad-input error with the image it concerns.
+fn name_item(e: Error, image: usize, message: usize) -> Error {
+    match e {
+        Error::BadInput { what, allowed } => Error::BadInput {
+            what: format!("image {image} (message {message}): {what}"),
+            allowed,
+        },
+        other => other,
+    }
+}
