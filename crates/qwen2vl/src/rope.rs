@@ -144,7 +144,10 @@ pub fn mrope_position_ids(
         let grid = if tok == tokens.image_pad {
             let g = image_grids.get(next_image).ok_or_else(|| {
                 Error::bad_input(
-                    format!("the prompt has more images than the {} given", image_grids.len()),
+                    format!(
+                        "the prompt has more images than the {} given",
+                        image_grids.len()
+                    ),
                     "one <|image_pad|> run per image",
                 )
             })?;
@@ -153,7 +156,10 @@ pub fn mrope_position_ids(
         } else if tok == tokens.video_pad {
             let g = video_grids.get(next_video).ok_or_else(|| {
                 Error::bad_input(
-                    format!("the prompt has more videos than the {} given", video_grids.len()),
+                    format!(
+                        "the prompt has more videos than the {} given",
+                        video_grids.len()
+                    ),
                     "one <|video_pad|> run per video",
                 )
             })?;
@@ -279,7 +285,16 @@ mod tests {
         let ids = vision_rope_ids(&[[1, 2, 4]], 2);
         assert_eq!(
             ids,
-            vec![(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
+            vec![
+                (0, 0),
+                (0, 1),
+                (1, 0),
+                (1, 1),
+                (0, 2),
+                (0, 3),
+                (1, 2),
+                (1, 3)
+            ]
         );
     }
 

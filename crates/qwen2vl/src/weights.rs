@@ -87,8 +87,9 @@ impl Weights {
         };
         if files.is_empty() {
             return Err(Error::Model {
-                what: "no weights found (expected model.safetensors or model.safetensors.index.json)"
-                    .into(),
+                what:
+                    "no weights found (expected model.safetensors or model.safetensors.index.json)"
+                        .into(),
                 path: dir.to_path_buf(),
             });
         }
@@ -162,9 +163,9 @@ impl Weights {
     /// A missing tensor or a different shape is an error naming the tensor and both shapes.
     pub fn get<S: Into<Shape>>(&self, name: &str, shape: S) -> Result<Tensor> {
         let shape: Shape = shape.into();
-        let stored = self
-            .resolve(name)
-            .ok_or_else(|| Error::Weights(format!("missing tensor {name} (expected shape {shape:?})")))?;
+        let stored = self.resolve(name).ok_or_else(|| {
+            Error::Weights(format!("missing tensor {name} (expected shape {shape:?})"))
+        })?;
         let file_idx = self.index[&stored];
         let (path, mmap) = &self.maps[file_idx];
         let st = SafeTensors::deserialize(mmap).map_err(|e| weights_err(path, e))?;
@@ -218,24 +219,36 @@ fn convert(
     }
     let to_tensor = |v: Vec<f32>| Tensor::from_vec(v, shape.clone(), device);
     let t = match (src, dtype) {
-        (StDtype::F32, DType::F32) => to_tensor(
-            read!(4, |c: &[u8]| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        ),
+        (StDtype::F32, DType::F32) => {
+            to_tensor(read!(4, |c: &[u8]| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        }
         (StDtype::BF16, DType::F32) => to_tensor(
-            read!(2, |c: &[u8]| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
+            read!(2, |c: &[u8]| bf16::from_bits(u16::from_le_bytes([
+                c[0], c[1]
+            ]))
+            .to_f32())
+            .collect(),
         ),
         (StDtype::F16, DType::F32) => to_tensor(
-            read!(2, |c: &[u8]| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
+            read!(2, |c: &[u8]| f16::from_bits(u16::from_le_bytes([
+                c[0], c[1]
+            ]))
+            .to_f32())
+            .collect(),
         ),
         (StDtype::BF16, DType::BF16) => Tensor::from_vec(
-            read!(2, |c: &[u8]| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect::<Vec<_>>(),
+            read!(2, |c: &[u8]| bf16::from_bits(u16::from_le_bytes([
+                c[0], c[1]
+            ])))
+            .collect::<Vec<_>>(),
             shape.clone(),
             device,
         ),
         (StDtype::F16, DType::F16) => Tensor::from_vec(
-            read!(2, |c: &[u8]| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect::<Vec<_>>(),
+            read!(2, |c: &[u8]| f16::from_bits(u16::from_le_bytes([
+                c[0], c[1]
+            ])))
+            .collect::<Vec<_>>(),
             shape.clone(),
             device,
         ),
@@ -244,7 +257,11 @@ fn convert(
             let wide = convert(src, bytes, shape, DType::F32, device)?;
             wide.to_dtype(dtype)
         }
-        (other, _) => return Err(format!("unsupported dtype {other:?} (allowed: F32, BF16, F16)")),
+        (other, _) => {
+            return Err(format!(
+                "unsupported dtype {other:?} (allowed: F32, BF16, F16)"
+            ))
+        }
     };
     t.map_err(|e| e.to_string())
 }
