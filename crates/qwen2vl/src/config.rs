@@ -63,9 +63,12 @@ fn d_video_token() -> u32 {
 /// `rope_scaling` of `config.json`: `{"type": "mrope", "mrope_section": [16, 24, 24]}`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RopeScaling {
-    /// "mrope" (older files) or "default" (newer ones, which call the type `rope_type`).
-    #[serde(default, alias = "rope_type", rename = "type")]
+    /// "mrope" in older files; newer ones write "default" here and in `rope_type`.
+    #[serde(default, rename = "type")]
     pub kind: Option<String>,
+    /// The newer name of `type` (files often carry both).
+    #[serde(default)]
+    pub rope_type: Option<String>,
     /// Split of the rotary half-dimension into (temporal, height, width) sections.
     pub mrope_section: Vec<usize>,
 }
@@ -557,7 +560,7 @@ mod tests {
     fn nested_text_config_is_read() {
         let s = r#"{"text_config": {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
             "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936,
-            "rope_scaling": {"rope_type": "default", "mrope_section": [16, 24, 24]}},
+            "rope_scaling": {"rope_type": "default", "type": "default", "mrope_section": [16, 24, 24]}},
             "vision_config": {"hidden_size": 1536}, "tie_word_embeddings": true}"#;
         let c = Qwen2VLConfig::from_json_str(s).unwrap();
         assert_eq!(c.text.hidden_size, 1536);

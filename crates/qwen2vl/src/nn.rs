@@ -101,3 +101,182 @@ pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
     let p = candle_nn::ops::softmax_last_dim(&x.to_dtype(candle_core::DType::F32)?)?;
     Ok(p.to_dtype(dtype)?)
 }
+
+/// Largest score matrix one attention block may build, in elements (256 MiB of f32).
+const MAX_SCORE_ELEMS: usize = 64 << 20;
+
+/// `softmax(q kᵀ · scale + mask) v`, computed in blocks of queries so the score matrix
+/// never exceeds [`MAX_SCORE_ELEMS`] (a 16k-patch image frame would otherwise need
+/// hundreds of GiB), and skipping keys a causal block cannot see.
+///
+/// - `q: (B, G, T, D)`: `G` query heads share each of the `B` key/value heads (GQA groups;
+///   `G = 1` for plain multi-head attention with `B` heads).
+/// - `k, v: (B, L, D)`; may be views into a larger cache (only the last two dims need unit
+///   stride).
+/// - `causal_offset`: `Some(p)` when query `t` sits at position `p + t` and sees keys
+///   `0..=p+t`; `None` for full attention.
+///
+/// Returns `(B, G, T, D)`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal_offset: Option<usize>,
+) -> Result<Tensor> {
+    attention_blocked(q, k, v, scale, causal_offset, MAX_SCORE_ELEMS)
+}
+
+fn attention_blocked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal_offset: Option<usize>,
+    max_score_elems: usize,
+) -> Result<Tensor> {
+    let (b, g, t, d) = q.dims4()?;
+    let l = k.dim(1)?;
+    let chunk = (max_score_elems / (b * g * l).max(1)).clamp(1, t.max(1));
+    let mut outs = Vec::with_capacity(t.div_ceil(chunk));
+    let mut start = 0;
+    while start < t {
+        let c = chunk.min(t - start);
+        // Keys this block can see: all of them, or up to the last query's position.
+        let visible = match causal_offset {
+            Some(p) => (p + start + c).min(l),
+            None => l,
+        };
+        let qc = q
+            .narrow(2, start, c)?
+            .contiguous()?
+            .reshape((b, g * c, d))?;
+        let kc = k.narrow(1, 0, visible)?;
+        let vc = v.narrow(1, 0, visible)?;
+        let scores = (qc.matmul(&kc.t()?)? * scale)?; // (B, G*c, visible)
+        let scores = match causal_offset {
+            Some(p) if c > 1 => {
+                let mask =
+                    causal_block_mask(c, p + start, visible, scores.dtype(), scores.device())?;
+                scores
+                    .reshape((b, g, c, visible))?
+                    .broadcast_add(&mask)?
+                    .reshape((b, g * c, visible))?
+            }
+            _ => scores,
+        };
+        let probs = softmax_f32(&scores)?;
+        outs.push(probs.matmul(&vc)?.reshape((b, g, c, d))?);
+        start += c;
+    }
+    if outs.len() == 1 {
+        Ok(outs.pop().expect("one block"))
+    } else {
+        Ok(Tensor::cat(&outs, 2)?)
+    }
+}
+
+/// `(c, l)` additive mask: row `r` (position `first + r`) sees keys `0..=first + r`.
+fn causal_block_mask(
+    c: usize,
+    first: usize,
+    l: usize,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let data: Vec<f32> = (0..c)
+        .flat_map(|r| {
+            (0..l).map(move |j| {
+                if j <= first + r {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(data, (c, l), device)?.to_dtype(dtype)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, D};
+
+    /// The plain version: full scores, explicit mask, one softmax.
+    fn naive(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, offset: Option<usize>) -> Tensor {
+        let (b, g, t, d) = q.dims4().unwrap();
+        let l = k.dim(1).unwrap();
+        let q = q.reshape((b, g * t, d)).unwrap();
+        let s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let s = match offset {
+            Some(p) => {
+                let m = causal_block_mask(t, p, l, s.dtype(), s.device()).unwrap();
+                s.reshape((b, g, t, l))
+                    .unwrap()
+                    .broadcast_add(&m)
+                    .unwrap()
+                    .reshape((b, g * t, l))
+                    .unwrap()
+            }
+            None => s,
+        };
+        let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
+        p.matmul(v).unwrap().reshape((b, g, t, d)).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn blocked_attention_equals_plain_attention() {
+        let dev = Device::Cpu;
+        for &(b, g, t, past, d) in &[
+            (2, 3, 7, 0, 8),
+            (1, 1, 5, 4, 16),
+            (2, 2, 1, 9, 8),
+            (4, 1, 33, 0, 8),
+        ] {
+            let l = past + t;
+            let q = Tensor::randn(0f32, 1.0, (b, g, t, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (b, l, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, l, d), &dev).unwrap();
+            for offset in [Some(past), None] {
+                let want = naive(&q, &k, &v, 0.3, offset);
+                let got = attention(&q, &k, &v, 0.3, offset).unwrap();
+                assert!(
+                    max_diff(&got, &want) < 1e-5,
+                    "{b} {g} {t} {past} {offset:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn small_blocks_equal_one_block() {
+        let dev = Device::Cpu;
+        let (b, g, t, past, d) = (2, 3, 11, 5, 8);
+        let l = past + t;
+        let q = Tensor::randn(0f32, 1.0, (b, g, t, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, l, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, l, d), &dev).unwrap();
+        for offset in [Some(past), None] {
+            let want = naive(&q, &k, &v, 0.5, offset);
+            // b*g*l = 96 elements per query row: blocks of 1, 2 and 4 queries.
+            for max in [96, 200, 400] {
+                let got = attention_blocked(&q, &k, &v, 0.5, offset, max).unwrap();
+                assert!(max_diff(&got, &want) < 1e-5, "max {max} offset {offset:?}");
+            }
+        }
+    }
+}

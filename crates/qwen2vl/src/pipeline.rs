@@ -50,7 +50,10 @@ impl FromStr for DTypeChoice {
             "f32" | "float32" => Ok(DTypeChoice::F32),
             "f16" | "float16" => Ok(DTypeChoice::F16),
             "bf16" | "bfloat16" => Ok(DTypeChoice::BF16),
-            _ => Err(Error::bad_input(format!("unknown dtype {s:?}"), "f32, f16 or bf16")),
+            _ => Err(Error::bad_input(
+                format!("unknown dtype {s:?}"),
+                "f32, f16 or bf16",
+            )),
         }
     }
 }
@@ -84,7 +87,10 @@ impl GenerateRequest {
             .map(|p| ContentPart::image(p.to_string_lossy().into_owned()))
             .collect();
         parts.push(ContentPart::text(prompt));
-        messages.push(Message::parts(crate::processing::messages::Role::User, parts));
+        messages.push(Message::parts(
+            crate::processing::messages::Role::User,
+            parts,
+        ));
         Self::new(messages)
     }
 
@@ -191,7 +197,9 @@ pub struct Pipeline {
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pipeline").field("load_ms", &self.load_ms).finish()
+        f.debug_struct("Pipeline")
+            .field("load_ms", &self.load_ms)
+            .finish()
     }
 }
 
@@ -262,7 +270,11 @@ impl Pipeline {
     }
 
     /// Generates an answer, calling `on_text` with each new piece of text as it is decoded.
-    pub fn generate(&self, req: &GenerateRequest, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
         req.sampling.validate()?;
         if req.max_new_tokens == 0 {
             return Err(Error::bad_input("max_new_tokens is 0", "at least 1"));
@@ -276,7 +288,10 @@ impl Pipeline {
         if n >= context {
             return Err(Error::bad_input(
                 format!("the prompt is {n} tokens long"),
-                format!("at most {} tokens (the model's context is {context})", context - 1),
+                format!(
+                    "at most {} tokens (the model's context is {context})",
+                    context - 1
+                ),
             ));
         }
         let max_new = req.max_new_tokens.min(context - n);
@@ -285,7 +300,10 @@ impl Pipeline {
         let image_embeds = if inputs.images.is_empty() {
             None
         } else {
-            Some(self.model.encode_vision(&inputs.pixel_values, &inputs.image_grid_thw)?)
+            Some(
+                self.model
+                    .encode_vision(&inputs.pixel_values, &inputs.image_grid_thw)?,
+            )
         };
         let vision_ms = ms(t);
 
@@ -303,7 +321,11 @@ impl Pipeline {
 
         let tokenizer = self.processor.tokenizer();
         let mut sampler = Sampler::new(req.sampling.clone())?;
-        let eos = if req.ignore_eos { vec![] } else { self.eos_ids() };
+        let eos = if req.ignore_eos {
+            vec![]
+        } else {
+            self.eos_ids()
+        };
         let stop = StopCriteria::new(eos, max_new);
         let mut detok = IncrementalDecoder::new(tokenizer);
         let mut history = inputs.input_ids.clone();
@@ -346,7 +368,11 @@ impl Pipeline {
             }
             logits = self
                 .model
-                .decode_step(&[s.token], &[inputs.positions.rope_delta], &mut [&mut cache])?
+                .decode_step(
+                    &[s.token],
+                    &[inputs.positions.rope_delta],
+                    &mut [&mut cache],
+                )?
                 .squeeze(0)?;
         };
         if let Some(piece) = detok.finish()? {
@@ -373,7 +399,11 @@ impl Pipeline {
                 prefill_ms,
                 ttft_ms,
                 decode_ms,
-                decode_tokens_per_s: if decode_ms > 0.0 { steps as f64 / (decode_ms / 1e3) } else { 0.0 },
+                decode_tokens_per_s: if decode_ms > 0.0 {
+                    steps as f64 / (decode_ms / 1e3)
+                } else {
+                    0.0
+                },
             },
             token_ids,
             logprobs,

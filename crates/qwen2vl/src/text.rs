@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::nn::{softmax_f32, Linear, RmsNorm};
+use crate::nn::{attention, Linear, RmsNorm};
 use crate::weights::Weights;
 
 /// `Qwen2VLAttention`: q/k/v with bias, o without, GQA, M-RoPE applied by the caller's tables.
@@ -69,24 +69,13 @@ impl Attention {
             let ki = k.get(i)?.transpose(0, 1)?;
             let vi = v.get(i)?.transpose(0, 1)?;
             let (keys, values) = cache.append(layer, &ki, &vi)?; // (kv, past+T, hd)
-                                                                 // (T, h, hd) → (h, T, hd) → (kv, group*T, hd): head = kv_idx * group + g.
+                                                                 // (T, h, hd) → (h, T, hd) → (kv, group, T, hd): head = kv_idx * group + g.
             let qi = q
                 .get(i)?
                 .transpose(0, 1)?
                 .contiguous()?
-                .reshape((kv, group * t, hd))?;
-            let scores = (qi.matmul(&keys.t()?)? * scale)?; // (kv, group*T, past+T)
-            let scores = if t > 1 {
-                let mask = causal_mask(t, past, scores.dtype(), scores.device())?;
-                scores
-                    .reshape((kv, group, t, past + t))?
-                    .broadcast_add(&mask)?
-                    .reshape((kv, group * t, past + t))?
-            } else {
-                scores
-            };
-            let probs = softmax_f32(&scores)?;
-            let o = probs.matmul(&values.contiguous()?)?; // (kv, group*T, hd)
+                .reshape((kv, group, t, hd))?;
+            let o = attention(&qi, &keys, &values, scale, Some(past))?; // (kv, group, T, hd)
             let o = o
                 .reshape((h, t, hd))?
                 .transpose(0, 1)?
@@ -96,28 +85,6 @@ impl Attention {
         let o = Tensor::stack(&outs, 0)?; // (B, T, h*hd)
         self.o_proj.forward(&o)
     }
-}
-
-/// `(T, past+T)` additive mask: query `i` (position `past+i`) sees keys `0..=past+i`.
-fn causal_mask(
-    t: usize,
-    past: usize,
-    dtype: DType,
-    device: &candle_core::Device,
-) -> Result<Tensor> {
-    let l = past + t;
-    let data: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..l).map(move |j| {
-                if j <= past + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(data, (t, l), device)?.to_dtype(dtype)?)
 }
 
 /// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::VisionConfig;
 use crate::error::{Error, Result};
-use crate::nn::{softmax_f32, LayerNorm, Linear};
+use crate::nn::{attention, LayerNorm, Linear};
 use crate::rope;
 use crate::weights::Weights;
 
@@ -84,13 +84,11 @@ impl VisionAttention {
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outs = Vec::with_capacity(segments.len());
         for &(start, len) in segments {
-            // (len, heads, hd) → (heads, len, hd)
-            let qs = q.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
+            // (len, heads, hd) → (heads, 1, len, hd); keys/values (heads, len, hd).
+            let qs = q.narrow(0, start, len)?.transpose(0, 1)?.unsqueeze(1)?;
             let ks = k.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
             let vs = v.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
-            let scores = (qs.matmul(&ks.t()?)? * scale)?; // (heads, len, len)
-            let probs = softmax_f32(&scores)?;
-            let o = probs.matmul(&vs)?; // (heads, len, hd)
+            let o = attention(&qs, &ks, &vs, scale, None)?.squeeze(1)?; // (heads, len, hd)
             outs.push(o.transpose(0, 1)?.reshape((len, h * hd))?);
         }
         let o = if outs.len() == 1 {

@@ -11,12 +11,21 @@ use qwen2vl::model::Qwen2VL;
 fn prefill_logits_match_reference() {
     for name in common::case_names() {
         let case = common::Case::load(&name);
-        let (model, report) = Qwen2VL::load(&case.model_dir(), DType::F32, &Device::Cpu).expect("load");
-        assert!(report.unused.is_empty(), "unused tensors: {:?}", report.unused);
+        let (model, report) =
+            Qwen2VL::load(&case.model_dir(), DType::F32, &Device::Cpu).expect("load");
+        assert!(
+            report.unused.is_empty(),
+            "unused tensors: {:?}",
+            report.unused
+        );
         let ids = case.u32s("input_ids");
         let grids = case.grids("image_grid_thw");
         let image_embeds = if case.has("pixel_values") {
-            Some(model.encode_vision(&case.f32s("pixel_values"), &grids).expect("vision"))
+            Some(
+                model
+                    .encode_vision(&case.f32s("pixel_values"), &grids)
+                    .expect("vision"),
+            )
         } else {
             None
         };
@@ -24,7 +33,14 @@ fn prefill_logits_match_reference() {
         let mut cache = model.new_cache(ids.len() + 1).expect("cache");
         let mut layers = Vec::new();
         let h = model
-            .prefill_hidden(&ids, &pos, image_embeds.as_ref(), None, &mut cache, Some(&mut layers))
+            .prefill_hidden(
+                &ids,
+                &pos,
+                image_embeds.as_ref(),
+                None,
+                &mut cache,
+                Some(&mut layers),
+            )
             .expect("prefill");
         if case.has("layer0_out") {
             let d = common::max_abs_diff(&common::flat(&layers[0]), &case.f32s("layer0_out"));
@@ -36,7 +52,10 @@ fn prefill_logits_match_reference() {
         let got = common::flat(&logits);
         let want = case.f32s("logits");
         let diff = common::max_abs_diff(&got, &want);
-        println!("{name}: logits max abs diff {diff:e} (|logit| max {:.2})", want.iter().fold(0f32, |a, b| a.max(b.abs())));
+        println!(
+            "{name}: logits max abs diff {diff:e} (|logit| max {:.2})",
+            want.iter().fold(0f32, |a, b| a.max(b.abs()))
+        );
         assert!(diff <= 1e-4, "case {name}: logits max abs diff {diff}");
         assert_eq!(cache.len(), ids.len());
     }
@@ -49,22 +68,35 @@ fn greedy_tokens_match_reference_from_reference_inputs() {
     for name in common::case_names() {
         let case = common::Case::load(&name);
         let (model, _) = Qwen2VL::load(&case.model_dir(), DType::F32, &Device::Cpu).expect("load");
-        let cfg = qwen2vl::config::GenerationConfig::from_file(&case.model_dir().join("generation_config.json")).expect("gen config");
+        let cfg = qwen2vl::config::GenerationConfig::from_file(
+            &case.model_dir().join("generation_config.json"),
+        )
+        .expect("gen config");
         let eos = cfg.eos_token_id.map(|e| e.to_vec()).unwrap_or_default();
         let ids = case.u32s("input_ids");
         let grids = case.grids("image_grid_thw");
         let image_embeds = if case.has("pixel_values") {
-            Some(model.encode_vision(&case.f32s("pixel_values"), &grids).expect("vision"))
+            Some(
+                model
+                    .encode_vision(&case.f32s("pixel_values"), &grids)
+                    .expect("vision"),
+            )
         } else {
             None
         };
         let pos = model.position_ids(&ids, &grids, &[]).expect("positions");
         let want = case.u32s("greedy_ids");
         let mut cache = model.new_cache(ids.len() + 40).expect("cache");
-        let mut logits = model.prefill(&ids, &pos, image_embeds.as_ref(), None, &mut cache).expect("prefill");
+        let mut logits = model
+            .prefill(&ids, &pos, image_embeds.as_ref(), None, &mut cache)
+            .expect("prefill");
         let mut got = Vec::new();
         for _ in 0..32 {
-            let tok = logits.argmax(0).expect("argmax").to_scalar::<u32>().expect("u32");
+            let tok = logits
+                .argmax(0)
+                .expect("argmax")
+                .to_scalar::<u32>()
+                .expect("u32");
             got.push(tok);
             if eos.contains(&tok) {
                 break;

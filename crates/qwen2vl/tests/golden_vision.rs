@@ -20,7 +20,10 @@ fn vision_embeds_match_reference() {
         let want = case.f32s("vision_embeds");
         let got = common::flat(&out);
         let diff = common::max_abs_diff(&got, &want);
-        println!("{name}: vision max abs diff {diff:e} over {} values", want.len());
+        println!(
+            "{name}: vision max abs diff {diff:e} over {} values",
+            want.len()
+        );
         assert!(diff <= 1e-4, "case {name}: vision max abs diff {diff}");
         checked += 1;
     }

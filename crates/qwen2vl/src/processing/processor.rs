@@ -90,7 +90,10 @@ impl Processor {
     /// Renders, tokenizes and preprocesses a conversation.
     pub fn process(&self, messages: &[Message], opts: &ProcessOptions) -> Result<ModelInputs> {
         if messages.is_empty() {
-            return Err(Error::bad_input("the conversation has no messages", "at least one message"));
+            return Err(Error::bad_input(
+                "the conversation has no messages",
+                "at least one message",
+            ));
         }
         let mut pixel_values = Vec::new();
         let mut images = Vec::new();
@@ -99,8 +102,9 @@ impl Processor {
                 let n = images.len() + 1;
                 let img = self.load(part, opts, n, mi + 1)?;
                 let (h, w) = (img.height() as usize, img.width() as usize);
-                let pre = preprocess_image(&img, &self.preprocessor, part.min_pixels, part.max_pixels)
-                    .map_err(|e| name_item(e, n, mi + 1))?;
+                let pre =
+                    preprocess_image(&img, &self.preprocessor, part.min_pixels, part.max_pixels)
+                        .map_err(|e| name_item(e, n, mi + 1))?;
                 pixel_values.extend_from_slice(&pre.pixel_values);
                 let [t, gh, gw] = pre.grid_thw;
                 images.push(ImageInfo {
@@ -117,12 +121,13 @@ impl Processor {
                 ));
             }
         }
-        let rendered = self
-            .template
-            .render(messages, opts.add_generation_prompt, opts.add_vision_id)?;
+        let rendered =
+            self.template
+                .render(messages, opts.add_generation_prompt, opts.add_vision_id)?;
         let ids = self.tokenizer.encode_prompt(&rendered)?;
         // Each `<|image_pad|>` the template wrote becomes one pad per merged vision token.
-        let mut input_ids = Vec::with_capacity(ids.len() + images.iter().map(|i| i.tokens).sum::<usize>());
+        let mut input_ids =
+            Vec::with_capacity(ids.len() + images.iter().map(|i| i.tokens).sum::<usize>());
         let mut next = 0;
         for id in ids {
             if id == self.tokens.image_pad {
@@ -140,12 +145,16 @@ impl Processor {
         }
         if next != images.len() {
             return Err(Error::bad_input(
-                format!("{} images were given but the chat template placed {next}", images.len()),
+                format!(
+                    "{} images were given but the chat template placed {next}",
+                    images.len()
+                ),
                 "a chat template that places every image",
             ));
         }
         let image_grid_thw: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
-        let positions = rope::mrope_position_ids(&input_ids, self.tokens, &image_grid_thw, &[], self.merge)?;
+        let positions =
+            rope::mrope_position_ids(&input_ids, self.tokens, &image_grid_thw, &[], self.merge)?;
         Ok(ModelInputs {
             prompt: rendered.text,
             input_ids,
@@ -156,7 +165,13 @@ impl Processor {
         })
     }
 
-    fn load(&self, part: &ImagePart, opts: &ProcessOptions, n: usize, message: usize) -> Result<image::RgbImage> {
+    fn load(
+        &self,
+        part: &ImagePart,
+        opts: &ProcessOptions,
+        n: usize,
+        message: usize,
+    ) -> Result<image::RgbImage> {
         let img = match &part.source {
             ImageSource::Bytes(b) => decode_image(b),
             ImageSource::Uri(s) => match Location::parse(s) {

@@ -25,8 +25,9 @@ impl Case {
         let text = std::fs::read_to_string(dir.join("case.json"))
             .unwrap_or_else(|e| panic!("case {name}: case.json: {e}"));
         let json: serde_json::Value = serde_json::from_str(&text).expect("case.json parses");
-        let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-            .unwrap_or_else(|e| panic!("case {name}: reference.safetensors: {e}"));
+        let tensors =
+            candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+                .unwrap_or_else(|e| panic!("case {name}: reference.safetensors: {e}"));
         Case {
             name: name.to_string(),
             dir,

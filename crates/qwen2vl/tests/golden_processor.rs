@@ -1,0 +1,71 @@
+//! Processor outputs against the reference: rendered prompt and input ids exactly, image
+//! grids exactly, pixel values within 1e-5 (the resize reproduces Pillow bit for bit, so the
+//! only difference left is float rounding in rescale/normalize).
+
+mod common;
+
+use qwen2vl::config::Qwen2VLConfig;
+use qwen2vl::processing::messages::Message;
+use qwen2vl::processing::processor::{ProcessOptions, Processor};
+
+#[test]
+fn processor_matches_reference() {
+    for name in common::case_names() {
+        let case = common::Case::load(&name);
+        let dir = case.model_dir();
+        let cfg = Qwen2VLConfig::from_file(&dir.join("config.json")).expect("config");
+        let processor = Processor::from_dir(&dir, &cfg).expect("processor");
+        let messages: Vec<Message> =
+            serde_json::from_value(case.json["messages"].clone()).expect("messages parse");
+        let opts = ProcessOptions {
+            add_generation_prompt: case.json["add_generation_prompt"].as_bool().unwrap_or(true),
+            add_vision_id: false,
+            base_dir: Some(case.dir.clone()),
+        };
+        let inputs = processor.process(&messages, &opts).expect("process");
+        assert_eq!(
+            inputs.prompt,
+            case.json["prompt"].as_str().expect("prompt"),
+            "case {name}: prompt"
+        );
+        assert_eq!(
+            inputs.input_ids,
+            case.u32s("input_ids"),
+            "case {name}: input ids"
+        );
+        assert_eq!(
+            inputs.image_grid_thw,
+            case.grids("image_grid_thw"),
+            "case {name}: grids"
+        );
+        if case.has("pixel_values") {
+            let want = case.f32s("pixel_values");
+            let d = common::max_abs_diff(&inputs.pixel_values, &want);
+            println!(
+                "{name}: pixel_values max abs diff {d:e} over {} values",
+                want.len()
+            );
+            assert!(d <= 1e-5, "case {name}: pixel_values max abs diff {d}");
+        } else {
+            assert!(inputs.pixel_values.is_empty());
+        }
+        if case.has("resized_hw") {
+            let hw: Vec<(usize, usize)> = case
+                .i64s("resized_hw")
+                .chunks(2)
+                .map(|c| (c[0] as usize, c[1] as usize))
+                .collect();
+            let got: Vec<(usize, usize)> = inputs.images.iter().map(|i| i.resized_hw).collect();
+            assert_eq!(got, hw, "case {name}: resized sizes");
+        }
+        let n = inputs.input_ids.len();
+        let want_pos = case.i64s("position_ids");
+        for d in 0..3 {
+            assert_eq!(
+                inputs.positions.ids[d],
+                want_pos[d * n..(d + 1) * n],
+                "case {name}: positions"
+            );
+        }
+    }
+}
