@@ -6,12 +6,13 @@ pub mod generation;
 pub mod processing;
 
 pub use error::{Error, Result};
+pub mod inputs;
 pub mod kv_cache;
 pub mod model;
 pub mod nn;
+pub mod ops;
+pub mod pipeline;
 pub mod rope;
 pub mod text;
 pub mod vision;
 pub mod weights;
-pub mod inputs;
-// pub mod pipeline;

@@ -39,7 +39,7 @@ impl Qwen2VL {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, LoadReport)> {
         if !dir.is_dir() {
             return Err(Error::Model {
-                what: "model directory not found".into(),
+                what: "model directory not found (expected a Hugging Face-format directory with config.json, *.safetensors and tokenizer.json)".into(),
                 path: dir.to_path_buf(),
             });
         }

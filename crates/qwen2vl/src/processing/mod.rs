@@ -2,6 +2,6 @@
 
 pub mod image;
 pub mod messages;
-// pub mod processor; (enabled once image.rs lands)
+pub mod processor;
 pub mod template;
 pub mod tokenizer;
