@@ -22,6 +22,11 @@ Layout of tests/fixtures/resize/ (all little-endian, row-major):
   pv_<name>.f32       reference pixel_values, raw float32 (n_patches, 1176), shape in
                       cases.json["preprocess"]
 
+With --decode-dir DIR it writes images in every supported format (and some awkward modes) with
+Pillow's `Image.open(f).convert("RGB")` bytes beside them, for the ignored Rust test
+`decode_parity_external` (env QWEN2VL_DECODE_PARITY=DIR): it reports how far the image crate's
+decoders are from Pillow's.
+
 With --fuzz-dir DIR --fuzz-count N it instead writes a large fuzz.bin + fuzz.json into DIR (not
 committed) for the ignored Rust test `resize_fuzz_external` (env QWEN2VL_RESIZE_FUZZ=DIR).
 """
@@ -236,13 +241,62 @@ def preprocess_cases(out_dir):
     return cases, versions
 
 
+def write_decode_parity(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    base = pattern(203, 157, 21, noise_box=(20, 20, 80, 80))
+    arr = np.asarray(base)
+    rgba = Image.fromarray(np.dstack([arr, (np.arange(203)[None, :] + np.zeros((157, 1))).astype(np.uint8)]), "RGBA")
+    gray16 = Image.fromarray(arr[..., 0].astype(np.uint16) * 3)  # mode I;16: values up to 765
+    files = {
+        "rgb.png": (base, {}),
+        "rgba.png": (rgba, {}),
+        "gray.png": (base.convert("L"), {}),
+        "palette.png": (base.convert("P", palette=Image.Palette.ADAPTIVE, colors=37), {}),
+        "palette_trns.png": (base.convert("P", palette=Image.Palette.ADAPTIVE, colors=37), {"transparency": 3}),
+        "gray16.png": (gray16, {}),
+        "q90_420.jpg": (base, {"quality": 90}),
+        "q75_444.jpg": (base, {"quality": 75, "subsampling": 0}),
+        "q85_422.jpg": (base, {"quality": 85, "subsampling": 1}),
+        "progressive.jpg": (base, {"quality": 80, "progressive": True}),
+        "gray.jpg": (base.convert("L"), {"quality": 90}),
+        "cmyk.jpg": (base.convert("CMYK"), {"quality": 90}),
+        "lossy.webp": (base, {"quality": 80}),
+        "lossy_alpha.webp": (rgba, {"quality": 80}),
+        "lossless.webp": (base, {"lossless": True}),
+        "frame.gif": (base, {}),
+        "trns.gif": (base.convert("P", palette=Image.Palette.ADAPTIVE, colors=37), {"transparency": 3}),
+        "rgb.bmp": (base, {}),
+        "rgb.tiff": (base, {}),
+        "rgb_lzw.tiff": (base, {"compression": "tiff_lzw"}),
+        "gray16.tiff": (gray16, {}),
+    }
+    entries = []
+    for name, (im, kw) in files.items():
+        path = os.path.join(out_dir, name)
+        im.save(path, **kw)
+        with Image.open(path) as f:
+            mode = f.mode
+            rgb = f.convert("RGB")
+        with open(path + ".rgb", "wb") as f:
+            f.write(rgb.tobytes())
+        entries.append({"file": name, "mode": mode, "w": rgb.size[0], "h": rgb.size[1]})
+    with open(os.path.join(out_dir, "decode.json"), "w") as f:
+        json.dump({"pillow": PIL.__version__, "files": entries}, f, indent=1)
+    print(f"wrote {len(entries)} files to {out_dir}")
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--decode-dir")
     ap.add_argument("--fuzz-dir")
     ap.add_argument("--fuzz-count", type=int, default=2000)
     args = ap.parse_args()
     if PIL.__version__ != "13.0.0":
         sys.exit(f"Pillow {PIL.__version__} found; the fixtures are defined by Pillow 13.0.0")
+
+    if args.decode_dir:
+        write_decode_parity(args.decode_dir)
+        return
 
     if args.fuzz_dir:
         os.makedirs(args.fuzz_dir, exist_ok=True)

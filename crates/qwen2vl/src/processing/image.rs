@@ -1,1 +1,960 @@
-//! (being written)
+//! Images → `pixel_values`: decoding, `smart_resize`, Pillow-exact bicubic resizing,
+//! rescale/normalize and the patch layout the vision tower reads.
+//!
+//! Reference: the release-era pipeline `qwen_vl_utils.process_vision_info` (qwen-vl-utils
+//! 0.0.8, `vision_process.fetch_image`) followed by `Qwen2VLImageProcessor` (transformers
+//! 4.49.0, `image_processing_qwen2_vl.py`), with Pillow 13.0 doing the resizes. That pipeline
+//! resizes *twice*:
+//!
+//! 1. `fetch_image`: `Image.open(...).convert("RGB")`, then its `smart_resize` with the item's
+//!    `min_pixels`/`max_pixels` (defaults [`MIN_PIXELS`] = 4·28·28 and [`MAX_PIXELS`] =
+//!    16384·28·28, qwen-vl-utils' constants, *not* the preprocessor config's), then
+//!    `image.resize((w, h))` = Pillow BICUBIC.
+//! 2. `Qwen2VLImageProcessor._preprocess`: transformers' own `smart_resize` with the config's
+//!    `min_pixels`/`max_pixels` (by default 56·56 and 28·28·1280) on the already-resized image,
+//!    and a second Pillow BICUBIC resize when that changes the size (e.g. any image above about
+//!    one megapixel with the default config), then rescale, normalize and patchify.
+//!
+//! [`preprocess_image`] reproduces both stages; [`patchify`] is the last step on its own, for
+//! videos.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use image::{DynamicImage, ImageFormat, ImageReader, Limits, RgbImage};
+
+use crate::config::PreprocessorConfig;
+use crate::ops::resize::resize_bicubic;
+use crate::{Error, Result};
+
+/// qwen-vl-utils `IMAGE_FACTOR`: sides become multiples of this (= patch 14 · merge 2).
+pub const IMAGE_FACTOR: usize = 28;
+/// qwen-vl-utils `MIN_PIXELS`, `fetch_image`'s default lower bound on the pixel count.
+pub const MIN_PIXELS: u64 = 4 * 28 * 28;
+/// qwen-vl-utils `MAX_PIXELS`, `fetch_image`'s default upper bound on the pixel count.
+pub const MAX_PIXELS: u64 = 16384 * 28 * 28;
+/// Largest allowed `max(h, w) / min(h, w)` (qwen-vl-utils `MAX_RATIO`, transformers' 200).
+pub const MAX_RATIO: usize = 200;
+/// Largest image side [`decode_image`] accepts.
+pub const MAX_DECODE_SIDE: u32 = 16384;
+/// Largest pixel count [`decode_image`] accepts: Pillow's decompression-bomb error threshold
+/// (`2 * Image.MAX_IMAGE_PIXELS`), where the reference refuses to open an image.
+pub const MAX_DECODE_PIXELS: u64 = 2 * 89_478_485;
+/// Most memory a decoder may allocate.
+pub const MAX_DECODE_ALLOC: u64 = 1 << 30;
+/// Largest image file [`load_image`] reads.
+pub const MAX_FILE_BYTES: u64 = 512 << 20;
+
+const SUPPORTED: &str = "png, jpeg, webp, gif, bmp, tiff";
+
+// ---------------------------------------------------------------------------------------------
+// smart_resize
+// ---------------------------------------------------------------------------------------------
+
+/// Python's `round(n / factor) * factor` (round half to even, on the `f64` quotient).
+fn round_by_factor(n: usize, factor: usize) -> usize {
+    (n as f64 / factor as f64).round_ties_even() as usize * factor
+}
+
+/// Python's `math.floor(x / factor) * factor`.
+fn floor_by_factor(x: f64, factor: usize) -> usize {
+    (x / factor as f64).floor() as usize * factor
+}
+
+/// Python's `math.ceil(x / factor) * factor`.
+fn ceil_by_factor(x: f64, factor: usize) -> usize {
+    (x / factor as f64).ceil() as usize * factor
+}
+
+fn check_size_and_ratio(height: usize, width: usize, factor: usize) -> Result<()> {
+    if factor == 0 {
+        return Err(Error::bad_input(
+            "the preprocessor's patch_size * merge_size is 0",
+            "a positive patch_size and merge_size",
+        ));
+    }
+    if height == 0 || width == 0 {
+        return Err(Error::bad_input(
+            format!("image is {width}x{height} pixels"),
+            "a width and height of at least 1 pixel",
+        ));
+    }
+    let (long, short) = (height.max(width), height.min(width));
+    // Python: max(h, w) / min(h, w) > 200, in float; the same as this integer test for any
+    // size an image can have.
+    if long as f64 / short as f64 > MAX_RATIO as f64 {
+        return Err(Error::bad_input(
+            format!(
+                "image is {width}x{height} pixels, aspect ratio {:.1}",
+                long as f64 / short as f64
+            ),
+            format!("an aspect ratio (long side / short side) of at most {MAX_RATIO}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The `(h_bar, w_bar)` after the pixel-budget step shared by both `smart_resize`s.
+fn fit_budget(
+    height: usize,
+    width: usize,
+    factor: usize,
+    (mut h_bar, mut w_bar): (usize, usize),
+    min_pixels: u64,
+    max_pixels: u64,
+) -> Result<(usize, usize)> {
+    let area = (height as u128 * width as u128) as f64;
+    let bar = h_bar as u128 * w_bar as u128;
+    if bar > max_pixels as u128 {
+        if max_pixels == 0 {
+            return Err(Error::bad_input(
+                "max_pixels is 0",
+                "max_pixels of at least 1",
+            ));
+        }
+        let beta = (area / max_pixels as f64).sqrt();
+        h_bar = floor_by_factor(height as f64 / beta, factor);
+        w_bar = floor_by_factor(width as f64 / beta, factor);
+    } else if bar < min_pixels as u128 {
+        let beta = (min_pixels as f64 / area).sqrt();
+        h_bar = ceil_by_factor(height as f64 * beta, factor);
+        w_bar = ceil_by_factor(width as f64 * beta, factor);
+    }
+    if h_bar == 0 || w_bar == 0 {
+        // The reference computes a 0 side here and then fails in `Image.resize`.
+        return Err(Error::bad_input(
+            format!(
+                "image is {width}x{height} pixels; within max_pixels {max_pixels} it would be \
+                 resized to {w_bar}x{h_bar}"
+            ),
+            format!(
+                "a max_pixels large enough for a side of at least {factor} (here at least {})",
+                fit_floor_min(height, width, factor)
+            ),
+        ));
+    }
+    Ok((h_bar, w_bar))
+}
+
+/// The smallest budget keeping the short side at `factor` (for error messages only).
+fn fit_floor_min(height: usize, width: usize, factor: usize) -> u64 {
+    let (long, short) = (height.max(width) as u64, height.min(width) as u64);
+    (factor as u64 * factor as u64 * long).div_ceil(short)
+}
+
+/// qwen-vl-utils 0.0.8 `smart_resize`: the `(height, width)` an image of `height x width` is
+/// resized to, both multiples of `factor`, the pixel count within `[min_pixels, max_pixels]`
+/// (as close as the rounding allows), the aspect ratio kept as far as possible.
+///
+/// Each side is first rounded to the nearest multiple of `factor` (half to even, as Python's
+/// `round`), at least `factor`. If that exceeds `max_pixels`, both sides are scaled by
+/// `beta = sqrt(h*w / max_pixels)` and floored to multiples of `factor`; if it is below
+/// `min_pixels`, scaled by `sqrt(min_pixels / (h*w))` and ceiled.
+///
+/// Errors (bad input): a zero side; `max(h, w) / min(h, w) > 200`; a budget so small that a
+/// side would become 0 (the reference fails later, in `Image.resize`).
+pub fn smart_resize(
+    height: usize,
+    width: usize,
+    factor: usize,
+    min_pixels: u64,
+    max_pixels: u64,
+) -> Result<(usize, usize)> {
+    check_size_and_ratio(height, width, factor)?;
+    let h_bar = factor.max(round_by_factor(height, factor));
+    let w_bar = factor.max(round_by_factor(width, factor));
+    fit_budget(
+        height,
+        width,
+        factor,
+        (h_bar, w_bar),
+        min_pixels,
+        max_pixels,
+    )
+}
+
+/// transformers 4.49 `models/qwen2_vl/image_processing_qwen2_vl.py::smart_resize`: as
+/// [`smart_resize`] but a side shorter than `factor` is an error (instead of being rounded up
+/// to `factor`), and the first rounding has no lower bound. Used by the processor stage of
+/// [`preprocess_image`], on images `fetch_image` already resized.
+pub fn smart_resize_transformers(
+    height: usize,
+    width: usize,
+    factor: usize,
+    min_pixels: u64,
+    max_pixels: u64,
+) -> Result<(usize, usize)> {
+    if factor > 0 && height > 0 && width > 0 && (height < factor || width < factor) {
+        return Err(Error::bad_input(
+            format!("image is {width}x{height} pixels, a side is shorter than {factor}"),
+            format!("a width and height of at least {factor} pixels"),
+        ));
+    }
+    check_size_and_ratio(height, width, factor)?;
+    let h_bar = round_by_factor(height, factor);
+    let w_bar = round_by_factor(width, factor);
+    fit_budget(
+        height,
+        width,
+        factor,
+        (h_bar, w_bar),
+        min_pixels,
+        max_pixels,
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding
+// ---------------------------------------------------------------------------------------------
+
+fn unsupported() -> Error {
+    Error::bad_input(
+        format!("bytes are not a supported image ({SUPPORTED})"),
+        format!("an image file in one of: {SUPPORTED}"),
+    )
+}
+
+fn too_large(w: u32, h: u32) -> Error {
+    Error::bad_input(
+        format!("image is {w}x{h}, larger than {MAX_DECODE_SIDE}x{MAX_DECODE_SIDE} or {MAX_DECODE_PIXELS} pixels"),
+        format!(
+            "images of at most {MAX_DECODE_SIDE} pixels per side and {MAX_DECODE_PIXELS} pixels in all"
+        ),
+    )
+}
+
+/// Decodes a png, jpeg, webp, gif (first frame), bmp or tiff file into 8-bit RGB the way
+/// `PIL.Image.open(f).convert("RGB")` does. The size is read from the header first: images
+/// over [`MAX_DECODE_SIDE`] per side or [`MAX_DECODE_PIXELS`] in all are refused before any
+/// pixel is decoded, and decoders may not allocate more than [`MAX_DECODE_ALLOC`].
+///
+/// Conversion to RGB, as Pillow: alpha is dropped (not composited); gray is replicated;
+/// palettes are looked up; 16-bit RGB(A) and gray+alpha keep the high byte (Pillow's
+/// `RGB;16B`/`RGBA;16B`/`LA;16B` unpackers); 16-bit gray without alpha (Pillow mode `I;16`)
+/// is *clipped* to 255 (Pillow's `I16_RGB`: values above 255 become 255). EXIF orientation
+/// is not applied (neither Pillow's `open` nor qwen-vl-utils applies it).
+pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
+    if bytes.is_empty() {
+        return Err(Error::bad_input(
+            "image bytes are empty",
+            format!("an image file in one of: {SUPPORTED}"),
+        ));
+    }
+    let format = image::guess_format(bytes).map_err(|_| unsupported())?;
+    if !matches!(
+        format,
+        ImageFormat::Png
+            | ImageFormat::Jpeg
+            | ImageFormat::WebP
+            | ImageFormat::Gif
+            | ImageFormat::Bmp
+            | ImageFormat::Tiff
+    ) {
+        return Err(unsupported());
+    }
+    let corrupt = |e: image::ImageError| -> Error {
+        match e {
+            image::ImageError::Limits(_) => Error::bad_input(
+                format!(
+                    "decoding the image needs more than {} MiB",
+                    MAX_DECODE_ALLOC >> 20
+                ),
+                format!("images that decode within {} MiB", MAX_DECODE_ALLOC >> 20),
+            ),
+            image::ImageError::Unsupported(u) => Error::bad_input(
+                format!("{format:?} image uses a feature that is not supported: {u}"),
+                format!("a plain image file in one of: {SUPPORTED}"),
+            ),
+            other => Error::bad_input(
+                format!("{format:?} image is corrupt or truncated: {other}"),
+                format!("a complete image file in one of: {SUPPORTED}"),
+            ),
+        }
+    };
+    // Header only: the size, before anything is allocated for pixels.
+    let mut probe = ImageReader::with_format(Cursor::new(bytes), format);
+    probe.no_limits();
+    let (w, h) = probe.into_dimensions().map_err(corrupt)?;
+    if w > MAX_DECODE_SIDE || h > MAX_DECODE_SIDE || w as u64 * h as u64 > MAX_DECODE_PIXELS {
+        return Err(too_large(w, h));
+    }
+    if w == 0 || h == 0 {
+        return Err(Error::bad_input(
+            format!("image is {w}x{h} pixels"),
+            "a width and height of at least 1 pixel",
+        ));
+    }
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_DECODE_SIDE);
+    limits.max_image_height = Some(MAX_DECODE_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_ALLOC);
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    reader.limits(limits);
+    let img = reader.decode().map_err(corrupt)?;
+    Ok(to_rgb_like_pillow(img))
+}
+
+/// `Image.convert("RGB")` on what Pillow would have opened (see [`decode_image`]).
+fn to_rgb_like_pillow(img: DynamicImage) -> RgbImage {
+    let (w, h) = (img.width(), img.height());
+    let from =
+        |f: &dyn Fn(u32, u32) -> [u8; 3]| RgbImage::from_fn(w, h, |x, y| image::Rgb(f(x, y)));
+    match img {
+        DynamicImage::ImageRgb8(i) => i,
+        DynamicImage::ImageRgba8(i) => from(&|x, y| {
+            let p = i.get_pixel(x, y).0;
+            [p[0], p[1], p[2]]
+        }),
+        DynamicImage::ImageLuma8(i) => from(&|x, y| [i.get_pixel(x, y).0[0]; 3]),
+        DynamicImage::ImageLumaA8(i) => from(&|x, y| [i.get_pixel(x, y).0[0]; 3]),
+        // Pillow "I;16" → "RGB" (Convert.c I16_RGB): `in[1] == 0 ? in[0] : 255`.
+        DynamicImage::ImageLuma16(i) => from(&|x, y| [i.get_pixel(x, y).0[0].min(255) as u8; 3]),
+        // Pillow opens 16-bit LA/RGB/RGBA PNGs with the `;16B` unpackers: the high byte.
+        DynamicImage::ImageLumaA16(i) => from(&|x, y| [(i.get_pixel(x, y).0[0] >> 8) as u8; 3]),
+        DynamicImage::ImageRgb16(i) => from(&|x, y| {
+            let p = i.get_pixel(x, y).0;
+            [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8]
+        }),
+        DynamicImage::ImageRgba16(i) => from(&|x, y| {
+            let p = i.get_pixel(x, y).0;
+            [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8]
+        }),
+        // Float images (e.g. float TIFF): the image crate's conversion (clamp to [0, 1], scale).
+        other => other.to_rgb8(),
+    }
+}
+
+/// Reads and decodes an image file (see [`decode_image`]). Errors name the path.
+pub fn load_image(path: &Path) -> Result<RgbImage> {
+    let name = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| {
+        let what = if e.kind() == std::io::ErrorKind::NotFound {
+            format!("image file {name} does not exist")
+        } else {
+            format!("image file {name} cannot be read: {e}")
+        };
+        Error::bad_input(what, "a path to a readable image file")
+    })?;
+    if !meta.is_file() {
+        return Err(Error::bad_input(
+            format!("image path {name} is not a file"),
+            "a path to a readable image file",
+        ));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(Error::bad_input(
+            format!("image file {name} is {} MiB", meta.len() >> 20),
+            format!("image files of at most {} MiB", MAX_FILE_BYTES >> 20),
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| {
+        Error::bad_input(
+            format!("image file {name} cannot be read: {e}"),
+            "a path to a readable image file",
+        )
+    })?;
+    decode_image(&bytes).map_err(|e| match e {
+        Error::BadInput { what, allowed } => Error::BadInput {
+            what: format!("{name}: {what}"),
+            allowed,
+        },
+        other => other,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Preprocessing
+// ---------------------------------------------------------------------------------------------
+
+/// One image, ready for the vision tower.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreprocessedImage {
+    /// `(n_patches, channels * temporal_patch_size * patch_size^2)` = `(n, 1176)`, row-major;
+    /// `n = grid_thw[0] * grid_thw[1] * grid_thw[2]`, rows in merge order (each 2x2 block of
+    /// neighbouring patches is 4 consecutive rows).
+    pub pixel_values: Vec<f32>,
+    /// `[grid_t, grid_h, grid_w]` in patches (`grid_t` = 1 for a still image).
+    pub grid_thw: [usize; 3],
+    /// Final `(height, width)` in pixels after all resizing (`grid_h * patch`, `grid_w * patch`).
+    pub resized_hw: (usize, usize),
+}
+
+/// Largest image [`preprocess_image`] resizes to (a `min_pixels` of 10^12 must not exhaust
+/// memory); the same bound as [`MAX_DECODE_PIXELS`].
+pub const MAX_RESIZED_PIXELS: u64 = MAX_DECODE_PIXELS;
+
+/// Resize with Pillow's BICUBIC (a copy when the size already matches).
+fn resize_to(img: &RgbImage, height: usize, width: usize) -> Result<RgbImage> {
+    if (img.height() as usize, img.width() as usize) == (height, width) {
+        return Ok(img.clone());
+    }
+    let fits = (height as u128 * width as u128) <= MAX_RESIZED_PIXELS as u128;
+    match (u32::try_from(width), u32::try_from(height)) {
+        (Ok(w), Ok(h)) if fits => resize_bicubic(img, w, h),
+        _ => Err(Error::bad_input(
+            format!(
+                "image of {}x{} pixels would be resized to {width}x{height} (min_pixels / max_pixels)",
+                img.width(),
+                img.height()
+            ),
+            format!("a resized size of at most {MAX_RESIZED_PIXELS} pixels"),
+        )),
+    }
+}
+
+/// qwen-vl-utils `fetch_image` then `Qwen2VLImageProcessor` (see the module docs): the
+/// image's `pixel_values`, grid and final size.
+///
+/// `min_pixels` / `max_pixels` are the item's options (the keys of qwen-vl-utils' image dict);
+/// `None` means qwen-vl-utils' defaults [`MIN_PIXELS`] / [`MAX_PIXELS`]. The config's
+/// `min_pixels` / `max_pixels` then apply in the processor stage, as in the reference.
+pub fn preprocess_image(
+    img: &RgbImage,
+    cfg: &PreprocessorConfig,
+    min_pixels: Option<u64>,
+    max_pixels: Option<u64>,
+) -> Result<PreprocessedImage> {
+    let (h, w) = (img.height() as usize, img.width() as usize);
+    // qwen-vl-utils uses its IMAGE_FACTOR (28); the config's factor is the same number for
+    // every Qwen2-VL checkpoint and keeps this consistent with the grid below.
+    let (rh, rw) = smart_resize(
+        h,
+        w,
+        cfg.factor(),
+        min_pixels.unwrap_or(MIN_PIXELS),
+        max_pixels.unwrap_or(MAX_PIXELS),
+    )?;
+    let fetched = resize_to(img, rh, rw)?;
+    process_fetched(&fetched, cfg)
+}
+
+/// As [`preprocess_image`] for an item with `resized_height` / `resized_width`: qwen-vl-utils
+/// rounds them with `smart_resize(resized_height, resized_width, factor)` (default budget) and
+/// resizes to that, whatever the image's own size.
+pub fn preprocess_image_with_size(
+    img: &RgbImage,
+    cfg: &PreprocessorConfig,
+    resized_height: usize,
+    resized_width: usize,
+) -> Result<PreprocessedImage> {
+    let (rh, rw) = smart_resize(
+        resized_height,
+        resized_width,
+        cfg.factor(),
+        MIN_PIXELS,
+        MAX_PIXELS,
+    )?;
+    let fetched = resize_to(img, rh, rw)?;
+    process_fetched(&fetched, cfg)
+}
+
+/// `Qwen2VLImageProcessor._preprocess` on one image `fetch_image` returned.
+fn process_fetched(img: &RgbImage, cfg: &PreprocessorConfig) -> Result<PreprocessedImage> {
+    let (mut h, mut w) = (img.height() as usize, img.width() as usize);
+    let resized;
+    let img = if cfg.do_resize {
+        let (rh, rw) =
+            smart_resize_transformers(h, w, cfg.factor(), cfg.min_pixels, cfg.max_pixels)?;
+        resized = resize_to(img, rh, rw)?;
+        (h, w) = (rh, rw);
+        &resized
+    } else {
+        img
+    };
+    let planes = rescale_normalize(img, cfg);
+    let (pixel_values, grid_thw) = patchify(
+        &[&planes],
+        3,
+        h,
+        w,
+        cfg.temporal_patch_size,
+        cfg.patch_size,
+        cfg.merge_size,
+    )?;
+    Ok(PreprocessedImage {
+        pixel_values,
+        grid_thw,
+        resized_hw: (h, w),
+    })
+}
+
+/// `rescale` then `normalize` as transformers does them, channel-first:
+/// RGB `(h, w, 3)` u8 → `(3, h, w)` f32.
+///
+/// `rescale`: `(image.astype(float64) * rescale_factor).astype(float32)`; `normalize`:
+/// `(image - mean) / std` in float32 with `mean`, `std` as float32 — IEEE operations, so the
+/// result is bit-identical to numpy's.
+pub fn rescale_normalize(img: &RgbImage, cfg: &PreprocessorConfig) -> Vec<f32> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let n = w * h;
+    let raw = img.as_raw();
+    let mut out = vec![0f32; 3 * n];
+    for c in 0..3 {
+        // Per-value table: an 8-bit input has only 256 possible outputs.
+        let lut: Vec<f32> = (0..=255u8)
+            .map(|p| {
+                let mut v = if cfg.do_rescale {
+                    (p as f64 * cfg.rescale_factor) as f32
+                } else {
+                    p as f32
+                };
+                if cfg.do_normalize {
+                    v = (v - cfg.image_mean[c]) / cfg.image_std[c];
+                }
+                v
+            })
+            .collect();
+        for (o, px) in out[c * n..(c + 1) * n].iter_mut().zip(raw.chunks_exact(3)) {
+            *o = lut[px[c] as usize];
+        }
+    }
+    out
+}
+
+/// The patch layout of `Qwen2VLImageProcessor._preprocess`, for images (one frame) and videos.
+///
+/// `frames`: each `(channels, height, width)` f32, row-major. As the reference, when the frame
+/// count is not a multiple of `temporal_patch_size` the last frame is appended
+/// `temporal_patch_size - 1` more times. Then, with `grid_t = frames / temporal_patch_size`,
+/// `grid_h = height / patch_size`, `grid_w = width / patch_size`, the stack
+/// `(grid_t, temporal, channel, grid_h/merge, merge, patch, grid_w/merge, merge, patch)`
+/// is transposed by `(0, 3, 6, 4, 7, 2, 1, 5, 8)` and flattened to
+/// `(grid_t * grid_h * grid_w, channels * temporal_patch_size * patch_size^2)`.
+///
+/// Returns that matrix and `[grid_t, grid_h, grid_w]`. Errors (bad input) when the sizes do not
+/// tile (height and width must be multiples of `patch_size * merge_size`) or there is no frame.
+pub fn patchify(
+    frames: &[&[f32]],
+    channels: usize,
+    height: usize,
+    width: usize,
+    temporal_patch_size: usize,
+    patch_size: usize,
+    merge_size: usize,
+) -> Result<(Vec<f32>, [usize; 3])> {
+    let tile = patch_size * merge_size;
+    if frames.is_empty() || temporal_patch_size == 0 || tile == 0 {
+        return Err(Error::bad_input(
+            format!(
+                "{} frames with temporal_patch_size {temporal_patch_size}, patch_size {patch_size}, \
+                 merge_size {merge_size}",
+                frames.len()
+            ),
+            "at least one frame and positive patch sizes",
+        ));
+    }
+    if height == 0 || width == 0 || !height.is_multiple_of(tile) || !width.is_multiple_of(tile) {
+        return Err(Error::bad_input(
+            format!("frames are {width}x{height} pixels"),
+            format!("sides that are positive multiples of {tile} (patch_size * merge_size)"),
+        ));
+    }
+    let plane = channels * height * width;
+    if let Some(f) = frames.iter().find(|f| f.len() != plane) {
+        return Err(Error::bad_input(
+            format!("a frame has {} values", f.len()),
+            format!("{channels} x {height} x {width} = {plane} values per frame"),
+        ));
+    }
+    let mut frames: Vec<&[f32]> = frames.to_vec();
+    if !frames.len().is_multiple_of(temporal_patch_size) {
+        let last = frames[frames.len() - 1];
+        frames.extend(std::iter::repeat_n(last, temporal_patch_size - 1));
+    }
+    if !frames.len().is_multiple_of(temporal_patch_size) {
+        return Err(Error::bad_input(
+            format!("{} frames", frames.len()),
+            format!("a frame count that padding makes a multiple of {temporal_patch_size}"),
+        ));
+    }
+    let (ps, m, tps) = (patch_size, merge_size, temporal_patch_size);
+    let grid_t = frames.len() / tps;
+    let (grid_h, grid_w) = (height / ps, width / ps);
+    let row_len = channels * tps * ps * ps;
+    let mut out = Vec::with_capacity(grid_t * grid_h * grid_w * row_len);
+    for t in 0..grid_t {
+        for bh in 0..grid_h / m {
+            for bw in 0..grid_w / m {
+                for mh in 0..m {
+                    for mw in 0..m {
+                        let (py, px) = ((bh * m + mh) * ps, (bw * m + mw) * ps);
+                        // One row: (channel, temporal, patch_row, patch_col).
+                        for c in 0..channels {
+                            for frame in &frames[t * tps..(t + 1) * tps] {
+                                let fc = &frame[c * height * width..(c + 1) * height * width];
+                                for r in 0..ps {
+                                    let s = (py + r) * width + px;
+                                    out.extend_from_slice(&fc[s..s + ps]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    debug_assert_eq!(out.len(), grid_t * grid_h * grid_w * row_len);
+    Ok((out, [grid_t, grid_h, grid_w]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_dir() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/resize")
+    }
+
+    fn cases() -> serde_json::Value {
+        let p = fixture_dir().join("cases.json");
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+    }
+
+    fn is_bad_input(r: &Result<impl std::fmt::Debug>) -> bool {
+        matches!(r, Err(Error::BadInput { .. }))
+    }
+
+    fn bad(r: Result<impl std::fmt::Debug>) -> (String, String) {
+        match r {
+            Err(Error::BadInput { what, allowed }) => (what, allowed),
+            other => panic!("expected BadInput, got {other:?}"),
+        }
+    }
+
+    /// The table `make_resize_fixtures.py` computed with qwen-vl-utils 0.0.8's and
+    /// transformers 4.49's `smart_resize` (a result with a 0 side is an error here).
+    #[test]
+    fn smart_resize_matches_python_table() {
+        let c = cases();
+        let rows = c["smart_resize"].as_array().unwrap();
+        assert!(rows.len() > 100);
+        let mut n = 0;
+        for r in rows {
+            let g = |k: &str| r[k].as_u64().unwrap();
+            let (h, w, f) = (
+                g("height") as usize,
+                g("width") as usize,
+                g("factor") as usize,
+            );
+            let (mn, mx) = (g("min_pixels"), g("max_pixels"));
+            for (col, got) in [
+                ("qwen_vl_utils", smart_resize(h, w, f, mn, mx)),
+                ("transformers", smart_resize_transformers(h, w, f, mn, mx)),
+            ] {
+                let want = &r[col];
+                let want: Option<(usize, usize)> = want
+                    .as_array()
+                    .map(|a| {
+                        (
+                            a[0].as_u64().unwrap() as usize,
+                            a[1].as_u64().unwrap() as usize,
+                        )
+                    })
+                    .filter(|&(a, b)| a > 0 && b > 0);
+                match (want, &got) {
+                    (Some(want), Ok(got)) => assert_eq!(*got, want, "{col} {h}x{w} [{mn}, {mx}]"),
+                    (None, Err(Error::BadInput { .. })) => {}
+                    _ => panic!(
+                        "{col} {h}x{w} [{mn}, {mx}]: python {:?}, rust {got:?}",
+                        r[col]
+                    ),
+                }
+                n += 1;
+            }
+        }
+        println!("{n} smart_resize results agree");
+    }
+
+    #[test]
+    fn smart_resize_rounds_half_to_even() {
+        // 42/28 = 1.5 -> 2, 70/28 = 2.5 -> 2, 98/28 = 3.5 -> 4.
+        let s = |h, w| smart_resize(h, w, 28, 0, u64::MAX).unwrap();
+        assert_eq!(s(42, 70), (56, 56));
+        assert_eq!(s(98, 98), (112, 112));
+        assert_eq!(s(14, 14), (28, 28));
+        assert_eq!(s(480, 640), (476, 644));
+    }
+
+    #[test]
+    fn smart_resize_ratio_and_zero_errors() {
+        // 1093 / 5 = 218.6 > 200.
+        let (what, allowed) = bad(smart_resize(5, 1093, 28, MIN_PIXELS, MAX_PIXELS));
+        assert!(what.contains("1093x5"), "{what}");
+        assert!(allowed.contains("200"), "{allowed}");
+        assert!(is_bad_input(&smart_resize(
+            1093, 5, 28, MIN_PIXELS, MAX_PIXELS
+        )));
+        // Exactly 200 is allowed.
+        assert_eq!(
+            smart_resize(5, 1000, 28, MIN_PIXELS, MAX_PIXELS).unwrap(),
+            (28, 1008)
+        );
+        assert!(smart_resize(1000, 5, 28, MIN_PIXELS, MAX_PIXELS).is_ok());
+        let (what, _) = bad(smart_resize(0, 10, 28, MIN_PIXELS, MAX_PIXELS));
+        assert!(what.contains("10x0"), "{what}");
+        assert!(is_bad_input(&smart_resize(
+            10, 0, 28, MIN_PIXELS, MAX_PIXELS
+        )));
+        // transformers refuses a side below the factor.
+        assert!(is_bad_input(&smart_resize_transformers(
+            27,
+            100,
+            28,
+            0,
+            u64::MAX
+        )));
+        // A budget that floors a side to 0.
+        assert!(is_bad_input(&smart_resize(28, 5600, 28, 0, 28 * 28 * 100)));
+    }
+
+    #[test]
+    fn absurd_pixel_budget_is_refused_not_allocated() {
+        let img = RgbImage::from_pixel(40, 30, image::Rgb([1, 2, 3]));
+        let cfg = PreprocessorConfig::default();
+        let r = preprocess_image(&img, &cfg, Some(1_000_000_000_000), Some(u64::MAX));
+        let (what, _) = bad(r);
+        assert!(what.contains("40x30"), "{what}");
+    }
+
+    #[test]
+    fn decode_garbage_is_bad_input() {
+        let (what, allowed) = bad(decode_image(b"this is not an image at all"));
+        assert!(what.contains("not a supported image"), "{what}");
+        assert!(allowed.contains("png"), "{allowed}");
+        assert!(is_bad_input(&decode_image(&[])));
+        // A PNG signature followed by junk: a format, but corrupt.
+        let mut junk = b"\x89PNG\r\n\x1a\n".to_vec();
+        junk.extend_from_slice(&[7u8; 64]);
+        assert!(is_bad_input(&decode_image(&junk)));
+    }
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+    }
+
+    #[test]
+    fn png_bomb_header_is_refused() {
+        // A valid PNG header claiming 50000x50000 RGB 8-bit, then a tiny IDAT and IEND.
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&50000u32.to_be_bytes());
+        ihdr.extend_from_slice(&50000u32.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+        png_chunk(&mut png, b"IHDR", &ihdr);
+        png_chunk(
+            &mut png,
+            b"IDAT",
+            &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        );
+        png_chunk(&mut png, b"IEND", &[]);
+        let t = std::time::Instant::now();
+        let (what, allowed) = bad(decode_image(&png));
+        println!("50000x50000 PNG refused in {:?}: {what}", t.elapsed());
+        assert!(what.contains("50000x50000"), "{what}");
+        assert!(allowed.contains("16384"), "{allowed}");
+    }
+
+    fn encode_png<P, C>(img: &image::ImageBuffer<P, C>) -> Vec<u8>
+    where
+        P: image::PixelWithColorType,
+        [P::Subpixel]: image::EncodableLayout,
+        C: std::ops::Deref<Target = [P::Subpixel]>,
+    {
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn decode_converts_like_pillow() {
+        let rgba = image::RgbaImage::from_fn(3, 2, |x, y| {
+            image::Rgba([x as u8 * 50, y as u8 * 90, 7, (x * 40) as u8])
+        });
+        let got = decode_image(&encode_png(&rgba)).unwrap();
+        assert_eq!(
+            got.get_pixel(2, 1).0,
+            [100, 90, 7],
+            "alpha dropped, not composited"
+        );
+
+        let gray = image::GrayImage::from_fn(2, 2, |x, y| image::Luma([(x * 100 + y * 10) as u8]));
+        assert_eq!(
+            decode_image(&encode_png(&gray)).unwrap().get_pixel(1, 1).0,
+            [110; 3]
+        );
+
+        // 16-bit gray (Pillow "I;16"): clipped to 255, not scaled.
+        let g16 = image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_fn(3, 1, |x, _| {
+            image::Luma([[200u16, 255, 40000][x as usize]])
+        });
+        let got = decode_image(&encode_png(&g16)).unwrap();
+        assert_eq!(got.as_raw(), &[200, 200, 200, 255, 255, 255, 255, 255, 255]);
+
+        // 16-bit RGB: the high byte.
+        let rgb16 = image::ImageBuffer::<image::Rgb<u16>, Vec<u16>>::from_pixel(
+            1,
+            1,
+            image::Rgb([0x12ff, 0xab00, 0x00ff]),
+        );
+        assert_eq!(
+            decode_image(&encode_png(&rgb16)).unwrap().get_pixel(0, 0).0,
+            [0x12, 0xab, 0x00]
+        );
+    }
+
+    #[test]
+    fn load_image_missing_file_names_the_path() {
+        let p = Path::new("/nonexistent/dir/picture.png");
+        let (what, _) = bad(load_image(p));
+        assert!(what.contains("/nonexistent/dir/picture.png"), "{what}");
+    }
+
+    #[test]
+    fn patchify_layout() {
+        // 1 channel, 4x4 image, patch 1, merge 2, temporal 2: one frame tiled twice.
+        let frame: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        let (pv, grid) = patchify(&[&frame], 1, 4, 4, 2, 1, 2).unwrap();
+        assert_eq!(grid, [1, 4, 4]);
+        // Rows: 2x2 blocks in raster order, each block's 4 patches consecutive; each row is
+        // (temporal) = the same value twice.
+        let firsts: Vec<f32> = pv.chunks(2).map(|r| r[0]).collect();
+        assert_eq!(
+            firsts,
+            [0., 1., 4., 5., 2., 3., 6., 7., 8., 9., 12., 13., 10., 11., 14., 15.]
+        );
+        assert!(pv.chunks(2).all(|r| r[0] == r[1]));
+        assert!(is_bad_input(&patchify(&[&frame], 1, 4, 4, 2, 3, 2)));
+        assert!(is_bad_input(&patchify(&[], 1, 4, 4, 2, 1, 2)));
+    }
+
+    /// `pixel_values` of the reference pipeline (qwen-vl-utils `fetch_image` +
+    /// `Qwen2VLImageProcessor`), dumped by `make_resize_fixtures.py`.
+    #[test]
+    fn preprocess_matches_reference_pixel_values() {
+        let dir = fixture_dir();
+        let c = cases();
+        let list = c["preprocess"]
+            .as_array()
+            .expect("fixtures include preprocess cases");
+        assert!(!list.is_empty());
+        for case in list {
+            let cfg = PreprocessorConfig::from_json_str(&case["preprocessor_config"].to_string())
+                .unwrap();
+            let img = image::open(dir.join(case["src"].as_str().unwrap()))
+                .unwrap()
+                .into_rgb8();
+            let item = &case["item"];
+            let out = preprocess_image(
+                &img,
+                &cfg,
+                item["min_pixels"].as_u64(),
+                item["max_pixels"].as_u64(),
+            )
+            .unwrap();
+            let grid: Vec<usize> = case["grid_thw"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect();
+            assert_eq!(out.grid_thw.to_vec(), grid, "{}", case["name"]);
+            let bytes = std::fs::read(dir.join(case["pixel_values"].as_str().unwrap())).unwrap();
+            let want: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            let shape = case["shape"].as_array().unwrap();
+            assert_eq!(
+                want.len(),
+                (shape[0].as_u64().unwrap() * shape[1].as_u64().unwrap()) as usize
+            );
+            assert_eq!(out.pixel_values.len(), want.len());
+            let d = out
+                .pixel_values
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            println!(
+                "{}: grid {:?}, resized {:?}, pixel_values max abs diff {d:e}",
+                case["name"], out.grid_thw, out.resized_hw
+            );
+            assert!(d <= 1e-5, "{}: max abs diff {d}", case["name"]);
+            assert_eq!(
+                out.resized_hw,
+                (grid[1] * cfg.patch_size, grid[2] * cfg.patch_size)
+            );
+        }
+    }
+
+    /// How far the image crate's decoders are from Pillow's `open(f).convert("RGB")`:
+    /// `make_resize_fixtures.py --decode-dir DIR`, then
+    /// `QWEN2VL_DECODE_PARITY=DIR cargo test -p qwen2vl --lib -- --ignored decode_parity --nocapture`.
+    /// Lossless formats must match exactly; lossy ones (jpeg, lossy webp) are reported.
+    #[test]
+    #[ignore = "needs QWEN2VL_DECODE_PARITY=DIR from make_resize_fixtures.py --decode-dir"]
+    fn decode_parity_external() {
+        let dir = std::path::PathBuf::from(std::env::var("QWEN2VL_DECODE_PARITY").unwrap());
+        let index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("decode.json")).unwrap())
+                .unwrap();
+        let mut failures = Vec::new();
+        for e in index["files"].as_array().unwrap() {
+            let name = e["file"].as_str().unwrap();
+            let want = std::fs::read(dir.join(format!("{name}.rgb"))).unwrap();
+            let got = match decode_image(&std::fs::read(dir.join(name)).unwrap()) {
+                Ok(img) => img,
+                Err(err) => {
+                    println!("{name:20} ({}): error {err}", e["mode"]);
+                    failures.push(name.to_string());
+                    continue;
+                }
+            };
+            assert_eq!(
+                (got.width() as u64, got.height() as u64),
+                (e["w"].as_u64().unwrap(), e["h"].as_u64().unwrap())
+            );
+            let diffs: Vec<u8> = got
+                .as_raw()
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| a.abs_diff(*b))
+                .collect();
+            let max = diffs.iter().copied().max().unwrap_or(0);
+            let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
+            let differ = diffs.iter().filter(|&&d| d > 0).count() as f64 / diffs.len() as f64;
+            println!(
+                "{name:20} ({:5}): max abs diff {max:3}, mean {mean:.4}, {:.2}% of values differ",
+                e["mode"].as_str().unwrap(),
+                differ * 100.0
+            );
+            let lossy = name.ends_with(".jpg") || name.starts_with("lossy");
+            if !lossy && max != 0 {
+                failures.push(name.to_string());
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "not bit-exact with Pillow: {failures:?}"
+        );
+    }
+}

@@ -1,0 +1,3 @@
+//! Kernels this crate owns. Each optimised kernel keeps a plain version beside it as its oracle.
+
+pub mod resize;
