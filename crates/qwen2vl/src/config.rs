@@ -348,16 +348,24 @@ impl Default for PreprocessorConfig {
 }
 
 impl PreprocessorConfig {
-    /// Parses the text of a `preprocessor_config.json`; a `size` object, when present, overrides
-    /// `min_pixels`/`max_pixels` the way transformers does.
+    /// Parses the text of a `preprocessor_config.json`.
+    ///
+    /// transformers 4.49 reads `min_pixels`/`max_pixels` and rebuilds `size` from them; files
+    /// saved by later versions may carry only `size` (`shortest_edge`/`longest_edge`, in
+    /// pixels despite the names), which is used when the explicit keys are absent.
     pub fn from_json_str(s: &str) -> std::result::Result<Self, serde_json::Error> {
-        let mut c: PreprocessorConfig = serde_json::from_str(s)?;
+        let raw: serde_json::Value = serde_json::from_str(s)?;
+        let mut c: PreprocessorConfig = serde_json::from_value(raw.clone())?;
         if let Some(size) = &c.size {
-            if let Some(v) = size.min_pixels.or(size.shortest_edge) {
-                c.min_pixels = v;
+            if raw.get("min_pixels").is_none() {
+                if let Some(v) = size.min_pixels.or(size.shortest_edge) {
+                    c.min_pixels = v;
+                }
             }
-            if let Some(v) = size.max_pixels.or(size.longest_edge) {
-                c.max_pixels = v;
+            if raw.get("max_pixels").is_none() {
+                if let Some(v) = size.max_pixels.or(size.longest_edge) {
+                    c.max_pixels = v;
+                }
             }
         }
         Ok(c)
@@ -597,6 +605,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!((p.min_pixels, p.max_pixels), (100, 2000));
+        // Explicit keys win over `size`, as in transformers 4.49.
+        let p = PreprocessorConfig::from_json_str(
+            r#"{"min_pixels": 3136, "max_pixels": 12845056, "size": {"shortest_edge": 100, "longest_edge": 2000}}"#,
+        )
+        .unwrap();
+        assert_eq!((p.min_pixels, p.max_pixels), (3136, 12845056));
         let g = GenerationConfig::from_json_str(
             r#"{"bos_token_id": 151643, "do_sample": true, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
                 "repetition_penalty": 1.05, "temperature": 0.1, "top_k": 1, "top_p": 0.001}"#,
