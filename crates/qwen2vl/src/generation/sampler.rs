@@ -134,7 +134,7 @@ pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
     scores: Vec<f32>,
-    cands: Vec<u32>,
+    vals: Vec<f32>,
     seen: Vec<u32>,
 }
 
@@ -150,7 +150,7 @@ impl Sampler {
             params,
             rng,
             scores: Vec::new(),
-            cands: Vec::new(),
+            vals: Vec::new(),
             seen: Vec::new(),
         })
     }
@@ -198,13 +198,8 @@ impl Sampler {
                 "at least one finite logit",
             ));
         }
-        // Raw log-softmax normaliser, in f64.
-        let lse = f64::from(max)
-            + logits
-                .iter()
-                .map(|&x| (f64::from(x) - f64::from(max)).exp())
-                .sum::<f64>()
-                .ln();
+        // Raw log-softmax normaliser: sum of exp(x - max) (vectorised f32 exp, f64 sum).
+        let lse = f64::from(max) + sum_exp_shifted(logits, max).ln();
         let raw_logprob = |id: u32| (f64::from(logits[id as usize]) - lse) as f32;
 
         // 1. Repetition penalty (RepetitionPenaltyLogitsProcessor), in f32 as torch does.
@@ -232,7 +227,7 @@ impl Sampler {
         } else {
             self.sample_processed()
         };
-        let top = top_n(logits, self.params.top_logprobs, &mut self.cands)
+        let top = top_n(logits, self.params.top_logprobs)
             .into_iter()
             .map(|id| (id, raw_logprob(id)))
             .collect();
@@ -254,36 +249,55 @@ impl Sampler {
                 *s /= t;
             }
         }
-        // 3. Top-k: the candidates are every token >= the k-th largest score.
-        let cands = &mut self.cands;
-        cands.clear();
+        let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let k = self.params.top_k;
-        if k > 0 && k < n {
-            cands.extend(0..n as u32);
-            let kth = {
-                let (_, kth, _) = cands.select_nth_unstable_by(k - 1, |&a, &b| {
-                    scores[b as usize].total_cmp(&scores[a as usize])
-                });
-                scores[*kth as usize]
-            };
-            cands.clear();
-            cands.extend((0..n as u32).filter(|&i| scores[i as usize] >= kth));
+        let mut probs: Vec<(u32, f64)> = if k > 0 && k < n {
+            // 3. Top-k: the candidates are every token >= the k-th largest score (ties kept).
+            let vals = &mut self.vals;
+            vals.clear();
+            vals.extend_from_slice(scores);
+            let (_, kth, _) = vals.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+            let kth = *kth;
+            let mut probs: Vec<(u32, f64)> = scores
+                .iter()
+                .enumerate()
+                .filter(|(_, &s)| s >= kth && s > f32::NEG_INFINITY)
+                .map(|(i, &s)| (i as u32, f64::from(exp_f32(s - m))))
+                .collect();
+            let z: f64 = probs.iter().map(|p| p.1).sum();
+            for p in probs.iter_mut() {
+                p.1 /= z;
+            }
+            probs
         } else {
-            cands.extend((0..n as u32).filter(|&i| scores[i as usize] > f32::NEG_INFINITY));
-        }
-        // Softmax over the candidates (the removed ones are -inf: probability 0).
-        let m = cands
-            .iter()
-            .map(|&i| scores[i as usize])
-            .fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<(u32, f64)> = cands
-            .iter()
-            .map(|&i| (i, (f64::from(scores[i as usize]) - f64::from(m)).exp()))
-            .collect();
-        let z: f64 = probs.iter().map(|p| p.1).sum();
-        for p in probs.iter_mut() {
-            p.1 /= z;
-        }
+            // Softmax over the whole vocabulary (-inf → 0), in place.
+            for s in scores.iter_mut() {
+                *s = exp_f32(*s - m);
+            }
+            let z = sum_f32(scores);
+            if self.params.top_p >= 1.0 {
+                // 5. Draw straight from the weights.
+                let mut u = self.rng.random::<f64>() * z;
+                let mut last = 0u32;
+                for (i, &w) in scores.iter().enumerate() {
+                    let w = f64::from(w);
+                    if w > 0.0 {
+                        if u < w {
+                            return i as u32;
+                        }
+                        u -= w;
+                        last = i as u32;
+                    }
+                }
+                return last;
+            }
+            scores
+                .iter()
+                .enumerate()
+                .filter(|(_, &w)| w > 0.0)
+                .map(|(i, &w)| (i as u32, f64::from(w) / z))
+                .collect()
+        };
         // 4. Top-p. HF removes a token when the ascending cumulative probability up to and
         // including it is <= 1 - top_p, i.e. when the mass of the tokens ranked above it is
         // >= top_p; the most likely token is always kept.
@@ -336,6 +350,71 @@ fn nucleus(probs: &mut [(u32, f64)], top_p: f64) -> usize {
     }
 }
 
+/// `exp(x)` for `x <= 0` (a shifted logit), Cephes' `expf` polynomial: relative error
+/// about 2e-7, branch-free so loops over a vocabulary vectorise. Inputs below -87.3
+/// (including -inf) give 0.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    // Round to nearest with the 1.5 * 2^23 trick (no libm call, vectorises on SSE2).
+    const ROUND: f32 = 12_582_912.0;
+    let under = x < -87.3;
+    let x = x.clamp(-87.3, 88.7);
+    let shifted = x * LOG2E + ROUND;
+    // The rounded integer sits in the low mantissa bits (no saturating float→int cast,
+    // which would stop vectorisation).
+    let ni = shifted.to_bits() as i32 - 0x4B40_0000;
+    let n = shifted - ROUND;
+    let r = x - n * C1 - n * C2;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    let pow2 = f32::from_bits(((ni + 127) as u32) << 23);
+    if under {
+        0.0
+    } else {
+        e * pow2
+    }
+}
+
+/// `sum(exp(x - max))` over a row (vectorised exps into a block buffer, then summed).
+fn sum_exp_shifted(xs: &[f32], max: f32) -> f64 {
+    const BLOCK: usize = 1024;
+    let mut buf = [0.0f32; BLOCK];
+    let mut total = 0.0f64;
+    for block in xs.chunks(BLOCK) {
+        let out = &mut buf[..block.len()];
+        for (o, &x) in out.iter_mut().zip(block) {
+            *o = exp_f32(x - max);
+        }
+        total += sum_f32(out);
+    }
+    total
+}
+
+/// A sum of non-negative f32 values in 8 f32 lanes, flushed to f64 every 1024 values.
+fn sum_f32(xs: &[f32]) -> f64 {
+    let mut total = 0.0f64;
+    for block in xs.chunks(1024) {
+        let mut lanes = [0.0f32; 8];
+        let mut it = block.chunks_exact(8);
+        for c in &mut it {
+            for k in 0..8 {
+                lanes[k] += c[k];
+            }
+        }
+        let tail: f32 = it.remainder().iter().sum();
+        total += lanes.iter().map(|&l| f64::from(l)).sum::<f64>() + f64::from(tail);
+    }
+    total
+}
+
 /// The index of the largest value, the lowest on ties (`torch.argmax`).
 fn argmax(xs: &[f32]) -> u32 {
     let mut best = 0usize;
@@ -347,25 +426,24 @@ fn argmax(xs: &[f32]) -> u32 {
     best as u32
 }
 
-/// The ids of the `k` largest logits, largest first, ties by lower id.
-fn top_n(logits: &[f32], k: usize, scratch: &mut Vec<u32>) -> Vec<u32> {
+/// The ids of the `k` largest logits, largest first, ties by lower id: one pass keeping a
+/// sorted list of the best `k` (k is at most [`MAX_TOP_LOGPROBS`]).
+fn top_n(logits: &[f32], k: usize) -> Vec<u32> {
     if k == 0 {
         return vec![];
     }
     let k = k.min(logits.len());
-    let order = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
-            .then(a.cmp(b))
-    };
-    scratch.clear();
-    scratch.extend(0..logits.len() as u32);
-    if k < scratch.len() {
-        scratch.select_nth_unstable_by(k - 1, order);
+    let mut top: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    for (i, &x) in logits.iter().enumerate() {
+        if top.len() == k && top[k - 1].0.total_cmp(&x).is_ge() {
+            continue;
+        }
+        // After every equal value: earlier (lower) ids stay ahead.
+        let at = top.partition_point(|&(v, _)| v.total_cmp(&x).is_ge());
+        top.insert(at, (x, i as u32));
+        top.truncate(k);
     }
-    let mut top = scratch[..k].to_vec();
-    top.sort_unstable_by(order);
-    top
+    top.into_iter().map(|(_, i)| i).collect()
 }
 
 #[cfg(test)]
@@ -374,6 +452,36 @@ mod tests {
 
     fn sampler(p: SamplingParams) -> Sampler {
         Sampler::new(p).unwrap()
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut x = -90.0f32;
+        while x <= 0.0 {
+            let want = f64::from(x).exp();
+            let got = f64::from(exp_f32(x));
+            if x >= -87.3 {
+                assert!((got - want).abs() <= 4e-7 * want, "{x}: {got} vs {want}");
+            } else {
+                assert_eq!(got, 0.0);
+            }
+            x += 0.0137;
+        }
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        let xs: Vec<f32> = (0..10_001).map(|i| -(i as f32) / 1000.0).collect();
+        let want: f64 = xs.iter().map(|&x| f64::from(x).exp()).sum();
+        assert!((sum_exp_shifted(&xs, 0.0) - want).abs() < 1e-6 * want);
+    }
+
+    #[test]
+    fn top_n_orders_by_value_then_id() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0, f32::NEG_INFINITY, 2.0, 0.5];
+        assert_eq!(top_n(&logits, 0), Vec::<u32>::new());
+        assert_eq!(top_n(&logits, 1), vec![1]);
+        assert_eq!(top_n(&logits, 3), vec![1, 3, 2]);
+        assert_eq!(top_n(&logits, 5), vec![1, 3, 2, 5, 0]);
+        assert_eq!(top_n(&logits, 10), vec![1, 3, 2, 5, 0, 6, 4]);
     }
 
     #[test]
