@@ -579,6 +579,90 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn random_prompts_match_whole_string_encoding() {
+        // Pseudo-random texts of pieces that stress piece boundaries (spaces, newlines,
+        // digits, CJK, combining marks, split emoji, special tokens), with random user spans
+        // that hold no special-token string: encode_prompt must equal tokenizers' encode of
+        // the whole string, which is what Python computes.
+        let t = fixture();
+        let pieces = [
+            " ",
+            "  ",
+            "\n",
+            "\n\n",
+            "\r\n",
+            "\t",
+            "a",
+            "Hello",
+            " world",
+            "'s",
+            "'LL",
+            "123",
+            "4",
+            "你好",
+            "，",
+            "😀",
+            "🇯🇵",
+            "e\u{301}",
+            "\u{301}",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|image_pad|>",
+            "<|vision_start|>",
+            "<|",
+            "|>",
+            "im_end",
+            "!",
+            "...",
+            "\u{a0}",
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        for _ in 0..300 {
+            let mut text = String::new();
+            let mut bounds = vec![0usize];
+            for _ in 0..next(12) + 1 {
+                text.push_str(pieces[next(pieces.len())]);
+                bounds.push(text.len());
+            }
+            // Pick a random span between piece boundaries; skip it if it holds a special.
+            let a = bounds[next(bounds.len())];
+            let z = bounds[next(bounds.len())];
+            let (a, z) = (a.min(z), a.max(z));
+            let mut spans = vec![];
+            if a < z && t.find_added_token(&text[a..z]).is_none() {
+                spans.push(a..z);
+            }
+            let p = RenderedPrompt {
+                text: text.clone(),
+                user_spans: spans.clone(),
+                untracked_user_texts: vec![],
+            };
+            // A special token straddling a span edge is split by the span: skip those.
+            let straddles = t.added_tokens().iter().any(|tok| {
+                text.match_indices(tok.content.as_str()).any(|(i, m)| {
+                    spans.iter().any(|s| {
+                        (i < s.start && s.start < i + m.len()) || (i < s.end && s.end < i + m.len())
+                    })
+                })
+            });
+            if straddles {
+                continue;
+            }
+            assert_eq!(
+                t.encode_prompt(&p).unwrap(),
+                t.encode_plain(&text).unwrap(),
+                "{text:?} {spans:?}"
+            );
+        }
+    }
+
+    #[test]
     fn rendered_prompt_with_images() {
         let t = fixture();
         let tmpl = ChatTemplate::from_model_dir(&fixture_dir()).unwrap();
