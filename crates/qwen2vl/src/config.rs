@@ -471,8 +471,8 @@ fn read_text(path: &Path, what: &str) -> Result<String> {
 mod tests {
     use super::*;
 
-    /// `config.json` of a released checkpoint, with the fields that differ between sizes.
-    fn official(
+    /// The text shapes that differ between the released sizes.
+    struct Size {
         hidden: usize,
         inter: usize,
         layers: usize,
@@ -480,7 +480,47 @@ mod tests {
         kv: usize,
         vocab: usize,
         tied: bool,
-    ) -> String {
+    }
+
+    const B2: Size = Size {
+        hidden: 1536,
+        inter: 8960,
+        layers: 28,
+        heads: 12,
+        kv: 2,
+        vocab: 151936,
+        tied: true,
+    };
+    const B7: Size = Size {
+        hidden: 3584,
+        inter: 18944,
+        layers: 28,
+        heads: 28,
+        kv: 4,
+        vocab: 152064,
+        tied: false,
+    };
+    const B72: Size = Size {
+        hidden: 8192,
+        inter: 29568,
+        layers: 80,
+        heads: 64,
+        kv: 8,
+        vocab: 152064,
+        tied: false,
+    };
+
+    /// `config.json` of a released checkpoint, as published on the hub.
+    fn official(z: &Size) -> String {
+        let Size {
+            hidden,
+            inter,
+            layers,
+            heads,
+            kv,
+            vocab,
+            tied,
+        } = *z;
         format!(
             r#"{{
   "architectures": ["Qwen2VLForConditionalGeneration"], "attention_dropout": 0.0,
@@ -502,16 +542,8 @@ mod tests {
         )
     }
 
-    fn check(
-        c: &Qwen2VLConfig,
-        hidden: usize,
-        layers: usize,
-        heads: usize,
-        kv: usize,
-        inter: usize,
-        vocab: usize,
-        tied: bool,
-    ) {
+    fn check(z: &Size) {
+        let c = Qwen2VLConfig::from_json_str(&official(z)).unwrap();
         let t = &c.text;
         assert_eq!(
             (
@@ -520,11 +552,11 @@ mod tests {
                 t.num_attention_heads,
                 t.num_key_value_heads
             ),
-            (hidden, layers, heads, kv)
+            (z.hidden, z.layers, z.heads, z.kv)
         );
         assert_eq!(
             (t.intermediate_size, t.vocab_size, t.tie_word_embeddings),
-            (inter, vocab, tied)
+            (z.inter, z.vocab, z.tied)
         );
         assert_eq!(t.head_dim(), 128);
         assert_eq!(t.mrope_section(), vec![16, 24, 24]);
@@ -543,7 +575,7 @@ mod tests {
             ),
             (5120, 14, 2, 2)
         );
-        assert_eq!(v.hidden_size, hidden);
+        assert_eq!(v.hidden_size, z.hidden);
         assert_eq!(v.patch_dim(), 1176);
         assert_eq!(
             (c.image_token_id, c.video_token_id, c.vision_start_token_id),
@@ -553,15 +585,9 @@ mod tests {
 
     #[test]
     fn official_shapes_2b_7b_72b() {
-        let c2 =
-            Qwen2VLConfig::from_json_str(&official(1536, 8960, 28, 12, 2, 151936, true)).unwrap();
-        check(&c2, 1536, 28, 12, 2, 8960, 151936, true);
-        let c7 =
-            Qwen2VLConfig::from_json_str(&official(3584, 18944, 28, 28, 4, 152064, false)).unwrap();
-        check(&c7, 3584, 28, 28, 4, 18944, 152064, false);
-        let c72 =
-            Qwen2VLConfig::from_json_str(&official(8192, 29568, 80, 64, 8, 152064, false)).unwrap();
-        check(&c72, 8192, 80, 64, 8, 29568, 152064, false);
+        check(&B2);
+        check(&B7);
+        check(&B72);
     }
 
     #[test]

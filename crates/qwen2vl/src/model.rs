@@ -119,7 +119,7 @@ impl Qwen2VL {
     /// → `(n_patches / merge², hidden)`.
     pub fn encode_vision(&self, pixel_values: &[f32], grids: &[[usize; 3]]) -> Result<Tensor> {
         let dim = self.config.vision.patch_dim();
-        if pixel_values.len() % dim != 0 {
+        if !pixel_values.len().is_multiple_of(dim) {
             return Err(Error::bad_input(
                 format!("pixel_values has {} values", pixel_values.len()),
                 format!("a multiple of {dim} (one row per patch)"),

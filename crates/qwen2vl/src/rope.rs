@@ -89,9 +89,11 @@ pub fn mrope_cos_sin(
     let n = positions[0].len();
     let mut cos = Vec::with_capacity(n * half);
     let mut sin = Vec::with_capacity(n * half);
-    for i in 0..n {
-        for j in 0..half {
-            let a = positions[section_of[j]][i] as f32 * inv[j];
+    let (t, h, w) = (positions[0], positions[1], positions[2]);
+    for ((&pt, &ph), &pw) in t.iter().zip(h).zip(w) {
+        let p = [pt, ph, pw];
+        for (&section, &f) in section_of.iter().zip(&inv) {
+            let a = p[section] as f32 * f;
             cos.push(a.cos());
             sin.push(a.sin());
         }

@@ -175,8 +175,12 @@ pub struct TextModel {
 impl TextModel {
     /// Loads `model.*` and `lm_head` (or ties it to the embeddings).
     pub fn load(w: &Weights, cfg: &TextConfig) -> Result<Self> {
-        if cfg.hidden_size % cfg.num_attention_heads != 0
-            || cfg.num_attention_heads % cfg.num_key_value_heads != 0
+        if cfg.num_attention_heads == 0
+            || cfg.num_key_value_heads == 0
+            || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+            || !cfg
+                .num_attention_heads
+                .is_multiple_of(cfg.num_key_value_heads)
         {
             return Err(Error::Weights(format!(
                 "hidden_size {} / heads {} / kv heads {} do not divide evenly",

@@ -230,7 +230,10 @@ pub struct VisionTransformer {
 impl VisionTransformer {
     /// Loads `visual.*` from the checkpoint.
     pub fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
-        if cfg.embed_dim % cfg.num_heads != 0 || cfg.head_dim() % 4 != 0 {
+        if cfg.num_heads == 0
+            || !cfg.embed_dim.is_multiple_of(cfg.num_heads)
+            || !cfg.head_dim().is_multiple_of(4)
+        {
             return Err(Error::Weights(format!(
                 "vision embed_dim {} / num_heads {} must give a head_dim divisible by 4",
                 cfg.embed_dim, cfg.num_heads
