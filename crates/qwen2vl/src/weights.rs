@@ -179,6 +179,7 @@ impl Weights {
         }
         let t = convert(view.dtype(), view.data(), &shape, self.dtype, &self.device)
             .map_err(|e| Error::Weights(format!("tensor {stored}: {e}")))?;
+        release_pages(mmap, view.data());
         if let Ok(mut used) = self.used.lock() {
             used.insert(stored);
         }
@@ -199,6 +200,55 @@ impl Weights {
     }
 }
 
+/// Drops the mapped file pages of `data` (a slice of `mmap`) from this process's resident
+/// set once the tensor has been copied out, so loading never holds a checkpoint twice (the
+/// file pages plus the converted copy). Pages shared with a neighbouring tensor are kept.
+fn release_pages(mmap: &Mmap, data: &[u8]) {
+    #[cfg(unix)]
+    {
+        const PAGE: usize = 4096;
+        let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
+        let end = start + data.len();
+        let (a, b) = (start.div_ceil(PAGE) * PAGE, end / PAGE * PAGE);
+        if b > a {
+            // SAFETY: the map is a read-only private file mapping; after MADV_DONTNEED a later
+            // read faults the same bytes back in from the file, so no reader sees a change.
+            let _ = unsafe {
+                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
+            };
+        }
+    }
+}
+
+/// Elements converted per parallel task.
+const CONVERT_CHUNK: usize = 1 << 16;
+
+/// Decodes little-endian elements of `size` bytes into `T`s on all cores.
+fn par_decode<T: Send + Copy + Default>(
+    bytes: &[u8],
+    n: usize,
+    size: usize,
+    f: impl Fn(&[u8]) -> T + Sync,
+) -> std::result::Result<Vec<T>, String> {
+    use rayon::prelude::*;
+    if bytes.len() != n * size {
+        return Err(format!(
+            "{} bytes for {n} elements of {size} bytes",
+            bytes.len()
+        ));
+    }
+    // `vec!` of zeros maps fresh pages lazily; each task faults in and fills its own chunk.
+    let mut out = vec![T::default(); n];
+    out.par_chunks_mut(CONVERT_CHUNK)
+        .zip(bytes.par_chunks(CONVERT_CHUNK * size))
+        .for_each(|(o, b)| {
+            for (x, c) in o.iter_mut().zip(b.chunks_exact(size)) {
+                *x = f(c);
+            }
+        });
+    Ok(out)
+}
+
 /// Converts raw little-endian safetensors bytes to a tensor of `dtype` in one pass.
 fn convert(
     src: StDtype,
@@ -209,46 +259,32 @@ fn convert(
 ) -> std::result::Result<Tensor, String> {
     use half::{bf16, f16};
     let n = shape.elem_count();
-    macro_rules! read {
-        ($size:expr, $f:expr) => {{
-            if bytes.len() != n * $size {
-                return Err(format!("{} bytes for {} elements", bytes.len(), n));
-            }
-            bytes.chunks_exact($size).map($f)
-        }};
-    }
-    let to_tensor = |v: Vec<f32>| Tensor::from_vec(v, shape.clone(), device);
+    let le16 = |c: &[u8]| u16::from_le_bytes([c[0], c[1]]);
     let t = match (src, dtype) {
-        (StDtype::F32, DType::F32) => {
-            to_tensor(read!(4, |c: &[u8]| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-        }
-        (StDtype::BF16, DType::F32) => to_tensor(
-            read!(2, |c: &[u8]| bf16::from_bits(u16::from_le_bytes([
-                c[0], c[1]
-            ]))
-            .to_f32())
-            .collect(),
+        (StDtype::F32, DType::F32) => Tensor::from_vec(
+            par_decode(bytes, n, 4, |c| {
+                f32::from_le_bytes([c[0], c[1], c[2], c[3]])
+            })?,
+            shape.clone(),
+            device,
         ),
-        (StDtype::F16, DType::F32) => to_tensor(
-            read!(2, |c: &[u8]| f16::from_bits(u16::from_le_bytes([
-                c[0], c[1]
-            ]))
-            .to_f32())
-            .collect(),
+        (StDtype::BF16, DType::F32) => Tensor::from_vec(
+            par_decode(bytes, n, 2, |c| bf16::from_bits(le16(c)).to_f32())?,
+            shape.clone(),
+            device,
+        ),
+        (StDtype::F16, DType::F32) => Tensor::from_vec(
+            par_decode(bytes, n, 2, |c| f16::from_bits(le16(c)).to_f32())?,
+            shape.clone(),
+            device,
         ),
         (StDtype::BF16, DType::BF16) => Tensor::from_vec(
-            read!(2, |c: &[u8]| bf16::from_bits(u16::from_le_bytes([
-                c[0], c[1]
-            ])))
-            .collect::<Vec<_>>(),
+            par_decode(bytes, n, 2, |c| bf16::from_bits(le16(c)))?,
             shape.clone(),
             device,
         ),
         (StDtype::F16, DType::F16) => Tensor::from_vec(
-            read!(2, |c: &[u8]| f16::from_bits(u16::from_le_bytes([
-                c[0], c[1]
-            ])))
-            .collect::<Vec<_>>(),
+            par_decode(bytes, n, 2, |c| f16::from_bits(le16(c)))?,
             shape.clone(),
             device,
         ),
