@@ -94,14 +94,6 @@ impl RmsNorm {
     }
 }
 
-/// Softmax over the last dimension, computed in f32 whatever the compute dtype
-/// (transformers upcasts attention probabilities to f32 the same way).
-pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let p = candle_nn::ops::softmax_last_dim(&x.to_dtype(candle_core::DType::F32)?)?;
-    Ok(p.to_dtype(dtype)?)
-}
-
 /// Largest score matrix one attention block may build, in elements (256 MiB of f32).
 const MAX_SCORE_ELEMS: usize = 64 << 20;
 
@@ -153,7 +145,7 @@ fn attention_blocked(
             .reshape((b, g * c, d))?;
         let kc = k.narrow(1, 0, visible)?;
         let vc = v.narrow(1, 0, visible)?;
-        let scores = (qc.matmul(&kc.t()?)? * scale)?; // (B, G*c, visible)
+        let scores = qc.matmul(&kc.t()?)?; // (B, G*c, visible), unscaled
         let scores = match causal_offset {
             Some(p) if c > 1 => {
                 let mask =
@@ -165,7 +157,8 @@ fn attention_blocked(
             }
             _ => scores,
         };
-        let probs = softmax_f32(&scores)?;
+        // The mask is 0 or -inf, so scaling after adding it is the same as before.
+        let probs = crate::ops::fused::scaled_softmax(scores, scale)?.to_dtype(vc.dtype())?;
         outs.push(probs.matmul(&vc)?.reshape((b, g, c, d))?);
         start += c;
     }

@@ -141,8 +141,7 @@ impl VisionMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.fc1.forward(x)?;
         let h = if self.quick {
-            // quick_gelu(x) = x * sigmoid(1.702 x)
-            (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?
+            crate::ops::fused::quick_gelu(h)?
         } else {
             h.gelu_erf()?
         };

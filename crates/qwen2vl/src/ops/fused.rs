@@ -1,0 +1,163 @@
+//! Fused element-wise kernels for the hot paths of both towers.
+//!
+//! Each replaces a chain of candle ops that would read and write a large activation several
+//! times (a 640x480 image gives a `16 x 1564 x 1564` score matrix per vision block). The
+//! fused versions work in place, one pass, on all cores, for contiguous f32 CPU tensors;
+//! anything else takes the plain chain of candle ops, which is also the tests' oracle.
+
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// Rows handed to one rayon task at a time (for small rows) — keeps task overhead low.
+const MIN_TASK_ELEMS: usize = 1 << 14;
+
+fn f32_slice_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> Option<&'a mut [f32]> {
+    let (start, end) = layout.contiguous_offsets()?;
+    match storage {
+        CpuStorage::F32(v) => Some(&mut v[start..end]),
+        _ => None,
+    }
+}
+
+struct ScaledSoftmax {
+    scale: f32,
+}
+
+impl InplaceOp1 for ScaledSoftmax {
+    fn name(&self) -> &'static str {
+        "scaled-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let cols = layout.dims().last().copied().unwrap_or(1).max(1);
+        let data = f32_slice_mut(storage, layout)
+            .ok_or_else(|| candle_core::Error::Msg("scaled softmax needs contiguous f32".into()))?;
+        let rows_per_task = (MIN_TASK_ELEMS / cols).max(1);
+        let scale = self.scale;
+        data.par_chunks_mut(cols * rows_per_task).for_each(|block| {
+            for row in block.chunks_mut(cols) {
+                let mut max = f32::NEG_INFINITY;
+                for x in row.iter_mut() {
+                    *x *= scale;
+                    max = max.max(*x);
+                }
+                if max == f32::NEG_INFINITY {
+                    // A fully masked row: torch gives NaN; never happens for causal masks.
+                    row.fill(f32::NAN);
+                    continue;
+                }
+                let mut sum = 0f32;
+                for x in row.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                for x in row.iter_mut() {
+                    *x *= inv;
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// `softmax(x * scale)` over the last dimension, in f32 whatever `x`'s dtype (transformers
+/// upcasts attention probabilities to f32 the same way). `x` is consumed: on the fast path
+/// its buffer is reused for the result.
+pub fn scaled_softmax(x: Tensor, scale: f64) -> Result<Tensor> {
+    if matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.is_contiguous() {
+        x.inplace_op1(&ScaledSoftmax {
+            scale: scale as f32,
+        })?;
+        return Ok(x);
+    }
+    scaled_softmax_plain(&x, scale)
+}
+
+/// The plain version of [`scaled_softmax`]: candle ops, any device and dtype.
+pub fn scaled_softmax_plain(x: &Tensor, scale: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = (x.to_dtype(DType::F32)? * scale)?;
+    Ok(candle_nn::ops::softmax_last_dim(&x)?.to_dtype(dtype)?)
+}
+
+struct QuickGelu;
+
+impl InplaceOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "quick-gelu"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let data = f32_slice_mut(storage, layout)
+            .ok_or_else(|| candle_core::Error::Msg("quick_gelu needs contiguous f32".into()))?;
+        data.par_chunks_mut(MIN_TASK_ELEMS).for_each(|c| {
+            for x in c {
+                *x /= 1.0 + (-1.702 * *x).exp();
+            }
+        });
+        Ok(())
+    }
+}
+
+/// `x * sigmoid(1.702 x)` (the vision MLP's `quick_gelu`), in place on the fast path.
+pub fn quick_gelu(x: Tensor) -> Result<Tensor> {
+    if matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.is_contiguous() {
+        x.inplace_op1(&QuickGelu)?;
+        return Ok(x);
+    }
+    quick_gelu_plain(&x)
+}
+
+/// The plain version of [`quick_gelu`].
+pub fn quick_gelu_plain(x: &Tensor) -> Result<Tensor> {
+    Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn scaled_softmax_matches_plain() {
+        for shape in [(3usize, 5usize, 7usize), (2, 1, 1000), (1, 300, 1)] {
+            let x = (Tensor::randn(0f32, 3.0, shape, &Device::Cpu).unwrap())
+                .contiguous()
+                .unwrap();
+            let want = scaled_softmax_plain(&x, 0.125).unwrap();
+            let got = scaled_softmax(x.copy().unwrap(), 0.125).unwrap();
+            assert!(max_diff(&got, &want) < 1e-6, "{shape:?}");
+        }
+    }
+
+    #[test]
+    fn scaled_softmax_respects_masks() {
+        let x = Tensor::new(&[[1f32, f32::NEG_INFINITY, 2.0]], &Device::Cpu).unwrap();
+        let got = scaled_softmax(x, 1.0).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(got[0][1], 0.0);
+        assert!((got[0][0] + got[0][2] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn quick_gelu_matches_plain() {
+        let x = Tensor::randn(0f32, 4.0, (37, 129), &Device::Cpu).unwrap();
+        let want = quick_gelu_plain(&x).unwrap();
+        let got = quick_gelu(x.copy().unwrap()).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5);
+    }
+}
