@@ -116,3 +116,40 @@ fn greedy_tokens_match_reference_from_reference_inputs() {
         assert_eq!(got, want, "case {name}: greedy tokens differ");
     }
 }
+
+/// Half-precision compute (the `--dtype` option) runs the same model: logits stay close to
+/// the f32 reference (bf16 keeps 8 bits of mantissa, f16 11); f16 picks the same top token,
+/// bf16 keeps it among its top 5.
+#[test]
+fn half_precision_compute_stays_close() {
+    let case = common::Case::load("image_640");
+    let want = case.f32s("logits");
+    let ids = case.u32s("input_ids");
+    let grids = case.grids("image_grid_thw");
+    for (dtype, tol) in [(DType::F16, 0.5f32), (DType::BF16, 2.0)] {
+        let (model, _) = Qwen2VL::load(&case.model_dir(), dtype, &Device::Cpu).expect("load");
+        let emb = model
+            .encode_vision(&case.f32s("pixel_values"), &grids)
+            .expect("vision");
+        assert_eq!(emb.dtype(), dtype);
+        let pos = model.position_ids(&ids, &grids, &[]).expect("positions");
+        let mut cache = model.new_cache(ids.len()).expect("cache");
+        let logits = model
+            .prefill(&ids, &pos, Some(&emb), None, &mut cache)
+            .expect("prefill");
+        let got = common::flat(&logits);
+        let diff = common::max_abs_diff(&got, &want);
+        println!("{dtype:?}: logits max abs diff {diff}");
+        assert!(diff < tol, "{dtype:?}: logits max abs diff {diff}");
+        let mut order: Vec<usize> = (0..got.len()).collect();
+        order.sort_by(|&a, &b| got[b].total_cmp(&got[a]));
+        let top = (0..want.len())
+            .max_by(|&a, &b| want[a].total_cmp(&want[b]))
+            .unwrap();
+        let keep = if dtype == DType::F16 { 1 } else { 5 };
+        assert!(
+            order[..keep].contains(&top),
+            "{dtype:?}: reference top token {top} not in our top {keep}"
+        );
+    }
+}
