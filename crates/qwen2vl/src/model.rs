@@ -15,6 +15,17 @@ use crate::text::TextModel;
 use crate::vision::VisionTransformer;
 use crate::weights::Weights;
 
+/// Fails with a message saying what a model directory should hold when `dir` is not one.
+pub fn check_model_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    Err(Error::Model {
+        what: "model directory not found (expected a Hugging Face-format directory with config.json, *.safetensors and tokenizer.json)".into(),
+        path: dir.to_path_buf(),
+    })
+}
+
 /// What loading reported.
 #[derive(Debug, Clone, Default)]
 pub struct LoadReport {
@@ -37,12 +48,7 @@ pub struct Qwen2VL {
 impl Qwen2VL {
     /// Loads `config.json` and the weights from a Hugging Face–format directory.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, LoadReport)> {
-        if !dir.is_dir() {
-            return Err(Error::Model {
-                what: "model directory not found (expected a Hugging Face-format directory with config.json, *.safetensors and tokenizer.json)".into(),
-                path: dir.to_path_buf(),
-            });
-        }
+        check_model_dir(dir)?;
         let start = Instant::now();
         let config = Qwen2VLConfig::from_file(&dir.join("config.json"))?;
         let weights = Weights::from_dir(dir, dtype, device)?;

@@ -63,12 +63,7 @@ impl LayerNorm {
 
     /// `x: (..., dim)` → same shape.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            x,
-            &self.weight,
-            &self.bias,
-            self.eps,
-        )?)
+        crate::ops::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -90,6 +85,9 @@ impl RmsNorm {
 
     /// `x: (..., dim)` → same shape.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() == candle_core::DType::F64 {
+            return Ok(candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?);
+        }
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
     }
 }

@@ -212,8 +212,12 @@ impl Pipeline {
     /// Loads everything on a given device.
     pub fn load_on(dir: &Path, dtype: DTypeChoice, device: &Device) -> Result<Self> {
         let start = Instant::now();
+        // The cheap parts first, so a broken tokenizer or template is reported before
+        // gigabytes of weights are read.
+        crate::model::check_model_dir(dir)?;
+        let config = crate::config::Qwen2VLConfig::from_file(&dir.join("config.json"))?;
+        let processor = Processor::from_dir(dir, &config)?;
         let (model, _report) = Qwen2VL::load(dir, dtype.dtype(), device)?;
-        let processor = Processor::from_dir(dir, model.config())?;
         let gen_path = dir.join("generation_config.json");
         let generation = if gen_path.is_file() {
             GenerationConfig::from_file(&gen_path)?

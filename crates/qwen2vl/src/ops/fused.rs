@@ -76,11 +76,78 @@ pub fn scaled_softmax(x: Tensor, scale: f64) -> Result<Tensor> {
     scaled_softmax_plain(&x, scale)
 }
 
-/// The plain version of [`scaled_softmax`]: candle ops, any device and dtype.
+/// The plain version of [`scaled_softmax`]: candle ops, any device and dtype (half types
+/// are computed in f32, f64 stays f64).
 pub fn scaled_softmax_plain(x: &Tensor, scale: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = (x.to_dtype(DType::F32)? * scale)?;
+    let wide = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let x = (x.to_dtype(wide)? * scale)?;
     Ok(candle_nn::ops::softmax_last_dim(&x)?.to_dtype(dtype)?)
+}
+
+/// LayerNorm over the last dimension with a two-pass variance, in f32.
+///
+/// candle's fused kernel computes the variance as `E[x²] - E[x]²`, which cancels badly when
+/// a row's mean is large next to its spread; torch (the reference) subtracts the mean first.
+/// This does the same, one row per task, for contiguous f32 CPU tensors; anything else takes
+/// [`layer_norm_plain`].
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    let fast = matches!(x.device(), Device::Cpu)
+        && [x, weight, bias]
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && t.is_contiguous());
+    if !fast {
+        return layer_norm_plain(x, weight, bias, eps);
+    }
+    let cols = x.dim(candle_core::D::Minus1)?;
+    let (xs, _) = x.storage_and_layout();
+    let (ws, _) = weight.storage_and_layout();
+    let (bs, _) = bias.storage_and_layout();
+    let (CpuStorage::F32(xv), CpuStorage::F32(wv), CpuStorage::F32(bv)) =
+        (cpu(&xs)?, cpu(&ws)?, cpu(&bs)?)
+    else {
+        return layer_norm_plain(x, weight, bias, eps);
+    };
+    let off = x.layout().start_offset();
+    let src = &xv[off..off + x.elem_count()];
+    let (w, b) = (
+        &wv[weight.layout().start_offset()..],
+        &bv[bias.layout().start_offset()..],
+    );
+    let mut out = vec![0f32; src.len()];
+    let rows_per_task = (MIN_TASK_ELEMS / cols.max(1)).max(1);
+    out.par_chunks_mut(cols * rows_per_task)
+        .zip(src.par_chunks(cols * rows_per_task))
+        .for_each(|(o, s)| {
+            for (orow, srow) in o.chunks_mut(cols).zip(s.chunks(cols)) {
+                let mean = srow.iter().sum::<f32>() / cols as f32;
+                let var = srow.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / cols as f32;
+                let inv = 1.0 / (var + eps).sqrt();
+                for (((d, &v), &wi), &bi) in orow.iter_mut().zip(srow).zip(w).zip(b) {
+                    *d = (v - mean) * inv * wi + bi;
+                }
+            }
+        });
+    drop((xs, ws, bs));
+    Ok(Tensor::from_vec(out, x.shape(), x.device())?)
+}
+
+fn cpu(s: &candle_core::Storage) -> Result<&CpuStorage> {
+    match s {
+        candle_core::Storage::Cpu(c) => Ok(c),
+        _ => Err(crate::Error::Weights(
+            "layer_norm fast path needs CPU storage".into(),
+        )),
+    }
+}
+
+/// The plain version of [`layer_norm`]: candle's two-pass `layer_norm_slow` (any dtype).
+pub fn layer_norm_plain(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    Ok(candle_nn::ops::layer_norm_slow(x, weight, bias, eps)?)
 }
 
 struct QuickGelu;
@@ -151,6 +218,31 @@ mod tests {
         let got = scaled_softmax(x, 1.0).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(got[0][1], 0.0);
         assert!((got[0][0] + got[0][2] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn layer_norm_matches_plain_and_survives_a_large_mean() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(1f32, 0.2, 96, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.2, 96, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 7, 96), &dev).unwrap();
+        let want = layer_norm_plain(&x, &w, &b, 1e-6).unwrap();
+        let got = layer_norm(&x, &w, &b, 1e-6).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5);
+        // Rows with mean 100 and spread 0.01: E[x²]-E[x]² loses everything in f32.
+        let x = (Tensor::randn(0f32, 0.01, (4, 96), &dev).unwrap() + 100.0).unwrap();
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let want = layer_norm_plain(
+            &x64,
+            &w.to_dtype(DType::F64).unwrap(),
+            &b.to_dtype(DType::F64).unwrap(),
+            1e-6,
+        )
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+        let got = layer_norm(&x, &w, &b, 1e-6).unwrap();
+        assert!(max_diff(&got, &want) < 0.05, "{}", max_diff(&got, &want));
     }
 
     #[test]
