@@ -216,18 +216,7 @@ mod tests {
         p.matmul(v).unwrap().reshape((b, g, t, d)).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::ops::max_diff;
 
     #[test]
     fn blocked_attention_equals_plain_attention() {

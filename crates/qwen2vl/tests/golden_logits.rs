@@ -1,42 +1,36 @@
-//! Prefill logits of the last position against the reference (f32; max abs diff within [`common::tolerance`]),
-//! starting from the reference's own input ids and pixel values (so this isolates the model
-//! from the processor).
+//! Prefill logits of the last position against the reference (f32; max abs diff within
+//! [`common::tolerance`]), starting from the reference's own input ids and pixel values (so
+//! this isolates the model from the processor); greedy decoding; other compute dtypes.
 
 mod common;
 
 use candle_core::{DType, Device};
+use common::ReferencePrompt;
 use qwen2vl::model::Qwen2VL;
+
+fn load(case: &common::Case, dtype: DType) -> Qwen2VL {
+    let (model, report) = Qwen2VL::load(&case.model_dir(), dtype, &Device::Cpu).expect("load");
+    assert!(
+        report.unused.is_empty(),
+        "unused tensors: {:?}",
+        report.unused
+    );
+    model
+}
 
 #[test]
 fn prefill_logits_match_reference() {
     for name in common::case_names() {
         let case = common::Case::load(&name);
-        let (model, report) =
-            Qwen2VL::load(&case.model_dir(), DType::F32, &Device::Cpu).expect("load");
-        assert!(
-            report.unused.is_empty(),
-            "unused tensors: {:?}",
-            report.unused
-        );
-        let ids = case.u32s("input_ids");
-        let grids = case.grids("image_grid_thw");
-        let image_embeds = if case.has("pixel_values") {
-            Some(
-                model
-                    .encode_vision(&case.f32s("pixel_values"), &grids)
-                    .expect("vision"),
-            )
-        } else {
-            None
-        };
-        let pos = model.position_ids(&ids, &grids, &[]).expect("positions");
-        let mut cache = model.new_cache(ids.len() + 1).expect("cache");
+        let model = load(&case, DType::F32);
+        let p = ReferencePrompt::new(&case, &model);
+        let mut cache = model.new_cache(p.ids.len() + 1).expect("cache");
         let mut layers = Vec::new();
         let h = model
             .prefill_hidden(
-                &ids,
-                &pos,
-                image_embeds.as_ref(),
+                &p.ids,
+                &p.positions,
+                p.image_embeds.as_ref(),
                 None,
                 &mut cache,
                 Some(&mut layers),
@@ -50,20 +44,16 @@ fn prefill_logits_match_reference() {
             assert!(d <= tol, "case {name}: layer 0 max abs diff {d} > {tol}");
         }
         let last = qwen2vl::text::TextModel::last_position(&h).expect("last");
-        let logits = model.text().logits(&last).expect("logits");
-        let got = common::flat(&logits);
+        let got = common::flat(&model.text().logits(&last).expect("logits"));
         let want = case.f32s("logits");
         let diff = common::max_abs_diff(&got, &want);
         let tol = common::tolerance(&want);
-        println!(
-            "{name}: logits max abs diff {diff:e} (tolerance {tol:e}, |logit| max {:.2})",
-            want.iter().fold(0f32, |a, b| a.max(b.abs()))
-        );
+        println!("{name}: logits max abs diff {diff:e} (tolerance {tol:e})");
         assert!(
             diff <= tol,
             "case {name}: logits max abs diff {diff} > {tol}"
         );
-        assert_eq!(cache.len(), ids.len());
+        assert_eq!(cache.len(), p.ids.len());
     }
 }
 
@@ -73,29 +63,14 @@ fn prefill_logits_match_reference() {
 fn greedy_tokens_match_reference_from_reference_inputs() {
     for name in common::case_names() {
         let case = common::Case::load(&name);
-        let (model, _) = Qwen2VL::load(&case.model_dir(), DType::F32, &Device::Cpu).expect("load");
+        let model = load(&case, DType::F32);
         let cfg = qwen2vl::config::GenerationConfig::from_file(
             &case.model_dir().join("generation_config.json"),
         )
         .expect("gen config");
         let eos = cfg.eos_token_id.map(|e| e.to_vec()).unwrap_or_default();
-        let ids = case.u32s("input_ids");
-        let grids = case.grids("image_grid_thw");
-        let image_embeds = if case.has("pixel_values") {
-            Some(
-                model
-                    .encode_vision(&case.f32s("pixel_values"), &grids)
-                    .expect("vision"),
-            )
-        } else {
-            None
-        };
-        let pos = model.position_ids(&ids, &grids, &[]).expect("positions");
-        let want = case.u32s("greedy_ids");
-        let mut cache = model.new_cache(ids.len() + 40).expect("cache");
-        let mut logits = model
-            .prefill(&ids, &pos, image_embeds.as_ref(), None, &mut cache)
-            .expect("prefill");
+        let p = ReferencePrompt::new(&case, &model);
+        let (mut logits, mut cache) = p.prefill(&model, 40);
         let mut got = Vec::new();
         for _ in 0..32 {
             let tok = logits
@@ -108,12 +83,16 @@ fn greedy_tokens_match_reference_from_reference_inputs() {
                 break;
             }
             logits = model
-                .decode_step(&[tok], &[pos.rope_delta], &mut [&mut cache])
+                .decode_step(&[tok], &[p.positions.rope_delta], &mut [&mut cache])
                 .expect("decode")
                 .squeeze(0)
                 .expect("squeeze");
         }
-        assert_eq!(got, want, "case {name}: greedy tokens differ");
+        assert_eq!(
+            got,
+            case.u32s("greedy_ids"),
+            "case {name}: greedy tokens differ"
+        );
     }
 }
 
@@ -124,20 +103,11 @@ fn greedy_tokens_match_reference_from_reference_inputs() {
 fn half_precision_compute_stays_close() {
     let case = common::Case::load("image_640");
     let want = case.f32s("logits");
-    let ids = case.u32s("input_ids");
-    let grids = case.grids("image_grid_thw");
     for (dtype, tol) in [(DType::F16, 0.5f32), (DType::BF16, 2.0)] {
-        let (model, _) = Qwen2VL::load(&case.model_dir(), dtype, &Device::Cpu).expect("load");
-        let emb = model
-            .encode_vision(&case.f32s("pixel_values"), &grids)
-            .expect("vision");
-        assert_eq!(emb.dtype(), dtype);
-        let pos = model.position_ids(&ids, &grids, &[]).expect("positions");
-        let mut cache = model.new_cache(ids.len()).expect("cache");
-        let logits = model
-            .prefill(&ids, &pos, Some(&emb), None, &mut cache)
-            .expect("prefill");
-        let got = common::flat(&logits);
+        let model = load(&case, dtype);
+        let p = ReferencePrompt::new(&case, &model);
+        assert_eq!(p.image_embeds.as_ref().map(|e| e.dtype()), Some(dtype));
+        let got = common::flat(&p.prefill(&model, 0).0);
         let diff = common::max_abs_diff(&got, &want);
         println!("{dtype:?}: logits max abs diff {diff}");
         assert!(diff < tol, "{dtype:?}: logits max abs diff {diff}");
@@ -172,25 +142,10 @@ fn f64_compute_is_as_close_as_the_references_own_f64() {
         let ref_err = summary["cases"][&name]["f32_vs_f64_logits_max_abs"]
             .as_f64()
             .expect("f32 vs f64 error recorded") as f32;
-        let (model, _) = Qwen2VL::load(&case.model_dir(), DType::F64, &Device::Cpu).expect("load");
-        let ids = case.u32s("input_ids");
-        let grids = case.grids("image_grid_thw");
-        let emb = if case.has("pixel_values") {
-            Some(
-                model
-                    .encode_vision(&case.f32s("pixel_values"), &grids)
-                    .expect("vision"),
-            )
-        } else {
-            None
-        };
-        let pos = model.position_ids(&ids, &grids, &[]).expect("positions");
-        let mut cache = model.new_cache(ids.len()).expect("cache");
-        let logits = model
-            .prefill(&ids, &pos, emb.as_ref(), None, &mut cache)
-            .expect("prefill");
+        let model = load(&case, DType::F64);
+        let p = ReferencePrompt::new(&case, &model);
         let want = case.f32s("logits");
-        let diff = common::max_abs_diff(&common::flat(&logits), &want);
+        let diff = common::max_abs_diff(&common::flat(&p.prefill(&model, 0).0), &want);
         let slack = 3e-6 * want.iter().fold(0f32, |a, b| a.max(b.abs()));
         println!("{name}: f64 logits vs reference {diff:e}; reference's own f32 error {ref_err:e}");
         assert!(

@@ -187,18 +187,7 @@ pub fn quick_gelu_plain(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::ops::max_diff;
 
     #[test]
     fn scaled_softmax_matches_plain() {

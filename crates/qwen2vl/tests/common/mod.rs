@@ -125,3 +125,48 @@ pub fn flat(t: &Tensor) -> Vec<f32> {
 pub fn tolerance(reference: &[f32]) -> f32 {
     1e-5 + 3e-5 * reference.iter().fold(0f32, |a, b| a.max(b.abs()))
 }
+
+/// A case's prompt as the model takes it, built from the reference's own inputs (input ids,
+/// pixel values, grids), so model tests do not depend on the processor.
+pub struct ReferencePrompt {
+    pub ids: Vec<u32>,
+    pub image_embeds: Option<Tensor>,
+    pub positions: qwen2vl::rope::MropePositions,
+}
+
+impl ReferencePrompt {
+    pub fn new(case: &Case, model: &qwen2vl::model::Qwen2VL) -> Self {
+        let ids = case.u32s("input_ids");
+        let grids = case.grids("image_grid_thw");
+        let image_embeds = case.has("pixel_values").then(|| {
+            model
+                .encode_vision(&case.f32s("pixel_values"), &grids)
+                .expect("vision")
+        });
+        let positions = model.position_ids(&ids, &grids, &[]).expect("positions");
+        ReferencePrompt {
+            ids,
+            image_embeds,
+            positions,
+        }
+    }
+
+    /// Prefill into a fresh cache with room for `extra` more tokens; last-position logits.
+    pub fn prefill(
+        &self,
+        model: &qwen2vl::model::Qwen2VL,
+        extra: usize,
+    ) -> (Tensor, qwen2vl::kv_cache::KvCache) {
+        let mut cache = model.new_cache(self.ids.len() + extra).expect("cache");
+        let logits = model
+            .prefill(
+                &self.ids,
+                &self.positions,
+                self.image_embeds.as_ref(),
+                None,
+                &mut cache,
+            )
+            .expect("prefill");
+        (logits, cache)
+    }
+}
