@@ -15,6 +15,38 @@ use crate::text::TextModel;
 use crate::vision::VisionTransformer;
 use crate::weights::Weights;
 
+/// Patches per vision-tower pass (whole frames; a single larger frame is encoded alone).
+pub const VISION_CHUNK_PATCHES: usize = 16 * 1024;
+
+/// Splits grids into runs of whole frames of at most `max_patches` patches each (a frame
+/// larger than that is a run of its own), preserving order: a video grid `(t, h, w)` may be
+/// cut into `(t1, h, w), (t2, h, w)`.
+pub fn frame_chunks(grids: &[[usize; 3]], max_patches: usize) -> Vec<Vec<[usize; 3]>> {
+    let mut chunks = Vec::new();
+    let mut current: Vec<[usize; 3]> = Vec::new();
+    let mut used = 0;
+    for &[t, h, w] in grids {
+        let frame = h * w;
+        let mut left = t;
+        while left > 0 {
+            let room = max_patches.saturating_sub(used) / frame.max(1);
+            if room == 0 && used > 0 {
+                chunks.push(std::mem::take(&mut current));
+                used = 0;
+                continue;
+            }
+            let take = room.clamp(1, left);
+            current.push([take, h, w]);
+            used += take * frame;
+            left -= take;
+        }
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks
+}
+
 /// Fails with a message saying what a model directory should hold when `dir` is not one.
 pub fn check_model_dir(dir: &Path) -> Result<()> {
     if dir.is_dir() {
@@ -123,7 +155,22 @@ impl Qwen2VL {
 
     /// Runs the vision tower: `pixel_values` row-major `(n_patches, patch_dim)` for `grids`
     /// → `(n_patches / merge², hidden)`.
+    ///
+    /// Frames never attend to each other, so the pack is encoded in chunks of whole frames of
+    /// at most [`VISION_CHUNK_PATCHES`] patches each (one frame may exceed it): a long video's
+    /// activations are bounded by the chunk, not by its length. The result is the same as one
+    /// pass over everything.
     pub fn encode_vision(&self, pixel_values: &[f32], grids: &[[usize; 3]]) -> Result<Tensor> {
+        self.encode_vision_chunked(pixel_values, grids, VISION_CHUNK_PATCHES)
+    }
+
+    /// [`Qwen2VL::encode_vision`] with an explicit chunk size (in patches).
+    pub fn encode_vision_chunked(
+        &self,
+        pixel_values: &[f32],
+        grids: &[[usize; 3]],
+        max_chunk_patches: usize,
+    ) -> Result<Tensor> {
         let dim = self.config.vision.patch_dim();
         if !pixel_values.len().is_multiple_of(dim) {
             return Err(Error::bad_input(
@@ -131,9 +178,33 @@ impl Qwen2VL {
                 format!("a multiple of {dim} (one row per patch)"),
             ));
         }
-        let n = pixel_values.len() / dim;
-        let pv = Tensor::from_slice(pixel_values, (n, dim), &self.device)?.to_dtype(self.dtype)?;
-        self.vision.forward(&pv, grids)
+        let total: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+        if pixel_values.len() / dim != total {
+            return Err(Error::bad_input(
+                format!(
+                    "pixel_values has {} patches but the grids need {total}",
+                    pixel_values.len() / dim
+                ),
+                "one row per patch of every grid",
+            ));
+        }
+        let mut outs = Vec::new();
+        let mut start = 0;
+        for chunk in frame_chunks(grids, max_chunk_patches) {
+            let n: usize = chunk.iter().map(|g| g[0] * g[1] * g[2]).sum();
+            let rows = &pixel_values[start * dim..(start + n) * dim];
+            let pv = Tensor::from_slice(rows, (n, dim), &self.device)?.to_dtype(self.dtype)?;
+            outs.push(self.vision.forward(&pv, &chunk)?);
+            start += n;
+        }
+        match outs.len() {
+            0 => Err(Error::bad_input(
+                "no images or video frames to encode",
+                "at least one grid",
+            )),
+            1 => Ok(outs.pop().expect("one chunk")),
+            _ => Ok(Tensor::cat(&outs, 0)?),
+        }
     }
 
     /// M-RoPE ids of a prompt (see [`rope::mrope_position_ids`]).
@@ -305,5 +376,33 @@ impl Qwen2VL {
         let cos = Tensor::from_vec(cos, (b, t, hd / 2), &self.device)?.to_dtype(self.dtype)?;
         let sin = Tensor::from_vec(sin, (b, t, hd / 2), &self.device)?.to_dtype(self.dtype)?;
         Ok((cos, sin))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::frame_chunks;
+
+    #[test]
+    fn chunks_hold_whole_frames_in_order() {
+        // Two images of 16 and 24 patches, then a video of 5 frames of 8 patches.
+        let grids = [[1, 4, 4], [1, 4, 6], [5, 2, 4]];
+        let chunks = frame_chunks(&grids, 32);
+        assert_eq!(
+            chunks,
+            vec![vec![[1, 4, 4]], vec![[1, 4, 6], [1, 2, 4]], vec![[4, 2, 4]],]
+        );
+        // A frame larger than the limit goes alone; everything fits in one big chunk.
+        assert_eq!(
+            frame_chunks(&[[2, 8, 8]], 10),
+            vec![vec![[1, 8, 8]], vec![[1, 8, 8]]]
+        );
+        assert_eq!(frame_chunks(&grids, 1000), vec![grids.to_vec()]);
+        let flat: usize = frame_chunks(&grids, 17)
+            .iter()
+            .flatten()
+            .map(|g| g[0] * g[1] * g[2])
+            .sum();
+        assert_eq!(flat, 16 + 24 + 40);
     }
 }

@@ -33,3 +33,23 @@ fn vision_embeds_match_reference() {
     }
     assert!(checked >= 3, "only {checked} cases with images");
 }
+
+/// Encoding in chunks of whole frames gives the same rows as one pass.
+#[test]
+fn chunked_encoding_equals_one_pass() {
+    let case = common::Case::load("two_images");
+    let (model, _) = Qwen2VL::load(&case.model_dir(), DType::F32, &Device::Cpu).expect("load");
+    let pv = case.f32s("pixel_values");
+    let grids = case.grids("image_grid_thw");
+    let whole = model
+        .encode_vision_chunked(&pv, &grids, usize::MAX)
+        .expect("one pass");
+    let chunked = model
+        .encode_vision_chunked(&pv, &grids, 1)
+        .expect("one frame per pass");
+    assert_eq!(whole.dims(), chunked.dims());
+    assert_eq!(
+        common::max_abs_diff(&common::flat(&whole), &common::flat(&chunked)),
+        0.0
+    );
+}
