@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use qwen2vl::pipeline::{DTypeChoice, GenerateRequest, Pipeline};
+use qwen2vl::pipeline::{DTypeChoice, GenerateRequest, MediaOptions, Pipeline};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +35,21 @@ struct RunArgs {
     /// An image to show the model (repeatable; images come before the prompt text).
     #[arg(long = "image", value_name = "PATH")]
     images: Vec<PathBuf>,
+    /// A video to show the model (repeatable; videos come after the images).
+    #[arg(long = "video", value_name = "PATH")]
+    videos: Vec<PathBuf>,
+    /// Lower bound on the resized pixel count of every image and video frame.
+    #[arg(long)]
+    min_pixels: Option<u64>,
+    /// Upper bound on the resized pixel count of every image and video frame.
+    #[arg(long)]
+    max_pixels: Option<u64>,
+    /// Video frames sampled per second (default 2).
+    #[arg(long, conflicts_with = "nframes")]
+    fps: Option<f64>,
+    /// Exact number of frames sampled from each video.
+    #[arg(long)]
+    nframes: Option<usize>,
     /// The prompt (or use --prompt).
     #[arg(value_name = "PROMPT")]
     prompt_arg: Option<String>,
@@ -182,10 +197,22 @@ fn run(args: RunArgs) -> Result<(), CliError> {
         sampling.repetition_penalty = r;
     }
     sampling.seed = args.seed;
-    let request = GenerateRequest::from_prompt(args.system.as_deref(), &args.images, &prompt)
-        .with_sampling(sampling)
-        .with_max_new_tokens(args.max_new_tokens)
-        .with_top_logprobs(if args.json { args.top_logprobs } else { 0 });
+    let media = MediaOptions {
+        min_pixels: args.min_pixels,
+        max_pixels: args.max_pixels,
+        fps: args.fps,
+        nframes: args.nframes,
+    };
+    let request = GenerateRequest::from_media(
+        args.system.as_deref(),
+        &args.images,
+        &args.videos,
+        &media,
+        &prompt,
+    )
+    .with_sampling(sampling)
+    .with_max_new_tokens(args.max_new_tokens)
+    .with_top_logprobs(if args.json { args.top_logprobs } else { 0 });
     let stdout = std::io::stdout();
     let json = args.json;
     let gen = pipeline.generate(&request, &mut |piece: &str| {

@@ -277,3 +277,35 @@ fn bad_flags() {
     assert!(!o.status.success());
     assert!(!stderr(&o).contains("panicked"));
 }
+
+#[test]
+fn max_pixels_limits_image_tokens() {
+    let image = fixtures().join("images/photo640.png");
+    let model = tiny();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--model",
+            model.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--max-new-tokens",
+            "1",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        args.push("Describe.");
+        let o = qwen2vl(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["images"][0].clone()
+    };
+    let full = run(&[]);
+    assert_eq!(full["tokens"].as_u64().unwrap(), 391); // 644x476 → 23x17 merged tokens
+    let small = run(&["--max-pixels", "50176"]); // 64 merged tokens at most
+    let tokens = small["tokens"].as_u64().unwrap();
+    assert!(tokens <= 64 && tokens > 0, "{small}");
+    let hw = small["resized_hw"].as_array().unwrap();
+    let pixels = hw[0].as_u64().unwrap() * hw[1].as_u64().unwrap();
+    assert!(pixels <= 50176, "{small}");
+}

@@ -78,14 +78,43 @@ pub struct GenerateRequest {
 impl GenerateRequest {
     /// A conversation of one user turn: the images, then the text; an optional system turn.
     pub fn from_prompt(system: Option<&str>, images: &[PathBuf], prompt: &str) -> Self {
+        Self::from_media(system, images, &[], &MediaOptions::default(), prompt)
+    }
+
+    /// One user turn: the images, then the videos, then the text, each item with the same
+    /// per-item options; an optional system turn.
+    pub fn from_media(
+        system: Option<&str>,
+        images: &[PathBuf],
+        videos: &[PathBuf],
+        opts: &MediaOptions,
+        prompt: &str,
+    ) -> Self {
+        use crate::processing::messages::{ImagePart, VideoPart};
         let mut messages = Vec::new();
         if let Some(s) = system {
             messages.push(Message::system(s));
         }
+        let path = |p: &PathBuf| p.to_string_lossy().into_owned();
         let mut parts: Vec<ContentPart> = images
             .iter()
-            .map(|p| ContentPart::image(p.to_string_lossy().into_owned()))
+            .map(|p| {
+                ContentPart::Image(ImagePart {
+                    min_pixels: opts.min_pixels,
+                    max_pixels: opts.max_pixels,
+                    ..ImagePart::new(path(p))
+                })
+            })
             .collect();
+        parts.extend(videos.iter().map(|p| {
+            ContentPart::Video(VideoPart {
+                min_pixels: opts.min_pixels,
+                max_pixels: opts.max_pixels,
+                fps: opts.fps,
+                nframes: opts.nframes,
+                ..VideoPart::new(path(p))
+            })
+        }));
         parts.push(ContentPart::text(prompt));
         messages.push(Message::parts(
             crate::processing::messages::Role::User,
@@ -123,6 +152,20 @@ impl GenerateRequest {
         self.sampling.top_logprobs = n;
         self
     }
+}
+
+/// Per-item options applied to every image/video of a command-line request (the reference's
+/// per-item keys; `None` keeps the checkpoint's defaults).
+#[derive(Debug, Clone, Default)]
+pub struct MediaOptions {
+    /// Lower bound on resized pixels per image / video frame.
+    pub min_pixels: Option<u64>,
+    /// Upper bound on resized pixels per image / video frame.
+    pub max_pixels: Option<u64>,
+    /// Video frames sampled per second.
+    pub fps: Option<f64>,
+    /// Exact number of video frames.
+    pub nframes: Option<usize>,
 }
 
 /// One alternative token with its log-probability.
