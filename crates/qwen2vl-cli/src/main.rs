@@ -77,7 +77,7 @@ struct RunArgs {
     /// Random seed: the same seed gives the same output.
     #[arg(long)]
     seed: Option<u64>,
-    /// Compute dtype: f32 (default on CPU), f16 or bf16.
+    /// Compute dtype: f32 (default on CPU), f16, bf16 or f64.
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Worker threads (default: all cores).

@@ -30,6 +30,8 @@ pub enum DTypeChoice {
     F16,
     /// bfloat16 (slow on CPU: candle widens it per matmul).
     BF16,
+    /// float64: slow; for checking agreement beyond float32 rounding.
+    F64,
 }
 
 impl DTypeChoice {
@@ -39,6 +41,7 @@ impl DTypeChoice {
             DTypeChoice::F32 => DType::F32,
             DTypeChoice::F16 => DType::F16,
             DTypeChoice::BF16 => DType::BF16,
+            DTypeChoice::F64 => DType::F64,
         }
     }
 }
