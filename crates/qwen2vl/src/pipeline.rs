@@ -53,9 +53,10 @@ impl FromStr for DTypeChoice {
             "f32" | "float32" => Ok(DTypeChoice::F32),
             "f16" | "float16" => Ok(DTypeChoice::F16),
             "bf16" | "bfloat16" => Ok(DTypeChoice::BF16),
+            "f64" | "float64" => Ok(DTypeChoice::F64),
             _ => Err(Error::bad_input(
                 format!("unknown dtype {s:?}"),
-                "f32, f16 or bf16",
+                "f32, f16, bf16 or f64",
             )),
         }
     }
