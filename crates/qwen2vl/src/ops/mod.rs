@@ -2,6 +2,7 @@
 
 pub mod fused;
 pub mod resize;
+pub mod resize_torch;
 
 /// Max |a - b| of two tensors (test helper shared by the kernel tests).
 #[cfg(test)]
