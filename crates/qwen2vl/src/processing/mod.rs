@@ -5,3 +5,4 @@ pub mod messages;
 pub mod processor;
 pub mod template;
 pub mod tokenizer;
+pub mod video;
