@@ -24,6 +24,9 @@ Layout (little-endian, row-major):
   resize_torch.safetensors + resize_torch.json
       src_<k> u8 (h, w, 3), out_<k> u8 (oh, ow, 3), outf_<k> f32 (oh, ow, 3) (before round/cast)
   linspace.json         [[total, n, indices], ...] for torch.linspace(0, total-1, n).round()
+  clip.{webm,mkv,avi,mov,gif} + formats.safetensors
+                        other containers/codecs (80x60, 20 frames): read_video's sampled frames
+                        for nframes=4 (cases.json["formats"])
 """
 
 import json
@@ -73,6 +76,21 @@ def write_clip(path):
         for i in range(FPS * SECONDS):
             f = av.VideoFrame.from_ndarray(synth_frame(i), format="rgb24")
             for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def write_small(path, codec, pix):
+    """80x60, 2 s at 10 fps, through PyAV's encoder `codec`."""
+    with av.open(path, "w") as c:
+        s = c.add_stream(codec, rate=FPS)
+        s.width, s.height, s.pix_fmt = 80, 60, pix
+        if codec == "libvpx":
+            s.options = {"threads": "1", "crf": "20", "b": "200k"}
+        for i in range(2 * FPS):
+            img = np.ascontiguousarray(synth_frame(i)[::2, ::2])
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
@@ -202,6 +220,33 @@ def main():
                 lin.append([total, n, idx])
     with open(os.path.join(OUT, "linspace.json"), "w") as f:
         json.dump(lin, f, separators=(",", ":"))
+    # Other containers/codecs (80x60, 2 s at 10 fps; nframes 4): what read_video decodes.
+    summary["formats"] = []
+    fmt_tensors = {}
+    for fname, codec, pix in [("clip.webm", "libvpx", "yuv420p"), ("clip.mkv", "mpeg4", "yuv420p"),
+                              ("clip.avi", "mpeg4", "yuv420p"), ("clip.mov", "mpeg4", "yuv420p"),
+                              ("clip.gif", "gif", None)]:
+        path = os.path.join(OUT, fname)
+        if codec == "gif":  # animated GIF written by Pillow (100 ms per frame)
+            ims = [Image.fromarray(np.ascontiguousarray(synth_frame(i)[::2, ::2]))
+                   for i in range(2 * FPS)]
+            ims[0].save(path, save_all=True, append_images=ims[1:], duration=100, loop=0)
+        else:
+            write_small(path, codec, pix)
+        ele = {"video": path, "nframes": 4}
+        try:
+            decoded, idx, total, vfps = read_video_frames(dict(ele))
+        except Exception as e:  # noqa: BLE001
+            print(fname, "reference cannot read it:", e, file=sys.stderr)
+            os.remove(path)
+            continue
+        key = fname.replace(".", "_")
+        fmt_tensors[key] = decoded.permute(0, 2, 3, 1).contiguous().numpy()
+        summary["formats"].append({"file": fname, "codec": codec, "nframes": 4,
+                                   "frame_indices": idx, "total_frames": total,
+                                   "video_fps": vfps, "bytes": os.path.getsize(path)})
+        print(fname, total, vfps, idx, file=sys.stderr)
+    save_file(fmt_tensors, os.path.join(OUT, "formats.safetensors"), metadata={"what": "formats"})
     with open(os.path.join(OUT, "cases.json"), "w") as f:
         json.dump(summary, f, indent=1)
 

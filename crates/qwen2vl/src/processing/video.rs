@@ -994,6 +994,59 @@ mod tests {
         }
     }
 
+    /// webm (VP8), mkv / avi / mov (MPEG-4 part 2) and animated GIF (Pillow) against what
+    /// `read_video` decodes for nframes 4: indices exact, sampled RGB frames byte for byte.
+    #[cfg(feature = "video")]
+    #[test]
+    fn other_containers_match_reference() {
+        let cases: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir().join("cases.json")).unwrap())
+                .unwrap();
+        let bytes = std::fs::read(dir().join("formats.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let formats = cases["formats"].as_array().unwrap();
+        assert_eq!(formats.len(), 5);
+        for f in formats {
+            let file = f["file"].as_str().unwrap();
+            let mut part = VideoPart::new(dir().join(file).to_string_lossy().to_string());
+            part.nframes = Some(4);
+            let (frames, idx, fps) = decode_sampled_frames(&dir().join(file), &part).unwrap();
+            let want_idx: Vec<usize> = f["frame_indices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect();
+            assert_eq!(idx, want_idx, "{file}");
+            let want_fps =
+                4.0 / f["total_frames"].as_f64().unwrap() * f["video_fps"].as_f64().unwrap();
+            assert!(
+                (fps - want_fps).abs() < 1e-9,
+                "{file}: fps {fps} vs {want_fps}"
+            );
+            let (_, want) = u8s(&st, &file.replace('.', "_"));
+            let got: Vec<u8> = frames
+                .iter()
+                .flat_map(|f| f.as_raw().iter().copied())
+                .collect();
+            assert_eq!(got.len(), want.len(), "{file}");
+            let diff = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (*a as i32 - *b as i32).abs())
+                .max()
+                .unwrap_or(0);
+            eprintln!(
+                "{file}: decoded bytes differing {diff} of {} (max {worst})",
+                want.len()
+            );
+            assert_eq!(diff, 0, "{file}: decoded frames differ (max {worst})");
+            let v = preprocess_video(&part, &cfg(), None).unwrap();
+            assert_eq!(v.grid_thw[0], 2, "{file}");
+        }
+    }
+
     #[test]
     fn bad_inputs() {
         let cfg = cfg();
