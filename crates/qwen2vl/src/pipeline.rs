@@ -316,6 +316,7 @@ impl Pipeline {
             add_generation_prompt: true,
             add_vision_id: req.add_vision_id,
             base_dir: req.base_dir.clone(),
+            ..Default::default()
         };
         self.processor.process(&req.messages, &opts)
     }

@@ -21,6 +21,7 @@ fn processor_matches_reference() {
             add_generation_prompt: case.json["add_generation_prompt"].as_bool().unwrap_or(true),
             add_vision_id: false,
             base_dir: Some(case.dir.clone()),
+            ..Default::default()
         };
         let inputs = processor.process(&messages, &opts).expect("process");
         assert_eq!(

@@ -1,5 +1,6 @@
 //! Messages → model inputs: image preprocessing, chat template, tokenizer.
 
+pub mod fetch;
 pub mod image;
 pub mod messages;
 pub mod processor;

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use crate::config::{PreprocessorConfig, Qwen2VLConfig};
 use crate::error::{Error, Result};
 use crate::inputs::{ImageInfo, ModelInputs};
-use crate::processing::image::{decode_image, load_image, preprocess_image};
-use crate::processing::messages::{ImagePart, ImageSource, Location, Message};
+use crate::processing::fetch::{fetch, FetchOptions};
+use crate::processing::image::{decode_image, preprocess_image, preprocess_image_with_size};
+use crate::processing::messages::{ImagePart, Message};
 use crate::processing::template::ChatTemplate;
 use crate::processing::tokenizer::Qwen2Tokenizer;
 use crate::rope::{self, VisionTokens};
@@ -21,6 +22,9 @@ pub struct ProcessOptions {
     pub add_vision_id: bool,
     /// Relative image paths are resolved against this directory (default: the current one).
     pub base_dir: Option<PathBuf>,
+    /// How image sources are read: size cap, and whether http(s) URLs are fetched (off by
+    /// default) and with what timeout.
+    pub fetch: FetchOptions,
 }
 
 impl Default for ProcessOptions {
@@ -29,6 +33,7 @@ impl Default for ProcessOptions {
             add_generation_prompt: true,
             add_vision_id: false,
             base_dir: None,
+            fetch: FetchOptions::default(),
         }
     }
 }
@@ -102,9 +107,17 @@ impl Processor {
                 let n = images.len() + 1;
                 let img = self.load(part, opts, n, mi + 1)?;
                 let (h, w) = (img.height() as usize, img.width() as usize);
-                let pre =
-                    preprocess_image(&img, &self.preprocessor, part.min_pixels, part.max_pixels)
-                        .map_err(|e| name_item(e, n, mi + 1))?;
+                let pre = match (part.resized_height, part.resized_width) {
+                    // qwen-vl-utils 0.0.8 `fetch_image`: only both keys together set the size
+                    // (and the item's min/max_pixels are then ignored); one alone is ignored.
+                    (Some(rh), Some(rw)) => {
+                        preprocess_image_with_size(&img, &self.preprocessor, rh, rw)
+                    }
+                    _ => {
+                        preprocess_image(&img, &self.preprocessor, part.min_pixels, part.max_pixels)
+                    }
+                }
+                .map_err(|e| name_item(e, n, mi + 1))?;
                 pixel_values.extend_from_slice(&pre.pixel_values);
                 let [t, gh, gw] = pre.grid_thw;
                 images.push(ImageInfo {
@@ -165,6 +178,9 @@ impl Processor {
         })
     }
 
+    /// Reads and decodes one image (any [`ImageSource`](crate::processing::messages::ImageSource)
+    /// form, see [`fetch`]); errors name the item (`image n (message m): ...`) and the
+    /// path or URL.
     fn load(
         &self,
         part: &ImagePart,
@@ -172,28 +188,18 @@ impl Processor {
         n: usize,
         message: usize,
     ) -> Result<image::RgbImage> {
-        let img = match &part.source {
-            ImageSource::Bytes(b) => decode_image(b),
-            ImageSource::Uri(s) => match Location::parse(s) {
-                Location::Path(p) => {
-                    let p = Path::new(p);
-                    let p = match &opts.base_dir {
-                        Some(base) if p.is_relative() => base.join(p),
-                        _ => p.to_path_buf(),
-                    };
-                    load_image(&p)
-                }
-                Location::Http(_) => Err(Error::bad_input(
-                    "http(s) image URLs are not supported yet",
-                    "local paths and file:// URLs",
-                )),
-                Location::Data { .. } => Err(Error::bad_input(
-                    "data: URIs are not supported yet",
-                    "local paths and file:// URLs",
-                )),
-            },
-        };
-        img.map_err(|e| name_item(e, n, message))
+        let fetched = fetch(&part.source, &opts.fetch, opts.base_dir.as_deref())
+            .map_err(|e| name_item(e, n, message))?;
+        decode_image(&fetched.bytes).map_err(|e| {
+            let e = match e {
+                Error::BadInput { what, allowed } => Error::BadInput {
+                    what: format!("{}: {what}", fetched.origin),
+                    allowed,
+                },
+                other => other,
+            };
+            name_item(e, n, message)
+        })
     }
 }
 

@@ -1,0 +1,480 @@
+//! Image sources → encoded bytes: local paths, `file://` URLs, `data:` URIs, raw bytes and
+//! (when allowed) `http(s)://` URLs, each with a size cap.
+//!
+//! Reference: qwen-vl-utils 0.0.8 `fetch_image`, which opens `http(s)://` URLs with
+//! `requests.get(url, stream=True)`, strips `file://` (7 characters, nothing decoded), decodes
+//! `data:image…;base64,…` with `base64.b64decode` and treats anything else as a path. This
+//! module does the same and a little more, where the reference would fail on input a user
+//! reasonably sends: percent-encoded and non-base64 `data:` URIs (RFC 2397), base64 without
+//! padding or with line breaks, and `file://` URLs with `%20`-style escapes (tried only when the
+//! literal path does not exist). What comes back is handed to
+//! [`decode_image`](crate::processing::image::decode_image).
+//!
+//! Remote fetching is off by default ([`FetchOptions::allow_remote`]): a library that reads
+//! URLs out of untrusted messages must not reach the network unless its user asked for it.
+
+use std::borrow::Cow;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+
+use crate::processing::image::MAX_FILE_BYTES;
+use crate::processing::messages::{ImageSource, Location};
+use crate::{Error, Result};
+
+/// Default timeout of a whole http(s) request (connect, headers and body).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How image sources are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchOptions {
+    /// Fetch `http://` / `https://` URLs. Off by default in the library (a URL in a message is
+    /// then a bad input); the CLI and server turn it on.
+    pub allow_remote: bool,
+    /// Limit on a whole http(s) request, from connecting to the last body byte.
+    pub timeout: Duration,
+    /// Largest encoded image accepted from any source (file, URL, data URI, bytes).
+    pub max_bytes: u64,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            allow_remote: false,
+            timeout: DEFAULT_TIMEOUT,
+            max_bytes: MAX_FILE_BYTES,
+        }
+    }
+}
+
+impl FetchOptions {
+    /// The defaults with remote fetching turned on.
+    pub fn remote() -> Self {
+        FetchOptions {
+            allow_remote: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// Encoded image bytes and a short name of where they came from (for error messages: a path,
+/// a URL, `data: URI (N bytes)` or `image bytes`; never a data URI's payload).
+#[derive(Debug, Clone)]
+pub struct Fetched<'a> {
+    /// The encoded image.
+    pub bytes: Cow<'a, [u8]>,
+    /// Where it came from.
+    pub origin: String,
+}
+
+/// A URL or path shortened for a message.
+fn shorten(s: &str) -> String {
+    const MAX: usize = 200;
+    if s.chars().count() <= MAX {
+        s.to_string()
+    } else {
+        let head: String = s.chars().take(MAX).collect();
+        format!("{head}…")
+    }
+}
+
+fn size_error(what: String, max_bytes: u64) -> Error {
+    Error::bad_input(
+        what,
+        format!(
+            "images of at most {} bytes ({} MiB)",
+            max_bytes,
+            max_bytes >> 20
+        ),
+    )
+}
+
+/// Reads the encoded bytes of an image source. Relative paths (and relative `file://` paths)
+/// are resolved against `base_dir` when given. Errors are [`Error::BadInput`] naming the
+/// path or URL, what was wrong and what is allowed.
+pub fn fetch<'a>(
+    source: &'a ImageSource,
+    opts: &FetchOptions,
+    base_dir: Option<&Path>,
+) -> Result<Fetched<'a>> {
+    match source {
+        ImageSource::Bytes(b) => {
+            if b.len() as u64 > opts.max_bytes {
+                return Err(size_error(
+                    format!("image bytes are {} bytes", b.len()),
+                    opts.max_bytes,
+                ));
+            }
+            Ok(Fetched {
+                bytes: Cow::Borrowed(b),
+                origin: "image bytes".to_string(),
+            })
+        }
+        ImageSource::Uri(s) => fetch_uri(s, opts, base_dir),
+    }
+}
+
+fn fetch_uri<'a>(s: &str, opts: &FetchOptions, base_dir: Option<&Path>) -> Result<Fetched<'a>> {
+    if s.is_empty() {
+        return Err(Error::bad_input(
+            "image source is an empty string",
+            "a path, file:// URL, http(s):// URL or data: URI",
+        ));
+    }
+    match Location::parse(s) {
+        Location::Path(p) => {
+            let is_file_url = s.len() > p.len();
+            let path = resolve(Path::new(p), base_dir);
+            let path = if is_file_url && !path.exists() && p.contains('%') {
+                // file:///tmp/a%20b.png: the reference strips the scheme only; an escaped
+                // path is tried when the literal one does not exist.
+                match percent_decode(p)
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                {
+                    Some(d) if resolve(Path::new(&d), base_dir).exists() => {
+                        resolve(Path::new(&d), base_dir)
+                    }
+                    _ => path,
+                }
+            } else {
+                path
+            };
+            let bytes = read_file(&path, opts.max_bytes)?;
+            Ok(Fetched {
+                bytes: Cow::Owned(bytes),
+                origin: path.display().to_string(),
+            })
+        }
+        Location::Data {
+            base64, payload, ..
+        } => {
+            let bytes = decode_data_payload(base64, payload)?;
+            if bytes.len() as u64 > opts.max_bytes {
+                return Err(size_error(
+                    format!("data: URI holds {} bytes", bytes.len()),
+                    opts.max_bytes,
+                ));
+            }
+            Ok(Fetched {
+                origin: format!("data: URI ({} bytes)", bytes.len()),
+                bytes: Cow::Owned(bytes),
+            })
+        }
+        Location::Http(url) => {
+            if !opts.allow_remote {
+                return Err(Error::bad_input(
+                    format!(
+                        "image URL {} was not fetched: fetching remote images is disabled",
+                        shorten(url)
+                    ),
+                    "local paths, file:// URLs, data: URIs or image bytes \
+                     (remote URLs when FetchOptions::allow_remote is on)",
+                ));
+            }
+            let bytes = http_get(url, opts)?;
+            Ok(Fetched {
+                bytes: Cow::Owned(bytes),
+                origin: shorten(url),
+            })
+        }
+    }
+}
+
+fn resolve(p: &Path, base_dir: Option<&Path>) -> PathBuf {
+    match base_dir {
+        Some(base) if p.is_relative() => base.join(p),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// Reads a whole file of at most `max_bytes`. Errors name the path.
+pub fn read_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
+    let name = path.display();
+    let allowed = "a path to a readable image file";
+    let meta = std::fs::metadata(path).map_err(|e| {
+        let what = if e.kind() == std::io::ErrorKind::NotFound {
+            format!("image file {name} does not exist")
+        } else {
+            format!("image file {name} cannot be read: {e}")
+        };
+        Error::bad_input(what, allowed)
+    })?;
+    if !meta.is_file() {
+        return Err(Error::bad_input(
+            format!("image path {name} is not a file"),
+            allowed,
+        ));
+    }
+    if meta.len() > max_bytes {
+        return Err(size_error(
+            format!("image file {name} is {} bytes", meta.len()),
+            max_bytes,
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max_bytes + 1).read_to_end(&mut bytes))
+        .map_err(|e| Error::bad_input(format!("image file {name} cannot be read: {e}"), allowed))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(size_error(
+            format!("image file {name} grew past {max_bytes} bytes while being read"),
+            max_bytes,
+        ));
+    }
+    Ok(bytes)
+}
+
+const DATA_ALLOWED: &str =
+    "a data: URI with a non-empty payload, e.g. data:image/png;base64,iVBORw0KGgo…";
+
+/// The bytes of a `data:` URI's payload (the text after the first comma): percent-escapes are
+/// decoded first (RFC 2397), then base64 when the URI says `;base64`. Base64 as Python's
+/// `base64.b64decode` reads it, and a little more leniently: ASCII whitespace is skipped and
+/// padding is optional; any other character outside the standard alphabet is an error (Python
+/// would silently drop it).
+pub fn decode_data_payload(base64: bool, payload: &str) -> Result<Vec<u8>> {
+    let raw: Cow<[u8]> = if payload.contains('%') {
+        Cow::Owned(percent_decode(payload)?)
+    } else {
+        Cow::Borrowed(payload.as_bytes())
+    };
+    let bytes = if base64 {
+        let clean: Vec<u8> = raw
+            .iter()
+            .copied()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect();
+        if clean.is_empty() {
+            return Err(Error::bad_input(
+                "data: URI has an empty payload",
+                DATA_ALLOWED,
+            ));
+        }
+        const ENGINE: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+            &base64::alphabet::STANDARD,
+            base64::engine::GeneralPurposeConfig::new()
+                .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent)
+                .with_decode_allow_trailing_bits(true),
+        );
+        ENGINE.decode(&clean).map_err(|e| {
+            Error::bad_input(
+                format!("data: URI payload is not valid base64 ({e})"),
+                "standard base64 (A-Z a-z 0-9 + /, optional = padding) after \";base64,\"",
+            )
+        })?
+    } else {
+        raw.into_owned()
+    };
+    if bytes.is_empty() {
+        return Err(Error::bad_input(
+            "data: URI has an empty payload",
+            DATA_ALLOWED,
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Decodes `%XX` escapes; a `%` not followed by two hex digits is an error.
+fn percent_decode(s: &str) -> Result<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = |c: u8| (c as char).to_digit(16);
+            match (
+                b.get(i + 1).and_then(|&c| hex(c)),
+                b.get(i + 2).and_then(|&c| hex(c)),
+            ) {
+                (Some(hi), Some(lo)) => {
+                    out.push((hi * 16 + lo) as u8);
+                    i += 3;
+                }
+                _ => {
+                    return Err(Error::bad_input(
+                        format!("a percent-escape at byte {i} is not %XX with two hex digits"),
+                        "percent-escapes of the form %XX",
+                    ))
+                }
+            }
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// GET an http(s) URL (redirects followed) and return its body, refusing bodies over
+/// `opts.max_bytes` (from `Content-Length` before reading, or while reading) and requests that
+/// take longer than `opts.timeout`. Does not look at [`FetchOptions::allow_remote`].
+pub fn http_get(url: &str, opts: &FetchOptions) -> Result<Vec<u8>> {
+    let name = shorten(url);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(opts.timeout))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let secs = opts.timeout.as_secs_f64();
+    let fail = |e: ureq::Error| -> Error {
+        match e {
+            ureq::Error::Timeout(_) => Error::bad_input(
+                format!("image URL {name} timed out after {secs} s"),
+                format!("a URL that answers within {secs} s"),
+            ),
+            ureq::Error::BodyExceedsLimit(_) => size_error(
+                format!("image URL {name} sent more than {} bytes", opts.max_bytes),
+                opts.max_bytes,
+            ),
+            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => Error::bad_input(
+                format!("image URL {name} timed out after {secs} s"),
+                format!("a URL that answers within {secs} s"),
+            ),
+            other => Error::bad_input(
+                format!("image URL {name} could not be fetched: {other}"),
+                "a reachable http(s) URL of an image",
+            ),
+        }
+    };
+    let mut resp = agent.get(url).call().map_err(fail)?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(Error::bad_input(
+            format!("image URL {name} answered HTTP {status}"),
+            "a URL that answers 200 with an image",
+        ));
+    }
+    if let Some(len) = resp.body().content_length() {
+        if len > opts.max_bytes {
+            return Err(size_error(
+                format!("image URL {name} is {len} bytes (Content-Length)"),
+                opts.max_bytes,
+            ));
+        }
+    }
+    let bytes = resp
+        .body_mut()
+        .with_config()
+        .limit(opts.max_bytes)
+        .read_to_vec()
+        .map_err(fail)?;
+    if bytes.is_empty() {
+        return Err(Error::bad_input(
+            format!("image URL {name} sent an empty body"),
+            "a URL that answers with an image",
+        ));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bad<T: std::fmt::Debug>(r: Result<T>) -> (String, String) {
+        match r {
+            Err(Error::BadInput { what, allowed }) => (what, allowed),
+            other => panic!("expected BadInput, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn data_payloads() {
+        assert_eq!(decode_data_payload(true, "aGVsbG8=").unwrap(), b"hello");
+        // No padding, line breaks, percent-escaped '+' '/' '='.
+        assert_eq!(decode_data_payload(true, "aGVsbG8").unwrap(), b"hello");
+        assert_eq!(decode_data_payload(true, "aGVs\r\nbG8=").unwrap(), b"hello");
+        assert_eq!(decode_data_payload(true, "Pz8%2F").unwrap(), b"???");
+        assert_eq!(decode_data_payload(true, "aGVsbG8%3D").unwrap(), b"hello");
+        // Not base64: percent-decoded bytes.
+        assert_eq!(decode_data_payload(false, "a%00b%FF").unwrap(), b"a\0b\xff");
+        let (what, allowed) = bad(decode_data_payload(true, "not*base64!"));
+        assert!(what.contains("not valid base64"), "{what}");
+        assert!(allowed.contains("base64"), "{allowed}");
+        let (what, _) = bad(decode_data_payload(true, ""));
+        assert!(what.contains("empty payload"), "{what}");
+        assert!(bad(decode_data_payload(true, " \n ")).0.contains("empty"));
+        assert!(bad(decode_data_payload(false, "")).0.contains("empty"));
+        assert!(bad(decode_data_payload(false, "%zz")).0.contains("percent"));
+    }
+
+    #[test]
+    fn sources() {
+        let o = FetchOptions::default();
+        let b = ImageSource::Bytes(vec![1, 2, 3]);
+        assert_eq!(&*fetch(&b, &o, None).unwrap().bytes, &[1, 2, 3]);
+        let small = FetchOptions {
+            max_bytes: 2,
+            ..Default::default()
+        };
+        assert!(bad(fetch(&b, &small, None)).0.contains("3 bytes"));
+        let d = ImageSource::Uri("data:image/png;base64,aGVsbG8=".into());
+        let f = fetch(&d, &o, None).unwrap();
+        assert_eq!(&*f.bytes, b"hello");
+        assert_eq!(f.origin, "data: URI (5 bytes)");
+        let (what, _) = bad(fetch(
+            &ImageSource::Uri("data:image/png;base64,".into()),
+            &o,
+            None,
+        ));
+        assert!(what.contains("empty payload"), "{what}");
+        let (what, allowed) = bad(fetch(
+            &ImageSource::Uri("https://example.com/cat.png".into()),
+            &o,
+            None,
+        ));
+        assert!(what.contains("https://example.com/cat.png"), "{what}");
+        assert!(what.contains("disabled"), "{what}");
+        assert!(allowed.contains("allow_remote"), "{allowed}");
+        let (what, _) = bad(fetch(&ImageSource::Uri(String::new()), &o, None));
+        assert!(what.contains("empty"), "{what}");
+    }
+
+    #[test]
+    fn paths_and_file_urls() {
+        let dir = std::env::temp_dir().join(format!("qwen2vl-fetch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a b.bin"), b"xyz").unwrap();
+        let o = FetchOptions::default();
+        let abs = dir.join("a b.bin").display().to_string();
+        for s in [
+            abs.clone(),
+            format!("file://{abs}"),
+            format!("file://{}", abs.replace(' ', "%20")),
+        ] {
+            let src = ImageSource::Uri(s.clone());
+            let f = fetch(&src, &o, None).unwrap();
+            assert_eq!(&*f.bytes, b"xyz", "{s}");
+        }
+        // Relative to base_dir, with and without file://.
+        for s in ["a b.bin", "file://a b.bin"] {
+            let src = ImageSource::Uri(s.into());
+            let f = fetch(&src, &o, Some(&dir)).unwrap();
+            assert_eq!(&*f.bytes, b"xyz", "{s}");
+        }
+        let (what, _) = bad(fetch(
+            &ImageSource::Uri("file:///nonexistent/q/pic.png".into()),
+            &o,
+            None,
+        ));
+        assert!(what.contains("/nonexistent/q/pic.png"), "{what}");
+        assert!(what.contains("does not exist"), "{what}");
+        let (what, _) = bad(fetch(
+            &ImageSource::Uri(dir.display().to_string()),
+            &o,
+            None,
+        ));
+        assert!(what.contains("not a file"), "{what}");
+        let tiny = FetchOptions {
+            max_bytes: 2,
+            ..Default::default()
+        };
+        let (what, allowed) = bad(fetch(&ImageSource::Uri(abs), &tiny, None));
+        assert!(what.contains("3 bytes"), "{what}");
+        assert!(allowed.contains("at most 2 bytes"), "{allowed}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
