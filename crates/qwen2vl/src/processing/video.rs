@@ -292,7 +292,7 @@ pub fn preprocess_video(
             (frames, idx, part.fps.unwrap_or(FPS))
         }
     };
-    let (pixel_values, grid_thw, resized_hw) = process_frames(&frames, cfg)?;
+    let (pixel_values, grid_thw, resized_hw) = process_frames(frames, cfg)?;
     Ok(PreprocessedVideo {
         pixel_values,
         grid_thw,
@@ -367,7 +367,7 @@ fn pillow_resize(img: &RgbImage, h: usize, w: usize) -> Result<RgbImage> {
 type Processed = (Vec<f32>, [usize; 3], (usize, usize));
 
 /// `Qwen2VLImageProcessor._preprocess` on the fetched frames (see the module docs).
-fn process_frames(frames: &[RgbImage], cfg: &PreprocessorConfig) -> Result<Processed> {
+fn process_frames(frames: Vec<RgbImage>, cfg: &PreprocessorConfig) -> Result<Processed> {
     let first = frames
         .first()
         .ok_or_else(|| Error::bad_input("video has no frames", "at least one frame"))?;
@@ -375,22 +375,38 @@ fn process_frames(frames: &[RgbImage], cfg: &PreprocessorConfig) -> Result<Proce
     if cfg.do_resize {
         (h, w) = smart_resize_transformers(h, w, cfg.factor(), cfg.min_pixels, cfg.max_pixels)?;
     }
-    let mut planes = Vec::with_capacity(frames.len());
-    for f in frames {
-        let f = pillow_resize(f, h, w)?;
-        planes.push(rescale_normalize(&f, cfg));
+    // One temporal patch at a time: the rows of the whole video are those of its temporal
+    // patches in order (grid_t is the outermost axis of patchify's layout), so only one
+    // chunk of f32 planes exists at once beside the output. A short last chunk is padded by
+    // patchify with its last frame, as the reference pads the whole stack.
+    let tps = cfg.temporal_patch_size.max(1);
+    let n = frames.len();
+    let mut pixel_values = Vec::new();
+    let mut grid = [0usize; 3];
+    let mut frames = frames.into_iter();
+    for _ in 0..n.div_ceil(tps) {
+        let mut planes = Vec::with_capacity(tps);
+        for f in frames.by_ref().take(tps) {
+            let f = pillow_resize(&f, h, w)?;
+            planes.push(rescale_normalize(&f, cfg));
+        }
+        let refs: Vec<&[f32]> = planes.iter().map(|p| p.as_slice()).collect();
+        let (pv, g) = patchify(
+            &refs,
+            3,
+            h,
+            w,
+            cfg.temporal_patch_size,
+            cfg.patch_size,
+            cfg.merge_size,
+        )?;
+        if pixel_values.is_empty() {
+            pixel_values.reserve_exact(pv.len() * n.div_ceil(tps));
+        }
+        pixel_values.extend_from_slice(&pv);
+        grid = [grid[0] + g[0], g[1], g[2]];
     }
-    let refs: Vec<&[f32]> = planes.iter().map(|p| p.as_slice()).collect();
-    let (pv, grid) = patchify(
-        &refs,
-        3,
-        h,
-        w,
-        cfg.temporal_patch_size,
-        cfg.patch_size,
-        cfg.merge_size,
-    )?;
-    Ok((pv, grid, (h, w)))
+    Ok((pixel_values, grid, (h, w)))
 }
 
 /// The sampled, resized frames of a video file.
@@ -1045,6 +1061,41 @@ mod tests {
             let v = preprocess_video(&part, &cfg(), None).unwrap();
             assert_eq!(v.grid_thw[0], 2, "{file}");
         }
+    }
+
+    /// Peak memory and time of preprocessing a long video at the default settings (env
+    /// `QWEN2VL_LONG_VIDEO=path`; e.g. a 10-minute clip). Prints VmHWM before and after.
+    #[cfg(feature = "video")]
+    #[test]
+    #[ignore]
+    fn long_video_external() {
+        let Ok(path) = std::env::var("QWEN2VL_LONG_VIDEO") else {
+            eprintln!("set QWEN2VL_LONG_VIDEO to a video file");
+            return;
+        };
+        let hwm = || {
+            std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("VmHWM"))
+                        .map(|l| l.to_string())
+                })
+                .unwrap_or_default()
+        };
+        eprintln!("before: {}", hwm());
+        let t = std::time::Instant::now();
+        let v = preprocess_video(&VideoPart::new(path), &cfg(), None).unwrap();
+        eprintln!(
+            "{} frames sampled, grid {:?}, {}x{} per frame, pixel_values {} MiB, {:.1} s; after: {}",
+            v.frame_indices.len(),
+            v.grid_thw,
+            v.resized_hw.1,
+            v.resized_hw.0,
+            (v.pixel_values.len() * 4) >> 20,
+            t.elapsed().as_secs_f64(),
+            hwm()
+        );
     }
 
     #[test]
