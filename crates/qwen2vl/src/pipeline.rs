@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::generation::detok::IncrementalDecoder;
 use crate::generation::sampler::{Sampler, SamplingParams};
 use crate::generation::stop::StopCriteria;
-use crate::inputs::{ImageInfo, ModelInputs};
+use crate::inputs::{ImageInfo, ModelInputs, VideoInfo};
 use crate::model::Qwen2VL;
 use crate::processing::messages::{ContentPart, Message};
 use crate::processing::processor::{ProcessOptions, Processor};
@@ -232,6 +232,8 @@ pub struct Generation {
     pub timings: Timings,
     /// Each image's sizes, grid and token count.
     pub images: Vec<ImageInfo>,
+    /// Each video's sampled frames, size, grid and token count.
+    pub videos: Vec<VideoInfo>,
 }
 
 /// A loaded model with its processor and generation defaults.
@@ -357,6 +359,14 @@ impl Pipeline {
                     .encode_vision(&inputs.pixel_values, &inputs.image_grid_thw)?,
             )
         };
+        let video_embeds = if inputs.videos.is_empty() {
+            None
+        } else {
+            Some(
+                self.model
+                    .encode_vision(&inputs.pixel_values_videos, &inputs.video_grid_thw)?,
+            )
+        };
         let vision_ms = ms(t);
 
         let t = Instant::now();
@@ -365,11 +375,11 @@ impl Pipeline {
             &inputs.input_ids,
             &inputs.positions,
             image_embeds.as_ref(),
-            None,
+            video_embeds.as_ref(),
             &mut cache,
         )?;
         let prefill_ms = ms(t);
-        drop(image_embeds);
+        drop((image_embeds, video_embeds));
 
         let tokenizer = self.processor.tokenizer();
         let mut sampler = Sampler::new(req.sampling.clone())?;
@@ -434,14 +444,15 @@ impl Pipeline {
         let decode_ms = ms(decode_start);
         let steps = token_ids.len().saturating_sub(1);
         let image_tokens = inputs.image_tokens();
+        let video_tokens = inputs.video_tokens();
         Ok(Generation {
             text,
             finish_reason: finish.as_openai_str().to_string(),
             usage: Usage {
                 prompt_tokens: n,
-                prompt_text_tokens: n - image_tokens,
+                prompt_text_tokens: n - image_tokens - video_tokens,
                 prompt_image_tokens: image_tokens,
-                prompt_video_tokens: 0,
+                prompt_video_tokens: video_tokens,
                 completion_tokens: token_ids.len(),
                 total_tokens: n + token_ids.len(),
             },
@@ -460,6 +471,7 @@ impl Pipeline {
             token_ids,
             logprobs,
             images: inputs.images,
+            videos: inputs.videos,
         })
     }
 }

@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{PreprocessorConfig, Qwen2VLConfig};
 use crate::error::{Error, Result};
-use crate::inputs::{ImageInfo, ModelInputs};
+use crate::inputs::{ImageInfo, ModelInputs, VideoInfo};
 use crate::processing::fetch::{fetch, FetchOptions};
 use crate::processing::image::{decode_image, preprocess_image, preprocess_image_with_size};
 use crate::processing::messages::{ImagePart, Message};
 use crate::processing::template::ChatTemplate;
 use crate::processing::tokenizer::Qwen2Tokenizer;
+use crate::processing::video::preprocess_video;
 use crate::rope::{self, VisionTokens};
 
 /// Options of one prompt.
@@ -102,6 +103,8 @@ impl Processor {
         }
         let mut pixel_values = Vec::new();
         let mut images = Vec::new();
+        let mut pixel_values_videos = Vec::new();
+        let mut videos = Vec::new();
         for (mi, m) in messages.iter().enumerate() {
             for part in m.images() {
                 let n = images.len() + 1;
@@ -127,53 +130,82 @@ impl Processor {
                     tokens: t * gh * gw / (self.merge * self.merge),
                 });
             }
-            if m.videos().next().is_some() {
-                return Err(Error::bad_input(
-                    format!("message {} has a video", mi + 1),
-                    "images and text (video input is not supported yet)",
-                ));
+            for part in m.videos() {
+                let n = videos.len() + 1;
+                let pre = preprocess_video(part, &self.preprocessor, opts.base_dir.as_deref())
+                    .map_err(|e| name_media(e, "video", n, mi + 1))?;
+                pixel_values_videos.extend_from_slice(&pre.pixel_values);
+                let [t, gh, gw] = pre.grid_thw;
+                videos.push(VideoInfo {
+                    frames: pre.frame_indices.len(),
+                    frame_indices: pre.frame_indices,
+                    fps: pre.fps,
+                    resized_hw: pre.resized_hw,
+                    grid_thw: pre.grid_thw,
+                    tokens: t * gh * gw / (self.merge * self.merge),
+                });
             }
         }
         let rendered =
             self.template
                 .render(messages, opts.add_generation_prompt, opts.add_vision_id)?;
         let ids = self.tokenizer.encode_prompt(&rendered)?;
-        // Each `<|image_pad|>` the template wrote becomes one pad per merged vision token.
-        let mut input_ids =
-            Vec::with_capacity(ids.len() + images.iter().map(|i| i.tokens).sum::<usize>());
-        let mut next = 0;
+        // Each `<|image_pad|>` / `<|video_pad|>` the template wrote becomes one pad per merged
+        // vision token of its item.
+        let image_tokens: Vec<usize> = images.iter().map(|i| i.tokens).collect();
+        let video_tokens: Vec<usize> = videos.iter().map(|v| v.tokens).collect();
+        let mut input_ids = Vec::with_capacity(
+            ids.len() + image_tokens.iter().sum::<usize>() + video_tokens.iter().sum::<usize>(),
+        );
+        let (mut next_image, mut next_video) = (0, 0);
         for id in ids {
-            if id == self.tokens.image_pad {
-                let info = images.get(next).ok_or_else(|| {
-                    Error::bad_input(
-                        "the chat template wrote more image placeholders than there are images",
-                        "one placeholder per image",
-                    )
-                })?;
-                input_ids.extend(std::iter::repeat_n(id, info.tokens));
-                next += 1;
+            let (counts, next, kind) = if id == self.tokens.image_pad {
+                (&image_tokens, &mut next_image, "image")
+            } else if id == self.tokens.video_pad {
+                (&video_tokens, &mut next_video, "video")
             } else {
                 input_ids.push(id);
-            }
+                continue;
+            };
+            let tokens = counts.get(*next).ok_or_else(|| {
+                Error::bad_input(
+                    format!(
+                        "the chat template wrote more {kind} placeholders than there are {kind}s"
+                    ),
+                    format!("one placeholder per {kind}"),
+                )
+            })?;
+            input_ids.extend(std::iter::repeat_n(id, *tokens));
+            *next += 1;
         }
-        if next != images.len() {
+        if next_image != images.len() || next_video != videos.len() {
             return Err(Error::bad_input(
                 format!(
-                    "{} images were given but the chat template placed {next}",
-                    images.len()
+                    "{} images and {} videos were given but the chat template placed {next_image} and {next_video}",
+                    images.len(),
+                    videos.len()
                 ),
-                "a chat template that places every image",
+                "a chat template that places every image and video",
             ));
         }
         let image_grid_thw: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
-        let positions =
-            rope::mrope_position_ids(&input_ids, self.tokens, &image_grid_thw, &[], self.merge)?;
+        let video_grid_thw: Vec<[usize; 3]> = videos.iter().map(|v| v.grid_thw).collect();
+        let positions = rope::mrope_position_ids(
+            &input_ids,
+            self.tokens,
+            &image_grid_thw,
+            &video_grid_thw,
+            self.merge,
+        )?;
         Ok(ModelInputs {
             prompt: rendered.text,
             input_ids,
             pixel_values,
             image_grid_thw,
             images,
+            pixel_values_videos,
+            video_grid_thw,
+            videos,
             positions,
         })
     }
@@ -205,9 +237,14 @@ impl Processor {
 
 /// Prefixes a bad-input error with the image it concerns.
 fn name_item(e: Error, image: usize, message: usize) -> Error {
+    name_media(e, "image", image, message)
+}
+
+/// Prefixes a bad-input error with the item it concerns ("video 2 (message 3): ...").
+fn name_media(e: Error, kind: &str, n: usize, message: usize) -> Error {
     match e {
         Error::BadInput { what, allowed } => Error::BadInput {
-            what: format!("image {image} (message {message}): {what}"),
+            what: format!("{kind} {n} (message {message}): {what}"),
             allowed,
         },
         other => other,
