@@ -284,6 +284,10 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
             "a width and height of at least 1 pixel",
         ));
     }
+    #[cfg(feature = "libjpeg")]
+    if format == ImageFormat::Jpeg {
+        return libjpeg::decode(bytes);
+    }
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_DECODE_SIDE);
     limits.max_image_height = Some(MAX_DECODE_SIDE);
@@ -292,6 +296,118 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     reader.limits(limits);
     let img = reader.decode().map_err(corrupt)?;
     Ok(to_rgb_like_pillow(img))
+}
+
+/// JPEG through the system libjpeg-turbo (`csrc/jpeg_shim.c`), as Pillow 13 decodes it:
+/// `JDCT_ISLOW`, fancy upsampling, a premature end of data is an error. 4-component files are
+/// CMYK as Pillow reads them (`CMYK;I`: Adobe polarity, always inverted), then Pillow's
+/// `cmyk2rgb`. Bit-exact with Pillow 13.0 (libjpeg-turbo 3.x) on 4:2:0, 4:2:2, 4:4:4,
+/// progressive, grayscale and CMYK files when linked against Debian's libjpeg-turbo 2.1.5.
+#[cfg(feature = "libjpeg")]
+mod libjpeg {
+    use super::{too_large, MAX_DECODE_PIXELS, MAX_DECODE_SIDE};
+    use crate::{Error, Result};
+    use image::RgbImage;
+    use std::os::raw::{c_char, c_int, c_uint};
+
+    extern "C" {
+        fn qwen2vl_jpeg_header(
+            data: *const u8,
+            len: usize,
+            width: *mut c_uint,
+            height: *mut c_uint,
+            components: *mut c_int,
+            msg: *mut c_char,
+            msg_len: usize,
+        ) -> c_int;
+        fn qwen2vl_jpeg_decode(
+            data: *const u8,
+            len: usize,
+            out: *mut u8,
+            out_len: usize,
+            msg: *mut c_char,
+            msg_len: usize,
+        ) -> c_int;
+    }
+
+    fn corrupt(msg: &[u8]) -> Error {
+        let end = msg.iter().position(|&b| b == 0).unwrap_or(msg.len());
+        Error::bad_input(
+            format!(
+                "Jpeg image is corrupt or truncated: {}",
+                String::from_utf8_lossy(&msg[..end])
+            ),
+            format!("a complete image file in one of: {}", super::SUPPORTED),
+        )
+    }
+
+    /// Pillow's `MULDIV255`.
+    fn muldiv255(a: u32, b: u32) -> u32 {
+        let t = a * b + 128;
+        (t + (t >> 8)) >> 8
+    }
+
+    pub(super) fn decode(bytes: &[u8]) -> Result<RgbImage> {
+        let mut msg = [0u8; 256];
+        let (mut w, mut h, mut comps) = (0 as c_uint, 0 as c_uint, 0 as c_int);
+        // SAFETY: the shim reads `bytes` within `len`, writes the three outputs and at most
+        // `msg.len()` bytes of message; libjpeg errors longjmp inside the C file only.
+        let rc = unsafe {
+            qwen2vl_jpeg_header(
+                bytes.as_ptr(),
+                bytes.len(),
+                &mut w,
+                &mut h,
+                &mut comps,
+                msg.as_mut_ptr().cast(),
+                msg.len(),
+            )
+        };
+        if rc != 0 {
+            return Err(corrupt(&msg));
+        }
+        if w > MAX_DECODE_SIDE || h > MAX_DECODE_SIDE || w as u64 * h as u64 > MAX_DECODE_PIXELS {
+            return Err(too_large(w, h));
+        }
+        if w == 0 || h == 0 {
+            return Err(Error::bad_input(
+                format!("image is {w}x{h} pixels"),
+                "a width and height of at least 1 pixel",
+            ));
+        }
+        let n = w as usize * h as usize;
+        let mut px = vec![0u8; n * comps as usize];
+        // SAFETY: `px` holds exactly `out_len` bytes; see above.
+        let rc = unsafe {
+            qwen2vl_jpeg_decode(
+                bytes.as_ptr(),
+                bytes.len(),
+                px.as_mut_ptr(),
+                px.len(),
+                msg.as_mut_ptr().cast(),
+                msg.len(),
+            )
+        };
+        if rc != 0 {
+            return Err(corrupt(&msg));
+        }
+        let rgb = match comps {
+            3 => px,
+            1 => px.iter().flat_map(|&g| [g, g, g]).collect(),
+            _ => px
+                .chunks_exact(4)
+                .flat_map(|p| {
+                    // Pillow reads "CMYK;I" (inverted), then cmyk2rgb:
+                    // out = CLIP8(nk - MULDIV255(c, nk)), nk = 255 - k.
+                    let [c, m, y, k] =
+                        [255 - p[0], 255 - p[1], 255 - p[2], 255 - p[3]].map(u32::from);
+                    let nk = 255 - k;
+                    [c, m, y].map(|v| nk.saturating_sub(muldiv255(v, nk)).min(255) as u8)
+                })
+                .collect(),
+        };
+        Ok(RgbImage::from_raw(w, h, rgb).expect("w * h * 3 bytes"))
+    }
 }
 
 /// `Image.convert("RGB")` on what Pillow would have opened (see [`decode_image`]).
@@ -822,6 +938,29 @@ mod tests {
     }
 
     #[test]
+    fn jpeg_truncated_or_corrupt_is_bad_input() {
+        let img = RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 90]));
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, ImageFormat::Jpeg).unwrap();
+        let jpg = out.into_inner();
+        let ok = decode_image(&jpg).unwrap();
+        assert_eq!(ok.dimensions(), (64, 48));
+        // Pillow refuses a truncated JPEG ("image file is truncated"); libjpeg alone would
+        // pad it with gray, the shim makes that an error.
+        #[cfg(feature = "libjpeg")]
+        {
+            let (what, allowed) = bad(decode_image(&jpg[..jpg.len() / 2]));
+            assert!(what.contains("corrupt or truncated"), "{what}");
+            assert!(allowed.contains("jpeg"), "{allowed}");
+        }
+        // Only the SOI marker, and a header with junk after it.
+        assert!(is_bad_input(&decode_image(&jpg[..2])));
+        let mut junk = jpg[..20].to_vec();
+        junk.extend_from_slice(&[0x42; 100]);
+        assert!(is_bad_input(&decode_image(&junk)));
+    }
+
+    #[test]
     fn load_image_missing_file_names_the_path() {
         let p = Path::new("/nonexistent/dir/picture.png");
         let (what, _) = bad(load_image(p));
@@ -947,7 +1086,9 @@ mod tests {
                 e["mode"].as_str().unwrap(),
                 differ * 100.0
             );
-            let lossy = name.ends_with(".jpg") || name.starts_with("lossy");
+            // With the `libjpeg` feature JPEGs must be exact too.
+            let lossy =
+                (name.ends_with(".jpg") && !cfg!(feature = "libjpeg")) || name.starts_with("lossy");
             if !lossy && max != 0 {
                 failures.push(name.to_string());
             }
