@@ -309,3 +309,58 @@ fn max_pixels_limits_image_tokens() {
     let pixels = hw[0].as_u64().unwrap() * hw[1].as_u64().unwrap();
     assert!(pixels <= 50176, "{small}");
 }
+
+#[test]
+fn video_with_fps_and_nframes() {
+    let clip = fixtures().join("video/clip.mp4");
+    let model = tiny();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--model",
+            model.to_str().unwrap(),
+            "--video",
+            clip.to_str().unwrap(),
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        args.push("What happens?");
+        let o = qwen2vl(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    // clip.mp4: 3 s at 10 fps → 2 fps samples 6 frames = 3 temporal patches.
+    let v = run(&[]);
+    let video = &v["videos"][0];
+    assert_eq!(video["frames"], 6);
+    assert_eq!(video["grid_thw"][0], 3);
+    let tokens = video["tokens"].as_u64().unwrap();
+    assert_eq!(v["usage"]["prompt_video_tokens"].as_u64().unwrap(), tokens);
+    let g = &video["grid_thw"];
+    assert_eq!(
+        tokens,
+        g[0].as_u64().unwrap() * g[1].as_u64().unwrap() * g[2].as_u64().unwrap() / 4
+    );
+    let v = run(&["--nframes", "4"]);
+    assert_eq!(v["videos"][0]["frames"], 4);
+    assert_eq!(v["videos"][0]["grid_thw"][0], 2);
+}
+
+#[test]
+fn bad_video() {
+    let d = scratch("badvideo");
+    let bad = d.join("broken.mp4");
+    std::fs::write(&bad, b"not a video at all").unwrap();
+    let o = qwen2vl(&[
+        "run",
+        "--model",
+        tiny().to_str().unwrap(),
+        "--video",
+        bad.to_str().unwrap(),
+        "hi",
+    ]);
+    assert_clean_failure(&o, &["video 1"]);
+    assert_eq!(o.status.code(), Some(2));
+}
