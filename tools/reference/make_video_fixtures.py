@@ -96,6 +96,41 @@ def write_small(path, codec, pix):
             c.mux(p)
 
 
+def write_resize_torch(out_dir, n_random, seed, max_in=90, max_out=120, fixed=True):
+    """torch's antialiased bicubic resize (torchvision F.resize on uint8 → float32 kernel):
+    resize_torch.safetensors + resize_torch.json in out_dir."""
+    rng = np.random.default_rng(seed)
+    sizes = [] if not fixed else [((120, 160), (280, 392)), ((120, 160), (84, 112)), ((50, 37), (23, 61)),
+             ((64, 64), (64, 28)), ((31, 45), (31, 90)), ((200, 150), (56, 56)),
+             ((17, 300), (28, 560)), ((1, 9), (5, 3)), ((90, 90), (30, 30)),
+             ((45, 80), (112, 196)), ((100, 7), (33, 7))]
+    for _ in range(n_random):
+        ih, iw = rng.integers(1, max_in, size=2)
+        oh, ow = rng.integers(1, max_out, size=2)
+        sizes.append(((int(ih), int(iw)), (int(oh), int(ow))))
+    rt, meta = {}, []
+    for k, ((ih, iw), (oh, ow)) in enumerate(sizes):
+        if k % 3 == 0:
+            src = rng.integers(0, 256, size=(ih, iw, 3), dtype=np.uint8)
+        else:  # smooth + edges: overshoot and clipping
+            yy, xx = np.mgrid[0:ih, 0:iw]
+            src = np.stack([(xx * 255 // max(iw - 1, 1)), (yy * 255 // max(ih - 1, 1)),
+                            ((xx // 3 + yy // 2) % 2) * 255], -1).astype(np.uint8)
+        t = torch.from_numpy(src).permute(2, 0, 1)[None]
+        out = transforms.functional.resize(t, [oh, ow], interpolation=InterpolationMode.BICUBIC,
+                                           antialias=True)
+        outf = torch.nn.functional.interpolate(t.float(), size=[oh, ow], mode="bicubic",
+                                               align_corners=False, antialias=True)
+        rt[f"src_{k}"] = src
+        rt[f"out_{k}"] = out[0].permute(1, 2, 0).contiguous().numpy()
+        rt[f"outf_{k}"] = outf[0].permute(1, 2, 0).contiguous().numpy()
+        meta.append({"k": k, "in_hw": [ih, iw], "out_hw": [oh, ow]})
+    save_file(rt, os.path.join(out_dir, "resize_torch.safetensors"), metadata={"what": "resize_torch"})
+    with open(os.path.join(out_dir, "resize_torch.json"), "w") as f:
+        json.dump(meta, f)
+
+
+
 def read_video_frames(ele):
     """What qwen-vl-utils' _read_video_torchvision sampled (before resizing), and its numbers."""
     from torchvision import io
@@ -178,36 +213,7 @@ def main():
         summary["cases"].append(entry)
         print(name, entry["grid_thw"], entry.get("frame_indices"), file=sys.stderr)
 
-    # torch's antialiased bicubic resize (torchvision F.resize on uint8 → float32 kernel).
-    rng = np.random.default_rng(1234)
-    sizes = [((120, 160), (280, 392)), ((120, 160), (84, 112)), ((50, 37), (23, 61)),
-             ((64, 64), (64, 28)), ((31, 45), (31, 90)), ((200, 150), (56, 56)),
-             ((17, 300), (28, 560)), ((1, 9), (5, 3)), ((90, 90), (30, 30)),
-             ((45, 80), (112, 196)), ((100, 7), (33, 7))]
-    for _ in range(10):
-        ih, iw = rng.integers(1, 90, size=2)
-        oh, ow = rng.integers(1, 120, size=2)
-        sizes.append(((int(ih), int(iw)), (int(oh), int(ow))))
-    rt, meta = {}, []
-    for k, ((ih, iw), (oh, ow)) in enumerate(sizes):
-        if k % 3 == 0:
-            src = rng.integers(0, 256, size=(ih, iw, 3), dtype=np.uint8)
-        else:  # smooth + edges: overshoot and clipping
-            yy, xx = np.mgrid[0:ih, 0:iw]
-            src = np.stack([(xx * 255 // max(iw - 1, 1)), (yy * 255 // max(ih - 1, 1)),
-                            ((xx // 3 + yy // 2) % 2) * 255], -1).astype(np.uint8)
-        t = torch.from_numpy(src).permute(2, 0, 1)[None]
-        out = transforms.functional.resize(t, [oh, ow], interpolation=InterpolationMode.BICUBIC,
-                                           antialias=True)
-        outf = torch.nn.functional.interpolate(t.float(), size=[oh, ow], mode="bicubic",
-                                               align_corners=False, antialias=True)
-        rt[f"src_{k}"] = src
-        rt[f"out_{k}"] = out[0].permute(1, 2, 0).contiguous().numpy()
-        rt[f"outf_{k}"] = outf[0].permute(1, 2, 0).contiguous().numpy()
-        meta.append({"k": k, "in_hw": [ih, iw], "out_hw": [oh, ow]})
-    save_file(rt, os.path.join(OUT, "resize_torch.safetensors"), metadata={"what": "resize_torch"})
-    with open(os.path.join(OUT, "resize_torch.json"), "w") as f:
-        json.dump(meta, f)
+    write_resize_torch(OUT, 10, 1234)
 
     lin = []
     for total in list(range(1, 70)) + [97, 101, 255, 300, 601, 999, 1200, 1799, 3001, 14399, 36000,
@@ -252,4 +258,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--resize-fuzz-dir":
+        # Many random resizes (not committed) for the ignored Rust test resize_torch_fuzz_external
+        # (env QWEN2VL_RESIZE_TORCH_FUZZ=DIR).
+        os.makedirs(sys.argv[2], exist_ok=True)
+        write_resize_torch(sys.argv[2], 600, 99, max_in=70, max_out=90, fixed=False)
+    else:
+        main()
