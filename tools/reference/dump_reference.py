@@ -20,7 +20,9 @@ Pipeline (the reference's):
 Usage: python tools/reference/dump_reference.py [--case NAME ...] [--no-f64]
 """
 import argparse
+import base64
 import copy
+import io
 import json
 import math
 import os
@@ -48,6 +50,18 @@ IMAGE_SPECS = {
     "photo640.png": (640, 480, 102),
     "wide.png": (300, 200, 103),
     "tall.png": (150, 260, 104),
+}
+
+# Images in other formats and modes (issue 3): name -> (width, height, seed, how it is saved).
+EXTRA_IMAGE_SPECS = {
+    "tiny20.png": (20, 20, 105, "png"),
+    "strip1000x5.png": (1000, 5, 106, "png"),  # aspect ratio exactly 200: accepted
+    "cmyk.jpg": (120, 90, 107, "cmyk_jpeg"),  # CMYK with a non-zero K plate, Adobe marker
+    "palette.png": (100, 80, 108, "palette_png"),
+    "rgba.png": (90, 70, 109, "rgba_png"),
+    "gray.png": (80, 100, 110, "gray_png"),
+    "anim.gif": (64, 48, 111, "gif2"),  # two frames; the first is used
+    "photo.jpg": (200, 150, 112, "progressive_jpeg"),  # progressive 4:2:0, quality 85
 }
 
 
@@ -88,6 +102,49 @@ CASES = {
     "untied_image": dict(
         model="tiny-qwen2vl-untied",
         messages=[{"role": "user", "content": [img("wide.png"), txt("Describe this image.")]}],
+    ),
+    # issue 3: every image form and mode
+    "image_20x20": dict(
+        model="tiny-qwen2vl",
+        messages=[{"role": "user", "content": [img("tiny20.png"), txt("What is this?")]}],
+    ),
+    "image_1000x5": dict(
+        model="tiny-qwen2vl",
+        messages=[{"role": "user", "content": [img("strip1000x5.png"), txt("Read this strip.")]}],
+    ),
+    "cmyk_jpeg": dict(
+        model="tiny-qwen2vl",
+        messages=[{"role": "user", "content": [img("cmyk.jpg"), txt("Describe the colours.")]}],
+    ),
+    "palette_png": dict(
+        model="tiny-qwen2vl",
+        messages=[{"role": "user", "content": [img("palette.png"), txt("Describe this image.")]}],
+    ),
+    "rgba_png": dict(
+        model="tiny-qwen2vl",
+        messages=[{"role": "user", "content": [img("rgba.png"), txt("Describe this image.")]}],
+    ),
+    "gray_png": dict(
+        model="tiny-qwen2vl",
+        messages=[{"role": "user", "content": [img("gray.png"), txt("Is this black and white?")]}],
+    ),
+    "gif": dict(
+        model="tiny-qwen2vl",
+        messages=[{"role": "user", "content": [img("anim.gif"), txt("What is in this GIF?")]}],
+    ),
+    "three_images_two_turns": dict(
+        model="tiny-qwen2vl",
+        messages=[
+            {"role": "user", "content": [img("wide.png"), img("photo.jpg"), txt("What do these two have in common?")]},
+            {"role": "assistant", "content": "Both show a circle and a rectangle."},
+            {"role": "user", "content": [txt("And this one?"), img("tall.png")]},
+        ],
+    ),
+    "data_uri": dict(
+        model="tiny-qwen2vl",
+        messages=[{"role": "user", "content": [
+            {"type": "image", "image": "data:image/png;base64,<small.png>"},
+            txt("What is in this small picture?")]}],
     ),
 }
 
@@ -134,6 +191,59 @@ def write_images():
             assert chk.mode == "RGB" and chk.size == (w, h)
             assert np.array_equal(np.asarray(chk), np.asarray(im))
     print(f"images: {', '.join(IMAGE_SPECS)} -> {IMAGES}")
+    write_extra_images()
+
+
+def write_extra_images():
+    for name, (w, h, seed, how) in EXTRA_IMAGE_SPECS.items():
+        im = make_image(w, h, seed)
+        path = os.path.join(IMAGES, name)
+        if how == "png":
+            im.save(path, format="PNG", optimize=False, compress_level=9)
+        elif how == "cmyk_jpeg":
+            c, m, y, _ = im.convert("CMYK").split()
+            k = Image.fromarray((np.asarray(im.convert("L")).astype(np.int32) * 0 +
+                                 np.linspace(0, 180, w)[None, :].astype(np.int32)).astype(np.uint8), "L")
+            Image.merge("CMYK", (c, m, y, k)).save(path, format="JPEG", quality=90)
+        elif how == "palette_png":
+            im.convert("P", palette=Image.Palette.ADAPTIVE, colors=37).save(path, format="PNG", compress_level=9)
+        elif how == "rgba_png":
+            a = np.asarray(im.convert("L"))[..., None] // 2 + 64
+            Image.fromarray(np.concatenate([np.asarray(im), a], axis=2), "RGBA").save(
+                path, format="PNG", compress_level=9)
+        elif how == "gray_png":
+            im.convert("L").save(path, format="PNG", compress_level=9)
+        elif how == "gif2":
+            im2 = make_image(w, h, seed + 1000)
+            im.save(path, format="GIF", save_all=True, append_images=[im2], duration=100, loop=0)
+        elif how == "progressive_jpeg":
+            im.save(path, format="JPEG", quality=85, progressive=True)
+        else:
+            raise ValueError(how)
+    print(f"images: {', '.join(EXTRA_IMAGE_SPECS)} -> {IMAGES}")
+
+
+def data_uri(name):
+    with open(os.path.join(IMAGES, name), "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+
+
+def resolve_data_uris(messages):
+    """`data:image/png;base64,<name>` placeholders -> the file's bytes, base64."""
+    out = copy.deepcopy(messages)
+    for m in out:
+        if isinstance(m["content"], list):
+            for part in m["content"]:
+                v = part.get("image")
+                if isinstance(v, str) and v.startswith("data:") and v.endswith(">"):
+                    part["image"] = data_uri(v[v.index("<") + 1:-1])
+    return out
+
+
+def open_original(case_dir, src):
+    if src.startswith("data:"):
+        return Image.open(io.BytesIO(base64.b64decode(src.split("base64,", 1)[1])))
+    return Image.open(os.path.normpath(os.path.join(case_dir, src)))
 
 
 # ----------------------------------------------------------------------------- cases
@@ -190,7 +300,7 @@ def run_case(name, spec, runner, max_new_tokens=32):
     from qwen_vl_utils import process_vision_info
 
     proc, model = runner.processor, runner.model
-    messages = spec["messages"]
+    messages = resolve_data_uris(spec["messages"])
     text = proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     msgs_abs = absolutize(messages, case_dir)
     image_inputs, video_inputs = process_vision_info(msgs_abs)
@@ -211,7 +321,7 @@ def run_case(name, spec, runner, max_new_tokens=32):
         t["resized_hw"] = hw
         assert torch.equal(hw, grid[:, 1:] * 14), (hw, grid)
         # Would the processor alone (on the original images) resize to the same size / pixels?
-        originals = [Image.open(os.path.normpath(os.path.join(case_dir, p["image"]))).convert("RGB")
+        originals = [open_original(case_dir, p["image"]).convert("RGB")
                      for m in messages if isinstance(m["content"], list) for p in m["content"] if "image" in p]
         try:
             alone = proc.image_processor(images=originals, return_tensors="pt")
