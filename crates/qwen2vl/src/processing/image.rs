@@ -233,6 +233,11 @@ fn too_large(w: u32, h: u32) -> Error {
 /// `RGB;16B`/`RGBA;16B`/`LA;16B` unpackers); 16-bit gray without alpha (Pillow mode `I;16`)
 /// is *clipped* to 255 (Pillow's `I16_RGB`: values above 255 become 255). EXIF orientation
 /// is not applied (neither Pillow's `open` nor qwen-vl-utils applies it).
+///
+/// JPEG goes through the system libjpeg-turbo with the `libjpeg` feature (default), bit-exact
+/// with Pillow (also CMYK and progressive; a truncated file is an error, as in Pillow); without
+/// it, through the image crate, up to 3/255 off on colour JPEGs. Every other format is decoded
+/// by the image crate, bit-exact with Pillow on the formats and modes listed above.
 pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     if bytes.is_empty() {
         return Err(Error::bad_input(
