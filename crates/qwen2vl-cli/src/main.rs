@@ -50,6 +50,10 @@ struct RunArgs {
     /// Exact number of frames sampled from each video.
     #[arg(long)]
     nframes: Option<usize>,
+    /// Refuse http(s) image URLs (they are fetched by default, with a 30 s timeout and a
+    /// 512 MiB cap).
+    #[arg(long)]
+    no_remote: bool,
     /// The prompt (or use --prompt).
     #[arg(value_name = "PROMPT")]
     prompt_arg: Option<String>,
@@ -203,7 +207,7 @@ fn run(args: RunArgs) -> Result<(), CliError> {
         fps: args.fps,
         nframes: args.nframes,
     };
-    let request = GenerateRequest::from_media(
+    let mut request = GenerateRequest::from_media(
         args.system.as_deref(),
         &args.images,
         &args.videos,
@@ -213,6 +217,9 @@ fn run(args: RunArgs) -> Result<(), CliError> {
     .with_sampling(sampling)
     .with_max_new_tokens(args.max_new_tokens)
     .with_top_logprobs(if args.json { args.top_logprobs } else { 0 });
+    if !args.no_remote {
+        request.fetch = qwen2vl::processing::fetch::FetchOptions::remote();
+    }
     let stdout = std::io::stdout();
     let json = args.json;
     let gen = pipeline.generate(&request, &mut |piece: &str| {

@@ -181,7 +181,14 @@ fn malformed_config() {
 #[test]
 fn missing_weights_file() {
     let d = scratch("noweights");
-    std::fs::copy(tiny().join("config.json"), d.join("config.json")).unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    ] {
+        std::fs::copy(tiny().join(f), d.join(f)).unwrap();
+    }
     let o = qwen2vl(&["run", "--model", d.to_str().unwrap(), "hi"]);
     assert_clean_failure(&o, &["safetensors"]);
 }
@@ -363,4 +370,26 @@ fn bad_video() {
     ]);
     assert_clean_failure(&o, &["video 1"]);
     assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn missing_tokenizer_is_reported_before_weights_are_read() {
+    let d = scratch("notokenizer");
+    std::fs::copy(tiny().join("config.json"), d.join("config.json")).unwrap();
+    let o = qwen2vl(&["run", "--model", d.to_str().unwrap(), "hi"]);
+    assert_clean_failure(&o, &["tokenizer.json"]);
+}
+
+#[test]
+fn remote_images_can_be_refused() {
+    let o = qwen2vl(&[
+        "run",
+        "--model",
+        tiny().to_str().unwrap(),
+        "--no-remote",
+        "--image",
+        "http://127.0.0.1:9/x.png",
+        "hi",
+    ]);
+    assert_clean_failure(&o, &["image 1", "http://127.0.0.1:9/x.png"]);
 }

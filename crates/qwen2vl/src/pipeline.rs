@@ -77,6 +77,9 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Directory that relative image paths are resolved against.
     pub base_dir: Option<PathBuf>,
+    /// How images are read: size cap, and whether http(s) URLs are fetched (off by default
+    /// in the library; the CLI turns it on).
+    pub fetch: crate::processing::fetch::FetchOptions,
 }
 
 impl GenerateRequest {
@@ -136,6 +139,7 @@ impl GenerateRequest {
             add_vision_id: false,
             ignore_eos: false,
             base_dir: None,
+            fetch: Default::default(),
         }
     }
 
@@ -318,7 +322,7 @@ impl Pipeline {
             add_generation_prompt: true,
             add_vision_id: req.add_vision_id,
             base_dir: req.base_dir.clone(),
-            ..Default::default()
+            fetch: req.fetch.clone(),
         };
         self.processor.process(&req.messages, &opts)
     }
