@@ -50,6 +50,9 @@ struct RunArgs {
     /// Exact number of frames sampled from each video.
     #[arg(long)]
     nframes: Option<usize>,
+    /// Prefix each image with "Picture N: " and each video with "Video N: " in the prompt.
+    #[arg(long)]
+    add_vision_id: bool,
     /// Refuse http(s) image URLs (they are fetched by default, with a 30 s timeout and a
     /// 512 MiB cap).
     #[arg(long)]
@@ -217,6 +220,7 @@ fn run(args: RunArgs) -> Result<(), CliError> {
     .with_sampling(sampling)
     .with_max_new_tokens(args.max_new_tokens)
     .with_top_logprobs(if args.json { args.top_logprobs } else { 0 });
+    request.add_vision_id = args.add_vision_id;
     if !args.no_remote {
         request.fetch = qwen2vl::processing::fetch::FetchOptions::remote();
     }

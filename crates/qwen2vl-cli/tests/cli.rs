@@ -393,3 +393,29 @@ fn remote_images_can_be_refused() {
     ]);
     assert_clean_failure(&o, &["image 1", "http://127.0.0.1:9/x.png"]);
 }
+
+#[test]
+fn add_vision_id_adds_prompt_tokens() {
+    let image = fixtures().join("images/wide.png");
+    let model = tiny();
+    let prompt_tokens = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--model",
+            model.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--max-new-tokens",
+            "1",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        args.push("Describe.");
+        let o = qwen2vl(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["usage"]["prompt_text_tokens"].as_u64().unwrap()
+    };
+    // "Picture 1: " is a few text tokens more.
+    assert!(prompt_tokens(&["--add-vision-id"]) > prompt_tokens(&[]));
+}
