@@ -50,6 +50,17 @@ fn model_with_config(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> P
     d
 }
 
+/// `qwen2vl run --model <tiny> <args> --json <prompt>`: asserts success, returns the object.
+fn run_json(args: &[&str], prompt: &str) -> serde_json::Value {
+    let model = tiny();
+    let mut all = vec!["run", "--model", model.to_str().unwrap()];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--json", prompt]);
+    let o = qwen2vl(&all);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_slice(&o.stdout).expect("one JSON object")
+}
+
 fn assert_clean_failure(o: &Output, needles: &[&str]) {
     let err = stderr(o);
     assert!(!o.status.success(), "expected failure, stderr: {err}");
@@ -134,10 +145,7 @@ fn streaming_text_matches_json_text() {
 #[test]
 fn same_seed_same_sample() {
     let run = |seed: &str| {
-        let o = qwen2vl(&[
-            "run",
-            "--model",
-            tiny().to_str().unwrap(),
+        let args = [
             "--temperature",
             "1.0",
             "--top-k",
@@ -148,12 +156,8 @@ fn same_seed_same_sample() {
             seed,
             "--max-new-tokens",
             "16",
-            "--json",
-            "Hello",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        v["token_ids"].clone()
+        ];
+        run_json(&args, "Hello")["token_ids"].clone()
     };
     assert_eq!(run("7"), run("7"));
     assert_ne!(
@@ -288,24 +292,11 @@ fn bad_flags() {
 #[test]
 fn max_pixels_limits_image_tokens() {
     let image = fixtures().join("images/photo640.png");
-    let model = tiny();
+    let image = image.to_str().unwrap();
     let run = |extra: &[&str]| {
-        let mut args = vec![
-            "run",
-            "--model",
-            model.to_str().unwrap(),
-            "--image",
-            image.to_str().unwrap(),
-            "--max-new-tokens",
-            "1",
-            "--json",
-        ];
+        let mut args = vec!["--image", image, "--max-new-tokens", "1"];
         args.extend_from_slice(extra);
-        args.push("Describe.");
-        let o = qwen2vl(&args);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        v["images"][0].clone()
+        run_json(&args, "Describe.")["images"][0].clone()
     };
     let full = run(&[]);
     assert_eq!(full["tokens"].as_u64().unwrap(), 391); // 644x476 → 23x17 merged tokens
@@ -320,23 +311,11 @@ fn max_pixels_limits_image_tokens() {
 #[test]
 fn video_with_fps_and_nframes() {
     let clip = fixtures().join("video/clip.mp4");
-    let model = tiny();
+    let clip = clip.to_str().unwrap();
     let run = |extra: &[&str]| {
-        let mut args = vec![
-            "run",
-            "--model",
-            model.to_str().unwrap(),
-            "--video",
-            clip.to_str().unwrap(),
-            "--max-new-tokens",
-            "2",
-            "--json",
-        ];
+        let mut args = vec!["--video", clip, "--max-new-tokens", "2"];
         args.extend_from_slice(extra);
-        args.push("What happens?");
-        let o = qwen2vl(&args);
-        assert!(o.status.success(), "{}", stderr(&o));
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+        run_json(&args, "What happens?")
     };
     // clip.mp4: 3 s at 10 fps → 2 fps samples 6 frames = 3 temporal patches.
     let v = run(&[]);
@@ -397,24 +376,13 @@ fn remote_images_can_be_refused() {
 #[test]
 fn add_vision_id_adds_prompt_tokens() {
     let image = fixtures().join("images/wide.png");
-    let model = tiny();
+    let image = image.to_str().unwrap();
     let prompt_tokens = |extra: &[&str]| {
-        let mut args = vec![
-            "run",
-            "--model",
-            model.to_str().unwrap(),
-            "--image",
-            image.to_str().unwrap(),
-            "--max-new-tokens",
-            "1",
-            "--json",
-        ];
+        let mut args = vec!["--image", image, "--max-new-tokens", "1"];
         args.extend_from_slice(extra);
-        args.push("Describe.");
-        let o = qwen2vl(&args);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        v["usage"]["prompt_text_tokens"].as_u64().unwrap()
+        run_json(&args, "Describe.")["usage"]["prompt_text_tokens"]
+            .as_u64()
+            .unwrap()
     };
     // "Picture 1: " is a few text tokens more.
     assert!(prompt_tokens(&["--add-vision-id"]) > prompt_tokens(&[]));
