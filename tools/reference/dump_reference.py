@@ -99,6 +99,13 @@ CASES = {
             {"role": "user", "content": "And what colour is it?"},
         ],
     ),
+    "image_video": dict(
+        model="tiny-qwen2vl",
+        messages=[{"role": "user", "content": [
+            img("wide.png"),
+            {"type": "video", "video": "../../video/clip.mp4", "fps": 2.0},
+            txt("What moves in the video, and what is in the picture?")]}],
+    ),
     "untied_image": dict(
         model="tiny-qwen2vl-untied",
         messages=[{"role": "user", "content": [img("wide.png"), txt("Describe this image.")]}],
@@ -336,7 +343,17 @@ def run_case(name, spec, runner, max_new_tokens=32):
         n_img_tokens = int((input_ids == model.config.image_token_id).sum())
         assert n_img_tokens == int(grid.prod(-1).sum()) // 4
 
-    position_ids, rope_delta = model.get_rope_index(input_ids, grid, None, attn)
+    vgrid = inputs.get("video_grid_thw")
+    if video_inputs:
+        pvv = inputs["pixel_values_videos"]
+        assert pvv.dtype == torch.float32
+        t["pixel_values_videos"] = pvv
+        t["video_grid_thw"] = vgrid.to(torch.int64)
+        info["video_grid_thw"] = vgrid.tolist()
+        n_vid_tokens = int((input_ids == model.config.video_token_id).sum())
+        assert n_vid_tokens == int(vgrid.prod(-1).sum()) // 4
+
+    position_ids, rope_delta = model.get_rope_index(input_ids, grid, vgrid, attn)
     t["position_ids"] = position_ids[:, 0, :].to(torch.int64)
     t["rope_delta"] = rope_delta.reshape(1).to(torch.int64)
     info["rope_delta"] = int(rope_delta.reshape(-1)[0])
@@ -344,6 +361,8 @@ def run_case(name, spec, runner, max_new_tokens=32):
     if image_inputs:
         ve = model.visual(inputs["pixel_values"], grid_thw=grid)
         t["vision_embeds"] = ve
+    if video_inputs:
+        t["video_embeds"] = model.visual(inputs["pixel_values_videos"], grid_thw=vgrid)
 
     model.rope_deltas = None
     out = model(**inputs, output_hidden_states=True, use_cache=False)
@@ -369,7 +388,7 @@ def run_case(name, spec, runner, max_new_tokens=32):
     info["distinct_greedy_tokens"] = len(set(new_ids.tolist()))
 
     # Sensitivity: would plain 1-D positions change the result? (M-RoPE must matter)
-    if image_inputs:
+    if image_inputs or video_inputs:
         seq = input_ids.shape[1]
         pos1d = torch.arange(seq).view(1, 1, -1).expand(3, 1, -1)
         model.rope_deltas = None

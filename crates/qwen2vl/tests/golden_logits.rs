@@ -31,7 +31,7 @@ fn prefill_logits_match_reference() {
                 &p.ids,
                 &p.positions,
                 p.image_embeds.as_ref(),
-                None,
+                p.video_embeds.as_ref(),
                 &mut cache,
                 Some(&mut layers),
             )

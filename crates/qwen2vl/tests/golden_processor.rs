@@ -50,6 +50,25 @@ fn processor_matches_reference() {
         } else {
             assert!(inputs.pixel_values.is_empty());
         }
+        assert_eq!(
+            inputs.video_grid_thw,
+            case.grids("video_grid_thw"),
+            "case {name}: video grids"
+        );
+        if case.has("pixel_values_videos") {
+            let want = case.f32s("pixel_values_videos");
+            let d = common::max_abs_diff(&inputs.pixel_values_videos, &want);
+            println!(
+                "{name}: pixel_values_videos max abs diff {d:e} over {} values",
+                want.len()
+            );
+            assert!(
+                d <= 1e-5,
+                "case {name}: pixel_values_videos max abs diff {d}"
+            );
+        } else {
+            assert!(inputs.pixel_values_videos.is_empty());
+        }
         if case.has("resized_hw") {
             let hw: Vec<(usize, usize)> = case
                 .i64s("resized_hw")

@@ -5,6 +5,35 @@ mod common;
 use candle_core::{DType, Device};
 use qwen2vl::model::Qwen2VL;
 
+/// Video frames through the vision tower (`pixel_values_videos` → `video_embeds`).
+#[test]
+fn video_embeds_match_reference() {
+    let mut checked = 0;
+    for name in common::case_names() {
+        let case = common::Case::load(&name);
+        if !case.has("pixel_values_videos") {
+            continue;
+        }
+        let (model, _) = Qwen2VL::load(&case.model_dir(), DType::F32, &Device::Cpu).expect("load");
+        let out = model
+            .encode_vision(
+                &case.f32s("pixel_values_videos"),
+                &case.grids("video_grid_thw"),
+            )
+            .expect("vision");
+        let want = case.f32s("video_embeds");
+        let diff = common::max_abs_diff(&common::flat(&out), &want);
+        let tol = common::tolerance(&want);
+        println!("{name}: video max abs diff {diff:e} (tolerance {tol:e})");
+        assert!(
+            diff <= tol,
+            "case {name}: video max abs diff {diff} > {tol}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 1, "no case with a video");
+}
+
 #[test]
 fn vision_embeds_match_reference() {
     let mut checked = 0;

@@ -131,6 +131,7 @@ pub fn tolerance(reference: &[f32]) -> f32 {
 pub struct ReferencePrompt {
     pub ids: Vec<u32>,
     pub image_embeds: Option<Tensor>,
+    pub video_embeds: Option<Tensor>,
     pub positions: qwen2vl::rope::MropePositions,
 }
 
@@ -143,10 +144,19 @@ impl ReferencePrompt {
                 .encode_vision(&case.f32s("pixel_values"), &grids)
                 .expect("vision")
         });
-        let positions = model.position_ids(&ids, &grids, &[]).expect("positions");
+        let video_grids = case.grids("video_grid_thw");
+        let video_embeds = case.has("pixel_values_videos").then(|| {
+            model
+                .encode_vision(&case.f32s("pixel_values_videos"), &video_grids)
+                .expect("video vision")
+        });
+        let positions = model
+            .position_ids(&ids, &grids, &video_grids)
+            .expect("positions");
         ReferencePrompt {
             ids,
             image_embeds,
+            video_embeds,
             positions,
         }
     }
@@ -163,7 +173,7 @@ impl ReferencePrompt {
                 &self.ids,
                 &self.positions,
                 self.image_embeds.as_ref(),
-                None,
+                self.video_embeds.as_ref(),
                 &mut cache,
             )
             .expect("prefill");
