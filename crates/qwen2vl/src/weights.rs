@@ -21,11 +21,22 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 
 use crate::error::{Error, Result};
 
+/// One tensor's place in the mapped files.
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    /// Index into `Weights::maps`.
+    file: usize,
+    dtype: StDtype,
+    shape: Vec<usize>,
+    /// Byte range of its data within the map.
+    bytes: std::ops::Range<usize>,
+}
+
 /// The memory-mapped safetensors files of one checkpoint.
 pub struct Weights {
     maps: Vec<(PathBuf, Mmap)>,
-    /// name → index into `maps`.
-    index: HashMap<String, usize>,
+    /// name → where its bytes are, recorded once when the headers are parsed.
+    index: HashMap<String, TensorEntry>,
     used: Mutex<BTreeSet<String>>,
     dtype: DType,
     device: Device,
@@ -109,8 +120,16 @@ impl Weights {
             // nobody truncating a checkpoint while it is being served.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| weights_err(path, e))?;
             let st = SafeTensors::deserialize(&mmap).map_err(|e| weights_err(path, e))?;
-            for name in st.names() {
-                index.insert(name.to_string(), i);
+            let base = mmap.as_ptr() as usize;
+            for (name, view) in st.tensors() {
+                let start = view.data().as_ptr() as usize - base;
+                let entry = TensorEntry {
+                    file: i,
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    bytes: start..start + view.data().len(),
+                };
+                index.insert(name, entry);
             }
             maps.push((path.clone(), mmap));
         }
@@ -166,20 +185,19 @@ impl Weights {
         let stored = self.resolve(name).ok_or_else(|| {
             Error::Weights(format!("missing tensor {name} (expected shape {shape:?})"))
         })?;
-        let file_idx = self.index[&stored];
-        let (path, mmap) = &self.maps[file_idx];
-        let st = SafeTensors::deserialize(mmap).map_err(|e| weights_err(path, e))?;
-        let view = st.tensor(&stored).map_err(|e| weights_err(path, e))?;
-        if view.shape() != shape.dims() {
+        let entry = &self.index[&stored];
+        let (_, mmap) = &self.maps[entry.file];
+        if entry.shape != shape.dims() {
             return Err(Error::Weights(format!(
                 "tensor {stored} has shape {:?}, expected {:?}",
-                view.shape(),
+                entry.shape,
                 shape.dims()
             )));
         }
-        let t = convert(view.dtype(), view.data(), &shape, self.dtype, &self.device)
+        let data = &mmap[entry.bytes.clone()];
+        let t = convert(entry.dtype, data, &shape, self.dtype, &self.device)
             .map_err(|e| Error::Weights(format!("tensor {stored}: {e}")))?;
-        release_pages(mmap, view.data());
+        release_pages(mmap, data);
         if let Ok(mut used) = self.used.lock() {
             used.insert(stored);
         }
