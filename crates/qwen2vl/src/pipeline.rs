@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
@@ -14,7 +16,7 @@ use crate::config::GenerationConfig;
 use crate::error::{Error, Result};
 use crate::generation::detok::IncrementalDecoder;
 use crate::generation::sampler::{Sampler, SamplingParams};
-use crate::generation::stop::StopCriteria;
+use crate::generation::stop::{FinishReason, StopCriteria};
 use crate::inputs::{ImageInfo, ModelInputs, VideoInfo};
 use crate::model::Qwen2VL;
 use crate::processing::messages::{ContentPart, Message};
@@ -80,6 +82,10 @@ pub struct GenerateRequest {
     /// How images are read: size cap, and whether http(s) URLs are fetched (off by default
     /// in the library; the CLI turns it on).
     pub fetch: crate::processing::fetch::FetchOptions,
+    /// Set to `true` from anywhere (a Ctrl-C handler, a server noticing a disconnect) to stop
+    /// generating after the current token; the answer so far is returned with
+    /// `finish_reason` `"cancelled"`.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl GenerateRequest {
@@ -140,7 +146,15 @@ impl GenerateRequest {
             ignore_eos: false,
             base_dir: None,
             fetch: Default::default(),
+            cancel: None,
         }
+    }
+
+    /// Whether [`GenerateRequest::cancel`] has been set.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Sets the sampling parameters.
@@ -431,6 +445,9 @@ impl Pipeline {
             }
             if let Some(reason) = stop.check_token(s.token, token_ids.len()) {
                 break reason;
+            }
+            if req.is_cancelled() {
+                break FinishReason::Cancelled;
             }
             logits = self
                 .model

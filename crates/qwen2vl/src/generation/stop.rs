@@ -15,6 +15,8 @@ pub enum FinishReason {
     Stop(StopReason),
     /// `max_new_tokens` reached (OpenAI `"length"`).
     Length,
+    /// The caller cancelled the request (Ctrl-C, a client that went away).
+    Cancelled,
 }
 
 impl FinishReason {
@@ -23,6 +25,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop(_) => "stop",
             FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
         }
     }
 }

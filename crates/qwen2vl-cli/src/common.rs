@@ -1,0 +1,192 @@
+//! Pieces every command shares: the model flags, sampling flags, media flags, and the error
+//! type whose exit codes scripts rely on.
+
+use clap::Args;
+use qwen2vl::generation::sampler::SamplingParams;
+use qwen2vl::pipeline::{DTypeChoice, MediaOptions, Pipeline};
+
+/// The model a command runs, where it comes from, and how it computes.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A local model directory (config.json, *.safetensors, tokenizer.json, ...) or a Hugging
+    /// Face repo id, optionally with a revision: Qwen/Qwen2-VL-2B-Instruct@main.
+    #[arg(long, default_value = crate::hub::DEFAULT_MODEL)]
+    pub model: String,
+    /// Compute dtype: f32 (default on CPU), f16, bf16 or f64.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress bars or status lines on stderr (errors are still printed).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+impl ModelArgs {
+    /// Applies `--threads` (before any tensor work), resolves `--model` (downloading from the
+    /// hub if needed) and loads the pipeline.
+    pub fn load(&self) -> Result<Pipeline, CliError> {
+        set_threads(self.threads)?;
+        let dtype: DTypeChoice = self
+            .dtype
+            .parse()
+            .map_err(|e: qwen2vl::Error| CliError::Usage(e.to_string()))?;
+        let dir = crate::hub::resolve_model(&self.model, self.quiet)?;
+        Ok(Pipeline::load(&dir, dtype)?)
+    }
+}
+
+/// Sets the worker thread count; must run before the first tensor operation.
+pub fn set_threads(threads: Option<usize>) -> Result<(), CliError> {
+    if let Some(n) = threads {
+        if n == 0 {
+            return Err(CliError::Usage("--threads must be at least 1".into()));
+        }
+        // candle's CPU kernels size their thread pools from this variable; it must be set
+        // before the first tensor operation.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    Ok(())
+}
+
+/// Sampling flags; each left out keeps the checkpoint's `generation_config.json` value.
+#[derive(Args, Debug, Clone)]
+#[command(allow_negative_numbers = true)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature (0 = greedy). Default: the checkpoint's generation_config.json.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling mass in (0, 1]. Default: generation_config.json.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Keep only the k most likely tokens (0 = off). Default: generation_config.json.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Repetition penalty (1 = off). Default: generation_config.json.
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
+    /// Random seed: the same seed gives the same output.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    /// The checkpoint's defaults with every given flag applied.
+    pub fn params(&self, pipeline: &Pipeline) -> SamplingParams {
+        let mut s = pipeline.default_sampling();
+        if let Some(t) = self.temperature {
+            s.temperature = t;
+        }
+        if let Some(p) = self.top_p {
+            s.top_p = p;
+        }
+        if let Some(k) = self.top_k {
+            s.top_k = k;
+        }
+        if let Some(r) = self.repetition_penalty {
+            s.repetition_penalty = r;
+        }
+        s.seed = self.seed;
+        s
+    }
+}
+
+/// Per-item media flags, applied to every image and video of the request.
+#[derive(Args, Debug, Clone)]
+pub struct MediaArgs {
+    /// Lower bound on the resized pixel count of every image and video frame.
+    #[arg(long)]
+    pub min_pixels: Option<u64>,
+    /// Upper bound on the resized pixel count of every image and video frame.
+    #[arg(long)]
+    pub max_pixels: Option<u64>,
+    /// Video frames sampled per second (default 2).
+    #[arg(long, conflicts_with = "nframes")]
+    pub fps: Option<f64>,
+    /// Exact number of frames sampled from each video.
+    #[arg(long)]
+    pub nframes: Option<usize>,
+    /// Prefix each image with "Picture N: " and each video with "Video N: " in the prompt.
+    #[arg(long)]
+    pub add_vision_id: bool,
+    /// Refuse http(s) image URLs (they are fetched by default, with a 30 s timeout and a
+    /// 512 MiB cap).
+    #[arg(long)]
+    pub no_remote: bool,
+}
+
+impl MediaArgs {
+    /// The library's per-item options.
+    pub fn options(&self) -> MediaOptions {
+        MediaOptions {
+            min_pixels: self.min_pixels,
+            max_pixels: self.max_pixels,
+            fps: self.fps,
+            nframes: self.nframes,
+        }
+    }
+
+    /// How media are read: remote fetching on unless `--no-remote`.
+    pub fn fetch(&self) -> qwen2vl::processing::fetch::FetchOptions {
+        if self.no_remote {
+            Default::default()
+        } else {
+            qwen2vl::processing::fetch::FetchOptions::remote()
+        }
+    }
+}
+
+/// A CLI failure with the exit code scripts can rely on.
+#[derive(Debug)]
+pub enum CliError {
+    /// Bad flags or input, including a model path that is not a usable model (exit 2).
+    Usage(String),
+    /// The model could not be found or downloaded: unknown repo, no network (exit 3).
+    Unavailable(String),
+    /// Stopped by the user with Ctrl-C (exit 130, the shell's convention).
+    Interrupted,
+    /// Everything else (exit 1).
+    Failed(String),
+}
+
+impl CliError {
+    /// The process exit code (documented in the README).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::Unavailable(_) => 3,
+            CliError::Interrupted => 130,
+            CliError::Failed(_) => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CliError::Usage(m) | CliError::Unavailable(m) | CliError::Failed(m) => f.write_str(m),
+            CliError::Interrupted => f.write_str("interrupted"),
+        }
+    }
+}
+
+impl From<qwen2vl::Error> for CliError {
+    fn from(e: qwen2vl::Error) -> Self {
+        match e {
+            qwen2vl::Error::BadInput { .. }
+            | qwen2vl::Error::Model { .. }
+            | qwen2vl::Error::Config { .. } => CliError::Usage(e.to_string()),
+            _ => CliError::Failed(e.to_string()),
+        }
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        CliError::Failed(e.to_string())
+    }
+}
