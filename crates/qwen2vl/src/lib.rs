@@ -28,6 +28,7 @@
 pub mod config;
 pub mod error;
 pub mod generation;
+pub mod grounding;
 pub mod processing;
 
 pub use error::{Error, Result};
