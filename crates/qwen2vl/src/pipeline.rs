@@ -86,6 +86,11 @@ pub struct GenerateRequest {
     /// generating after the current token; the answer so far is returned with
     /// `finish_reason` `"cancelled"`.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Stream text with the grounding markers kept (`<|object_ref_start|>`, `<|box_start|>`
+    /// …; other special tokens still skipped), for a caller that renders boxes itself, e.g.
+    /// with [`crate::grounding::GroundingStream`]. Off by default: the streamed pieces then
+    /// concatenate to [`Generation::text`]. [`Generation::text`] is the same either way.
+    pub stream_grounding_markup: bool,
 }
 
 impl GenerateRequest {
@@ -147,6 +152,7 @@ impl GenerateRequest {
             base_dir: None,
             fetch: Default::default(),
             cancel: None,
+            stream_grounding_markup: false,
         }
     }
 
@@ -252,6 +258,11 @@ pub struct Generation {
     pub images: Vec<ImageInfo>,
     /// Each video's sampled frames, size, grid and token count.
     pub videos: Vec<VideoInfo>,
+    /// Boxes and quads in the answer (`None` when there are none): parsed from a decode that
+    /// keeps the grounding markers, which `text` (like transformers' `skip_special_tokens=True`)
+    /// drops, leaving only "the red car(120,340),(560,780)". Coordinates are the model's
+    /// [0, 1000); map them to an image with [`crate::grounding::Grounding::pixel_shapes`].
+    pub grounding: Option<crate::grounding::Grounding>,
 }
 
 /// A loaded model with its processor and generation defaults.
@@ -408,6 +419,11 @@ impl Pipeline {
         };
         let stop = StopCriteria::new(eos, max_new);
         let mut detok = IncrementalDecoder::new(tokenizer);
+        // A second decode keeping the grounding markers (ids 151646..=151651), for
+        // `Generation::grounding` and `stream_grounding_markup`; `text` keeps parity.
+        let mut marked_detok = IncrementalDecoder::keeping(tokenizer, tokenizer.grounding_ids());
+        let mut marked = String::new();
+        let plain_stream = !req.stream_grounding_markup;
         let mut history = inputs.input_ids.clone();
         let mut token_ids = Vec::new();
         let mut logprobs = Vec::new();
@@ -440,8 +456,16 @@ impl Pipeline {
                 });
             }
             if let Some(piece) = detok.push(s.token)? {
-                on_text(&piece);
+                if plain_stream {
+                    on_text(&piece);
+                }
                 text.push_str(&piece);
+            }
+            if let Some(piece) = marked_detok.push(s.token)? {
+                if !plain_stream {
+                    on_text(&piece);
+                }
+                marked.push_str(&piece);
             }
             if let Some(reason) = stop.check_token(s.token, token_ids.len()) {
                 break reason;
@@ -459,9 +483,19 @@ impl Pipeline {
                 .squeeze(0)?;
         };
         if let Some(piece) = detok.finish()? {
-            on_text(&piece);
+            if plain_stream {
+                on_text(&piece);
+            }
             text.push_str(&piece);
         }
+        if let Some(piece) = marked_detok.finish()? {
+            if !plain_stream {
+                on_text(&piece);
+            }
+            marked.push_str(&piece);
+        }
+        let grounding =
+            Some(crate::grounding::Grounding::parse(&marked)).filter(|g| g.has_shapes());
         let decode_ms = ms(decode_start);
         let steps = token_ids.len().saturating_sub(1);
         let image_tokens = inputs.image_tokens();
@@ -493,6 +527,7 @@ impl Pipeline {
             logprobs,
             images: inputs.images,
             videos: inputs.videos,
+            grounding,
         })
     }
 }

@@ -22,6 +22,8 @@ use crate::Result;
 pub struct IncrementalDecoder<T: Deref<Target = Qwen2Tokenizer>> {
     tokenizer: T,
     skip_special_tokens: bool,
+    /// Special tokens kept even though `skip_special_tokens` (see [`Self::keeping`]).
+    keep: Vec<u32>,
     ids: Vec<u32>,
     /// Start of the window re-decoded for context.
     prefix: usize,
@@ -40,9 +42,27 @@ impl<T: Deref<Target = Qwen2Tokenizer>> IncrementalDecoder<T> {
         IncrementalDecoder {
             tokenizer,
             skip_special_tokens,
+            keep: Vec::new(),
             ids: Vec::new(),
             prefix: 0,
             read: 0,
+        }
+    }
+
+    /// A decoder that skips special tokens except those in `keep` (e.g. the grounding
+    /// markers, [`Qwen2Tokenizer::grounding_ids`]).
+    pub fn keeping(tokenizer: T, keep: Vec<u32>) -> Self {
+        IncrementalDecoder {
+            keep,
+            ..Self::with_options(tokenizer, true)
+        }
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        if self.skip_special_tokens {
+            self.tokenizer.decode_raw_keeping(ids, &self.keep)
+        } else {
+            self.tokenizer.decode_raw(ids, false)
         }
     }
 
@@ -55,12 +75,8 @@ impl<T: Deref<Target = Qwen2Tokenizer>> IncrementalDecoder<T> {
     /// an incomplete character (or the token decodes to nothing).
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let prefix_text = self
-            .tokenizer
-            .decode_raw(&self.ids[self.prefix..self.read], self.skip_special_tokens)?;
-        let new_text = self
-            .tokenizer
-            .decode_raw(&self.ids[self.prefix..], self.skip_special_tokens)?;
+        let prefix_text = self.decode(&self.ids[self.prefix..self.read])?;
+        let new_text = self.decode(&self.ids[self.prefix..])?;
         if new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}') {
             let piece = suffix_after(&new_text, &prefix_text);
             self.prefix = self.read;
@@ -77,12 +93,8 @@ impl<T: Deref<Target = Qwen2Tokenizer>> IncrementalDecoder<T> {
         if self.read == self.ids.len() {
             return Ok(None);
         }
-        let prefix_text = self
-            .tokenizer
-            .decode_raw(&self.ids[self.prefix..self.read], self.skip_special_tokens)?;
-        let new_text = self
-            .tokenizer
-            .decode_raw(&self.ids[self.prefix..], self.skip_special_tokens)?;
+        let prefix_text = self.decode(&self.ids[self.prefix..self.read])?;
+        let new_text = self.decode(&self.ids[self.prefix..])?;
         self.prefix = self.read;
         self.read = self.ids.len();
         let piece = suffix_after(&new_text, &prefix_text);
@@ -186,6 +198,29 @@ mod tests {
             "<|im_start|>assistant\n回答 🚀<|im_end|><|endoftext|>"
         );
         assert_eq!(pieces.concat(), full);
+    }
+
+    #[test]
+    fn grounding_markers_are_kept_when_asked() {
+        let tok = fixture();
+        let text =
+            "看<|object_ref_start|>红车 🚗<|object_ref_end|><|box_start|>(1,2),(3,4)<|box_end|>";
+        let mut ids = tok.encode_plain(text).unwrap();
+        ids.push(tok.im_end_id());
+        let mut d = IncrementalDecoder::keeping(tok, tok.grounding_ids());
+        let mut out = String::new();
+        for &id in &ids {
+            if let Some(p) = d.push(id).unwrap() {
+                out.push_str(&p);
+            }
+        }
+        if let Some(p) = d.finish().unwrap() {
+            out.push_str(&p);
+        }
+        assert_eq!(out, text);
+        let (pieces, full) = stream(&ids, true);
+        assert_eq!(pieces.concat(), "看红车 🚗(1,2),(3,4)");
+        assert_eq!(full, "看红车 🚗(1,2),(3,4)");
     }
 
     #[test]

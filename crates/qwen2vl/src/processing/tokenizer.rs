@@ -451,6 +451,44 @@ impl Qwen2Tokenizer {
             .map_err(|e| Error::Tokenizer(format!("decode: {e}")))
     }
 
+    /// `decode(ids, skip_special_tokens=true)`, except that the special tokens in `keep` are
+    /// kept (as their text). The pipeline decodes with the grounding markers kept
+    /// ([`Self::grounding_ids`]) to find boxes, while `<|im_end|>` and the like still go.
+    pub fn decode_keeping(&self, ids: &[u32], keep: &[u32]) -> Result<String> {
+        let s = self.decode_raw_keeping(ids, keep)?;
+        Ok(if self.clean_up_tokenization_spaces {
+            clean_up_tokenization(&s)
+        } else {
+            s
+        })
+    }
+
+    /// [`Self::decode_keeping`] without the clean-up step.
+    ///
+    /// tokenizers' `decode(ids, true)` drops every id whose token is a special added token
+    /// and decodes the rest; dropping them ourselves (all but `keep`) and decoding with
+    /// `false` is the same decode with `keep` let through.
+    pub(crate) fn decode_raw_keeping(&self, ids: &[u32], keep: &[u32]) -> Result<String> {
+        if keep.is_empty() {
+            return self.decode_raw(ids, true);
+        }
+        let kept: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|&id| keep.contains(&id) || !self.is_special(id))
+            .collect();
+        self.decode_raw(&kept, false)
+    }
+
+    /// The ids of the grounding markers (`<|object_ref_start|>` … `<|quad_end|>`, see
+    /// [`crate::grounding::MARKERS`]) that this tokenizer has as added tokens.
+    pub fn grounding_ids(&self) -> Vec<u32> {
+        crate::grounding::MARKERS
+            .iter()
+            .filter_map(|m| self.added.iter().find(|t| t.content == *m).map(|t| t.id))
+            .collect()
+    }
+
     /// The wrapped `tokenizers::Tokenizer`.
     pub fn inner(&self) -> &Tokenizer {
         &self.full
@@ -793,6 +831,27 @@ pub(crate) mod tests {
         assert_eq!(t.decode(&ids, true).unwrap(), "user\n你好");
         // Ids past the tokenizer's vocabulary (the embedding is padded to 151936) vanish.
         assert_eq!(t.decode(&[108386, 151900], false).unwrap(), "你好");
+    }
+
+    #[test]
+    fn grounding_markers_can_be_kept() {
+        let t = fixture();
+        let g = t.grounding_ids();
+        assert_eq!(g, vec![151646, 151647, 151648, 151649, 151650, 151651]);
+        let text = "<|object_ref_start|>the red car<|object_ref_end|><|box_start|>(120,340),(560,780)<|box_end|>";
+        let mut ids = t.encode_plain(text).unwrap();
+        assert!(ids.contains(&151648), "{ids:?}");
+        ids.push(t.im_end_id());
+        // What transformers' skip_special_tokens=True shows: the markers are special.
+        assert_eq!(
+            t.decode(&ids, true).unwrap(),
+            "the red car(120,340),(560,780)"
+        );
+        assert_eq!(t.decode_keeping(&ids, &g).unwrap(), text);
+        assert_eq!(
+            t.decode_keeping(&ids, &[]).unwrap(),
+            t.decode(&ids, true).unwrap()
+        );
     }
 
     #[test]
