@@ -37,7 +37,13 @@ pub struct FetchOptions {
     pub timeout: Duration,
     /// Largest encoded image accepted from any source (file, URL, data URI, bytes).
     pub max_bytes: u64,
+    /// Largest video accepted from a URL or data URI (local files are read in place, only
+    /// the sampled frames are kept).
+    pub max_video_bytes: u64,
 }
+
+/// Default [`FetchOptions::max_video_bytes`]: 2 GiB.
+pub const MAX_VIDEO_BYTES: u64 = 2 << 30;
 
 impl Default for FetchOptions {
     fn default() -> Self {
@@ -45,6 +51,7 @@ impl Default for FetchOptions {
             allow_remote: false,
             timeout: DEFAULT_TIMEOUT,
             max_bytes: MAX_FILE_BYTES,
+            max_video_bytes: MAX_VIDEO_BYTES,
         }
     }
 }
@@ -312,6 +319,22 @@ fn percent_decode(s: &str) -> Result<Vec<u8>> {
 /// `opts.max_bytes` (from `Content-Length` before reading, or while reading) and requests that
 /// take longer than `opts.timeout`. Does not look at [`FetchOptions::allow_remote`].
 pub fn http_get(url: &str, opts: &FetchOptions) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    http_download(url, opts, opts.max_bytes, "image", &mut bytes)?;
+    Ok(bytes)
+}
+
+/// GET an http(s) URL into `out`, streaming: at most `max_bytes` (checked against
+/// `Content-Length` before reading and while reading), within `opts.timeout`. `kind`
+/// ("image", "video") names the item in errors. Returns the byte count; an empty body is an
+/// error. Does not look at [`FetchOptions::allow_remote`].
+pub fn http_download(
+    url: &str,
+    opts: &FetchOptions,
+    max_bytes: u64,
+    kind: &str,
+    out: &mut dyn std::io::Write,
+) -> Result<u64> {
     let name = shorten(url);
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(opts.timeout))
@@ -319,23 +342,28 @@ pub fn http_get(url: &str, opts: &FetchOptions) -> Result<Vec<u8>> {
         .build()
         .into();
     let secs = opts.timeout.as_secs_f64();
+    let timed_out = || {
+        Error::bad_input(
+            format!("{kind} URL {name} timed out after {secs} s"),
+            format!("a URL that answers within {secs} s"),
+        )
+    };
+    let too_big = |what: String| {
+        Error::bad_input(
+            what,
+            format!(
+                "{kind}s of at most {max_bytes} bytes ({} MiB)",
+                max_bytes >> 20
+            ),
+        )
+    };
     let fail = |e: ureq::Error| -> Error {
         match e {
-            ureq::Error::Timeout(_) => Error::bad_input(
-                format!("image URL {name} timed out after {secs} s"),
-                format!("a URL that answers within {secs} s"),
-            ),
-            ureq::Error::BodyExceedsLimit(_) => size_error(
-                format!("image URL {name} sent more than {} bytes", opts.max_bytes),
-                opts.max_bytes,
-            ),
-            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => Error::bad_input(
-                format!("image URL {name} timed out after {secs} s"),
-                format!("a URL that answers within {secs} s"),
-            ),
+            ureq::Error::Timeout(_) => timed_out(),
+            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => timed_out(),
             other => Error::bad_input(
-                format!("image URL {name} could not be fetched: {other}"),
-                "a reachable http(s) URL of an image",
+                format!("{kind} URL {name} could not be fetched: {other}"),
+                format!("a reachable http(s) URL of an {kind}"),
             ),
         }
     };
@@ -343,31 +371,59 @@ pub fn http_get(url: &str, opts: &FetchOptions) -> Result<Vec<u8>> {
     let status = resp.status();
     if !status.is_success() {
         return Err(Error::bad_input(
-            format!("image URL {name} answered HTTP {status}"),
-            "a URL that answers 200 with an image",
+            format!("{kind} URL {name} answered HTTP {status}"),
+            format!("a URL that answers 200 with an {kind}"),
         ));
     }
     if let Some(len) = resp.body().content_length() {
-        if len > opts.max_bytes {
-            return Err(size_error(
-                format!("image URL {name} is {len} bytes (Content-Length)"),
-                opts.max_bytes,
-            ));
+        if len > max_bytes {
+            return Err(too_big(format!(
+                "{kind} URL {name} is {len} bytes (Content-Length)"
+            )));
         }
     }
-    let bytes = resp
-        .body_mut()
-        .with_config()
-        .limit(opts.max_bytes)
-        .read_to_vec()
-        .map_err(fail)?;
-    if bytes.is_empty() {
+    // One byte over the cap is read so an oversized body is told apart from one that fits.
+    let mut reader = resp.body_mut().as_reader().take(max_bytes + 1);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(timed_out()),
+            Err(e) => {
+                // ureq reports its own errors (timeouts included) wrapped in io::Error.
+                return Err(
+                    match e.into_inner().map(|inner| inner.downcast::<ureq::Error>()) {
+                        Some(Ok(ue)) => fail(*ue),
+                        Some(Err(other)) => Error::bad_input(
+                            format!("{kind} URL {name} could not be read: {other}"),
+                            format!("a reachable http(s) URL of an {kind}"),
+                        ),
+                        None => Error::bad_input(
+                            format!("{kind} URL {name} could not be read"),
+                            format!("a reachable http(s) URL of an {kind}"),
+                        ),
+                    },
+                );
+            }
+        };
+        total += n as u64;
+        if total > max_bytes {
+            return Err(too_big(format!(
+                "{kind} URL {name} sent more than {max_bytes} bytes"
+            )));
+        }
+        out.write_all(&buf[..n]).map_err(Error::Io)?;
+    }
+    if total == 0 {
         return Err(Error::bad_input(
-            format!("image URL {name} sent an empty body"),
-            "a URL that answers with an image",
+            format!("{kind} URL {name} sent an empty body"),
+            format!("a URL that answers with an {kind}"),
         ));
     }
-    Ok(bytes)
+    Ok(total)
 }
 
 #[cfg(test)]

@@ -132,8 +132,13 @@ impl Processor {
             }
             for part in m.videos() {
                 let n = videos.len() + 1;
-                let pre = preprocess_video(part, &self.preprocessor, opts.base_dir.as_deref())
-                    .map_err(|e| name_media(e, "video", n, mi + 1))?;
+                let pre = preprocess_video(
+                    part,
+                    &self.preprocessor,
+                    &opts.fetch,
+                    opts.base_dir.as_deref(),
+                )
+                .map_err(|e| name_media(e, "video", n, mi + 1))?;
                 pixel_values_videos.extend_from_slice(&pre.pixel_values);
                 let [t, gh, gw] = pre.grid_thw;
                 videos.push(VideoInfo {

@@ -33,11 +33,12 @@ use image::RgbImage;
 
 use crate::config::PreprocessorConfig;
 use crate::ops::resize::resize_bicubic;
+use crate::processing::fetch::FetchOptions;
 use crate::processing::image::{
-    load_image, patchify, rescale_normalize, smart_resize, smart_resize_transformers, MAX_PIXELS,
+    decode_image, patchify, rescale_normalize, smart_resize, smart_resize_transformers, MAX_PIXELS,
     MAX_RATIO, MIN_PIXELS,
 };
-use crate::processing::messages::{Location, VideoPart, VideoSource};
+use crate::processing::messages::{ImageSource, Location, VideoPart, VideoSource};
 use crate::{Error, Result};
 
 /// qwen-vl-utils `VIDEO_MIN_PIXELS`: default lower bound on pixels per frame.
@@ -259,14 +260,140 @@ fn resolve(s: &str, base_dir: Option<&Path>, what: &str) -> Result<PathBuf> {
                 _ => p.to_path_buf(),
             })
         }
-        Location::Http(u) => Err(Error::bad_input(
-            format!("{what} {u} is an http(s) URL"),
-            "a local path or file:// URL (remote videos are not fetched yet)",
-        )),
-        Location::Data { .. } => Err(Error::bad_input(
-            format!("{what} is a data: URI"),
+        Location::Http(_) | Location::Data { .. } => Err(Error::bad_input(
+            format!("{what} is not a local path"),
             "a local path or file:// URL",
         )),
+    }
+}
+
+/// A video file on disk: the user's own, or a temporary copy of a `data:` URI or an http(s)
+/// download (removed when this is dropped). FFmpeg's demuxers want a seekable file (mp4 keeps
+/// its index at the end), so remote and inline videos are spooled to disk instead of held in
+/// memory.
+struct VideoFile {
+    path: PathBuf,
+    /// How errors name the video (the path, the URL or "data: URI (N bytes)").
+    origin: Option<String>,
+    temporary: bool,
+}
+
+impl Drop for VideoFile {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl VideoFile {
+    /// A new, empty temporary file for a video; `ext` helps FFmpeg's format probe.
+    fn temporary(ext: &str, origin: String) -> Result<(Self, std::fs::File)> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("qwen2vl-video-{}-{n}.{ext}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| {
+                Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot create {}: {e}", path.display()),
+                ))
+            })?;
+        Ok((
+            VideoFile {
+                path,
+                origin: Some(origin),
+                temporary: true,
+            },
+            file,
+        ))
+    }
+
+    /// Rewrites an error about the temporary path so it names the user's source instead.
+    fn rename_error(&self, e: Error) -> Error {
+        match (&self.origin, e) {
+            (Some(origin), Error::BadInput { what, allowed }) => Error::BadInput {
+                what: what.replace(&self.path.display().to_string(), origin),
+                allowed,
+            },
+            (_, e) => e,
+        }
+    }
+}
+
+/// The file extension a video media type suggests (a hint for FFmpeg's probe only).
+fn video_extension(media_type: &str) -> &'static str {
+    match media_type.to_ascii_lowercase().as_str() {
+        "video/webm" => "webm",
+        "video/x-matroska" | "video/matroska" => "mkv",
+        "video/quicktime" => "mov",
+        "video/x-msvideo" | "video/avi" => "avi",
+        "image/gif" => "gif",
+        _ => "mp4",
+    }
+}
+
+/// Where a video source's bytes are: a local path as is, a `data:` URI decoded into a
+/// temporary file, an http(s) URL downloaded into one (only with
+/// [`FetchOptions::allow_remote`]; timeout and [`FetchOptions::max_video_bytes`] apply).
+fn locate_video(s: &str, fetch: &FetchOptions, base_dir: Option<&Path>) -> Result<VideoFile> {
+    match Location::parse(s) {
+        Location::Path(_) => Ok(VideoFile {
+            path: resolve(s, base_dir, "video")?,
+            origin: None,
+            temporary: false,
+        }),
+        Location::Data {
+            media_type,
+            base64,
+            payload,
+        } => {
+            let bytes = crate::processing::fetch::decode_data_payload(base64, payload)?;
+            if bytes.len() as u64 > fetch.max_video_bytes {
+                return Err(Error::bad_input(
+                    format!("video data: URI holds {} bytes", bytes.len()),
+                    format!("videos of at most {} bytes", fetch.max_video_bytes),
+                ));
+            }
+            let origin = format!("video data: URI ({} bytes)", bytes.len());
+            let (v, mut f) = VideoFile::temporary(video_extension(media_type), origin)?;
+            std::io::Write::write_all(&mut f, &bytes).map_err(|e| {
+                Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot write {}: {e}", v.path.display()),
+                ))
+            })?;
+            Ok(v)
+        }
+        Location::Http(url) => {
+            if !fetch.allow_remote {
+                return Err(Error::bad_input(
+                    format!("video URL {url} was not fetched: fetching remote media is disabled"),
+                    "local paths, file:// URLs or data: URIs \
+                     (remote URLs when FetchOptions::allow_remote is on)",
+                ));
+            }
+            let ext = Path::new(url.split(['?', '#']).next().unwrap_or(url))
+                .extension()
+                .and_then(|e| e.to_str())
+                .filter(|e| e.len() <= 5 && e.chars().all(|c| c.is_ascii_alphanumeric()))
+                .unwrap_or("mp4")
+                .to_ascii_lowercase();
+            let (v, mut f) = VideoFile::temporary(&ext, url.to_string())?;
+            crate::processing::fetch::http_download(
+                url,
+                fetch,
+                fetch.max_video_bytes,
+                "video",
+                &mut f,
+            )?;
+            Ok(v)
+        }
     }
 }
 
@@ -279,16 +406,24 @@ fn resolve(s: &str, base_dir: Option<&Path>, what: &str) -> Result<PathBuf> {
 pub fn preprocess_video(
     part: &VideoPart,
     cfg: &PreprocessorConfig,
+    fetch: &FetchOptions,
     base_dir: Option<&Path>,
 ) -> Result<PreprocessedVideo> {
     let (frames, frame_indices, fps) = match &part.source {
         VideoSource::Uri(s) => {
-            let path = resolve(s, base_dir, "video")?;
-            let v = read_video_file(&path, part, cfg.factor())?;
+            if s.is_empty() {
+                return Err(Error::bad_input(
+                    "video source is an empty string",
+                    "a path, file:// URL, http(s):// URL or data: URI of a video file",
+                ));
+            }
+            let file = locate_video(s, fetch, base_dir)?;
+            let v = read_video_file(&file.path, part, cfg.factor())
+                .map_err(|e| file.rename_error(e))?;
             (v.frames, v.indices, v.sample_fps)
         }
         VideoSource::Frames(list) => {
-            let (frames, idx) = fetch_frame_list(list, part, cfg.factor(), base_dir)?;
+            let (frames, idx) = fetch_frame_list(list, part, cfg.factor(), fetch, base_dir)?;
             (frames, idx, part.fps.unwrap_or(FPS))
         }
     };
@@ -308,6 +443,7 @@ fn fetch_frame_list(
     list: &[String],
     part: &VideoPart,
     factor: usize,
+    fetch: &FetchOptions,
     base_dir: Option<&Path>,
 ) -> Result<(Vec<RgbImage>, Vec<usize>)> {
     if list.is_empty() {
@@ -325,8 +461,18 @@ fn fetch_frame_list(
             },
             other => other,
         };
-        let path = resolve(s, base_dir, "video frame").map_err(tag)?;
-        let img = load_image(&path).map_err(tag)?;
+        // Each frame is read as `fetch_image` reads an image: any image source form.
+        let source = ImageSource::Uri(s.clone());
+        let fetched = crate::processing::fetch::fetch(&source, fetch, base_dir).map_err(tag)?;
+        let img = decode_image(&fetched.bytes)
+            .map_err(|e| match e {
+                Error::BadInput { what, allowed } => Error::BadInput {
+                    what: format!("{}: {what}", fetched.origin),
+                    allowed,
+                },
+                other => other,
+            })
+            .map_err(tag)?;
         let (rh, rw) = if let (Some(rh), Some(rw)) = (part.resized_height, part.resized_width) {
             smart_resize(rh, rw, factor, MIN_PIXELS, MAX_PIXELS)
         } else {
@@ -888,7 +1034,8 @@ mod tests {
             let part = part_from(&case["options"]);
             let bytes = std::fs::read(dir().join(format!("case_{name}.safetensors"))).unwrap();
             let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-            let got = preprocess_video(&part, &cfg, Some(&dir())).unwrap();
+            let got =
+                preprocess_video(&part, &cfg, &FetchOptions::default(), Some(&dir())).unwrap();
             let want_idx: Vec<usize> = case["frame_indices"]
                 .as_array()
                 .unwrap()
@@ -1058,7 +1205,7 @@ mod tests {
                 want.len()
             );
             assert_eq!(diff, 0, "{file}: decoded frames differ (max {worst})");
-            let v = preprocess_video(&part, &cfg(), None).unwrap();
+            let v = preprocess_video(&part, &cfg(), &FetchOptions::default(), None).unwrap();
             assert_eq!(v.grid_thw[0], 2, "{file}");
         }
     }
@@ -1085,7 +1232,13 @@ mod tests {
         };
         eprintln!("before: {}", hwm());
         let t = std::time::Instant::now();
-        let v = preprocess_video(&VideoPart::new(path), &cfg(), None).unwrap();
+        let v = preprocess_video(
+            &VideoPart::new(path),
+            &cfg(),
+            &FetchOptions::default(),
+            None,
+        )
+        .unwrap();
         eprintln!(
             "{} frames sampled, grid {:?}, {}x{} per frame, pixel_values {} MiB, {:.1} s; after: {}",
             v.frame_indices.len(),
@@ -1133,7 +1286,12 @@ mod tests {
                 ]),
             ),
         ] {
-            let (w, a) = bad(preprocess_video(&part, &cfg, None));
+            let (w, a) = bad(preprocess_video(
+                &part,
+                &cfg,
+                &FetchOptions::default(),
+                None,
+            ));
             assert!(!w.is_empty() && !a.is_empty(), "{what}");
             eprintln!("{what}: {w}; allowed: {a}");
         }
@@ -1167,11 +1325,21 @@ mod tests {
                 ("negative start", with(&|p| p.video_start = Some(-1.0))),
                 ("max_pixels 0", with(&|p| p.max_pixels = Some(0))),
             ] {
-                let (w, a) = bad(preprocess_video(&part, &cfg, None));
+                let (w, a) = bad(preprocess_video(
+                    &part,
+                    &cfg,
+                    &FetchOptions::default(),
+                    None,
+                ));
                 eprintln!("{what}: {w}; allowed: {a}");
             }
             // A PNG is not a video (one frame: fewer than the 4 the default fps needs).
-            bad(preprocess_video(&video(&png), &cfg, None));
+            bad(preprocess_video(
+                &video(&png),
+                &cfg,
+                &FetchOptions::default(),
+                None,
+            ));
         }
         let _ = std::fs::remove_dir_all(&tmp);
     }
