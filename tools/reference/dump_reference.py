@@ -62,6 +62,10 @@ EXTRA_IMAGE_SPECS = {
     "gray.png": (80, 100, 110, "gray_png"),
     "anim.gif": (64, 48, 111, "gif2"),  # two frames; the first is used
     "photo.jpg": (200, 150, 112, "progressive_jpeg"),  # progressive 4:2:0, quality 85
+    "lossy.webp": (96, 72, 113, "webp"),  # lossy VP8, quality 80
+    "plain.bmp": (70, 90, 114, "bmp"),  # 24-bit BMP (bottom-up rows)
+    "lzw.tiff": (110, 60, 115, "tiff_lzw"),  # RGB TIFF, LZW compressed
+    "gray16.png": (60, 60, 116, "gray16_png"),  # mode I;16, values up to 765 (clipped by convert)
 }
 
 
@@ -147,6 +151,12 @@ CASES = {
             {"role": "user", "content": [txt("And this one?"), img("tall.png")]},
         ],
     ),
+    "more_formats": dict(
+        model="tiny-qwen2vl",
+        messages=[{"role": "user", "content": [
+            img("lossy.webp"), img("plain.bmp"), img("lzw.tiff"), img("gray16.png"),
+            txt("Compare these four pictures.")]}],
+    ),
     "data_uri": dict(
         model="tiny-qwen2vl",
         messages=[{"role": "user", "content": [
@@ -225,6 +235,14 @@ def write_extra_images():
             im.save(path, format="GIF", save_all=True, append_images=[im2], duration=100, loop=0)
         elif how == "progressive_jpeg":
             im.save(path, format="JPEG", quality=85, progressive=True)
+        elif how == "webp":
+            im.save(path, format="WEBP", quality=80)
+        elif how == "bmp":
+            im.save(path, format="BMP")
+        elif how == "tiff_lzw":
+            im.save(path, format="TIFF", compression="tiff_lzw")
+        elif how == "gray16_png":
+            Image.fromarray(np.asarray(im.convert("L")).astype(np.uint16) * 3).save(path, format="PNG")
         else:
             raise ValueError(how)
     print(f"images: {', '.join(EXTRA_IMAGE_SPECS)} -> {IMAGES}")
