@@ -1,6 +1,7 @@
 //! `qwen2vl`: run Qwen2-VL models from the command line.
 
 mod common;
+mod draw;
 mod hub;
 mod run;
 

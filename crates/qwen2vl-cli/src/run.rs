@@ -1,12 +1,20 @@
 //! `qwen2vl run`: one prompt, streamed or as one JSON object.
+//!
+//! Grounding answers (`<|object_ref_start|>the red car<|object_ref_end|><|box_start|>(120,340),
+//! (560,780)<|box_end|>`) stream as clean text, each box or quad shown as a numbered marker
+//! (`the red car [1]`), followed by the list of shapes in pixels. Qwen2-VL's coordinates are
+//! relative to one image, and the answer does not say which: they are mapped to the **last
+//! image of the request** (the one a grounding question is normally about).
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
-use qwen2vl::pipeline::GenerateRequest;
+use qwen2vl::grounding::{Grounding, GroundingStream, PixelShape, ShapeKind};
+use qwen2vl::pipeline::{GenerateRequest, Generation};
 
 use crate::common::{CliError, MediaArgs, ModelArgs, SamplingArgs};
+use crate::draw::DrawTarget;
 
 /// Flags of `qwen2vl run`.
 #[derive(Args)]
@@ -40,6 +48,11 @@ pub struct RunArgs {
     /// With --json: how many alternatives to list per generated token.
     #[arg(long, default_value_t = 5)]
     pub top_logprobs: usize,
+    /// Write the last --image with the answer's boxes and quads drawn on it, each in its own
+    /// colour with its number and label (PNG or JPEG, chosen by the extension). The image is
+    /// written even when the answer has no boxes (a note says so on stderr).
+    #[arg(long, value_name = "OUT.png")]
+    pub draw_boxes: Option<PathBuf>,
 }
 
 /// Runs `qwen2vl run`.
@@ -47,6 +60,11 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
     let prompt = args.prompt.or(args.prompt_arg).ok_or_else(|| {
         CliError::Usage("no prompt given: pass it as an argument or with --prompt".into())
     })?;
+    // Checked before loading the model: a bad output path should not cost a load.
+    let draw = match &args.draw_boxes {
+        Some(path) => Some(DrawTarget::prepare(path, !args.images.is_empty())?),
+        None => None,
+    };
     let pipeline = args.model.load()?;
     let mut request = GenerateRequest::from_media(
         args.system.as_deref(),
@@ -60,21 +78,144 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
     .with_top_logprobs(if args.json { args.top_logprobs } else { 0 });
     request.add_vision_id = args.media.add_vision_id;
     request.fetch = args.media.fetch();
-    let stdout = std::io::stdout();
     let json = args.json;
-    let gen = pipeline.generate(&request, &mut |piece: &str| {
-        if !json {
+    // The terminal gets the markup-free text of GroundingStream, so it needs the markers.
+    request.stream_grounding_markup = !json;
+    let test_answer = test_answer();
+    let stdout = std::io::stdout();
+    let print = |text: &str| {
+        if !text.is_empty() {
             let mut out = stdout.lock();
-            let _ = out.write_all(piece.as_bytes());
+            let _ = out.write_all(text.as_bytes());
             let _ = out.flush();
         }
+    };
+    let mut stream = GroundingStream::new();
+    let mut gen = pipeline.generate(&request, &mut |piece: &str| {
+        if !json && test_answer.is_none() {
+            print(&stream.push(piece));
+        }
     })?;
+    if let Some(answer) = &test_answer {
+        replace_answer(&mut gen, answer);
+        if !json {
+            // In small pieces, as a model would stream it.
+            let chars: Vec<char> = answer.chars().collect();
+            for piece in chars.chunks(3) {
+                print(&stream.push(&piece.iter().collect::<String>()));
+            }
+        }
+    }
+    // Pixel coordinates refer to the last image of the request (see the module docs).
+    let image_size = gen
+        .images
+        .last()
+        .map(|i| (i.original_hw.1 as u32, i.original_hw.0 as u32));
+    let shapes = gen
+        .grounding
+        .as_ref()
+        .map(|g| pixel_shapes(g, image_size))
+        .unwrap_or_default();
     if json {
         let mut value = serde_json::to_value(&gen).map_err(|e| CliError::Failed(e.to_string()))?;
         value["timings"]["load_ms"] = serde_json::json!(pipeline.load_ms());
+        if let (Some(_), Some((width, height))) = (&gen.grounding, image_size) {
+            value["grounding"]["pixels"] = serde_json::json!({
+                "image": gen.images.len() - 1,
+                "width": width,
+                "height": height,
+                "shapes": shapes,
+            });
+        }
         println!("{value}");
     } else {
+        let (tail, _) = stream.finish();
+        print(&tail);
         println!();
+        if !shapes.is_empty() {
+            println!();
+            if image_size.is_none() {
+                println!("(no image in the request: coordinates are the model's, 0-1000)");
+            }
+            for s in &shapes {
+                println!("{}", shape_line(s));
+            }
+        }
+    }
+    if let Some(target) = draw {
+        let mut img = load_last_image(&args.images, &request)?;
+        if shapes.is_empty() {
+            eprintln!(
+                "note: the answer has no boxes; writing the image unchanged to {}",
+                target.path().display()
+            );
+        }
+        crate::draw::draw_shapes(&mut img, &shapes);
+        target.write(&img)?;
     }
     Ok(())
+}
+
+/// The shapes in pixels of the image (`(width, height)`), or in the model's coordinates
+/// (0-1000) when the request had no image.
+fn pixel_shapes(g: &Grounding, image_size: Option<(u32, u32)>) -> Vec<PixelShape> {
+    match image_size {
+        Some((w, h)) => g.pixel_shapes(w, h),
+        None => g.shapes(),
+    }
+}
+
+/// `[1] the red car: (123, 456)-(789, 1011)`; a quad lists its four points.
+fn shape_line(s: &PixelShape) -> String {
+    let label = s
+        .label
+        .as_deref()
+        .map(|l| format!(" {l}:"))
+        .unwrap_or_default();
+    let pts: Vec<String> = s
+        .points
+        .iter()
+        .map(|[x, y]| format!("({x}, {y})"))
+        .collect();
+    let sep = if s.kind == ShapeKind::Box { "-" } else { ", " };
+    format!("[{}]{label} {}", s.number, pts.join(sep))
+}
+
+/// The last `--image`, decoded by the library's own loader (the pixels the model saw before
+/// resizing: RGB, EXIF orientation not applied).
+fn load_last_image(
+    images: &[PathBuf],
+    request: &GenerateRequest,
+) -> Result<image::RgbImage, CliError> {
+    let last = images
+        .last()
+        .ok_or_else(|| CliError::Usage("--draw-boxes needs an image (--image)".into()))?;
+    let source =
+        qwen2vl::processing::messages::ImageSource::Uri(last.to_string_lossy().into_owned());
+    let fetched =
+        qwen2vl::processing::fetch::fetch(&source, &request.fetch, request.base_dir.as_deref())?;
+    Ok(qwen2vl::processing::image::decode_image(&fetched.bytes)?)
+}
+
+/// A hidden test hook, compiled into debug builds only: `QWEN2VL_TEST_GROUNDED_ANSWER` replaces
+/// the model's answer (markers included) after generation. The tiny random test model never
+/// writes boxes, and this is the only way to check the terminal listing, `--json` and
+/// `--draw-boxes` end to end on a known answer.
+fn test_answer() -> Option<String> {
+    if cfg!(debug_assertions) {
+        std::env::var("QWEN2VL_TEST_GROUNDED_ANSWER").ok()
+    } else {
+        None
+    }
+}
+
+/// Makes `gen` describe `answer` (what the model would have produced with those markers):
+/// `text` as skip_special_tokens would show it, `grounding` parsed from it.
+fn replace_answer(gen: &mut Generation, answer: &str) {
+    let mut text = answer.to_string();
+    for m in qwen2vl::grounding::MARKERS {
+        text = text.replace(m, "");
+    }
+    gen.text = text;
+    gen.grounding = Some(Grounding::parse(answer)).filter(Grounding::has_shapes);
 }

@@ -182,8 +182,9 @@ impl Grounding {
             .any(|o| !o.boxes.is_empty() || !o.quads.is_empty())
     }
 
-    /// Every box and quad, ordered by number, in pixels of an image of `width` x `height`.
-    pub fn pixel_shapes(&self, width: u32, height: u32) -> Vec<PixelShape> {
+    /// Every box and quad with its object's label, ordered by number, in the model's
+    /// [0, 1000) coordinates (the form of [`Self::pixel_shapes`], before mapping).
+    pub fn shapes(&self) -> Vec<PixelShape> {
         let mut out: Vec<PixelShape> = Vec::new();
         for o in &self.objects {
             for b in &o.boxes {
@@ -191,7 +192,7 @@ impl Grounding {
                     number: b.number,
                     label: o.label.clone(),
                     kind: ShapeKind::Box,
-                    points: b.to_pixels(width, height).to_vec(),
+                    points: vec![[b.x1, b.y1], [b.x2, b.y2]],
                 });
             }
             for q in &o.quads {
@@ -199,11 +200,23 @@ impl Grounding {
                     number: q.number,
                     label: o.label.clone(),
                     kind: ShapeKind::Quad,
-                    points: q.to_pixels(width, height).to_vec(),
+                    points: q.points.to_vec(),
                 });
             }
         }
         out.sort_by_key(|s| s.number);
+        out
+    }
+
+    /// Every box and quad, ordered by number, in pixels of an image of `width` x `height`
+    /// (each coordinate through [`to_pixel`]).
+    pub fn pixel_shapes(&self, width: u32, height: u32) -> Vec<PixelShape> {
+        let mut out = self.shapes();
+        for s in &mut out {
+            for p in &mut s.points {
+                *p = [to_pixel(p[0], width), to_pixel(p[1], height)];
+            }
+        }
         out
     }
 }
@@ -857,6 +870,7 @@ mod tests {
         let g = Grounding::parse(
             "<|object_ref_start|>a<|object_ref_end|><|quad_start|>(0,0),(999,0),(999,999),(0,999)<|quad_end|><|box_start|>(100,200),(300,400)<|box_end|>",
         );
+        assert_eq!(g.shapes()[1].points, vec![[100, 200], [300, 400]]);
         let shapes = g.pixel_shapes(200, 100);
         assert_eq!(shapes.len(), 2);
         assert_eq!(shapes[0].number, 1);
