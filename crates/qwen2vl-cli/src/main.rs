@@ -1,5 +1,6 @@
 //! `qwen2vl`: run Qwen2-VL models from the command line.
 
+mod bench;
 mod common;
 mod draw;
 mod hub;
@@ -26,6 +27,12 @@ enum Command {
     ///
     /// Example: qwen2vl run --model ./Qwen2-VL-2B-Instruct --image photo.jpg "Describe this image."
     Run(run::RunArgs),
+    /// Time the standard workload (one image, one prompt, N new tokens with EOS ignored):
+    /// load, vision, prefill, time to first token, decode tokens/s and peak memory, as median,
+    /// min and max over repeated runs.
+    ///
+    /// Example: qwen2vl bench --model ./Qwen2-VL-2B-Instruct --image-size 640x480 --new-tokens 32 --runs 3
+    Bench(bench::BenchArgs),
 }
 
 /// Keeps freed memory in the process instead of returning it to the OS.
@@ -56,6 +63,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Run(args) => run::main(args),
+        Command::Bench(args) => bench::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

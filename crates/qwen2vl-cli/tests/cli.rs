@@ -387,3 +387,116 @@ fn add_vision_id_adds_prompt_tokens() {
     // "Picture 1: " is a few text tokens more.
     assert!(prompt_tokens(&["--add-vision-id"]) > prompt_tokens(&[]));
 }
+
+#[test]
+fn bench_json_reports_every_figure() {
+    let o = qwen2vl(&[
+        "bench",
+        "--model",
+        tiny().to_str().unwrap(),
+        "--image-size",
+        "64x48",
+        "--new-tokens",
+        "5",
+        "--warmup",
+        "1",
+        "--runs",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    // EOS is ignored: exactly the asked-for token count, the same ids every run (greedy).
+    assert_eq!(v["new_tokens"], 5);
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 5);
+    assert_eq!(v["token_ids_same_every_run"], true);
+    assert_eq!(v["runs"], 2);
+    // 64x48 → 56x56 after smart_resize (min_pixels), 2x2 merged → 4 image tokens.
+    assert_eq!(v["image_tokens"], 4);
+    for key in [
+        "vision_ms",
+        "prefill_ms",
+        "prefill_tokens_per_s",
+        "ttft_ms",
+        "decode_tokens_per_s",
+        "peak_rss_mib",
+    ] {
+        let s = &v[key];
+        let (med, min, max) = (
+            s["median"].as_f64().unwrap_or(f64::NAN),
+            s["min"].as_f64().unwrap_or(f64::NAN),
+            s["max"].as_f64().unwrap_or(f64::NAN),
+        );
+        assert!(min > 0.0 && min <= med && med <= max, "{key}: {s}");
+    }
+    assert!(v["load_ms"].as_f64().unwrap() > 0.0);
+    // Time to first token covers vision and prefill.
+    assert!(
+        v["ttft_ms"]["min"].as_f64().unwrap() >= v["prefill_ms"]["min"].as_f64().unwrap(),
+        "{v}"
+    );
+
+    // Text only: no vision figure.
+    let o = qwen2vl(&[
+        "bench",
+        "--model",
+        tiny().to_str().unwrap(),
+        "--no-image",
+        "--new-tokens",
+        "2",
+        "--warmup",
+        "0",
+        "--runs",
+        "1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["vision_ms"].is_null(), "{v}");
+    assert_eq!(v["image_tokens"], 0);
+}
+
+#[test]
+fn bench_table_and_bad_flags() {
+    let o = qwen2vl(&[
+        "bench",
+        "--model",
+        tiny().to_str().unwrap(),
+        "--image-size",
+        "40x40",
+        "--new-tokens",
+        "3",
+        "--runs",
+        "1",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    for row in [
+        "vision ms",
+        "prefill tok/s",
+        "TTFT ms",
+        "decode tok/s",
+        "peak RSS",
+        "load average",
+    ] {
+        assert!(table.contains(row), "missing {row:?}:\n{table}");
+    }
+    let m = tiny();
+    let m = m.to_str().unwrap();
+    assert_clean_failure(
+        &qwen2vl(&["bench", "--model", m, "--runs", "0"]),
+        &["--runs"],
+    );
+    assert_clean_failure(
+        &qwen2vl(&["bench", "--model", m, "--new-tokens", "0"]),
+        &["--new-tokens"],
+    );
+    assert_clean_failure(
+        &qwen2vl(&["bench", "--model", m, "--image-size", "640by480"]),
+        &["WIDTHxHEIGHT"],
+    );
+    let o = qwen2vl(&["bench", "--model", m, "--image", "/no/such/image.png"]);
+    assert_clean_failure(&o, &["/no/such/image.png"]);
+    assert_eq!(o.status.code(), Some(2));
+}

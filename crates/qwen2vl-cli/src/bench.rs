@@ -1,0 +1,354 @@
+//! `qwen2vl bench`: the standard workload, timed.
+//!
+//! One image (a file, or a synthetic one of a given size), one prompt, N new tokens with
+//! end-of-sequence ignored and greedy sampling, so every run does the same work; warm-up runs,
+//! then timed runs. Reports load time, vision, prefill (ms and tokens/s), time to first token,
+//! decode tokens/s and peak RSS as median, min and max, plus the machine's load average before
+//! and after (a busy machine makes every figure worse). `tools/reference/bench_transformers.py`
+//! runs the same workload through transformers.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Args;
+use qwen2vl::pipeline::{GenerateRequest, Generation};
+use qwen2vl::processing::messages::{ContentPart, ImagePart, ImageSource, Message, Role};
+use serde_json::json;
+
+use crate::common::{CliError, ModelArgs};
+
+/// Flags of `qwen2vl bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The image to use (default: a synthetic image of --image-size).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["image_size", "no_image"])]
+    pub image: Option<PathBuf>,
+    /// Size of the synthetic image, WIDTHxHEIGHT.
+    #[arg(long, default_value = "640x480", value_parser = parse_size)]
+    pub image_size: (u32, u32),
+    /// Text only: no image.
+    #[arg(long)]
+    pub no_image: bool,
+    /// The prompt.
+    #[arg(long, default_value = "Describe this image.")]
+    pub prompt: String,
+    /// New tokens per run (end-of-sequence is ignored, so every run makes exactly this many).
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: usize,
+    /// Untimed runs first (allocator growth, page faults, thread start-up).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Timed runs.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("{s:?} is not WIDTHxHEIGHT with both between 1 and 16384, e.g. 640x480");
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    let w: u32 = w.trim().parse().map_err(|_| bad())?;
+    let h: u32 = h.trim().parse().map_err(|_| bad())?;
+    if !(1..=16384).contains(&w) || !(1..=16384).contains(&h) {
+        return Err(bad());
+    }
+    Ok((w, h))
+}
+
+/// A deterministic test picture: colour gradients, a few hard-edged shapes and some noise,
+/// so the vision tower sees something photo-like (its cost does not depend on content, but
+/// the PNG decode does a little).
+fn synthetic_image(w: u32, h: u32) -> image::RgbImage {
+    let mut state: u32 = 0x9e37_79b9;
+    let mut noise = move || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        (state >> 24) as i32 - 128
+    };
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let fx = x as f32 / w.max(2) as f32;
+        let fy = y as f32 / h.max(2) as f32;
+        let mut px = [
+            (255.0 * fx) as i32,
+            (255.0 * fy) as i32,
+            (255.0 * (1.0 - fx) * (1.0 - fy)) as i32,
+        ];
+        let (cx, cy) = (fx - 0.35, fy - 0.5);
+        if cx * cx + cy * cy < 0.04 {
+            px = [220, 40, 40];
+        }
+        if (0.6..0.85).contains(&fx) && (0.2..0.7).contains(&fy) {
+            px = [30, 160, 60];
+        }
+        let n = noise() / 16;
+        image::Rgb(px.map(|c| (c + n).clamp(0, 255) as u8))
+    })
+}
+
+/// `VmHWM` (peak resident set) of this process in bytes, if the kernel reports it.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Resets the peak-RSS counter (Linux ≥ 4.0: writing 5 to `clear_refs`), so each run's peak
+/// is its own. Returns whether it worked.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn load_average() -> Option<[f64; 3]> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut it = s.split_whitespace().map(|v| v.parse::<f64>().ok());
+    Some([it.next()??, it.next()??, it.next()??])
+}
+
+/// Median, min and max of some figures.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Stat {
+    fn of(values: &[f64]) -> Stat {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n == 0 {
+            f64::NAN
+        } else if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Stat {
+            median,
+            min: v.first().copied().unwrap_or(f64::NAN),
+            max: v.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+/// Runs `qwen2vl bench`.
+pub fn main(args: BenchArgs) -> Result<(), CliError> {
+    if args.runs == 0 {
+        return Err(CliError::Usage("--runs must be at least 1".into()));
+    }
+    if args.new_tokens == 0 {
+        return Err(CliError::Usage("--new-tokens must be at least 1".into()));
+    }
+    let threads = args
+        .model
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let load_before = load_average();
+
+    // The image first: a missing file should fail before the model loads.
+    let image = if args.no_image {
+        None
+    } else if let Some(p) = &args.image {
+        let bytes = std::fs::read(p).map_err(|e| {
+            CliError::Usage(format!("cannot read --image {}: {e}", p.display()))
+        })?;
+        Some((ImageSource::Bytes(bytes), p.display().to_string()))
+    } else {
+        let (w, h) = args.image_size;
+        let img = synthetic_image(w, h);
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .map_err(|e| CliError::Failed(format!("cannot encode the synthetic image: {e}")))?;
+        Some((ImageSource::Bytes(png), format!("synthetic {w}x{h}")))
+    };
+
+    let pipeline = args.model.load()?;
+    let load_ms = pipeline.load_ms();
+
+    let mut parts = Vec::new();
+    if let Some((src, _)) = &image {
+        parts.push(ContentPart::Image(ImagePart::new(src.clone())));
+    }
+    parts.push(ContentPart::text(args.prompt.clone()));
+    let mut request = GenerateRequest::new(vec![Message::parts(Role::User, parts)])
+        .with_max_new_tokens(args.new_tokens);
+    request.ignore_eos = true;
+
+    let quiet = args.model.quiet || args.json;
+    let total = args.warmup + args.runs;
+    let mut gens: Vec<(Generation, Option<u64>)> = Vec::with_capacity(args.runs);
+    let can_reset = reset_peak_rss();
+    for i in 0..total {
+        if !quiet {
+            let kind = if i < args.warmup { "warm-up" } else { "run" };
+            eprint!("\r{kind} {}/{total} ...", i + 1);
+            let _ = std::io::stderr().flush();
+        }
+        if can_reset {
+            reset_peak_rss();
+        }
+        let gen = pipeline.generate(&request, &mut |_| {})?;
+        if i >= args.warmup {
+            gens.push((gen, peak_rss_bytes()));
+        }
+    }
+    if !quiet {
+        eprintln!("\r{:30}", "");
+    }
+    let load_after = load_average();
+
+    let figures = |f: &dyn Fn(&Generation) -> f64| -> Stat {
+        Stat::of(&gens.iter().map(|(g, _)| f(g)).collect::<Vec<_>>())
+    };
+    let first = &gens[0].0;
+    let prompt_tokens = first.usage.prompt_tokens;
+    let vision = figures(&|g| g.timings.vision_ms);
+    let prefill = figures(&|g| g.timings.prefill_ms);
+    let prefill_tps = figures(&|g| prompt_tokens as f64 / (g.timings.prefill_ms / 1e3));
+    let ttft = figures(&|g| g.timings.ttft_ms);
+    let decode_tps = figures(&|g| g.timings.decode_tokens_per_s);
+    let peaks: Vec<f64> = gens
+        .iter()
+        .filter_map(|(_, p)| p.map(|b| b as f64 / (1u64 << 20) as f64))
+        .collect();
+    let peak = (!peaks.is_empty()).then(|| Stat::of(&peaks));
+    let same_ids = gens.iter().all(|(g, _)| g.token_ids == first.token_ids);
+    let image_info = first.images.first();
+
+    if args.json {
+        let value = json!({
+            "engine": "qwen2vl",
+            "version": env!("CARGO_PKG_VERSION"),
+            "model": args.model.model,
+            "dtype": args.model.dtype,
+            "threads": threads,
+            "image": image.as_ref().map(|(_, name)| name),
+            "image_info": image_info,
+            "prompt_tokens": prompt_tokens,
+            "image_tokens": first.usage.prompt_image_tokens,
+            "new_tokens": first.usage.completion_tokens,
+            "warmup": args.warmup,
+            "runs": args.runs,
+            "load_ms": load_ms,
+            "vision_ms": image.is_some().then_some(vision),
+            "prefill_ms": prefill,
+            "prefill_tokens_per_s": prefill_tps,
+            "ttft_ms": ttft,
+            "decode_tokens_per_s": decode_tps,
+            "peak_rss_mib": peak,
+            "peak_rss_per_run": can_reset,
+            "token_ids": first.token_ids,
+            "token_ids_same_every_run": same_ids,
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+        });
+        println!("{value}");
+        return Ok(());
+    }
+
+    let mut out = String::new();
+    let img_desc = match (&image, image_info) {
+        (Some((_, name)), Some(info)) => format!(
+            "{name} → {}x{} ({} image tokens)",
+            info.resized_hw.1, info.resized_hw.0, info.tokens
+        ),
+        _ => "none".to_string(),
+    };
+    out.push_str(&format!(
+        "model {} ({}, {threads} threads)\nimage {img_desc}\nprompt {prompt_tokens} tokens, {} new tokens (EOS ignored), {} warm-up + {} timed runs\n",
+        args.model.model, args.model.dtype, args.new_tokens, args.warmup, args.runs
+    ));
+    out.push_str(&format!("load              {:>10.1} s\n", load_ms / 1e3));
+    out.push_str(&format!(
+        "{:<18}{:>10} {:>10} {:>10}\n",
+        "", "median", "min", "max"
+    ));
+    let mut row = |name: &str, s: Stat, prec: usize| {
+        out.push_str(&format!(
+            "{name:<18}{:>10.prec$} {:>10.prec$} {:>10.prec$}\n",
+            s.median, s.min, s.max
+        ));
+    };
+    if image.is_some() {
+        row("vision ms", vision, 1);
+    }
+    row("prefill ms", prefill, 1);
+    row("prefill tok/s", prefill_tps, 1);
+    row("TTFT ms", ttft, 1);
+    row("decode tok/s", decode_tps, 2);
+    if let Some(p) = peak {
+        row(
+            if can_reset {
+                "peak RSS MiB"
+            } else {
+                "peak RSS MiB*"
+            },
+            p,
+            0,
+        );
+        if !can_reset {
+            out.push_str("* process peak so far (this kernel cannot reset it per run)\n");
+        }
+    }
+    let fmt_load = |l: Option<[f64; 3]>| {
+        l.map_or("unknown".to_string(), |l| {
+            format!("{:.2} {:.2} {:.2}", l[0], l[1], l[2])
+        })
+    };
+    out.push_str(&format!(
+        "load average      before {} · after {}\n",
+        fmt_load(load_before),
+        fmt_load(load_after)
+    ));
+    out.push_str(&format!(
+        "token ids         {}\n",
+        if same_ids {
+            "the same in every run"
+        } else {
+            "DIFFER between runs"
+        }
+    ));
+    print!("{out}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("640x480"), Ok((640, 480)));
+        assert_eq!(parse_size("28X28"), Ok((28, 28)));
+        assert!(parse_size("640").is_err());
+        assert!(parse_size("0x10").is_err());
+        assert!(parse_size("20000x10").is_err());
+        assert!(parse_size("axb").unwrap_err().contains("WIDTHxHEIGHT"));
+    }
+
+    #[test]
+    fn medians() {
+        let s = Stat::of(&[3.0, 1.0, 2.0]);
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        let s = Stat::of(&[4.0, 1.0, 2.0, 3.0]);
+        assert_eq!((s.median, s.min, s.max), (2.5, 1.0, 4.0));
+    }
+
+    #[test]
+    fn synthetic_image_is_deterministic_and_sized() {
+        let a = synthetic_image(64, 48);
+        let b = synthetic_image(64, 48);
+        assert_eq!(a.dimensions(), (64, 48));
+        assert!(a == b);
+        // Not flat: the vision tower should see structure.
+        let first = a.get_pixel(0, 0);
+        assert!(a.pixels().any(|p| p != first));
+    }
+}
