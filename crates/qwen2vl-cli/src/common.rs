@@ -1,9 +1,14 @@
 //! Pieces every command shares: the model flags, sampling flags, media flags, and the error
 //! type whose exit codes scripts rely on.
 
+use std::io::IsTerminal;
+use std::sync::Arc;
+
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use qwen2vl::generation::sampler::SamplingParams;
 use qwen2vl::pipeline::{DTypeChoice, MediaOptions, Pipeline};
+use qwen2vl::weights::{LoadProgress, ProgressFn};
 
 /// The model a command runs, where it comes from, and how it computes.
 #[derive(Args, Debug, Clone)]
@@ -33,7 +38,25 @@ impl ModelArgs {
             .parse()
             .map_err(|e: qwen2vl::Error| CliError::Usage(e.to_string()))?;
         let dir = crate::hub::resolve_model(&self.model, self.quiet)?;
-        Ok(Pipeline::load(&dir, dtype)?)
+        if self.quiet || !std::io::stderr().is_terminal() {
+            return Ok(Pipeline::load(&dir, dtype)?);
+        }
+        let style = ProgressStyle::with_template(
+            "loading weights [{wide_bar}] {bytes}/{total_bytes} ({eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        let bar = ProgressBar::new(0).with_style(style);
+        let shown = bar.clone();
+        let progress: ProgressFn = Arc::new(move |p: LoadProgress| {
+            if shown.length() != Some(p.bytes_total) {
+                shown.set_length(p.bytes_total);
+            }
+            shown.set_position(p.bytes_done);
+        });
+        let loaded = Pipeline::load_with_progress(&dir, dtype, progress);
+        bar.finish_and_clear();
+        Ok(loaded?)
     }
 }
 

@@ -22,11 +22,17 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at startup: boxing the big variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Answer one prompt, optionally about images and videos, streaming the answer to stdout.
     ///
     /// Example: qwen2vl run --model ./Qwen2-VL-2B-Instruct --image photo.jpg "Describe this image."
     Run(run::RunArgs),
+    /// Download a model from the Hugging Face Hub into the local cache and print its directory.
+    ///
+    /// Example: qwen2vl download Qwen/Qwen2-VL-2B-Instruct
+    Download(hub::DownloadArgs),
     /// Time the standard workload (one image, one prompt, N new tokens with EOS ignored):
     /// load, vision, prefill, time to first token, decode tokens/s and peak memory, as median,
     /// min and max over repeated runs.
@@ -63,6 +69,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Run(args) => run::main(args),
+        Command::Download(args) => hub::download_main(args),
         Command::Bench(args) => bench::main(args),
     };
     match result {

@@ -80,11 +80,33 @@ pub struct Qwen2VL {
 impl Qwen2VL {
     /// Loads `config.json` and the weights from a Hugging Face–format directory.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, LoadReport)> {
+        Self::load_with_progress(dir, dtype, device, None)
+    }
+
+    /// [`Qwen2VL::load`], calling `progress` after every tensor read and once at the end
+    /// (with everything done).
+    pub fn load_with_progress(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        progress: Option<crate::weights::ProgressFn>,
+    ) -> Result<(Self, LoadReport)> {
         check_model_dir(dir)?;
         let start = Instant::now();
         let config = Qwen2VLConfig::from_file(&dir.join("config.json"))?;
-        let weights = Weights::from_dir(dir, dtype, device)?;
+        let mut weights = Weights::from_dir(dir, dtype, device)?;
+        if let Some(f) = &progress {
+            weights.set_progress(f.clone());
+        }
         let model = Self::from_weights(&config, &weights)?;
+        if let Some(f) = &progress {
+            let p = weights.progress();
+            f(crate::weights::LoadProgress {
+                bytes_done: p.bytes_total,
+                tensors_done: p.tensors_total,
+                ..p
+            });
+        }
         let unused = weights.unused();
         if !unused.is_empty() {
             tracing::warn!(count = unused.len(), first = %unused[0], "unused tensors in the checkpoint");

@@ -289,13 +289,32 @@ impl Pipeline {
 
     /// Loads everything on a given device.
     pub fn load_on(dir: &Path, dtype: DTypeChoice, device: &Device) -> Result<Self> {
+        Self::load_inner(dir, dtype, device, None)
+    }
+
+    /// [`Pipeline::load`] (on the CPU), reporting weight loading to `progress` (bytes and
+    /// tensors read out of the checkpoint's total) after every tensor and once at the end.
+    pub fn load_with_progress(
+        dir: &Path,
+        dtype: DTypeChoice,
+        progress: crate::weights::ProgressFn,
+    ) -> Result<Self> {
+        Self::load_inner(dir, dtype, &Device::Cpu, Some(progress))
+    }
+
+    fn load_inner(
+        dir: &Path,
+        dtype: DTypeChoice,
+        device: &Device,
+        progress: Option<crate::weights::ProgressFn>,
+    ) -> Result<Self> {
         let start = Instant::now();
         // The cheap parts first, so a broken tokenizer or template is reported before
         // gigabytes of weights are read.
         crate::model::check_model_dir(dir)?;
         let config = crate::config::Qwen2VLConfig::from_file(&dir.join("config.json"))?;
         let processor = Processor::from_dir(dir, &config)?;
-        let (model, _report) = Qwen2VL::load(dir, dtype.dtype(), device)?;
+        let (model, _report) = Qwen2VL::load_with_progress(dir, dtype.dtype(), device, progress)?;
         let gen_path = dir.join("generation_config.json");
         let generation = if gen_path.is_file() {
             GenerationConfig::from_file(&gen_path)?

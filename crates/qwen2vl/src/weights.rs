@@ -32,6 +32,22 @@ struct TensorEntry {
     bytes: std::ops::Range<usize>,
 }
 
+/// How far reading the weights has got, reported after every tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadProgress {
+    /// Checkpoint bytes read and converted so far (never more than `bytes_total`).
+    pub bytes_done: u64,
+    /// Bytes of all tensors in the checkpoint.
+    pub bytes_total: u64,
+    /// Tensors read so far.
+    pub tensors_done: usize,
+    /// Tensors in the checkpoint.
+    pub tensors_total: usize,
+}
+
+/// A loading progress callback; it may be called from any thread.
+pub type ProgressFn = std::sync::Arc<dyn Fn(LoadProgress) + Send + Sync>;
+
 /// The memory-mapped safetensors files of one checkpoint.
 pub struct Weights {
     maps: Vec<(PathBuf, Mmap)>,
@@ -40,6 +56,10 @@ pub struct Weights {
     used: Mutex<BTreeSet<String>>,
     dtype: DType,
     device: Device,
+    /// Called after each tensor is read, when set.
+    progress: Option<ProgressFn>,
+    /// (bytes, tensors) read so far, for `progress`.
+    done: Mutex<(u64, usize)>,
 }
 
 impl std::fmt::Debug for Weights {
@@ -139,7 +159,26 @@ impl Weights {
             used: Mutex::new(BTreeSet::new()),
             dtype,
             device: device.clone(),
+            progress: None,
+            done: Mutex::new((0, 0)),
         })
+    }
+
+    /// Reports progress to `f` after every tensor read from now on.
+    pub fn set_progress(&mut self, f: ProgressFn) {
+        self.progress = Some(f);
+    }
+
+    /// Where loading stands: everything read so far out of the whole checkpoint.
+    pub fn progress(&self) -> LoadProgress {
+        let (bytes, tensors) = self.done.lock().map(|d| *d).unwrap_or_default();
+        let bytes_total = self.index.values().map(|e| e.bytes.len() as u64).sum();
+        LoadProgress {
+            bytes_done: bytes.min(bytes_total),
+            bytes_total,
+            tensors_done: tensors.min(self.index.len()),
+            tensors_total: self.index.len(),
+        }
     }
 
     /// The compute dtype tensors are converted to.
@@ -200,6 +239,13 @@ impl Weights {
         release_pages(mmap, data);
         if let Ok(mut used) = self.used.lock() {
             used.insert(stored);
+        }
+        if let Some(f) = &self.progress {
+            if let Ok(mut done) = self.done.lock() {
+                done.0 += data.len() as u64;
+                done.1 += 1;
+            }
+            f(self.progress());
         }
         Ok(t)
     }
