@@ -1,6 +1,7 @@
 //! `qwen2vl`: run Qwen2-VL models from the command line.
 
 mod bench;
+mod chat;
 mod common;
 mod draw;
 mod hub;
@@ -29,6 +30,10 @@ enum Command {
     ///
     /// Example: qwen2vl run --model ./Qwen2-VL-2B-Instruct --image photo.jpg "Describe this image."
     Run(run::RunArgs),
+    /// Talk with a model over several turns: a prompt with line editing, or a script on stdin.
+    ///
+    /// Example: qwen2vl chat --model ./Qwen2-VL-2B-Instruct --image photo.jpg
+    Chat(chat::ChatArgs),
     /// Download a model from the Hugging Face Hub into the local cache and print its directory.
     ///
     /// Example: qwen2vl download Qwen/Qwen2-VL-2B-Instruct
@@ -69,6 +74,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Run(args) => run::main(args),
+        Command::Chat(args) => chat::main(args),
         Command::Download(args) => hub::download_main(args),
         Command::Bench(args) => bench::main(args),
     };
