@@ -365,3 +365,41 @@ fn convert(
     };
     t.map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Progress rises with every tensor read and ends at the checkpoint's totals.
+    #[test]
+    fn progress_counts_every_tensor_up_to_the_total() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-qwen2vl");
+        let mut w = Weights::from_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+        let seen: Arc<Mutex<Vec<LoadProgress>>> = Arc::default();
+        let sink = seen.clone();
+        w.set_progress(Arc::new(move |p| sink.lock().unwrap().push(p)));
+        let mut names: Vec<(String, Vec<usize>)> = w
+            .index
+            .iter()
+            .map(|(n, e)| (n.clone(), e.shape.clone()))
+            .collect();
+        names.sort();
+        for (name, shape) in &names {
+            w.get(name, shape.as_slice()).unwrap();
+        }
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), names.len());
+        let total: u64 = std::fs::metadata(dir.join("model.safetensors"))
+            .unwrap()
+            .len();
+        let last = *seen.last().unwrap();
+        assert_eq!(last.tensors_done, last.tensors_total);
+        assert_eq!(last.bytes_done, last.bytes_total);
+        // The tensor data is the whole file but its JSON header.
+        assert!(last.bytes_total > total * 9 / 10 && last.bytes_total < total);
+        assert!(seen.windows(2).all(
+            |p| p[1].bytes_done > p[0].bytes_done && p[1].tensors_done == p[0].tensors_done + 1
+        ));
+    }
+}
