@@ -20,14 +20,23 @@ const REPO: &str = "test-org/tiny-qwen2vl";
 /// A repo that answers 401 unless the request carries `Bearer {TOKEN}`.
 const GATED: &str = "test-org/gated-qwen2vl";
 const TOKEN: &str = "hf_test_secret";
+/// A sharded repo: `model.safetensors.index.json` and two shards.
+const SHARDED: &str = "test-org/tiny-qwen2vl-untied";
+/// Files the fake repos also hold that qwen2vl must not download.
+const EXTRAS: &[&str] = &["README.md", "pytorch_model.bin", "onnx/model.onnx"];
 
 fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-qwen2vl")
 }
 
-/// The fixture's files, by name.
+/// The tiny fixture's files, by name.
 fn fixture_files() -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(tiny())
+    files_of(&tiny())
+}
+
+/// The files of a fixture directory, by name.
+fn files_of(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
         .unwrap()
         .map(|e| {
             let p = e.unwrap().path();
@@ -48,7 +57,8 @@ fn etag(data: &[u8]) -> String {
 
 /// Shared state of the fake hub.
 struct State {
-    files: BTreeMap<String, Vec<u8>>,
+    /// Repo id → file name → content.
+    repos: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
     /// Requests seen: "GET /path range".
     log: Mutex<Vec<String>>,
     /// When set, the next full download of this file sends half its body and hangs up.
@@ -68,7 +78,18 @@ impl Hub {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(State {
-            files: fixture_files(),
+            repos: {
+                let mut small = fixture_files();
+                for x in EXTRAS {
+                    small.insert(x.to_string(), b"not for qwen2vl".to_vec());
+                }
+                let sharded = files_of(&tiny().with_file_name("tiny-qwen2vl-untied"));
+                BTreeMap::from([
+                    (REPO.to_string(), small.clone()),
+                    (GATED.to_string(), small),
+                    (SHARDED.to_string(), sharded),
+                ])
+            },
             log: Mutex::new(Vec::new()),
             drop_once: Mutex::new(None),
             stop: AtomicBool::new(false),
@@ -146,7 +167,7 @@ fn serve(conn: TcpStream, st: &State, port: u16) -> std::io::Result<()> {
         let (o, n, rest) = (it.next()?, it.next()?, it.next().unwrap_or(""));
         Some((format!("{o}/{n}"), rest.to_string()))
     };
-    let known = |repo: &str| repo == REPO || repo == GATED;
+    let known = |repo: &str| st.repos.contains_key(repo);
     let refuse = |repo: &str| repo == GATED && !authorized;
 
     if let Some(rest) = path.strip_prefix("/api/models/") {
@@ -164,8 +185,7 @@ fn serve(conn: TcpStream, st: &State, port: u16) -> std::io::Result<()> {
                 br#"{"error":"Access to model is restricted"}"#,
             );
         }
-        let siblings: Vec<String> = st
-            .files
+        let siblings: Vec<String> = st.repos[&repo]
             .keys()
             .map(|f| format!(r#"{{"rfilename":"{f}"}}"#))
             .collect();
@@ -182,7 +202,8 @@ fn serve(conn: TcpStream, st: &State, port: u16) -> std::io::Result<()> {
     }
     if let Some(rest) = path.strip_prefix("/cdn/") {
         // The "CDN": plain content with Range support, no hub headers.
-        let Some(data) = st.files.get(rest) else {
+        let Some(data) = repo_of(rest).and_then(|(repo, file)| st.repos.get(&repo)?.get(&file))
+        else {
             return respond(&mut out, 404, &[], b"no such object");
         };
         return send_file(&mut out, st, rest, data, &range, &[]);
@@ -207,7 +228,7 @@ fn serve(conn: TcpStream, st: &State, port: u16) -> std::io::Result<()> {
     if refuse(&repo) {
         return respond(&mut out, 401, &[("X-Error-Code", "GatedRepo".into())], b"");
     }
-    let Some(data) = st.files.get(file) else {
+    let Some(data) = st.repos[&repo].get(file) else {
         return respond(
             &mut out,
             404,
@@ -222,7 +243,10 @@ fn serve(conn: TcpStream, st: &State, port: u16) -> std::io::Result<()> {
             &mut out,
             302,
             &[
-                ("Location", format!("http://127.0.0.1:{port}/cdn/{file}")),
+                (
+                    "Location",
+                    format!("http://127.0.0.1:{port}/cdn/{repo}/{file}"),
+                ),
                 ("X-Linked-Etag", tag),
                 ("X-Linked-Size", data.len().to_string()),
                 ("X-Repo-Commit", COMMIT.into()),
@@ -444,6 +468,13 @@ fn download_fills_the_standard_cache_layout() {
     let printed = String::from_utf8(o.stdout.clone()).unwrap();
     assert_eq!(printed.trim(), snapshot(&home).to_str().unwrap());
     assert_complete_snapshot(&home);
+    let log = hub.log();
+    for x in EXTRAS {
+        assert!(
+            !log.iter().any(|l| l.contains(x)),
+            "{x} was fetched: {log:?}"
+        );
+    }
     let main_ref = home.join("hub/models--test-org--tiny-qwen2vl/refs/main");
     assert_eq!(std::fs::read_to_string(main_ref).unwrap().trim(), COMMIT);
     // Not a terminal: one plain line per file on stderr, no bar escape codes.
@@ -586,7 +617,7 @@ fn not_a_dir_nor_a_repo_id_is_a_usage_error() {
 #[test]
 fn a_dropped_connection_is_resumed() {
     let hub = Hub::start();
-    *hub.state.drop_once.lock().unwrap() = Some("model.safetensors".into());
+    *hub.state.drop_once.lock().unwrap() = Some("test-org/tiny-qwen2vl/model.safetensors".into());
     let home = scratch("drop");
     let o = qwen2vl(&home, &hub.endpoint(), &[], &["download", "-q", REPO]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -595,7 +626,10 @@ fn a_dropped_connection_is_resumed() {
     let resumed: Vec<String> = hub
         .log()
         .into_iter()
-        .filter(|l| l.starts_with("GET /cdn/model.safetensors bytes=") && !l.ends_with("=0-"))
+        .filter(|l| {
+            l.starts_with("GET /cdn/test-org/tiny-qwen2vl/model.safetensors bytes=")
+                && !l.ends_with("=0-")
+        })
         .filter(|l| !l.ends_with("=0-0"))
         .collect();
     assert_eq!(resumed.len(), 1, "one resumed request: {:?}", hub.log());
@@ -640,4 +674,31 @@ fn an_overlong_partial_file_is_discarded() {
     let o = qwen2vl(&home, &hub.endpoint(), &[], &["download", "-q", REPO]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_complete_snapshot(&home);
+}
+
+#[test]
+fn a_sharded_repo_fetches_every_shard_and_runs() {
+    let hub = Hub::start();
+    let home = scratch("sharded");
+    let o = qwen2vl(&home, &hub.endpoint(), &[], &["download", "-q", SHARDED]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = PathBuf::from(String::from_utf8(o.stdout).unwrap().trim());
+    let local = tiny().with_file_name("tiny-qwen2vl-untied");
+    for (name, data) in files_of(&local) {
+        assert!(std::fs::read(dir.join(&name)).unwrap() == data, "{name}");
+    }
+    assert!(dir.join("model-00002-of-00002.safetensors").is_file());
+
+    let mut args = vec!["run", "--model", local.to_str().unwrap()];
+    args.extend_from_slice(RUN);
+    let expected = token_ids(&qwen2vl(&home, &hub.endpoint(), &[], &args));
+    let mut args = vec!["run", "--model", SHARDED];
+    args.extend_from_slice(RUN);
+    let o = qwen2vl(&home, &hub.endpoint(), &[("HF_HUB_OFFLINE", "1")], &args);
+    assert_eq!(token_ids(&o), expected);
+
+    // A missing shard makes the cached snapshot unusable offline, with a message naming it.
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let o = qwen2vl(&home, &hub.endpoint(), &[("HF_HUB_OFFLINE", "1")], &args);
+    assert_unavailable(&o, &["model-00002-of-00002.safetensors", "HF_HUB_OFFLINE"]);
 }
