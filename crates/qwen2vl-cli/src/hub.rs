@@ -417,11 +417,25 @@ fn cached_snapshot(spec: &RepoSpec, env: &HubEnv) -> Result<PathBuf, String> {
 /// Whether the error is about reaching the hub at all (rather than an answer from it).
 fn is_network(e: &ApiError) -> bool {
     match e {
-        ApiError::RequestError(e) => !matches!(**e, ureq::Error::StatusCode(_)),
+        ApiError::RequestError(e) => is_transport(e),
         ApiError::TooManyRetries(e) => is_network(e),
         ApiError::IoError(_) => true,
         _ => false,
     }
+}
+
+/// Whether a ureq error means the server could not be reached or the connection broke.
+fn is_transport(e: &ureq::Error) -> bool {
+    matches!(
+        e,
+        ureq::Error::Io(_)
+            | ureq::Error::Timeout(_)
+            | ureq::Error::HostNotFound
+            | ureq::Error::ConnectionFailed
+            | ureq::Error::ConnectProxyFailed(_)
+            | ureq::Error::Tls(_)
+            | ureq::Error::Rustls(_)
+    )
 }
 
 /// A one-line error that says what went wrong and what to do instead.
@@ -454,9 +468,13 @@ fn describe(e: &ApiError, spec: &RepoSpec, env: &HubEnv, file: Option<&str>) -> 
             ureq::Error::StatusCode(code) => CliError::Unavailable(format!(
                 "{endpoint} answered HTTP {code} for {what}: try again later, {ELSEWHERE}"
             )),
-            ref other => CliError::Unavailable(format!(
+            ref other if is_transport(other) => CliError::Unavailable(format!(
                 "cannot reach {endpoint} for {what} ({other}): check the network and \
                  HF_ENDPOINT (nothing usable is cached), {ELSEWHERE}"
+            )),
+            ref other => CliError::Unavailable(format!(
+                "unexpected answer from {endpoint} for {what} ({other}): is HF_ENDPOINT a \
+                 Hugging Face hub? {ELSEWHERE}"
             )),
         },
         ApiError::IoError(io) => CliError::Unavailable(format!(

@@ -22,6 +22,8 @@ const GATED: &str = "test-org/gated-qwen2vl";
 const TOKEN: &str = "hf_test_secret";
 /// A sharded repo: `model.safetensors.index.json` and two shards.
 const SHARDED: &str = "test-org/tiny-qwen2vl-untied";
+/// A repo whose info is an HTML page, as a web server that is not a hub would answer.
+const NOT_A_HUB: &str = "test-org/html";
 /// Files the fake repos also hold that qwen2vl must not download.
 const EXTRAS: &[&str] = &["README.md", "pytorch_model.bin", "onnx/model.onnx"];
 
@@ -174,6 +176,9 @@ fn serve(conn: TcpStream, st: &State, port: u16) -> std::io::Result<()> {
         let Some((repo, rest)) = repo_of(rest) else {
             return respond(&mut out, 400, &[], b"bad request");
         };
+        if repo == NOT_A_HUB {
+            return respond(&mut out, 200, &[], b"<html>a web page</html>");
+        }
         if !known(&repo) || !rest.starts_with("revision/") {
             return respond(&mut out, 404, &[], br#"{"error":"Repository not found"}"#);
         }
@@ -701,4 +706,12 @@ fn a_sharded_repo_fetches_every_shard_and_runs() {
     std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
     let o = qwen2vl(&home, &hub.endpoint(), &[("HF_HUB_OFFLINE", "1")], &args);
     assert_unavailable(&o, &["model-00002-of-00002.safetensors", "HF_HUB_OFFLINE"]);
+}
+
+#[test]
+fn an_endpoint_that_is_not_a_hub_is_exit_3() {
+    let hub = Hub::start();
+    let home = scratch("html");
+    let o = qwen2vl(&home, &hub.endpoint(), &[], &["download", NOT_A_HUB]);
+    assert_unavailable(&o, &["unexpected answer", "HF_ENDPOINT"]);
 }
