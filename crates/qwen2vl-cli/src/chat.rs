@@ -215,9 +215,10 @@ struct Session<'p> {
     pipeline: &'p Pipeline,
     args: ChatArgs,
     conv: Conversation,
-    /// Set by Ctrl-C; stops the answer being generated.
+    /// Set by Ctrl-C; stops the answer being generated. Cleared before each input line.
     cancel: Arc<AtomicBool>,
-    /// True while no answer is being generated: Ctrl-C then ends the process (exit 130).
+    /// While true, Ctrl-C ends the process (exit 130): during loading, and while a script
+    /// line is read. False for the whole interactive session (the prompt handles Ctrl-C).
     idle: Arc<AtomicBool>,
     /// Whether status messages go to stderr (`--quiet` turns them off).
     chatty: bool,
@@ -336,8 +337,6 @@ impl Session<'_> {
         req.ignore_eos = self.args.ignore_eos;
         req.cancel = Some(self.cancel.clone());
 
-        self.cancel.store(false, Ordering::SeqCst);
-        self.idle.store(false, Ordering::SeqCst);
         let stdout = std::io::stdout();
         let mut wrote = false;
         let result = self.pipeline.generate(&req, &mut |piece: &str| {
@@ -346,7 +345,6 @@ impl Session<'_> {
             let _ = out.flush();
             wrote = true;
         });
-        self.idle.store(true, Ordering::SeqCst);
         match result {
             Ok(gen) => {
                 let _ = writeln!(stdout.lock());
@@ -433,7 +431,11 @@ fn interactive(session: &mut Session) -> Result<(), CliError> {
         "Chatting with {}. /help lists the commands; Ctrl-D or /quit leaves.",
         session.args.model.model
     ));
+    // From here on Ctrl-C never ends the process: at the prompt it is a key (see `CtrlC`),
+    // anywhere else it stops the current answer, even when pressed just after Enter.
+    session.idle.store(false, Ordering::SeqCst);
     loop {
+        session.cancel.store(false, Ordering::SeqCst);
         match editor.readline(">>> ") {
             Ok(line) => {
                 if !line.trim().is_empty() {
@@ -475,7 +477,11 @@ fn scripted(session: &mut Session) -> Result<(), CliError> {
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        if stdin.read_until(b'\n', &mut buf)? == 0 {
+        session.idle.store(true, Ordering::SeqCst);
+        let n = stdin.read_until(b'\n', &mut buf)?;
+        session.idle.store(false, Ordering::SeqCst);
+        session.cancel.store(false, Ordering::SeqCst);
+        if n == 0 {
             return Ok(());
         }
         let line = String::from_utf8_lossy(&buf);
@@ -495,10 +501,10 @@ pub fn main(args: ChatArgs) -> Result<(), CliError> {
         conv.system = Some(s.clone());
     }
 
-    // Ctrl-C: while an answer is generated it sets `cancel`; otherwise (loading, reading a
-    // piped script) it ends the process with the shell's 130. At the interactive prompt the
-    // terminal is in raw mode and Ctrl-C arrives as a key instead (see `CtrlC`). The shutdown
-    // action must be registered first so it sees `idle` before `cancel` is set.
+    // Ctrl-C (SIGINT) sets `cancel`, which stops the answer being generated; while `idle`
+    // (loading, waiting for a script line) it ends the process with the shell's 130 instead.
+    // At the interactive prompt the terminal is in raw mode and Ctrl-C arrives as a key (see
+    // `CtrlC`). The shutdown action is registered first so it runs before `cancel` is set.
     let cancel = Arc::new(AtomicBool::new(false));
     let idle = Arc::new(AtomicBool::new(true));
     let sigint = signal_hook::consts::SIGINT;

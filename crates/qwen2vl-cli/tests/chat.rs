@@ -323,6 +323,62 @@ fn system_command_and_quit() {
     assert_ne!(stdout(&o), fresh("etc\n"), "the message keeps its slash");
 }
 
+/// Sends SIGINT (what Ctrl-C sends) to a child process.
+fn sigint(child: &std::process::Child) {
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// A `chat` child with stdin left open, so the test decides when the script ends.
+fn spawn_piped(args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_qwen2vl"))
+        .args(["chat", "--model", &tiny(), "--temperature", "0", "-q"])
+        .args(args)
+        .env("XDG_CACHE_HOME", scratch("sigint"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn sigint_in_a_script_stops_the_answer_then_exits_130_when_idle() {
+    use std::io::Read;
+    // 30000 tokens take minutes: only the signal ends this answer in time.
+    let mut child = spawn_piped(&["--max-new-tokens", "30000", "--ignore-eos"]);
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    stdin.write_all(b"Tell me a long story.\n").unwrap();
+    let mut first = [0u8; 1];
+    out.read_exact(&mut first).unwrap(); // the answer is streaming
+    let start = std::time::Instant::now();
+    sigint(&child);
+    // The session goes on: the next line is answered, then EOF ends it with 0.
+    stdin.write_all(b"/save /dev/stdout\n").unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(60), "not stopped");
+    assert!(status.success(), "{status:?}");
+    assert!(rest.contains("\"role\": \"assistant\""), "{rest}");
+
+    // Ctrl-C while the script is waiting for its next line ends the process with 130.
+    let mut child = spawn_piped(&["--max-new-tokens", "4"]);
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    stdin.write_all(b"hi\n").unwrap();
+    out.read_exact(&mut first).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    sigint(&child);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+}
+
 // ----------------------------------------------------------------------------------------
 // The interactive prompt, through a pseudo-terminal.
 
