@@ -241,6 +241,12 @@ fn resolve_repo(spec: &RepoSpec, env: &HubEnv, quiet: bool) -> Result<PathBuf, C
             ))
         });
     }
+    // A commit never changes: when its snapshot is complete there is nothing to ask the hub.
+    if is_commit(&spec.revision) {
+        if let Ok(dir) = cached_snapshot(spec, env) {
+            return Ok(dir);
+        }
+    }
     let api = ApiBuilder::from_cache(Cache::new(env.cache.clone()))
         .with_endpoint(env.endpoint.clone())
         .with_token(env.token.clone())
@@ -380,12 +386,15 @@ fn fetch_file(
     Ok(path)
 }
 
+/// Whether a revision is a full commit hash (40 hex digits) rather than a branch or tag.
+fn is_commit(revision: &str) -> bool {
+    revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit())
+}
+
 /// The cached snapshot of `spec` when it holds a loadable model; otherwise why not.
 fn cached_snapshot(spec: &RepoSpec, env: &HubEnv) -> Result<PathBuf, String> {
     let repo_dir = env.repo_dir(spec);
-    let is_commit =
-        spec.revision.len() == 40 && spec.revision.chars().all(|c| c.is_ascii_hexdigit());
-    let commit = if is_commit {
+    let commit = if is_commit(&spec.revision) {
         spec.revision.clone()
     } else {
         let r = repo_dir.join("refs").join(&spec.revision);

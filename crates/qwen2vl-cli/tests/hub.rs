@@ -715,3 +715,33 @@ fn an_endpoint_that_is_not_a_hub_is_exit_3() {
     let o = qwen2vl(&home, &hub.endpoint(), &[], &["download", NOT_A_HUB]);
     assert_unavailable(&o, &["unexpected answer", "HF_ENDPOINT"]);
 }
+
+#[test]
+fn a_cached_commit_needs_no_network() {
+    let hub = Hub::start();
+    let home = scratch("commit");
+    let endpoint = hub.endpoint();
+    let o = qwen2vl(&home, &endpoint, &[], &["download", "-q", REPO]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    drop(hub);
+    // No HF_HUB_OFFLINE: a branch would try the hub and warn, a cached commit does not.
+    let o = qwen2vl(
+        &home,
+        &endpoint,
+        &[],
+        &["download", &format!("{REPO}@{COMMIT}")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.stderr.is_empty(), "{}", stderr(&o));
+    assert_eq!(
+        String::from_utf8(o.stdout).unwrap().trim(),
+        snapshot(&home).to_str().unwrap()
+    );
+    let o = qwen2vl(&home, &endpoint, &[], &["download", REPO]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning: cannot reach"),
+        "{}",
+        stderr(&o)
+    );
+}
