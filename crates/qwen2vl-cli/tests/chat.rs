@@ -368,14 +368,28 @@ fn sigint_in_a_script_stops_the_answer_then_exits_130_when_idle() {
     assert!(rest.contains("\"role\": \"assistant\""), "{rest}");
 
     // Ctrl-C while the script is waiting for its next line ends the process with 130.
-    let mut child = spawn_piped(&["--max-new-tokens", "4"]);
+    let answer = fresh("hi\n");
+    let mut child = spawn_piped(&["--max-new-tokens", "8"]);
     let mut stdin = child.stdin.take().unwrap();
     let mut out = child.stdout.take().unwrap();
     stdin.write_all(b"hi\n").unwrap();
-    out.read_exact(&mut first).unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    let mut got = vec![0u8; answer.len()];
+    out.read_exact(&mut got).unwrap(); // the whole answer: back to reading stdin
+    assert_eq!(String::from_utf8_lossy(&got), answer);
+    std::thread::sleep(Duration::from_millis(300));
     sigint(&child);
-    let status = child.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("Ctrl-C while waiting for a line did not end the process");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(stdin);
     assert_eq!(status.code(), Some(130), "{status:?}");
 }
 
