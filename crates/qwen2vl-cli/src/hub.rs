@@ -17,7 +17,8 @@
 //! cache, so the cache, endpoint and token are worked out here and handed to it.
 //!
 //! Partial downloads live in `blobs/<etag>.part` and are resumed with a Range request by the
-//! next attempt (and up to three times within one attempt); a finished file whose size is not
+//! next attempt (and up to three times within one attempt); a partial download the Python
+//! tools left (`blobs/<etag>.incomplete`) is resumed too. A finished file whose size is not
 //! the size the hub announced is removed rather than left in the cache.
 
 use std::io::IsTerminal;
@@ -355,8 +356,10 @@ fn fetch_file(
         .metadata(&url)
         .map_err(|e| describe(&e, spec, env, Some(file)))?;
     let blob = env.repo_dir(spec).join("blobs").join(meta.etag());
-    // A partial download longer than the file cannot be resumed: start over.
+    // hf-hub's partial file (the name it gives it).
     let part = blob.with_extension("part");
+    adopt_python_partial(env, spec, meta.etag(), &part);
+    // A partial download longer than the file cannot be resumed: start over.
     if std::fs::metadata(&part).is_ok_and(|m| m.len() > meta.size() as u64) {
         let _ = std::fs::remove_file(&part);
     }
@@ -384,6 +387,49 @@ fn fetch_file(
         )));
     }
     Ok(path)
+}
+
+/// Resumes from a partial download left by the Python tools (`blobs/<etag>.incomplete`) by
+/// renaming it to hf-hub's `blobs/<etag>.part`, unless hf-hub already has one or a Python
+/// process holds that blob's lock (`.locks/models--owner--name/<etag>.lock`, an flock).
+fn adopt_python_partial(env: &HubEnv, spec: &RepoSpec, etag: &str, part: &Path) {
+    let incomplete = env
+        .repo_dir(spec)
+        .join("blobs")
+        .join(format!("{etag}.incomplete"));
+    if part.exists() || !incomplete.is_file() {
+        return;
+    }
+    let lock_path = env
+        .cache
+        .join(".locks")
+        .join(env.repo(spec).folder_name())
+        .join(format!("{etag}.lock"));
+    // Held while renaming; closing the file releases the lock.
+    let _lock = match std::fs::File::open(&lock_path) {
+        Ok(f) => {
+            if !try_lock(&f) {
+                return; // a Python download of this blob is running
+            }
+            Some(f)
+        }
+        Err(_) => None,
+    };
+    let _ = std::fs::rename(&incomplete, part);
+}
+
+/// Takes an exclusive flock without waiting (what Python's `filelock` uses on Unix).
+#[cfg(unix)]
+fn try_lock(f: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Elsewhere a Python partial download is never adopted.
+#[cfg(not(unix))]
+fn try_lock(_f: &std::fs::File) -> bool {
+    false
 }
 
 /// Whether a revision is a full commit hash (40 hex digits) rather than a branch or tag.

@@ -745,3 +745,39 @@ fn a_cached_commit_needs_no_network() {
         stderr(&o)
     );
 }
+
+#[test]
+fn a_python_partial_download_is_resumed_unless_locked() {
+    let hub = Hub::start();
+    let home = scratch("incomplete");
+    let files = fixture_files();
+    let (tok, cfg) = (&files["tokenizer.json"], &files["tokenizer_config.json"]);
+    let blobs = home.join("hub/models--test-org--tiny-qwen2vl/blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let keep = tok.len() / 4;
+    std::fs::write(
+        blobs.join(format!("{}.incomplete", etag(tok))),
+        &tok[..keep],
+    )
+    .unwrap();
+    // A Python process "downloading" tokenizer_config.json holds its lock: leave it alone.
+    let busy = blobs.join(format!("{}.incomplete", etag(cfg)));
+    std::fs::write(&busy, &cfg[..10]).unwrap();
+    let locks = home.join("hub/.locks/models--test-org--tiny-qwen2vl");
+    std::fs::create_dir_all(&locks).unwrap();
+    let lock = std::fs::File::create(locks.join(format!("{}.lock", etag(cfg)))).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+
+    let o = qwen2vl(&home, &hub.endpoint(), &[], &["download", "-q", REPO]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_complete_snapshot(&home);
+    let log = hub.log();
+    let wanted = format!("GET /test-org/tiny-qwen2vl/resolve/main/tokenizer.json bytes={keep}-");
+    assert!(log.contains(&wanted), "{log:?}");
+    let whole = "GET /test-org/tiny-qwen2vl/resolve/main/tokenizer_config.json bytes=0-";
+    assert!(log.iter().any(|l| l == whole), "{log:?}");
+    assert!(busy.is_file(), "a locked Python partial file must stay");
+    drop(lock);
+}
