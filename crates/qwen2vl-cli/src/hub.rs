@@ -248,6 +248,30 @@ fn resolve_repo(spec: &RepoSpec, env: &HubEnv, quiet: bool) -> Result<PathBuf, C
             return Ok(dir);
         }
     }
+    // hf-hub panics on a few malformed answers (a redirect without Location); report those as
+    // errors like any other unexpected answer instead of a panic message.
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        fetch_repo(spec, env, quiet)
+    }));
+    std::panic::set_hook(previous_hook);
+    result.unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "hf-hub failed".into());
+        Err(CliError::Unavailable(format!(
+            "unexpected answer from {} for {}@{} ({why}): check that HF_ENDPOINT is a \
+             Hugging Face hub, {ELSEWHERE}",
+            env.endpoint, spec.id, spec.revision
+        )))
+    })
+}
+
+/// The online part of [`resolve_repo`]: repo info, then every missing file.
+fn fetch_repo(spec: &RepoSpec, env: &HubEnv, quiet: bool) -> Result<PathBuf, CliError> {
     let api = ApiBuilder::from_cache(Cache::new(env.cache.clone()))
         .with_endpoint(env.endpoint.clone())
         .with_token(env.token.clone())
@@ -528,8 +552,8 @@ fn describe(e: &ApiError, spec: &RepoSpec, env: &HubEnv, file: Option<&str>) -> 
                  HF_ENDPOINT (nothing usable is cached), {ELSEWHERE}"
             )),
             ref other => CliError::Unavailable(format!(
-                "unexpected answer from {endpoint} for {what} ({other}): is HF_ENDPOINT a \
-                 Hugging Face hub? {ELSEWHERE}"
+                "unexpected answer from {endpoint} for {what} ({other}): check that \
+                 HF_ENDPOINT is a Hugging Face hub, {ELSEWHERE}"
             )),
         },
         ApiError::IoError(io) => CliError::Unavailable(format!(
@@ -537,8 +561,8 @@ fn describe(e: &ApiError, spec: &RepoSpec, env: &HubEnv, file: Option<&str>) -> 
         )),
         ApiError::MissingHeader(_) | ApiError::InvalidHeader(_) | ApiError::ParseIntError(_) => {
             CliError::Unavailable(format!(
-                "unexpected answer from {endpoint} for {what} ({e}): is HF_ENDPOINT a \
-                 Hugging Face hub? {ELSEWHERE}"
+                "unexpected answer from {endpoint} for {what} ({e}): check that \
+                 HF_ENDPOINT is a Hugging Face hub, {ELSEWHERE}"
             ))
         }
         ApiError::LockAcquisition(lock) => CliError::Unavailable(format!(

@@ -24,6 +24,8 @@ const TOKEN: &str = "hf_test_secret";
 const SHARDED: &str = "test-org/tiny-qwen2vl-untied";
 /// A repo whose info is an HTML page, as a web server that is not a hub would answer.
 const NOT_A_HUB: &str = "test-org/html";
+/// A repo whose files answer a redirect without a Location header.
+const NO_LOCATION: &str = "test-org/no-location";
 /// Files the fake repos also hold that qwen2vl must not download.
 const EXTRAS: &[&str] = &["README.md", "pytorch_model.bin", "onnx/model.onnx"];
 
@@ -90,6 +92,7 @@ impl Hub {
                     (REPO.to_string(), small.clone()),
                     (GATED.to_string(), small),
                     (SHARDED.to_string(), sharded),
+                    (NO_LOCATION.to_string(), fixture_files()),
                 ])
             },
             log: Mutex::new(Vec::new()),
@@ -242,6 +245,14 @@ fn serve(conn: TcpStream, st: &State, port: u16) -> std::io::Result<()> {
         );
     };
     let tag = format!("\"{}\"", etag(data));
+    if repo == NO_LOCATION {
+        return respond(
+            &mut out,
+            302,
+            &[("ETag", tag), ("X-Repo-Commit", COMMIT.into())],
+            b"",
+        );
+    }
     if file.ends_with(".safetensors") {
         // LFS files: the hub redirects to a CDN and names the content in x-linked-etag.
         return respond(
@@ -780,4 +791,12 @@ fn a_python_partial_download_is_resumed_unless_locked() {
     assert!(log.iter().any(|l| l == whole), "{log:?}");
     assert!(busy.is_file(), "a locked Python partial file must stay");
     drop(lock);
+}
+
+#[test]
+fn a_malformed_hub_answer_is_an_error_not_a_panic() {
+    let hub = Hub::start();
+    let home = scratch("no-location");
+    let o = qwen2vl(&home, &hub.endpoint(), &[], &["download", NO_LOCATION]);
+    assert_unavailable(&o, &["unexpected answer", NO_LOCATION]);
 }
