@@ -500,3 +500,24 @@ fn bench_table_and_bad_flags() {
     assert_clean_failure(&o, &["/no/such/image.png"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn every_command_has_help_with_an_example() {
+    let top = qwen2vl(&["--help"]);
+    assert!(top.status.success());
+    let top = String::from_utf8_lossy(&top.stdout).into_owned();
+    for cmd in ["run", "chat", "download", "bench"] {
+        assert!(top.contains(cmd), "top-level help lists {cmd}:\n{top}");
+        let o = qwen2vl(&[cmd, "--help"]);
+        assert!(o.status.success(), "{cmd} --help: {}", stderr(&o));
+        let help = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            help.contains(&format!("Example: qwen2vl {cmd} ")),
+            "{cmd} --help has an example:\n{help}"
+        );
+    }
+    // An unknown command or flag: exit 2 with a one-line error pointing at --help.
+    let o = qwen2vl(&["frobnicate"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("unrecognized subcommand"), "{}", stderr(&o));
+}
