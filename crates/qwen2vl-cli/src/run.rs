@@ -48,6 +48,10 @@ pub struct RunArgs {
     /// With --json: how many alternatives to list per generated token.
     #[arg(long, default_value_t = 5)]
     pub top_logprobs: usize,
+    /// Keep generating through end-of-sequence tokens (benchmarks and tests: a random-weight
+    /// model may end at once, and the Ctrl-C test needs a long answer).
+    #[arg(long, hide = true)]
+    pub ignore_eos: bool,
     /// Write the last --image with the answer's boxes and quads drawn on it, each in its own
     /// colour with its number and label (PNG or JPEG, chosen by the extension). The image is
     /// written even when the answer has no boxes (a note says so on stderr).
@@ -90,6 +94,17 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
             let _ = out.flush();
         }
     };
+    // Ctrl-C stops the answer after the current token: what was written stays, `--json`
+    // still prints the partial result (finish_reason "cancelled"), and the exit code is 130.
+    // A second Ctrl-C (e.g. during a long vision pass, before any token) ends the process at
+    // once; the shutdown action is registered first so it sees the flag before it is set.
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sigint = signal_hook::consts::SIGINT;
+    signal_hook::flag::register_conditional_shutdown(sigint, 130, cancel.clone())
+        .and_then(|_| signal_hook::flag::register(sigint, cancel.clone()))
+        .map_err(|e| CliError::Failed(format!("cannot install the Ctrl-C handler: {e}")))?;
+    request.cancel = Some(cancel);
+    request.ignore_eos = args.ignore_eos;
     let mut stream = GroundingStream::new();
     let mut gen = pipeline.generate(&request, &mut |piece: &str| {
         if !json && test_answer.is_none() {
@@ -152,6 +167,9 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
         }
         crate::draw::draw_shapes(&mut img, &shapes);
         target.write(&img)?;
+    }
+    if gen.finish_reason == "cancelled" {
+        return Err(CliError::Interrupted);
     }
     Ok(())
 }

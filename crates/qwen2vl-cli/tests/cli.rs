@@ -519,5 +519,45 @@ fn every_command_has_help_with_an_example() {
     // An unknown command or flag: exit 2 with a one-line error pointing at --help.
     let o = qwen2vl(&["frobnicate"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("unrecognized subcommand"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unrecognized subcommand"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn ctrl_c_stops_the_answer_with_exit_130() {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen2vl"))
+        .args([
+            "run",
+            "--model",
+            tiny().to_str().unwrap(),
+            "--max-new-tokens",
+            "30000",
+            "--ignore-eos",
+            "Tell me a very long story.",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("binary runs");
+    // Wait for the answer to start streaming, then press Ctrl-C.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 16];
+    stdout.read_exact(&mut first).expect("the answer starts");
+    // SAFETY: sending a signal to our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "stderr: {err}");
+    assert!(err.contains("error: interrupted"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // Stopped well before 30000 tokens (each token is at least one byte of text or none).
+    assert!(first.len() + rest.len() < 30000 * 8);
 }
