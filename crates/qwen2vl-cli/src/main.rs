@@ -6,6 +6,7 @@ mod common;
 mod draw;
 mod hub;
 mod run;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -44,6 +45,11 @@ enum Command {
     ///
     /// Example: qwen2vl bench --model ./Qwen2-VL-2B-Instruct --image-size 640x480 --new-tokens 32 --runs 3
     Bench(bench::BenchArgs),
+    /// Serve an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, /health,
+    /// /metrics) on 127.0.0.1 unless --host says otherwise.
+    ///
+    /// Example: qwen2vl serve --model ./Qwen2-VL-2B-Instruct --port 8080 --api-key secret
+    Serve(serve::ServeArgs),
 }
 
 /// Keeps freed memory in the process instead of returning it to the OS.
@@ -77,6 +83,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => chat::main(args),
         Command::Download(args) => hub::download_main(args),
         Command::Bench(args) => bench::main(args),
+        Command::Serve(args) => serve::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

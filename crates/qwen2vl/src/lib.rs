@@ -4,7 +4,8 @@
 //! (chat template, tokenizer, Pillow-exact image preprocessing, M-RoPE ids) into
 //! [`inputs::ModelInputs`], then through the [`model::Qwen2VL`] towers (vision tower,
 //! decoder with a per-sequence [`kv_cache::KvCache`]) and the sampler. [`pipeline::Pipeline`]
-//! ties it together for one request at a time.
+//! ties it together for one request at a time; [`engine::Engine`] serves many at once
+//! with continuous batching (one decode step for every running sequence).
 //!
 //! # Quick start
 //!
@@ -26,6 +27,7 @@
 //! ```
 
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generation;
 pub mod grounding;

@@ -9,15 +9,16 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::config::GenerationConfig;
+use crate::engine::sequence::{PrefillTimings, PromptInfo, Sequence};
 use crate::error::{Error, Result};
-use crate::generation::detok::IncrementalDecoder;
-use crate::generation::sampler::{Sampler, SamplingParams};
+use crate::generation::sampler::SamplingParams;
 use crate::generation::stop::{FinishReason, StopCriteria};
 use crate::inputs::{ImageInfo, ModelInputs, VideoInfo};
+use crate::kv_cache::KvCache;
 use crate::model::Qwen2VL;
 use crate::processing::messages::{ContentPart, Message};
 use crate::processing::processor::{ProcessOptions, Processor};
@@ -91,6 +92,10 @@ pub struct GenerateRequest {
     /// with [`crate::grounding::GroundingStream`]. Off by default: the streamed pieces then
     /// concatenate to [`Generation::text`]. [`Generation::text`] is the same either way.
     pub stream_grounding_markup: bool,
+    /// Stop strings (OpenAI `stop`): generation ends when the text contains one; the text
+    /// is cut before it and the stop string itself is never returned or streamed (text
+    /// that may begin one is held back until it cannot). Empty strings are ignored.
+    pub stop: Vec<String>,
 }
 
 impl GenerateRequest {
@@ -153,6 +158,7 @@ impl GenerateRequest {
             fetch: Default::default(),
             cancel: None,
             stream_grounding_markup: false,
+            stop: Vec::new(),
         }
     }
 
@@ -172,6 +178,12 @@ impl GenerateRequest {
     /// Sets the new-token limit.
     pub fn with_max_new_tokens(mut self, n: usize) -> Self {
         self.max_new_tokens = n;
+        self
+    }
+
+    /// Sets the stop strings.
+    pub fn with_stop(mut self, stop: Vec<String>) -> Self {
+        self.stop = stop;
         self
     }
 
@@ -250,7 +262,7 @@ pub struct Generation {
     pub token_ids: Vec<u32>,
     /// Per generated token: its log-probability and the top alternatives.
     pub logprobs: Vec<TokenLogprob>,
-    /// "stop" or "length".
+    /// "stop", "length" or "cancelled".
     pub finish_reason: String,
     pub usage: Usage,
     pub timings: Timings,
@@ -371,33 +383,70 @@ impl Pipeline {
         self.processor.process(&req.messages, &opts)
     }
 
-    /// Generates an answer, calling `on_text` with each new piece of text as it is decoded.
-    pub fn generate(
-        &self,
-        req: &GenerateRequest,
-        on_text: &mut dyn FnMut(&str),
-    ) -> Result<Generation> {
+    /// Checks what can be checked before any preprocessing: sampling values, a zero token
+    /// limit, empty stop strings are ignored.
+    pub fn validate_request(&self, req: &GenerateRequest) -> Result<()> {
         req.sampling.validate()?;
         if req.max_new_tokens == 0 {
             return Err(Error::bad_input("max_new_tokens is 0", "at least 1"));
         }
-        let start = Instant::now();
-        let inputs = self.prepare(req)?;
-        let preprocess_ms = ms(start);
+        Ok(())
+    }
 
-        let n = inputs.input_ids.len();
-        let context = self.model.config().text.max_position_embeddings;
-        if n >= context {
+    /// The model's context length (`max_position_embeddings`).
+    pub fn context_len(&self) -> usize {
+        self.model.config().text.max_position_embeddings
+    }
+
+    /// Checks a prompt of `prompt_len` tokens against the context and returns how many new
+    /// tokens it may have: `max_new_tokens` capped by what is left of the context.
+    pub fn max_new_for(&self, prompt_len: usize, max_new_tokens: usize) -> Result<usize> {
+        let context = self.context_len();
+        if prompt_len >= context {
             return Err(Error::bad_input(
-                format!("the prompt is {n} tokens long"),
+                format!("the prompt is {prompt_len} tokens long"),
                 format!(
                     "at most {} tokens (the model's context is {context})",
                     context - 1
                 ),
             ));
         }
-        let max_new = req.max_new_tokens.min(context - n);
+        Ok(max_new_tokens.min(context - prompt_len))
+    }
 
+    /// The stopping rules of a request allowed `max_new` new tokens.
+    pub fn stop_criteria(&self, req: &GenerateRequest, max_new: usize) -> StopCriteria {
+        let eos = if req.ignore_eos {
+            vec![]
+        } else {
+            self.eos_ids()
+        };
+        StopCriteria {
+            stop_strings: req.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            ..StopCriteria::new(eos, max_new)
+        }
+    }
+
+    /// A fresh [`Sequence`] for a request whose prompt is `inputs`.
+    pub fn new_sequence(
+        &self,
+        req: &GenerateRequest,
+        inputs: &ModelInputs,
+        max_new: usize,
+    ) -> Result<Sequence<'_>> {
+        Sequence::new(
+            self.processor.tokenizer(),
+            req.sampling.clone(),
+            self.stop_criteria(req, max_new),
+            inputs.input_ids.clone(),
+            req.stream_grounding_markup,
+        )
+    }
+
+    /// Runs the vision tower on the prompt's images and videos and prefills the decoder into
+    /// `cache`; returns the last position's logits `(vocab,)` and the vision and prefill
+    /// milliseconds.
+    pub fn prefill(&self, inputs: &ModelInputs, cache: &mut KvCache) -> Result<(Tensor, f64, f64)> {
         let t = Instant::now();
         let image_embeds = if inputs.images.is_empty() {
             None
@@ -416,146 +465,79 @@ impl Pipeline {
             )
         };
         let vision_ms = ms(t);
-
         let t = Instant::now();
-        let mut cache = self.model.new_cache(n + max_new)?;
-        let mut logits = self.model.prefill(
+        let logits = self.model.prefill(
             &inputs.input_ids,
             &inputs.positions,
             image_embeds.as_ref(),
             video_embeds.as_ref(),
-            &mut cache,
+            cache,
         )?;
-        let prefill_ms = ms(t);
-        drop((image_embeds, video_embeds));
+        Ok((logits, vision_ms, ms(t)))
+    }
 
-        let tokenizer = self.processor.tokenizer();
-        let mut sampler = Sampler::new(req.sampling.clone())?;
-        let eos = if req.ignore_eos {
-            vec![]
-        } else {
-            self.eos_ids()
-        };
-        let stop = StopCriteria::new(eos, max_new);
-        let mut detok = IncrementalDecoder::new(tokenizer);
-        // A second decode keeping the grounding markers (ids 151646..=151651), for
-        // `Generation::grounding` and `stream_grounding_markup`; `text` keeps parity.
-        let mut marked_detok = IncrementalDecoder::keeping(tokenizer, tokenizer.grounding_ids());
-        let mut marked = String::new();
-        let plain_stream = !req.stream_grounding_markup;
-        let mut history = inputs.input_ids.clone();
-        let mut token_ids = Vec::new();
-        let mut logprobs = Vec::new();
-        let mut text = String::new();
-        let mut ttft_ms = 0.0;
-        let mut decode_start = Instant::now();
-        let finish = loop {
-            let values = logits.to_vec1::<f32>()?;
-            let s = sampler.sample(&values, &history)?;
-            if token_ids.is_empty() {
-                ttft_ms = ms(start);
-                decode_start = Instant::now();
+    /// Generates an answer, calling `on_text` with each new piece of text as it is decoded.
+    ///
+    /// One [`Sequence`] driven by a simple loop of decode steps; the
+    /// [`crate::engine::Engine`] runs the same per-sequence logic for many at once.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        self.validate_request(req)?;
+        let start = Instant::now();
+        let inputs = self.prepare(req)?;
+        let preprocess_ms = ms(start);
+        let n = inputs.input_ids.len();
+        let max_new = self.max_new_for(n, req.max_new_tokens)?;
+
+        let mut cache = self.model.new_cache(n + max_new)?;
+        let (mut logits, vision_ms, prefill_ms) = self.prefill(&inputs, &mut cache)?;
+        let mut seq = self.new_sequence(req, &inputs, max_new)?;
+        loop {
+            let step = seq.push_logits(&logits.to_vec1::<f32>()?)?;
+            if !step.text.is_empty() {
+                on_text(&step.text);
             }
-            token_ids.push(s.token);
-            history.push(s.token);
-            {
-                logprobs.push(TokenLogprob {
-                    id: s.token,
-                    token: token_text(tokenizer, s.token),
-                    logprob: s.logprob,
-                    top_logprobs: s
-                        .top
-                        .iter()
-                        .map(|&(id, lp)| TopLogprob {
-                            id,
-                            token: token_text(tokenizer, id),
-                            logprob: lp,
-                        })
-                        .collect(),
-                });
-            }
-            if let Some(piece) = detok.push(s.token)? {
-                if plain_stream {
-                    on_text(&piece);
-                }
-                text.push_str(&piece);
-            }
-            if let Some(piece) = marked_detok.push(s.token)? {
-                if !plain_stream {
-                    on_text(&piece);
-                }
-                marked.push_str(&piece);
-            }
-            if let Some(reason) = stop.check_token(s.token, token_ids.len()) {
-                break reason;
+            if step.finish.is_some() {
+                break;
             }
             if req.is_cancelled() {
-                break FinishReason::Cancelled;
+                let rest = seq.finish(FinishReason::Cancelled)?;
+                if !rest.is_empty() {
+                    on_text(&rest);
+                }
+                break;
             }
             logits = self
                 .model
                 .decode_step(
-                    &[s.token],
+                    &[step.token],
                     &[inputs.positions.rope_delta],
                     &mut [&mut cache],
                 )?
                 .squeeze(0)?;
+        }
+        let prompt = PromptInfo {
+            prompt_tokens: n,
+            image_tokens: inputs.image_tokens(),
+            video_tokens: inputs.video_tokens(),
+            images: inputs.images,
+            videos: inputs.videos,
         };
-        if let Some(piece) = detok.finish()? {
-            if plain_stream {
-                on_text(&piece);
-            }
-            text.push_str(&piece);
-        }
-        if let Some(piece) = marked_detok.finish()? {
-            if !plain_stream {
-                on_text(&piece);
-            }
-            marked.push_str(&piece);
-        }
-        let grounding =
-            Some(crate::grounding::Grounding::parse(&marked)).filter(|g| g.has_shapes());
-        let decode_ms = ms(decode_start);
-        let steps = token_ids.len().saturating_sub(1);
-        let image_tokens = inputs.image_tokens();
-        let video_tokens = inputs.video_tokens();
-        Ok(Generation {
-            text,
-            finish_reason: finish.as_openai_str().to_string(),
-            usage: Usage {
-                prompt_tokens: n,
-                prompt_text_tokens: n - image_tokens - video_tokens,
-                prompt_image_tokens: image_tokens,
-                prompt_video_tokens: video_tokens,
-                completion_tokens: token_ids.len(),
-                total_tokens: n + token_ids.len(),
-            },
-            timings: Timings {
+        Ok(seq.into_generation(
+            prompt,
+            start,
+            PrefillTimings {
                 preprocess_ms,
                 vision_ms,
                 prefill_ms,
-                ttft_ms,
-                decode_ms,
-                decode_tokens_per_s: if decode_ms > 0.0 {
-                    steps as f64 / (decode_ms / 1e3)
-                } else {
-                    0.0
-                },
             },
-            token_ids,
-            logprobs,
-            images: inputs.images,
-            videos: inputs.videos,
-            grounding,
-        })
+        ))
     }
 }
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
-}
-
-/// The text of one token as it would print (special tokens by name).
-fn token_text(tok: &crate::processing::tokenizer::Qwen2Tokenizer, id: u32) -> String {
-    tok.decode(&[id], false).unwrap_or_default()
 }

@@ -40,6 +40,11 @@ pub struct FetchOptions {
     /// Largest video accepted from a URL or data URI (local files are read in place, only
     /// the sampled frames are kept).
     pub max_video_bytes: u64,
+    /// Refuse http(s) URLs whose host resolves to a loopback, private, link-local,
+    /// unspecified, multicast or other non-public address, on the first request and after
+    /// every redirect (redirects are then followed one hop at a time, each hop checked). Off
+    /// by default; a server fetching URLs out of untrusted requests turns it on.
+    pub refuse_private_hosts: bool,
 }
 
 /// Default [`FetchOptions::max_video_bytes`]: 2 GiB.
@@ -52,6 +57,7 @@ impl Default for FetchOptions {
             timeout: DEFAULT_TIMEOUT,
             max_bytes: MAX_FILE_BYTES,
             max_video_bytes: MAX_VIDEO_BYTES,
+            refuse_private_hosts: false,
         }
     }
 }
@@ -367,7 +373,11 @@ pub fn http_download(
             ),
         }
     };
-    let mut resp = agent.get(url).call().map_err(fail)?;
+    let mut resp = if opts.refuse_private_hosts {
+        get_public_only(url, opts, kind, &fail)?
+    } else {
+        agent.get(url).call().map_err(fail)?
+    };
     let status = resp.status();
     if !status.is_success() {
         return Err(Error::bad_input(
@@ -426,6 +436,163 @@ pub fn http_download(
     Ok(total)
 }
 
+/// Most redirects followed by hand when [`FetchOptions::refuse_private_hosts`] is on.
+const MAX_CHECKED_REDIRECTS: usize = 5;
+
+/// GET `url` following redirects one hop at a time, refusing any hop whose host resolves to a
+/// non-public address (checked just before each request; the connection itself resolves the
+/// name again, so a DNS answer that changes between the two is not caught).
+fn get_public_only(
+    url: &str,
+    opts: &FetchOptions,
+    kind: &str,
+    fail: &dyn Fn(ureq::Error) -> Error,
+) -> Result<ureq::http::Response<ureq::Body>> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(opts.timeout))
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build()
+        .into();
+    let mut current: ureq::http::Uri = url.parse().map_err(|_| {
+        Error::bad_input(
+            format!("{kind} URL {} is not a valid URL", shorten(url)),
+            "an http(s) URL",
+        )
+    })?;
+    for _ in 0..=MAX_CHECKED_REDIRECTS {
+        check_public_host(&current, kind)?;
+        let resp = agent.get(current.clone()).call().map_err(fail)?;
+        if !resp.status().is_redirection() {
+            return Ok(resp);
+        }
+        let Some(location) = resp
+            .headers()
+            .get(ureq::http::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+        else {
+            return Ok(resp);
+        };
+        current = join_location(&current, location).ok_or_else(|| {
+            Error::bad_input(
+                format!(
+                    "{kind} URL {} redirected to an invalid location",
+                    shorten(url)
+                ),
+                "redirects to http(s) URLs",
+            )
+        })?;
+    }
+    Err(Error::bad_input(
+        format!("{kind} URL {} redirected too many times", shorten(url)),
+        format!("at most {MAX_CHECKED_REDIRECTS} redirects"),
+    ))
+}
+
+/// A `Location` header resolved against the URL that sent it (absolute, or an absolute path).
+fn join_location(base: &ureq::http::Uri, location: &str) -> Option<ureq::http::Uri> {
+    let lower = location.to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        return location.parse().ok();
+    }
+    if location.starts_with("//") {
+        return format!("{}:{location}", base.scheme_str()?).parse().ok();
+    }
+    let path = if location.starts_with('/') {
+        location.to_string()
+    } else {
+        let dir = base.path().rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        format!("{dir}/{location}")
+    };
+    format!("{}://{}{path}", base.scheme_str()?, base.authority()?)
+        .parse()
+        .ok()
+}
+
+/// Resolves the URL's host and refuses it unless every address is public.
+fn check_public_host(uri: &ureq::http::Uri, kind: &str) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    let allowed = "http(s) URLs of public hosts (loopback, private, link-local and other \
+                   non-public addresses are refused)";
+    let scheme = uri.scheme_str().unwrap_or("").to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return Err(Error::bad_input(
+            format!("{kind} URL scheme {scheme:?} is not http(s)"),
+            allowed,
+        ));
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| Error::bad_input(format!("{kind} URL has no host"), allowed))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    let addrs: Vec<std::net::SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| {
+            Error::bad_input(
+                format!("{kind} URL host {host} does not resolve: {e}"),
+                allowed,
+            )
+        })?
+        .collect();
+    if addrs.is_empty() {
+        return Err(Error::bad_input(
+            format!("{kind} URL host {host} does not resolve"),
+            allowed,
+        ));
+    }
+    if let Some(bad) = addrs.iter().find(|a| !is_public_ip(a.ip())) {
+        return Err(Error::bad_input(
+            format!(
+                "{kind} URL host {host} resolves to the non-public address {}",
+                bad.ip()
+            ),
+            allowed,
+        ));
+    }
+    Ok(())
+}
+
+/// Whether an address is globally routable: not loopback, private (RFC 1918, IPv6 ULA),
+/// link-local, unspecified, broadcast, multicast, shared (100.64/10), documentation,
+/// benchmarking or reserved; IPv4-mapped IPv6 addresses are judged as IPv4.
+pub fn is_public_ip(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
+                || o[0] >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public_ip(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
+                || (s[0] == 0x2001 && s[1] == 0x0db8)
+                || (s[0] == 0x64 && s[1] == 0xff9b))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,6 +602,61 @@ mod tests {
             Err(Error::BadInput { what, allowed }) => (what, allowed),
             other => panic!("expected BadInput, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn public_ips() {
+        let public = |s: &str| is_public_ip(s.parse().unwrap());
+        for ok in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
+            assert!(public(ok), "{ok}");
+        }
+        for bad in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!public(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn private_hosts_refused_before_any_request() {
+        let opts = FetchOptions {
+            refuse_private_hosts: true,
+            ..FetchOptions::remote()
+        };
+        // Nothing listens on port 9 of loopback; the refusal comes before connecting.
+        for url in [
+            "http://127.0.0.1:9/a.png",
+            "http://localhost:9/a.png",
+            "http://[::1]:9/x",
+        ] {
+            let (what, allowed) = bad(http_get(url, &opts));
+            assert!(what.contains("non-public address"), "{url}: {what}");
+            assert!(allowed.contains("public hosts"), "{allowed}");
+        }
+    }
+
+    #[test]
+    fn locations_join() {
+        let base: ureq::http::Uri = "http://a.example/dir/x.png".parse().unwrap();
+        let j = |l: &str| join_location(&base, l).unwrap().to_string();
+        assert_eq!(j("/y.png"), "http://a.example/y.png");
+        assert_eq!(j("z.png"), "http://a.example/dir/z.png");
+        assert_eq!(j("https://b.example/q"), "https://b.example/q");
+        assert_eq!(j("//c.example/r"), "http://c.example/r");
     }
 
     #[test]

@@ -1,0 +1,154 @@
+//! `qwen2vl serve`: the OpenAI-compatible HTTP server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use qwen2vl_server::{Limits, ServerConfig};
+
+use crate::common::{CliError, ModelArgs};
+
+/// Flags of `qwen2vl serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Model id shown by /v1/models and in responses (default: the --model value).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Require `Authorization: Bearer KEY` on every route but /health (also read from the
+    /// QWEN2VL_API_KEY environment variable).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Allow browser pages from this origin (e.g. http://localhost:3000, or * for any) to
+    /// call the API; no CORS headers without it.
+    #[arg(long)]
+    pub cors_origin: Option<String>,
+    /// Fetch http(s) image and video URLs (public hosts only: loopback, private and
+    /// link-local addresses are refused, also after redirects). Off by default.
+    #[arg(long)]
+    pub allow_remote_media: bool,
+    /// Serve local media paths and file:// URLs from this directory only (symlinks and ..
+    /// that lead outside it are refused). Local files are refused without it.
+    #[arg(long)]
+    pub allowed_media_dir: Option<PathBuf>,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 8)]
+    pub max_running: usize,
+    /// Requests waiting beyond the running ones; more get HTTP 429 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// KV-cache budget in tokens over all running sequences (0: from the model and memory).
+    #[arg(long, default_value_t = 0)]
+    pub kv_budget: usize,
+    /// Largest request body in bytes (HTTP 413 beyond).
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_body_bytes: usize,
+    /// Most images in one request.
+    #[arg(long, default_value_t = 16)]
+    pub max_images: usize,
+    /// Most videos in one request.
+    #[arg(long, default_value_t = 2)]
+    pub max_videos: usize,
+    /// Most resized pixels per image or video frame (max_pixels above it is refused).
+    #[arg(long, default_value_t = 16384 * 28 * 28)]
+    pub max_image_pixels: u64,
+    /// Most frames sampled from one video.
+    #[arg(long, default_value_t = 768)]
+    pub max_video_frames: usize,
+    /// Most choices per request (n).
+    #[arg(long, default_value_t = 8)]
+    pub max_n: usize,
+    /// max_tokens of requests that give none.
+    #[arg(long, default_value_t = 1024)]
+    pub default_max_tokens: usize,
+    /// Largest image or video read from a data URI, file or URL, in bytes.
+    #[arg(long, default_value_t = 48 << 20)]
+    pub max_media_bytes: u64,
+    /// Timeout of a remote media fetch, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub fetch_timeout: u64,
+}
+
+/// Loads the model, binds and serves until Ctrl-C.
+pub fn main(args: ServeArgs) -> Result<(), CliError> {
+    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .or_else(|_| {
+            use std::net::ToSocketAddrs;
+            (args.host.as_str(), args.port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or(())
+        })
+        .map_err(|_| CliError::Usage(format!("--host {} is not an address", args.host)))?;
+    if let Some(d) = &args.allowed_media_dir {
+        if !d.is_dir() {
+            return Err(CliError::Usage(format!(
+                "--allowed-media-dir {} is not a directory",
+                d.display()
+            )));
+        }
+    }
+    let config = ServerConfig {
+        model_name: args
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| args.model.model.clone()),
+        api_key: args
+            .api_key
+            .clone()
+            .or_else(|| std::env::var("QWEN2VL_API_KEY").ok())
+            .filter(|k| !k.is_empty()),
+        cors_origin: args.cors_origin.clone(),
+        allow_remote_media: args.allow_remote_media,
+        allowed_media_dir: args.allowed_media_dir.clone(),
+        limits: Limits {
+            max_body_bytes: args.max_body_bytes,
+            max_images: args.max_images,
+            max_videos: args.max_videos,
+            max_image_pixels: Some(args.max_image_pixels),
+            max_video_frames: args.max_video_frames,
+            max_n: args.max_n.max(1),
+            default_max_tokens: args.default_max_tokens.max(1),
+            max_media_bytes: args.max_media_bytes,
+            fetch_timeout: Duration::from_secs(args.fetch_timeout.max(1)),
+        },
+    };
+    let pipeline = Arc::new(args.model.load()?);
+    let backend = qwen2vl_server::backend::start(
+        pipeline,
+        args.max_running.max(1),
+        args.max_queue,
+        args.kv_budget,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Failed(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| CliError::Usage(format!("cannot listen on {addr}: {e}")))?;
+        let local = listener.local_addr()?;
+        if !args.model.quiet {
+            eprintln!("qwen2vl: serving {} on http://{local}", config.model_name);
+        }
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        qwen2vl_server::serve(listener, backend, config, shutdown)
+            .await
+            .map_err(CliError::Failed)
+    })
+}

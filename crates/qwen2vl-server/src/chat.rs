@@ -1,0 +1,568 @@
+//! `POST /v1/chat/completions`: submit one engine request per choice, then answer with one
+//! JSON object or a stream of server-sent events in the OpenAI chunk format.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use qwen2vl::generation::stop::{StopCriteria, StopStringFilter};
+use qwen2vl::pipeline::{GenerateRequest, Generation};
+use qwen2vl::processing::fetch::FetchOptions;
+use tokio::sync::mpsc;
+
+use crate::backend::{Event, Submission, SubmitError};
+use crate::error::ApiError;
+use crate::openai::{
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs, ChunkChoice,
+    Delta, PromptTokensDetails, ToolCall, ToolCallDelta, TopLogprob, Usage,
+};
+use crate::request::{self, ChatRequest};
+use crate::tools::{self, CALL_OPEN};
+use crate::AppState;
+
+/// How long to wait for a request's final event after stopping it at a stop string.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The handler.
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let start = Instant::now();
+    let resp = match handle(&state, body, start).await {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::error!("chat completion failed: {}", e.message);
+            }
+            e.into_response()
+        }
+    };
+    state.metrics.request(resp.status().as_u16());
+    resp
+}
+
+fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::QueueFull { retry_after_s } => ApiError {
+            retry_after_s: Some(retry_after_s.max(1)),
+            kind: "rate_limit_exceeded",
+            ..ApiError::client(
+                StatusCode::TOO_MANY_REQUESTS,
+                "the server is busy: the request queue is full; retry later",
+            )
+            .with_code("rate_limit_exceeded")
+        },
+        SubmitError::Invalid(e) => ApiError::from_library(&e),
+        SubmitError::ShuttingDown => ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            ..ApiError::internal("the server is shutting down")
+        },
+    }
+}
+
+async fn handle(
+    state: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+    start: Instant,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::client(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is too large; allowed: at most {} bytes",
+                    state.config.limits.max_body_bytes
+                ),
+            )
+        } else {
+            ApiError::client(e.status(), format!("cannot read the request body: {e}"))
+        }
+    })?;
+    let pipeline = state.backend.pipeline();
+    let context = pipeline.model().config().text.max_position_embeddings;
+    let req = request::parse(
+        &body,
+        pipeline.default_sampling(),
+        context,
+        &state.config.limits,
+        &state.media,
+    )?;
+    let limits = &state.config.limits;
+    let fetch = FetchOptions {
+        allow_remote: state.media.allow_remote,
+        refuse_private_hosts: true,
+        timeout: limits.fetch_timeout,
+        max_bytes: limits.max_media_bytes,
+        max_video_bytes: limits.max_media_bytes,
+    };
+    let mut subs = Vec::with_capacity(req.n);
+    for i in 0..req.n {
+        let mut g = GenerateRequest::new(req.messages.clone());
+        g.sampling = req.sampling.clone();
+        if !req.logprobs {
+            g.sampling.top_logprobs = 0;
+        }
+        g.sampling.seed = req.sampling.seed.map(|s| s.wrapping_add(i as u64));
+        g.max_new_tokens = req.max_tokens;
+        g.fetch = fetch.clone();
+        subs.push(state.backend.submit(g).map_err(submit_error)?);
+    }
+    // The first event of each choice before any header: a bad image or a prompt over the
+    // context is still a 4xx, streamed or not.
+    let mut firsts = Vec::with_capacity(subs.len());
+    for s in subs.iter_mut() {
+        match s.events.recv().await {
+            Some(Event::Failed(e)) => return Err(ApiError::from_library(&e)),
+            Some(ev) => firsts.push(Some(ev)),
+            None => return Err(ApiError::internal("the engine dropped the request")),
+        }
+    }
+    let ctx = Arc::new(Ctx {
+        id: format!("chatcmpl-{:x}{:x}", unix_now(), rand_id()),
+        created: unix_now(),
+        model: state.config.model_name.clone(),
+        include_usage: req.include_usage,
+        req,
+        start,
+        state: state.clone(),
+    });
+    if ctx.req.stream {
+        Ok(stream_response(ctx, subs, firsts))
+    } else {
+        let runs = subs
+            .into_iter()
+            .zip(firsts)
+            .enumerate()
+            .map(|(i, (s, f))| run_choice(&ctx, i, s, f, None));
+        let outcomes = futures_util::future::join_all(runs).await;
+        let mut choices = Vec::new();
+        let mut usage = Usage::default();
+        for (i, o) in outcomes.into_iter().enumerate() {
+            let o = o.map_err(|Disconnected| ApiError::internal("no client to send to"))??;
+            add_usage(&mut usage, &o.usage, i == 0);
+            choices.push(Choice {
+                index: i,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: o.content,
+                    tool_calls: o.tool_calls,
+                    grounding: o.grounding,
+                },
+                logprobs: ctx.req.logprobs.then_some(ChoiceLogprobs {
+                    content: o.logprobs,
+                }),
+                finish_reason: o.finish_reason,
+            });
+        }
+        state.metrics.latency(start.elapsed().as_secs_f64());
+        state
+            .metrics
+            .tokens(usage.prompt_tokens, usage.completion_tokens);
+        let body = ChatCompletion {
+            id: ctx.id.clone(),
+            object: "chat.completion",
+            created: ctx.created,
+            model: ctx.model.clone(),
+            choices,
+            usage,
+        };
+        Ok((
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string(&body).unwrap_or_default(),
+        )
+            .into_response())
+    }
+}
+
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(unix_now());
+    h.finish()
+}
+
+fn add_usage(total: &mut Usage, u: &qwen2vl::pipeline::Usage, first: bool) {
+    if first {
+        // The prompt is the same for every choice: counted once, as OpenAI does.
+        total.prompt_tokens = u.prompt_tokens;
+        total.prompt_tokens_details = PromptTokensDetails {
+            cached_tokens: 0,
+            text_tokens: u.prompt_text_tokens,
+            image_tokens: u.prompt_image_tokens,
+            video_tokens: u.prompt_video_tokens,
+        };
+    }
+    total.completion_tokens += u.completion_tokens;
+    total.total_tokens = total.prompt_tokens + total.completion_tokens;
+}
+
+/// What every choice of one request shares.
+struct Ctx {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    req: ChatRequest,
+    start: Instant,
+    state: Arc<AppState>,
+}
+
+impl Ctx {
+    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> Bytes {
+        let c = ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage: self.include_usage.then_some(usage),
+        };
+        sse(&serde_json::to_string(&c).unwrap_or_default())
+    }
+
+    fn delta(
+        &self,
+        index: usize,
+        delta: Delta,
+        logprobs: Vec<crate::openai::TokenLogprob>,
+        finish: Option<String>,
+    ) -> Bytes {
+        let logprobs = (self.req.logprobs && !logprobs.is_empty())
+            .then_some(ChoiceLogprobs { content: logprobs });
+        self.chunk(
+            vec![ChunkChoice {
+                index,
+                delta,
+                logprobs,
+                finish_reason: finish,
+            }],
+            None,
+        )
+    }
+}
+
+fn sse(data: &str) -> Bytes {
+    Bytes::from(format!("data: {data}\n\n"))
+}
+
+/// One choice's result.
+struct Outcome {
+    content: Option<String>,
+    tool_calls: Vec<ToolCall>,
+    finish_reason: String,
+    logprobs: Vec<crate::openai::TokenLogprob>,
+    usage: qwen2vl::pipeline::Usage,
+    grounding: Option<serde_json::Value>,
+}
+
+/// The client went away while streaming.
+struct Disconnected;
+
+fn convert_logprob(l: &qwen2vl::pipeline::TokenLogprob) -> crate::openai::TokenLogprob {
+    crate::openai::TokenLogprob {
+        token: l.token.clone(),
+        logprob: l.logprob,
+        bytes: l.token.as_bytes().to_vec(),
+        top_logprobs: l
+            .top_logprobs
+            .iter()
+            .map(|t| TopLogprob {
+                token: t.token.clone(),
+                logprob: t.logprob,
+                bytes: t.token.as_bytes().to_vec(),
+            })
+            .collect(),
+    }
+}
+
+/// Holds back text that may be the start of a `<tool_call>` block; once one starts, keeps
+/// everything after it for the parser.
+#[derive(Default)]
+struct ToolGate {
+    pending: String,
+    calls: Option<String>,
+}
+
+impl ToolGate {
+    fn push(&mut self, text: &str) -> String {
+        if let Some(c) = &mut self.calls {
+            c.push_str(text);
+            return String::new();
+        }
+        self.pending.push_str(text);
+        if let Some(k) = self.pending.find(CALL_OPEN) {
+            self.calls = Some(self.pending[k..].to_string());
+            let out = self.pending[..k].to_string();
+            self.pending.clear();
+            return out;
+        }
+        let crit = StopCriteria {
+            stop_strings: vec![CALL_OPEN.to_string()],
+            ..Default::default()
+        };
+        let hold = crit.partial_stop_len(&self.pending);
+        let out = self.pending[..self.pending.len() - hold].to_string();
+        self.pending.drain(..self.pending.len() - hold);
+        out
+    }
+}
+
+async fn run_choice(
+    ctx: &Ctx,
+    index: usize,
+    mut sub: Submission,
+    first: Option<Event>,
+    sink: Option<&mpsc::Sender<Bytes>>,
+) -> Result<Result<Outcome, ApiError>, Disconnected> {
+    let send = |b: Bytes| async move {
+        match sink {
+            Some(s) => s.send(b).await.map_err(|_| Disconnected),
+            None => Ok(()),
+        }
+    };
+    let mut filter = StopStringFilter::new(StopCriteria {
+        stop_strings: ctx.req.stop.clone(),
+        ..Default::default()
+    });
+    let mut gate = ctx.req.parse_tools.then(ToolGate::default);
+    let mut text = String::new();
+    let mut logprobs = Vec::new();
+    let mut stopped_at_string = false;
+    let mut started_usage = qwen2vl::pipeline::Usage::default();
+    let mut tokens_seen = 0usize;
+    let mut streamed_lp = false;
+    let mut first = first;
+    let generation: Option<Generation> = loop {
+        let ev = match first.take() {
+            Some(e) => Some(e),
+            None if stopped_at_string => tokio::time::timeout(DRAIN_TIMEOUT, sub.events.recv())
+                .await
+                .ok()
+                .flatten(),
+            None => sub.events.recv().await,
+        };
+        let Some(ev) = ev else { break None };
+        match ev {
+            Event::Started {
+                prompt_tokens,
+                image_tokens,
+                video_tokens,
+            } => {
+                started_usage = qwen2vl::pipeline::Usage {
+                    prompt_tokens,
+                    prompt_text_tokens: prompt_tokens
+                        .saturating_sub(image_tokens)
+                        .saturating_sub(video_tokens),
+                    prompt_image_tokens: image_tokens,
+                    prompt_video_tokens: video_tokens,
+                    ..Default::default()
+                };
+            }
+            Event::Token {
+                text: piece,
+                logprob,
+                ..
+            } => {
+                tokens_seen += 1;
+                if tokens_seen == 1 && index == 0 {
+                    ctx.state.metrics.ttft(ctx.start.elapsed().as_secs_f64());
+                }
+                if stopped_at_string {
+                    continue;
+                }
+                let (out, hit) = filter.push(&piece);
+                if hit.is_some() {
+                    stopped_at_string = true;
+                    sub.cancel.store(true, Ordering::Relaxed);
+                }
+                let lp: Vec<_> = logprob.iter().map(convert_logprob).collect();
+                streamed_lp |= !lp.is_empty();
+                logprobs.extend(lp.iter().cloned());
+                let shown = match &mut gate {
+                    Some(g) => g.push(&out),
+                    None => out,
+                };
+                text.push_str(&shown);
+                if !shown.is_empty() || !lp.is_empty() {
+                    let delta = Delta {
+                        content: (!shown.is_empty()).then_some(shown),
+                        ..Default::default()
+                    };
+                    send(ctx.delta(index, delta, lp, None)).await?;
+                }
+            }
+            Event::Finished(g) => break Some(*g),
+            Event::Failed(e) => {
+                let err = ApiError::from_library(&e);
+                if sink.is_some() {
+                    let body = err.body().to_string();
+                    send(sse(&body)).await?;
+                }
+                return Ok(Err(err));
+            }
+        }
+    };
+    // Text held back by the stop filter and the tool gate.
+    let mut tail = filter.finish();
+    if let Some(g) = &mut gate {
+        tail = g.push(&tail);
+        tail.push_str(&std::mem::take(&mut g.pending));
+    }
+    let mut tool_calls = Vec::new();
+    let mut content_tail = tail;
+    if let Some(calls_text) = gate.as_mut().and_then(|g| g.calls.take()) {
+        let (_, calls) = tools::parse_calls(&calls_text, &format!("call_{}_{index}_", ctx.id));
+        if calls.is_empty() {
+            content_tail.push_str(&calls_text);
+        } else {
+            tool_calls = calls;
+        }
+    }
+    text.push_str(&content_tail);
+    let (usage, finish, grounding) = match &generation {
+        Some(g) => {
+            if logprobs.is_empty() {
+                let n = if stopped_at_string {
+                    tokens_seen
+                } else {
+                    g.logprobs.len()
+                };
+                logprobs = g.logprobs.iter().take(n).map(convert_logprob).collect();
+            }
+            (
+                g.usage.clone(),
+                g.finish_reason.clone(),
+                g.grounding
+                    .as_ref()
+                    .and_then(|gr| serde_json::to_value(gr).ok()),
+            )
+        }
+        None => {
+            let mut u = started_usage;
+            u.completion_tokens = tokens_seen;
+            u.total_tokens = u.prompt_tokens + tokens_seen;
+            (u, "stop".to_string(), None)
+        }
+    };
+    let finish_reason = if !tool_calls.is_empty() {
+        "tool_calls".to_string()
+    } else if stopped_at_string || finish == "cancelled" {
+        "stop".to_string()
+    } else {
+        finish
+    };
+    if sink.is_some() {
+        // Per-token logprobs that only came with the final generation go out with it.
+        let late_lp = if streamed_lp {
+            vec![]
+        } else {
+            logprobs.clone()
+        };
+        if !content_tail.is_empty() {
+            let delta = Delta {
+                content: Some(content_tail.clone()),
+                ..Default::default()
+            };
+            send(ctx.delta(index, delta, vec![], None)).await?;
+        }
+        let delta = Delta {
+            tool_calls: tool_calls
+                .iter()
+                .enumerate()
+                .map(|(k, c)| ToolCallDelta {
+                    index: k,
+                    id: c.id.clone(),
+                    kind: "function",
+                    function: c.function.clone(),
+                })
+                .collect(),
+            grounding: grounding.clone(),
+            ..Default::default()
+        };
+        send(ctx.delta(index, delta, late_lp, Some(finish_reason.clone()))).await?;
+    }
+    let content = if tool_calls.is_empty() {
+        Some(text)
+    } else {
+        tools::parse_calls(&text, "")
+            .0
+            .filter(|t| !t.is_empty())
+            .or_else(|| {
+                let t = text.trim();
+                (!t.is_empty()).then(|| t.to_string())
+            })
+    };
+    Ok(Ok(Outcome {
+        content,
+        tool_calls,
+        finish_reason,
+        logprobs,
+        usage,
+        grounding,
+    }))
+}
+
+fn stream_response(ctx: Arc<Ctx>, subs: Vec<Submission>, firsts: Vec<Option<Event>>) -> Response {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(256);
+    tokio::spawn(async move {
+        let n = subs.len();
+        for i in 0..n {
+            let delta = Delta {
+                role: Some("assistant"),
+                content: Some(String::new()),
+                ..Default::default()
+            };
+            if tx.send(ctx.delta(i, delta, vec![], None)).await.is_err() {
+                return;
+            }
+        }
+        let runs = subs
+            .into_iter()
+            .zip(firsts)
+            .enumerate()
+            .map(|(i, (s, f))| run_choice(&ctx, i, s, f, Some(&tx)));
+        let outcomes = futures_util::future::join_all(runs).await;
+        let mut usage = Usage::default();
+        for (i, o) in outcomes.into_iter().enumerate() {
+            match o {
+                // The client is gone: the submissions were dropped, which cancels them.
+                Err(Disconnected) => return,
+                Ok(Err(_)) => {}
+                Ok(Ok(o)) => add_usage(&mut usage, &o.usage, i == 0),
+            }
+        }
+        let state = &ctx.state;
+        state.metrics.latency(ctx.start.elapsed().as_secs_f64());
+        state
+            .metrics
+            .tokens(usage.prompt_tokens, usage.completion_tokens);
+        if ctx.include_usage && tx.send(ctx.chunk(vec![], Some(usage))).await.is_err() {
+            return;
+        }
+        let _ = tx.send(sse("[DONE]")).await;
+    });
+    let stream = futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|o| o.map(Ok::<Bytes, Infallible>))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| ApiError::internal("cannot build the response").into_response())
+}

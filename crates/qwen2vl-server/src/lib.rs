@@ -1,0 +1,294 @@
+//! An OpenAI-compatible HTTP API for Qwen2-VL: `POST /v1/chat/completions` (streamed or not,
+//! images and videos, tools), `GET /v1/models`, `GET /health` and `GET /metrics`.
+//!
+//! The server talks to the model only through [`backend::Backend`]: submit a request, read
+//! its events. Limits are checked before any media is read; local files are served only from
+//! an allowed directory and remote media only from public hosts, when enabled.
+
+pub mod backend;
+pub mod chat;
+mod error;
+pub mod metrics;
+pub mod openai;
+pub mod request;
+pub mod tools;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+pub use error::ApiError;
+
+use crate::backend::Backend;
+use crate::metrics::Metrics;
+use crate::request::MediaPolicy;
+
+/// Limits on what one request may ask for; each is checked before expensive work.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Most images in one request.
+    pub max_images: usize,
+    /// Most videos in one request.
+    pub max_videos: usize,
+    /// Most resized pixels per image or video frame (`max_pixels` above it is refused, and
+    /// it is the `max_pixels` of items that give none); `None`: the checkpoint's.
+    pub max_image_pixels: Option<u64>,
+    /// Most frames sampled from one video (and frames in a frame list).
+    pub max_video_frames: usize,
+    /// Most choices (`n`).
+    pub max_n: usize,
+    /// `max_tokens` when a request gives none.
+    pub default_max_tokens: usize,
+    /// Largest encoded image or video read from a data URI, file or URL.
+    pub max_media_bytes: u64,
+    /// Timeout of a remote media fetch.
+    pub fetch_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 64 << 20,
+            max_images: 16,
+            max_videos: 2,
+            max_image_pixels: Some(16384 * 28 * 28),
+            max_video_frames: 768,
+            max_n: 8,
+            default_max_tokens: 1024,
+            max_media_bytes: 48 << 20,
+            fetch_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The model id shown by `/v1/models` and in responses.
+    pub model_name: String,
+    /// Required as `Authorization: Bearer KEY` on every route but `/health`.
+    pub api_key: Option<String>,
+    /// The origin allowed by CORS (`*` for any); no CORS headers when `None`.
+    pub cors_origin: Option<String>,
+    /// Fetch http(s) media URLs (public hosts only).
+    pub allow_remote_media: bool,
+    /// Local media files are read only under this directory.
+    pub allowed_media_dir: Option<PathBuf>,
+    /// Request limits.
+    pub limits: Limits,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            model_name: "qwen2vl".into(),
+            api_key: None,
+            cors_origin: None,
+            allow_remote_media: false,
+            allowed_media_dir: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// What the handlers share.
+pub struct AppState {
+    backend: Arc<dyn Backend>,
+    config: ServerConfig,
+    media: MediaPolicy,
+    metrics: Metrics,
+    created: u64,
+}
+
+/// The routes with their middleware. Fails when `allowed_media_dir` does not exist.
+pub fn app(backend: Arc<dyn Backend>, config: ServerConfig) -> Result<Router, String> {
+    let allowed_dir = match &config.allowed_media_dir {
+        Some(d) => Some(
+            d.canonicalize()
+                .map_err(|e| format!("--allowed-media-dir {} cannot be used: {e}", d.display()))?,
+        ),
+        None => None,
+    };
+    let media = MediaPolicy {
+        allow_remote: config.allow_remote_media,
+        allowed_dir,
+    };
+    let body_limit = config.limits.max_body_bytes;
+    let state = Arc::new(AppState {
+        backend,
+        config,
+        media,
+        metrics: Metrics::default(),
+        created: chat::unix_now(),
+    });
+    Ok(Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn_with_state(state.clone(), cors))
+        .with_state(state))
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then stops the backend.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    backend: Arc<dyn Backend>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let router = app(backend.clone(), config)?;
+    let result = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .map_err(|e| format!("server error: {e}"));
+    backend.shutdown();
+    result
+}
+
+/// A JSON response.
+fn json(v: &impl serde::Serialize) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(v).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+async fn health() -> Response {
+    json(&serde_json::json!({"status": "ok"}))
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Response {
+    let context = st
+        .backend
+        .pipeline()
+        .model()
+        .config()
+        .text
+        .max_position_embeddings;
+    json(&openai::ModelList {
+        object: "list",
+        data: vec![openai::ModelCard {
+            id: st.config.model_name.clone(),
+            object: "model",
+            created: st.created,
+            owned_by: "qwen2vl",
+            max_model_len: context,
+        }],
+    })
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(st.backend.stats()),
+    )
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::client(
+        StatusCode::NOT_FOUND,
+        format!("no route {} {}", req.method(), req.uri().path()),
+    )
+}
+
+/// Equal-length-independent, data-independent comparison of two secrets.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u64;
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= u64::from(x ^ y);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(key) = &st.config.api_key else {
+        return next.run(req).await;
+    };
+    if req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => next.run(req).await,
+        _ => ApiError::client(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong API key; send the header Authorization: Bearer <key>",
+        )
+        .with_code("invalid_api_key")
+        .into_response(),
+    }
+}
+
+async fn cors(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(allowed) = &st.config.cors_origin else {
+        return next.run(req).await;
+    };
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let matches = origin
+        .as_ref()
+        .and_then(|o| o.to_str().ok())
+        .is_some_and(|o| allowed == "*" || o == allowed);
+    let allow_value = if allowed == "*" {
+        HeaderValue::from_static("*")
+    } else {
+        match HeaderValue::from_str(allowed) {
+            Ok(v) => v,
+            Err(_) => return next.run(req).await,
+        }
+    };
+    let preflight = req.method() == Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut resp = if preflight && matches {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(req).await
+    };
+    if matches {
+        let h = resp.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_value);
+        h.insert(header::VARY, HeaderValue::from_static("origin"));
+        if preflight {
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, POST, OPTIONS"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("authorization, content-type"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("600"),
+            );
+        }
+    }
+    resp
+}

@@ -1,0 +1,173 @@
+//! Prometheus counters and histograms, written in the text exposition format by hand.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+use crate::backend::BackendStats;
+
+/// Histogram bucket bounds in seconds (time to first token, request latency).
+const BUCKETS: [f64; 14] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+#[derive(Debug, Clone, Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, v: f64) {
+        for (c, b) in self.counts.iter_mut().zip(BUCKETS) {
+            if v <= b {
+                *c += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn write(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (c, b) in self.counts.iter().zip(BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    requests: BTreeMap<u16, u64>,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    ttft: Histogram,
+    latency: Histogram,
+}
+
+/// The server's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+impl Metrics {
+    fn with(&self, f: impl FnOnce(&mut Inner)) {
+        if let Ok(mut g) = self.inner.lock() {
+            f(&mut g);
+        }
+    }
+
+    /// Counts a chat-completion request by its HTTP status.
+    pub fn request(&self, status: u16) {
+        self.with(|m| *m.requests.entry(status).or_default() += 1);
+    }
+
+    /// Adds a finished request's tokens.
+    pub fn tokens(&self, prompt: usize, completion: usize) {
+        self.with(|m| {
+            m.prompt_tokens += prompt as u64;
+            m.completion_tokens += completion as u64;
+        });
+    }
+
+    /// Records the time to the first token, in seconds.
+    pub fn ttft(&self, s: f64) {
+        self.with(|m| m.ttft.observe(s));
+    }
+
+    /// Records a whole request's latency, in seconds.
+    pub fn latency(&self, s: f64) {
+        self.with(|m| m.latency.observe(s));
+    }
+
+    /// The text exposition format.
+    pub fn render(&self, stats: BackendStats) -> String {
+        let mut out = String::new();
+        let Ok(m) = self.inner.lock() else {
+            return out;
+        };
+        out.push_str(
+            "# HELP qwen2vl_requests_total Chat completion requests by HTTP status.\n\
+             # TYPE qwen2vl_requests_total counter\n",
+        );
+        for (status, n) in &m.requests {
+            let _ = writeln!(out, "qwen2vl_requests_total{{status=\"{status}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP qwen2vl_prompt_tokens_total Prompt tokens of finished requests.\n\
+             # TYPE qwen2vl_prompt_tokens_total counter\nqwen2vl_prompt_tokens_total {}",
+            m.prompt_tokens
+        );
+        let _ = writeln!(
+            out,
+            "# HELP qwen2vl_completion_tokens_total Generated tokens of finished requests.\n\
+             # TYPE qwen2vl_completion_tokens_total counter\nqwen2vl_completion_tokens_total {}",
+            m.completion_tokens
+        );
+        let _ = writeln!(
+            out,
+            "# HELP qwen2vl_queue_depth Requests waiting to start.\n\
+             # TYPE qwen2vl_queue_depth gauge\nqwen2vl_queue_depth {}",
+            stats.queued
+        );
+        let _ = writeln!(
+            out,
+            "# HELP qwen2vl_running_sequences Sequences being generated.\n\
+             # TYPE qwen2vl_running_sequences gauge\nqwen2vl_running_sequences {}",
+            stats.running
+        );
+        m.ttft.write(
+            &mut out,
+            "qwen2vl_time_to_first_token_seconds",
+            "Time from request to first generated token.",
+        );
+        m.latency.write(
+            &mut out,
+            "qwen2vl_request_duration_seconds",
+            "Time from request to last token.",
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_gauges_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.request(200);
+        m.request(200);
+        m.request(400);
+        m.tokens(10, 5);
+        m.ttft(0.03);
+        m.latency(0.3);
+        m.latency(7.0);
+        let t = m.render(BackendStats {
+            queued: 3,
+            running: 2,
+        });
+        assert!(
+            t.contains("qwen2vl_requests_total{status=\"200\"} 2\n"),
+            "{t}"
+        );
+        assert!(t.contains("qwen2vl_requests_total{status=\"400\"} 1\n"));
+        assert!(t.contains("qwen2vl_prompt_tokens_total 10\n"));
+        assert!(t.contains("qwen2vl_completion_tokens_total 5\n"));
+        assert!(t.contains("qwen2vl_queue_depth 3\n"));
+        assert!(t.contains("qwen2vl_running_sequences 2\n"));
+        assert!(t.contains("qwen2vl_time_to_first_token_seconds_bucket{le=\"0.025\"} 0\n"));
+        assert!(t.contains("qwen2vl_time_to_first_token_seconds_bucket{le=\"0.05\"} 1\n"));
+        assert!(t.contains("qwen2vl_request_duration_seconds_bucket{le=\"5\"} 1\n"));
+        assert!(t.contains("qwen2vl_request_duration_seconds_bucket{le=\"10\"} 2\n"));
+        assert!(t.contains("qwen2vl_request_duration_seconds_bucket{le=\"+Inf\"} 2\n"));
+        assert!(t.contains("qwen2vl_request_duration_seconds_count 2\n"));
+    }
+}
