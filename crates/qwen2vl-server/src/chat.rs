@@ -119,6 +119,7 @@ async fn handle(
         }
         g.sampling.seed = req.sampling.seed.map(|s| s.wrapping_add(i as u64));
         g.max_new_tokens = req.max_tokens;
+        g.stop = req.stop.clone();
         g.fetch = fetch.clone();
         subs.push(state.backend.submit(g).map_err(submit_error)?);
     }
@@ -406,7 +407,7 @@ async fn run_choice(
                     send(ctx.delta(index, delta, lp, None)).await?;
                 }
             }
-            Event::Finished(g) => break Some(*g),
+            Event::Finished(g) => break Some(g),
             Event::Failed(e) => {
                 let err = ApiError::from_library(&e);
                 if sink.is_some() {
@@ -496,16 +497,12 @@ async fn run_choice(
         };
         send(ctx.delta(index, delta, late_lp, Some(finish_reason.clone()))).await?;
     }
+    // With calls, `text` is what came before the first `<tool_call>`.
     let content = if tool_calls.is_empty() {
         Some(text)
     } else {
-        tools::parse_calls(&text, "")
-            .0
-            .filter(|t| !t.is_empty())
-            .or_else(|| {
-                let t = text.trim();
-                (!t.is_empty()).then(|| t.to_string())
-            })
+        let t = text.trim();
+        (!t.is_empty()).then(|| t.to_string())
     };
     Ok(Ok(Outcome {
         content,

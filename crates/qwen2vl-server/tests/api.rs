@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use qwen2vl::pipeline::{DTypeChoice, GenerateRequest, Pipeline};
-use qwen2vl_server::backend::{Backend, BackendStats, SerialBackend, Submission, SubmitError};
+use qwen2vl_server::backend::{Backend, BackendStats, Event, Submission, SubmitError};
 use qwen2vl_server::{Limits, ServerConfig};
 use serde_json::{json, Value};
 
@@ -45,7 +45,7 @@ fn start_with(backend: Arc<dyn Backend>, config: ServerConfig) -> SocketAddr {
 }
 
 fn start(config: ServerConfig) -> SocketAddr {
-    start_with(Arc::new(SerialBackend::start(pipeline(), 16)), config)
+    start_with(qwen2vl_server::backend::start(pipeline(), 4, 16, 0), config)
 }
 
 fn agent() -> ureq::Agent {
@@ -802,4 +802,181 @@ fn remote_media_when_enabled_refuses_private_hosts() {
         listener.accept().is_err(),
         "the loopback server was contacted"
     );
+}
+
+/// A backend that answers every request with the same text, token by token.
+struct ScriptBackend(Arc<Pipeline>, &'static str);
+
+impl Backend for ScriptBackend {
+    fn submit(&self, _: GenerateRequest) -> Result<Submission, SubmitError> {
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let _ = tx.send(Event::Started {
+            prompt_tokens: 10,
+            image_tokens: 0,
+            video_tokens: 0,
+        });
+        let pieces: Vec<String> = self.1.chars().map(String::from).collect();
+        for p in &pieces {
+            let _ = tx.send(Event::Token {
+                id: 1,
+                text: p.clone(),
+                logprob: None,
+            });
+        }
+        let _ = tx.send(Event::Finished(qwen2vl::pipeline::Generation {
+            text: self.1.to_string(),
+            token_ids: vec![1; pieces.len()],
+            logprobs: vec![],
+            finish_reason: "stop".into(),
+            usage: qwen2vl::pipeline::Usage {
+                prompt_tokens: 10,
+                prompt_text_tokens: 10,
+                completion_tokens: pieces.len(),
+                total_tokens: 10 + pieces.len(),
+                ..Default::default()
+            },
+            timings: Default::default(),
+            images: vec![],
+            videos: vec![],
+            grounding: None,
+        }));
+        Ok(Submission {
+            events,
+            cancel: Default::default(),
+        })
+    }
+    fn stats(&self) -> BackendStats {
+        BackendStats::default()
+    }
+    fn pipeline(&self) -> &Pipeline {
+        &self.0
+    }
+}
+
+#[test]
+fn tool_calls_come_back_as_tool_calls() {
+    let out = "I will look it up.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+    let addr = start_with(
+        Arc::new(ScriptBackend(pipeline(), out)),
+        ServerConfig::default(),
+    );
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let body = json!({"messages": user("Weather in Paris?"), "tools": tools});
+    let v = post(addr, &body).json();
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+    assert_eq!(c["message"]["content"], "I will look it up.");
+    let call = &c["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"city": "Paris"}));
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+
+    // Streamed: the text before the call streams, the <tool_call> block never does, and the
+    // call comes in the finish chunk.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let chunks: Vec<Value> = sse_events(&post(addr, &sbody).body)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text.trim(), "I will look it up.");
+    let fin = &chunks.last().unwrap()["choices"][0];
+    assert_eq!(fin["finish_reason"], "tool_calls");
+    assert_eq!(fin["delta"]["tool_calls"][0]["index"], 0);
+    assert_eq!(
+        fin["delta"]["tool_calls"][0]["function"]["name"],
+        "get_weather"
+    );
+
+    // Without tools (or with tool_choice none) the same output is plain text.
+    for body in [
+        json!({"messages": user("Weather in Paris?")}),
+        json!({"messages": user("Weather in Paris?"), "tools": tools, "tool_choice": "none"}),
+    ] {
+        let v = post(addr, &body).json();
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        assert_eq!(v["choices"][0]["message"]["content"], out);
+        assert!(v["choices"][0]["message"].get("tool_calls").is_none());
+    }
+}
+
+#[test]
+fn a_malformed_tool_call_stays_text() {
+    let out = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \n</tool_call>";
+    let addr = start_with(
+        Arc::new(ScriptBackend(pipeline(), out)),
+        ServerConfig::default(),
+    );
+    let tools = json!([{"type": "function", "function": {"name": "get_weather"}}]);
+    for stream in [false, true] {
+        let body = json!({"messages": user("?"), "tools": tools, "stream": stream});
+        let r = post(addr, &body);
+        let text = if stream {
+            sse_events(&r.body)
+                .iter()
+                .filter(|e| *e != "[DONE]")
+                .map(|e| serde_json::from_str::<Value>(e).unwrap())
+                .filter_map(|c| {
+                    c["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(String::from)
+                })
+                .collect::<String>()
+        } else {
+            let v = r.json();
+            assert_eq!(v["choices"][0]["finish_reason"], "stop");
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(text, out, "stream {stream}");
+    }
+}
+
+#[test]
+fn concurrent_streams_each_get_their_own_answer() {
+    let addr = start(ServerConfig::default());
+    let prompts = ["Alpha", "Beta beta", "Gamma is a letter", "Delta"];
+    let expected: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            post(addr, &greedy(user(p), 10)).json()["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let mut body = greedy(user(p), 10);
+            body["stream"] = json!(true);
+            std::thread::spawn(move || {
+                let r = post(addr, &body);
+                assert_eq!(r.status, 200);
+                sse_events(&r.body)
+                    .iter()
+                    .filter(|e| *e != "[DONE]")
+                    .map(|e| serde_json::from_str::<Value>(e).unwrap())
+                    .filter_map(|c| {
+                        c["choices"][0]["delta"]["content"]
+                            .as_str()
+                            .map(String::from)
+                    })
+                    .collect::<String>()
+            })
+        })
+        .collect();
+    for (h, want) in handles.into_iter().zip(expected) {
+        assert_eq!(h.join().unwrap(), want);
+    }
 }
