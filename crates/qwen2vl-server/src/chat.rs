@@ -121,7 +121,13 @@ async fn handle(
         g.max_new_tokens = req.max_tokens;
         g.stop = req.stop.clone();
         g.fetch = fetch.clone();
-        subs.push(state.backend.submit(g).map_err(submit_error)?);
+        // The engine templates and tokenizes a text-only prompt inside `submit`: off the
+        // async workers.
+        let backend = state.backend.clone();
+        let submitted = tokio::task::spawn_blocking(move || backend.submit(g))
+            .await
+            .map_err(|e| ApiError::internal(format!("submit task failed: {e}")))?;
+        subs.push(submitted.map_err(submit_error)?);
     }
     // The first event of each choice before any header: a bad image or a prompt over the
     // context is still a 4xx, streamed or not.

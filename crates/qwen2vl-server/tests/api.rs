@@ -805,7 +805,11 @@ fn remote_media_when_enabled_refuses_private_hosts() {
 }
 
 /// A backend that answers every request with the same text, token by token.
-struct ScriptBackend(Arc<Pipeline>, &'static str);
+struct ScriptBackend(
+    Arc<Pipeline>,
+    &'static str,
+    Option<qwen2vl::grounding::Grounding>,
+);
 
 impl Backend for ScriptBackend {
     fn submit(&self, _: GenerateRequest) -> Result<Submission, SubmitError> {
@@ -838,7 +842,7 @@ impl Backend for ScriptBackend {
             timings: Default::default(),
             images: vec![],
             videos: vec![],
-            grounding: None,
+            grounding: self.2.clone(),
         }));
         Ok(Submission {
             events,
@@ -857,7 +861,7 @@ impl Backend for ScriptBackend {
 fn tool_calls_come_back_as_tool_calls() {
     let out = "I will look it up.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
     let addr = start_with(
-        Arc::new(ScriptBackend(pipeline(), out)),
+        Arc::new(ScriptBackend(pipeline(), out, None)),
         ServerConfig::default(),
     );
     let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
@@ -912,7 +916,7 @@ fn tool_calls_come_back_as_tool_calls() {
 fn a_malformed_tool_call_stays_text() {
     let out = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \n</tool_call>";
     let addr = start_with(
-        Arc::new(ScriptBackend(pipeline(), out)),
+        Arc::new(ScriptBackend(pipeline(), out, None)),
         ServerConfig::default(),
     );
     let tools = json!([{"type": "function", "function": {"name": "get_weather"}}]);
@@ -979,4 +983,83 @@ fn concurrent_streams_each_get_their_own_answer() {
     for (h, want) in handles.into_iter().zip(expected) {
         assert_eq!(h.join().unwrap(), want);
     }
+}
+
+#[test]
+fn grounding_is_an_extra_field_of_the_message() {
+    let marked =
+        "<|object_ref_start|>the car<|object_ref_end|><|box_start|>(100,200),(300,400)<|box_end|>";
+    let g = qwen2vl::grounding::Grounding::parse(marked);
+    assert!(g.has_shapes());
+    let addr = start_with(
+        Arc::new(ScriptBackend(
+            pipeline(),
+            "the car(100,200),(300,400)",
+            Some(g.clone()),
+        )),
+        ServerConfig::default(),
+    );
+    let v = post(addr, &json!({"messages": user("Where is the car?")})).json();
+    let m = &v["choices"][0]["message"];
+    assert_eq!(m["content"], "the car(100,200),(300,400)");
+    assert_eq!(m["grounding"], serde_json::to_value(&g).unwrap());
+    assert_eq!(
+        m["grounding"]["objects"][0]["boxes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let r = post(addr, &json!({"messages": user("Where?"), "stream": true}));
+    let events = sse_events(&r.body);
+    let fin: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(
+        fin["choices"][0]["delta"]["grounding"],
+        serde_json::to_value(&g).unwrap()
+    );
+    // An answer without boxes has no grounding field.
+    let plain = start_with(
+        Arc::new(ScriptBackend(pipeline(), "no boxes", None)),
+        ServerConfig::default(),
+    );
+    let v = post(plain, &json!({"messages": user("?")})).json();
+    assert!(v["choices"][0]["message"].get("grounding").is_none(), "{v}");
+}
+
+#[test]
+fn streamed_n_choices_each_finish() {
+    let addr = start(ServerConfig::default());
+    let body = json!({"messages": user("Two"), "max_tokens": 4, "n": 2, "seed": 3, "stream": true,
+                      "stream_options": {"include_usage": true}});
+    let r = post(addr, &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let chunks: Vec<Value> = sse_events(&r.body)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    for i in 0..2 {
+        let mine: Vec<&Value> = chunks
+            .iter()
+            .filter(|c| {
+                c["choices"]
+                    .as_array()
+                    .unwrap()
+                    .first()
+                    .is_some_and(|ch| ch["index"] == i)
+            })
+            .collect();
+        assert_eq!(
+            mine[0]["choices"][0]["delta"]["role"], "assistant",
+            "choice {i}"
+        );
+        let finishes = mine
+            .iter()
+            .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+            .count();
+        assert_eq!(finishes, 1, "choice {i}");
+        assert!(!mine.last().unwrap()["choices"][0]["finish_reason"].is_null());
+    }
+    let usage = &chunks.last().unwrap()["usage"];
+    assert!(usage["completion_tokens"].as_u64().unwrap() >= 2, "{usage}");
 }
