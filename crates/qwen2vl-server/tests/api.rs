@@ -1063,3 +1063,29 @@ fn streamed_n_choices_each_finish() {
     let usage = &chunks.last().unwrap()["usage"];
     assert!(usage["completion_tokens"].as_u64().unwrap() >= 2, "{usage}");
 }
+
+#[test]
+fn a_client_that_disconnects_while_waiting_for_a_whole_answer_is_cancelled() {
+    let addr = start(ServerConfig::default());
+    let body = json!({"messages": user("Go on forever"), "max_tokens": 20000, "temperature": 0})
+        .to_string();
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Wait until it runs, then hang up.
+    let t0 = Instant::now();
+    while !get(addr, "/metrics", &[])
+        .body
+        .contains("qwen2vl_running_sequences 1\n")
+    {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(s);
+    wait_idle(addr);
+    assert_eq!(post(addr, &greedy(user("next"), 2)).status, 200);
+}
