@@ -56,7 +56,7 @@ pub async fn chat_completions(
     resp
 }
 
-fn submit_error(e: SubmitError) -> ApiError {
+fn submit_error(req: &ChatRequest, e: SubmitError) -> ApiError {
     match e {
         SubmitError::QueueFull { retry_after_s } => ApiError {
             retry_after_s: Some(retry_after_s.max(1)),
@@ -67,7 +67,7 @@ fn submit_error(e: SubmitError) -> ApiError {
             )
             .with_code("rate_limit_exceeded")
         },
-        SubmitError::Invalid(e) => ApiError::from_library(&e),
+        SubmitError::Invalid(e) => library_error(req, &e),
         SubmitError::ShuttingDown => ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             ..ApiError::internal("the server is shutting down")
@@ -127,14 +127,14 @@ async fn handle(
         let submitted = tokio::task::spawn_blocking(move || backend.submit(g))
             .await
             .map_err(|e| ApiError::internal(format!("submit task failed: {e}")))?;
-        subs.push(submitted.map_err(submit_error)?);
+        subs.push(submitted.map_err(|e| submit_error(&req, e))?);
     }
     // The first event of each choice before any header: a bad image or a prompt over the
     // context is still a 4xx, streamed or not.
     let mut firsts = Vec::with_capacity(subs.len());
     for s in subs.iter_mut() {
         match s.events.recv().await {
-            Some(Event::Failed(e)) => return Err(ApiError::from_library(&e)),
+            Some(Event::Failed(e)) => return Err(library_error(&req, &e)),
             Some(ev) => firsts.push(Some(ev)),
             None => return Err(ApiError::internal("the engine dropped the request")),
         }
@@ -194,6 +194,15 @@ async fn handle(
         )
             .into_response())
     }
+}
+
+/// A library error as the client sees it: a bad input names the image or video it concerns.
+fn library_error(req: &ChatRequest, e: &qwen2vl::Error) -> ApiError {
+    let mut err = ApiError::from_library(e);
+    if err.param.is_some() {
+        err.param = Some(req.param_of(e));
+    }
+    err
 }
 
 fn rand_id() -> u64 {
@@ -415,7 +424,7 @@ async fn run_choice(
             }
             Event::Finished(g) => break Some(g),
             Event::Failed(e) => {
-                let err = ApiError::from_library(&e);
+                let err = library_error(&ctx.req, &e);
                 if sink.is_some() {
                     let body = err.body().to_string();
                     send(sse(&body)).await?;

@@ -45,6 +45,28 @@ pub struct ChatRequest {
     pub logprobs: bool,
     /// Whether to look for `<tool_call>` blocks in the output.
     pub parse_tools: bool,
+    /// The request field of each image, in conversation order (`messages[i].content[j]`).
+    pub image_params: Vec<String>,
+    /// The request field of each video, in conversation order.
+    pub video_params: Vec<String>,
+}
+
+impl ChatRequest {
+    /// The field a library error is about: the image or video it names ("image 2 (message
+    /// 1): …", counted over the whole conversation), else `messages`.
+    pub fn param_of(&self, e: &qwen2vl::Error) -> String {
+        let qwen2vl::Error::BadInput { what, .. } = e else {
+            return "messages".into();
+        };
+        let item = |kind: &str, list: &[String]| {
+            let rest = what.strip_prefix(kind)?.strip_prefix(' ')?;
+            let n: usize = rest.split(' ').next()?.parse().ok()?;
+            list.get(n.checked_sub(1)?).cloned()
+        };
+        item("image", &self.image_params)
+            .or_else(|| item("video", &self.video_params))
+            .unwrap_or_else(|| "messages".into())
+    }
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -333,7 +355,9 @@ pub fn parse(
             ))
         }
     };
-    let mut messages = parse_messages(raw, limits, media)?;
+    let mut params = (Vec::new(), Vec::new());
+    let mut messages = parse_messages(raw, limits, media, &mut params)?;
+    let (image_params, video_params) = params;
     let parse_tools = !tool_list.is_empty() && choice != ToolChoice::None;
     if parse_tools {
         let offered: Vec<Tool> = match &choice {
@@ -365,6 +389,8 @@ pub fn parse(
         stop,
         logprobs,
         parse_tools,
+        image_params,
+        video_params,
     })
 }
 
@@ -486,10 +512,10 @@ fn parse_messages(
     raw: &[Value],
     limits: &Limits,
     policy: &MediaPolicy,
+    params: &mut (Vec<String>, Vec<String>),
 ) -> Result<Vec<Message>, ApiError> {
     let mut out: Vec<Message> = Vec::new();
     let mut prev_tool = false;
-    let mut counts = (0usize, 0usize);
     for (i, m) in raw.iter().enumerate() {
         let Value::Object(m) = m else {
             return Err(ApiError::invalid(
@@ -520,7 +546,7 @@ fn parse_messages(
             }
         };
         let mut content = parse_content(m.get("content").unwrap_or(&Value::Null), i)?;
-        check_media(&mut content, i, &mut counts, limits, policy)?;
+        check_media(&mut content, i, params, limits, policy)?;
         match role {
             Role::Tool => {
                 // Tool results go back as a user turn of <tool_response> blocks; consecutive
@@ -588,7 +614,7 @@ fn parse_messages(
 fn check_media(
     content: &mut Content,
     i: usize,
-    (images, videos): &mut (usize, usize),
+    (images, videos): &mut (Vec<String>, Vec<String>),
     limits: &Limits,
     policy: &MediaPolicy,
 ) -> Result<(), ApiError> {
@@ -601,8 +627,8 @@ fn check_media(
             match part {
                 ContentPart::Text { .. } => {}
                 ContentPart::Image(img) => {
-                    *images += 1;
-                    if *images > limits.max_images {
+                    images.push(param.clone());
+                    if images.len() > limits.max_images {
                         return Err(ApiError::invalid(
                             param,
                             format!(
@@ -627,8 +653,8 @@ fn check_media(
                     }
                 }
                 ContentPart::Video(v) => {
-                    *videos += 1;
-                    if *videos > limits.max_videos {
+                    videos.push(param.clone());
+                    if videos.len() > limits.max_videos {
                         return Err(ApiError::invalid(
                             param,
                             format!(

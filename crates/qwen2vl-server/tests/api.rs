@@ -375,11 +375,15 @@ fn bad_input_gets_4xx_naming_the_field() {
             400,
             Some("messages[0].content[0]"),
         ),
-        // A corrupt image: found when decoding, still the client's fault.
+        // A corrupt image: found when decoding, still the client's fault, named.
         (
-            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAAAAAA"}}]}]}),
+            json!({"messages": [
+                {"role": "user", "content": [img(json!({})), {"type": "text", "text": "and"}]},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": [{"type": "text", "text": "this"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAAAAAA"}}]}
+            ]}),
             400,
-            Some("messages"),
+            Some("messages[2].content[1]"),
         ),
     ];
     for (body, status, param) in cases {
