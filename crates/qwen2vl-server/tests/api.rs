@@ -1093,3 +1093,94 @@ fn a_client_that_disconnects_while_waiting_for_a_whole_answer_is_cancelled() {
     wait_idle(addr);
     assert_eq!(post(addr, &greedy(user("next"), 2)).status, 200);
 }
+
+#[test]
+fn a_video_as_a_list_of_frames_counts_video_tokens() {
+    let addr = start(limits_config());
+    let dir = std::fs::read_dir(fixtures().join("video"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.is_dir())
+        .unwrap();
+    let frames: Vec<String> = (0..3)
+        .map(|i| {
+            let rel = dir.join(format!("f{i}.png"));
+            let rel = rel
+                .strip_prefix(fixtures())
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            data_uri(&rel)
+        })
+        .collect();
+    let ask = |extra: Value| {
+        let mut part = json!({"type": "video", "video": frames});
+        for (k, v) in extra.as_object().unwrap() {
+            part[k] = v.clone();
+        }
+        post(
+            addr,
+            &greedy(
+                json!([{"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}]),
+                2,
+            ),
+        )
+    };
+    let r = ask(json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let d = &r.json()["usage"]["prompt_tokens_details"];
+    assert!(d["video_tokens"].as_u64().unwrap() > 0, "{d}");
+    assert_eq!(d["image_tokens"], 0);
+    // Per-item keys are read from the part: a smaller max_pixels gives fewer tokens.
+    let small = ask(json!({"max_pixels": 28 * 28 * 4}));
+    assert_eq!(small.status, 200, "{}", small.body);
+    let fewer = small.json()["usage"]["prompt_tokens_details"]["video_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        fewer < d["video_tokens"].as_u64().unwrap(),
+        "{fewer} vs {d}"
+    );
+    // More frames than the server allows (8 here) is refused before any frame is read.
+    let mut many = frames.clone();
+    many.extend(std::iter::repeat_n("data:,x".to_string(), 8));
+    let r = post(
+        addr,
+        &greedy(
+            json!([{"role": "user", "content": [{"type": "video", "video": many}]}]),
+            2,
+        ),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "messages[0].content[0]");
+}
+
+#[test]
+fn a_video_url_as_a_data_uri_with_nframes() {
+    let addr = start(ServerConfig::default());
+    let bytes = std::fs::read(fixtures().join("video/clip.mp4")).unwrap();
+    let url = format!(
+        "data:video/mp4;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    );
+    let ask = |nframes: usize| {
+        let part = json!({"type": "video_url", "video_url": {"url": url}, "nframes": nframes, "max_pixels": 28 * 28 * 16});
+        let r = post(
+            addr,
+            &greedy(
+                json!([{"role": "user", "content": [part, {"type": "text", "text": "?"}]}]),
+                1,
+            ),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["usage"]["prompt_tokens_details"]["video_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let four = ask(4);
+    let eight = ask(8);
+    // Two frames make one temporal patch: twice the frames, twice the tokens.
+    assert!(four > 0);
+    assert_eq!(eight, 2 * four);
+}
