@@ -156,9 +156,8 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
     let image = if args.no_image {
         None
     } else if let Some(p) = &args.image {
-        let bytes = std::fs::read(p).map_err(|e| {
-            CliError::Usage(format!("cannot read --image {}: {e}", p.display()))
-        })?;
+        let bytes = std::fs::read(p)
+            .map_err(|e| CliError::Usage(format!("cannot read --image {}: {e}", p.display())))?;
         Some((ImageSource::Bytes(bytes), p.display().to_string()))
     } else {
         let (w, h) = args.image_size;
