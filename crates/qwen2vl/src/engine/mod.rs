@@ -45,6 +45,32 @@
 //! step; the sequence leaves the batch, its KV is freed and (when someone still listens) it
 //! finishes with `finish_reason` `"cancelled"`.
 //!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use qwen2vl::engine::{Engine, EngineConfig, EngineEvent};
+//! use qwen2vl::pipeline::{DTypeChoice, GenerateRequest, Pipeline};
+//!
+//! # let model_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny-qwen2vl");
+//! let pipeline = Arc::new(Pipeline::load(model_dir.as_ref(), DTypeChoice::F32)?);
+//! let engine = Engine::start(pipeline, EngineConfig::default());
+//! let request = GenerateRequest::from_prompt(None, &[], "Hello!").with_max_new_tokens(8);
+//! let mut submission = engine.submit(request)?;
+//! let mut streamed = String::new();
+//! // From async code: `submission.events.recv().await`.
+//! while let Some(event) = submission.events.blocking_recv() {
+//!     match event {
+//!         EngineEvent::Started { prompt_tokens, .. } => assert!(prompt_tokens > 0),
+//!         EngineEvent::Token { text, .. } => streamed.push_str(&text),
+//!         EngineEvent::Finished(answer) => assert_eq!(answer.text, streamed),
+//!         EngineEvent::Failed(e) => return Err(e.into()),
+//!     }
+//! }
+//! engine.shutdown();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! Nothing a request brings can stop the scheduler: errors, and even panics, in one
 //! request's preprocessing or prefill fail only that request ([`EngineEvent::Failed`]); a
 //! fault in a shared decode step fails the sequences of that step, and the engine goes on.
