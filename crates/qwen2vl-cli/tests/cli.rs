@@ -506,7 +506,7 @@ fn every_command_has_help_with_an_example() {
     let top = qwen2vl(&["--help"]);
     assert!(top.status.success());
     let top = String::from_utf8_lossy(&top.stdout).into_owned();
-    for cmd in ["run", "chat", "download", "bench"] {
+    for cmd in ["run", "chat", "download", "bench", "serve"] {
         assert!(top.contains(cmd), "top-level help lists {cmd}:\n{top}");
         let o = qwen2vl(&[cmd, "--help"]);
         assert!(o.status.success(), "{cmd} --help: {}", stderr(&o));
