@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 use crate::error::ApiError;
 use crate::tools::{self, Tool, ToolChoice};
 use crate::Limits;
+use qwen2vl::processing::messages::kind_of as type_name;
 
 /// Where media may come from.
 #[derive(Debug, Clone, Default)]
@@ -66,17 +67,6 @@ impl ChatRequest {
         item("image", &self.image_params)
             .or_else(|| item("video", &self.video_params))
             .unwrap_or_else(|| "messages".into())
-    }
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -543,7 +543,8 @@ fn part_from_map(map: &Map<String, Value>) -> Result<ContentPart, String> {
     }
 }
 
-fn kind_of(v: &Value) -> &'static str {
+/// How a JSON value's type is named in error messages ("a string", "a list", …).
+pub fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
