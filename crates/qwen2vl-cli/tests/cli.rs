@@ -561,3 +561,65 @@ fn ctrl_c_stops_the_answer_with_exit_130() {
     // Stopped well before 30000 tokens (each token is at least one byte of text or none).
     assert!(first.len() + rest.len() < 30000 * 8);
 }
+
+/// A copy of the tiny model with `generation_config.json` replaced (the rest linked).
+fn model_with_generation_config(name: &str, gen: serde_json::Value) -> PathBuf {
+    let d = scratch(name);
+    for entry in std::fs::read_dir(tiny()).unwrap() {
+        let p = entry.unwrap().path();
+        let target = d.join(p.file_name().unwrap());
+        if p.file_name().unwrap() == "generation_config.json" {
+            std::fs::write(&target, gen.to_string()).unwrap();
+        } else {
+            std::os::unix::fs::symlink(&p, &target).unwrap();
+        }
+    }
+    d
+}
+
+#[test]
+fn sampling_defaults_come_from_generation_config_and_flags_override_them() {
+    let ids = |model: &Path, extra: &[&str]| -> Vec<u64> {
+        let mut args = vec![
+            "run",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-new-tokens",
+            "8",
+            "--ignore-eos",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--json", "Say something."]);
+        let o = qwen2vl(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap())
+            .collect()
+    };
+    // The fixture ships top_k 1: its default is the argmax.
+    let greedy = ids(&tiny(), &["--temperature", "0"]);
+    assert_eq!(ids(&tiny(), &[]), greedy);
+    // A checkpoint whose defaults sample from the full distribution.
+    let sampling = model_with_generation_config(
+        "gencfg",
+        serde_json::json!({"do_sample": true, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                           "repetition_penalty": 1.0, "eos_token_id": [151645, 151643]}),
+    );
+    let sampled = ids(&sampling, &["--seed", "7"]);
+    assert_ne!(
+        sampled, greedy,
+        "temperature 1 over 151,936 tokens should not be the argmax"
+    );
+    assert_eq!(
+        ids(&sampling, &["--seed", "7"]),
+        sampled,
+        "same seed, same tokens"
+    );
+    // Each flag overrides its default.
+    assert_eq!(ids(&sampling, &["--temperature", "0"]), greedy);
+    assert_eq!(ids(&sampling, &["--top-k", "1", "--seed", "7"]), greedy);
+}
