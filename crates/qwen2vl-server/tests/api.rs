@@ -952,8 +952,13 @@ fn a_malformed_tool_call_stays_text() {
 
 #[test]
 fn concurrent_streams_each_get_their_own_answer() {
+    // 16 streams at once: more than the default --max-running (8), so half of them queue and
+    // are admitted as others finish; each must still get exactly its own greedy answer.
     let addr = start(ServerConfig::default());
-    let prompts = ["Alpha", "Beta beta", "Gamma is a letter", "Delta"];
+    let words = ["Alpha", "Beta beta", "Gamma is a letter", "Delta"];
+    let prompts: Vec<String> = (0..16)
+        .map(|i| format!("{} {i}", words[i % words.len()]))
+        .collect();
     let expected: Vec<String> = prompts
         .iter()
         .map(|p| {
@@ -963,6 +968,9 @@ fn concurrent_streams_each_get_their_own_answer() {
                 .to_string()
         })
         .collect();
+    // Different prompts give different answers, so a mixed-up stream would be caught.
+    let distinct: std::collections::HashSet<&String> = expected.iter().collect();
+    assert!(distinct.len() > 8, "{distinct:?}");
     let handles: Vec<_> = prompts
         .iter()
         .map(|p| {
