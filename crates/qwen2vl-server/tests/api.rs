@@ -131,6 +131,20 @@ fn sse_events(body: &str) -> Vec<String> {
         .collect()
 }
 
+/// The concatenated `delta.content` of a streamed answer's chunks (first choice).
+fn streamed_content(body: &str) -> String {
+    sse_events(body)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
 fn data_uri(path: &str) -> String {
     let bytes = std::fs::read(fixtures().join(path)).unwrap();
     format!(
@@ -491,16 +505,7 @@ fn logprobs_n_seed_and_stop() {
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
         body["stream"] = json!(true);
         let r = post(addr, &body);
-        let streamed: String = sse_events(&r.body)
-            .iter()
-            .filter(|e| *e != "[DONE]")
-            .map(|e| serde_json::from_str::<Value>(e).unwrap())
-            .filter_map(|c| {
-                c["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .map(String::from)
-            })
-            .collect();
+        let streamed: String = streamed_content(&r.body);
         assert_eq!(streamed, cut);
     } else {
         panic!("the tiny model's answer is too short for the stop test: {text:?}");
@@ -928,16 +933,7 @@ fn a_malformed_tool_call_stays_text() {
         let body = json!({"messages": user("?"), "tools": tools, "stream": stream});
         let r = post(addr, &body);
         let text = if stream {
-            sse_events(&r.body)
-                .iter()
-                .filter(|e| *e != "[DONE]")
-                .map(|e| serde_json::from_str::<Value>(e).unwrap())
-                .filter_map(|c| {
-                    c["choices"][0]["delta"]["content"]
-                        .as_str()
-                        .map(String::from)
-                })
-                .collect::<String>()
+            streamed_content(&r.body)
         } else {
             let v = r.json();
             assert_eq!(v["choices"][0]["finish_reason"], "stop");
@@ -979,16 +975,7 @@ fn concurrent_streams_each_get_their_own_answer() {
             std::thread::spawn(move || {
                 let r = post(addr, &body);
                 assert_eq!(r.status, 200);
-                sse_events(&r.body)
-                    .iter()
-                    .filter(|e| *e != "[DONE]")
-                    .map(|e| serde_json::from_str::<Value>(e).unwrap())
-                    .filter_map(|c| {
-                        c["choices"][0]["delta"]["content"]
-                            .as_str()
-                            .map(String::from)
-                    })
-                    .collect::<String>()
+                streamed_content(&r.body)
             })
         })
         .collect();
