@@ -4,24 +4,18 @@
 
 mod common;
 
+use common::{bad_input as bad, tiny_processor as processor};
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use qwen2vl::config::Qwen2VLConfig;
-use qwen2vl::inputs::ModelInputs;
 use qwen2vl::processing::fetch::{http_get, FetchOptions};
 use qwen2vl::processing::messages::{ContentPart, ImagePart, ImageSource, Message, Role};
-use qwen2vl::processing::processor::{ProcessOptions, Processor};
+use qwen2vl::processing::processor::ProcessOptions;
 use qwen2vl::Error;
-
-fn processor() -> Processor {
-    let dir = common::fixtures().join("tiny-qwen2vl");
-    let cfg = Qwen2VLConfig::from_file(&dir.join("config.json")).expect("config");
-    Processor::from_dir(&dir, &cfg).expect("processor")
-}
 
 fn image_path(name: &str) -> PathBuf {
     common::fixtures().join("images").join(name)
@@ -36,14 +30,6 @@ fn one_image(source: ImageSource) -> Vec<Message> {
         ContentPart::image(source),
         ContentPart::text("What is this?"),
     ])]
-}
-
-fn bad(r: qwen2vl::Result<ModelInputs>) -> (String, String) {
-    match r {
-        Err(Error::BadInput { what, allowed }) => (what, allowed),
-        Err(other) => panic!("expected BadInput, got {other}"),
-        Ok(_) => panic!("expected BadInput, got inputs"),
-    }
 }
 
 /// A loopback HTTP/1.1 server on its own thread: `/img.png` → `body`, `/empty` → 200 with no

@@ -5,23 +5,16 @@
 
 mod common;
 
+use common::{bad_input as bad, tiny_processor as processor};
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
 
 use base64::Engine as _;
-use qwen2vl::config::Qwen2VLConfig;
-use qwen2vl::inputs::ModelInputs;
 use qwen2vl::processing::fetch::FetchOptions;
 use qwen2vl::processing::messages::{ContentPart, Message, Role, VideoPart, VideoSource};
-use qwen2vl::processing::processor::{ProcessOptions, Processor};
-use qwen2vl::Error;
-
-fn processor() -> Processor {
-    let dir = common::fixtures().join("tiny-qwen2vl");
-    let cfg = Qwen2VLConfig::from_file(&dir.join("config.json")).expect("config");
-    Processor::from_dir(&dir, &cfg).expect("processor")
-}
+use qwen2vl::processing::processor::ProcessOptions;
 
 fn clip(name: &str) -> PathBuf {
     common::fixtures().join("video").join(name)
@@ -43,14 +36,6 @@ fn remote() -> ProcessOptions {
     ProcessOptions {
         fetch: FetchOptions::remote(),
         ..Default::default()
-    }
-}
-
-fn bad(r: qwen2vl::Result<ModelInputs>) -> (String, String) {
-    match r {
-        Err(Error::BadInput { what, allowed }) => (what, allowed),
-        Err(other) => panic!("expected BadInput, got {other}"),
-        Ok(_) => panic!("expected BadInput, got inputs"),
     }
 }
 

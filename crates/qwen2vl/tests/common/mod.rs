@@ -11,6 +11,22 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
+/// The processor of the tiny fixture model.
+pub fn tiny_processor() -> qwen2vl::processing::processor::Processor {
+    let dir = fixtures().join("tiny-qwen2vl");
+    let cfg = qwen2vl::config::Qwen2VLConfig::from_file(&dir.join("config.json")).expect("config");
+    qwen2vl::processing::processor::Processor::from_dir(&dir, &cfg).expect("processor")
+}
+
+/// The `(what, allowed)` of a `BadInput` error; panics on success or any other error.
+pub fn bad_input<T>(r: qwen2vl::Result<T>) -> (String, String) {
+    match r {
+        Err(qwen2vl::Error::BadInput { what, allowed }) => (what, allowed),
+        Err(other) => panic!("expected BadInput, got {other}"),
+        Ok(_) => panic!("expected BadInput, got a result"),
+    }
+}
+
 /// One reference case: `tests/fixtures/cases/<name>/{case.json, reference.safetensors}`.
 pub struct Case {
     pub name: String,
