@@ -229,7 +229,7 @@ fn test_answer() -> Option<String> {
 
 /// Makes `gen` describe `answer` (what the model would have produced with those markers):
 /// `text` as skip_special_tokens would show it, `grounding` parsed from it.
-fn replace_answer(gen: &mut Generation, answer: &str) {
+pub(crate) fn replace_answer(gen: &mut Generation, answer: &str) {
     let mut text = answer.to_string();
     for m in qwen2vl::grounding::MARKERS {
         text = text.replace(m, "");

@@ -131,6 +131,8 @@ pub fn main(args: ServeArgs) -> Result<(), CliError> {
         args.max_queue,
         args.kv_budget,
     );
+    #[cfg(debug_assertions)]
+    let backend = scripted::wrap(backend);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -151,4 +153,97 @@ pub fn main(args: ServeArgs) -> Result<(), CliError> {
             .await
             .map_err(CliError::Failed)
     })
+}
+
+/// A hidden test hook, compiled into debug builds only: with `QWEN2VL_TEST_SCRIPTED_ANSWER`
+/// set, every request still runs through the real engine (so prompt processing, usage and
+/// errors are real), but its answer is replaced by that text (grounding and tool-call markup
+/// included) and streamed in pieces of a few characters. The tiny random test model never
+/// writes boxes or tool calls; the end-to-end tests (`tools/e2e/`) need a known one.
+#[cfg(debug_assertions)]
+mod scripted {
+    use std::sync::Arc;
+
+    use qwen2vl::pipeline::{GenerateRequest, Pipeline};
+    use qwen2vl_server::backend::{Backend, BackendStats, Event, Submission, SubmitError};
+
+    struct Scripted {
+        inner: Arc<dyn Backend>,
+        answer: String,
+    }
+
+    /// `backend` itself, or wrapped when the environment variable is set.
+    pub fn wrap(backend: Arc<dyn Backend>) -> Arc<dyn Backend> {
+        match std::env::var("QWEN2VL_TEST_SCRIPTED_ANSWER") {
+            Ok(answer) => Arc::new(Scripted {
+                inner: backend,
+                answer,
+            }),
+            Err(_) => backend,
+        }
+    }
+
+    impl Backend for Scripted {
+        fn submit(&self, request: GenerateRequest) -> Result<Submission, SubmitError> {
+            let markup = request.stream_grounding_markup;
+            let Submission { mut events, cancel } = self.inner.submit(request)?;
+            let (tx, outer) = tokio::sync::mpsc::unbounded_channel();
+            let answer = self.answer.clone();
+            std::thread::spawn(move || {
+                // `events` is dropped when this thread ends, which cancels the real request
+                // if the client went away first.
+                while let Some(event) = events.blocking_recv() {
+                    if tx.is_closed() {
+                        return;
+                    }
+                    match event {
+                        Event::Token { .. } => {}
+                        Event::Finished(mut gen) => {
+                            crate::run::replace_answer(&mut gen, &answer);
+                            let shown = if markup {
+                                answer.as_str()
+                            } else {
+                                gen.text.as_str()
+                            };
+                            let chars: Vec<char> = shown.chars().collect();
+                            for piece in chars.chunks(3) {
+                                let _ = tx.send(Event::Token {
+                                    id: 0,
+                                    text: piece.iter().collect(),
+                                    logprob: None,
+                                });
+                                std::thread::sleep(std::time::Duration::from_millis(5));
+                            }
+                            gen.usage.completion_tokens = chars.len().div_ceil(3);
+                            gen.usage.total_tokens =
+                                gen.usage.prompt_tokens + gen.usage.completion_tokens;
+                            if gen.finish_reason == "length" {
+                                gen.finish_reason = "stop".into();
+                            }
+                            let _ = tx.send(Event::Finished(gen));
+                        }
+                        other => {
+                            let _ = tx.send(other);
+                        }
+                    }
+                }
+            });
+            Ok(Submission {
+                events: outer,
+                cancel,
+            })
+        }
+
+        fn stats(&self) -> BackendStats {
+            self.inner.stats()
+        }
+
+        fn pipeline(&self) -> &Pipeline {
+            self.inner.pipeline()
+        }
+
+        fn shutdown(&self) {
+            self.inner.shutdown()
+        }
+    }
 }
