@@ -10,6 +10,7 @@ pub mod chat;
 mod error;
 pub mod metrics;
 pub mod openai;
+pub mod page;
 pub mod request;
 pub mod tools;
 
@@ -77,7 +78,8 @@ impl Default for Limits {
 pub struct ServerConfig {
     /// The model id shown by `/v1/models` and in responses.
     pub model_name: String,
-    /// Required as `Authorization: Bearer KEY` on every route but `/health`.
+    /// Required as `Authorization: Bearer KEY` on every route but `/health` and the web
+    /// page's static files.
     pub api_key: Option<String>,
     /// The origin allowed by CORS (`*` for any); no CORS headers when `None`.
     pub cors_origin: Option<String>,
@@ -132,7 +134,14 @@ pub fn app(backend: Arc<dyn Backend>, config: ServerConfig) -> Result<Router, St
         metrics: Metrics::default(),
         created: chat::unix_now(),
     });
-    Ok(Router::new()
+    let mut router = Router::new();
+    for asset in page::ASSETS {
+        router = router.route(
+            asset.path,
+            get(move || async move { page::response(asset) }),
+        );
+    }
+    Ok(router
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
@@ -225,7 +234,11 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
     let Some(key) = &st.config.api_key else {
         return next.run(req).await;
     };
-    if req.uri().path() == "/health" {
+    // The page's static files carry no data; the page sends the key on its API calls.
+    let path = req.uri().path();
+    if path == "/health"
+        || (matches!(*req.method(), Method::GET | Method::HEAD) && page::is_page_path(path))
+    {
         return next.run(req).await;
     }
     let given = req
