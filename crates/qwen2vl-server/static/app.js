@@ -129,7 +129,6 @@
   // ---- the model -----------------------------------------------------------------------
 
   async function loadModel() {
-    el.model.classList.remove("bad");
     let resp;
     try {
       resp = await fetch("/v1/models", { headers: authHeaders() });
@@ -152,6 +151,7 @@
       const card = body && Array.isArray(body.data) ? body.data[0] : null;
       state.modelId = card && typeof card.id === "string" ? card.id : null;
       el.model.textContent = state.modelId || "no model listed";
+      el.model.classList.toggle("bad", !state.modelId);
       el.model.title = card && card.max_model_len ? "context " + card.max_model_len + " tokens" : "";
       showNotice("");
     } catch (_) {
@@ -322,7 +322,7 @@
     });
     const caption = make("figcaption", null, "Boxes on image " + image.number + " (" + image.name + ")");
     figure.append(frame, caption);
-    bubble.append(figure);
+    bubble.insertBefore(figure, bubble.querySelector(".meta"));
   }
 
   function usageLine(usage, timing) {
