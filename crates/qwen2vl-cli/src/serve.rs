@@ -49,6 +49,10 @@ pub struct ServeArgs {
     /// KV-cache budget in tokens over all running sequences (0: from the model and memory).
     #[arg(long, default_value_t = 0)]
     pub kv_budget: usize,
+    /// Milliseconds of a new request's image encoding and prefill run between two decode
+    /// steps of the running streams (smaller: smoother streams; larger: sooner first tokens).
+    #[arg(long, default_value_t = 300)]
+    pub prefill_slice_ms: u64,
     /// Largest request body in bytes (HTTP 413 beyond).
     #[arg(long, default_value_t = 64 << 20)]
     pub max_body_bytes: usize,
@@ -125,11 +129,14 @@ pub fn main(args: ServeArgs) -> Result<(), CliError> {
         },
     };
     let pipeline = Arc::new(args.model.load()?);
-    let backend = qwen2vl_server::backend::start(
+    let backend = qwen2vl_server::backend::start_with(
         pipeline,
-        args.max_running.max(1),
-        args.max_queue,
-        args.kv_budget,
+        qwen2vl::engine::EngineConfig {
+            max_running: args.max_running.max(1),
+            max_queue: args.max_queue,
+            kv_budget_tokens: args.kv_budget,
+            prefill_slice_ms: args.prefill_slice_ms,
+        },
     );
     #[cfg(debug_assertions)]
     let backend = scripted::wrap(backend);

@@ -53,15 +53,20 @@ impl Backend for Engine {
     }
 }
 
-/// Starts the batching engine `qwen2vl serve` runs (`kv_budget_tokens` 0: the engine's
-/// default for the model and the memory available).
+/// Starts the batching engine `qwen2vl serve` runs (see [`EngineConfig`]; a
+/// `kv_budget_tokens` of 0 is the engine's default for the model and the memory available).
+pub fn start_with(pipeline: Arc<Pipeline>, config: EngineConfig) -> Arc<dyn Backend> {
+    Arc::new(Engine::start(pipeline, config))
+}
+
+/// [`start_with`] the given limits and the engine's other defaults.
 pub fn start(
     pipeline: Arc<Pipeline>,
     max_running: usize,
     max_queue: usize,
     kv_budget_tokens: usize,
 ) -> Arc<dyn Backend> {
-    Arc::new(Engine::start(
+    start_with(
         pipeline,
         EngineConfig {
             max_running,
@@ -69,5 +74,5 @@ pub fn start(
             kv_budget_tokens,
             ..EngineConfig::default()
         },
-    ))
+    )
 }

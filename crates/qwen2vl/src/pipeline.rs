@@ -447,33 +447,9 @@ impl Pipeline {
     /// `cache`; returns the last position's logits `(vocab,)` and the vision and prefill
     /// milliseconds.
     pub fn prefill(&self, inputs: &ModelInputs, cache: &mut KvCache) -> Result<(Tensor, f64, f64)> {
-        let t = Instant::now();
-        let image_embeds = if inputs.images.is_empty() {
-            None
-        } else {
-            Some(
-                self.model
-                    .encode_vision(&inputs.pixel_values, &inputs.image_grid_thw)?,
-            )
-        };
-        let video_embeds = if inputs.videos.is_empty() {
-            None
-        } else {
-            Some(
-                self.model
-                    .encode_vision(&inputs.pixel_values_videos, &inputs.video_grid_thw)?,
-            )
-        };
-        let vision_ms = ms(t);
-        let t = Instant::now();
-        let logits = self.model.prefill(
-            &inputs.input_ids,
-            &inputs.positions,
-            image_embeds.as_ref(),
-            video_embeds.as_ref(),
-            cache,
-        )?;
-        Ok((logits, vision_ms, ms(t)))
+        let mut job = self.model.prefill_job(inputs)?;
+        while !job.step(inputs, cache)? {}
+        job.finish()
     }
 
     /// Generates an answer, calling `on_text` with each new piece of text as it is decoded.

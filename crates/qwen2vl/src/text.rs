@@ -271,6 +271,37 @@ impl TextModel {
         Ok(x)
     }
 
+    /// Decoder layers in all.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Runs decoder layer `layer` alone (one iteration of [`TextModel::forward`]'s loop):
+    /// `x: (B, T, hidden)` → `(B, T, hidden)`, writing the layer's keys and values after
+    /// each cache's current length. Run every layer in order, then
+    /// [`KvCache::advance`] each cache by `T`: that is exactly [`TextModel::forward`], cut
+    /// where the serving engine interleaves other work.
+    pub fn forward_layer(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let l = self.layers.get(layer).ok_or_else(|| {
+            Error::Weights(format!(
+                "decoder layer {layer} of {} does not exist",
+                self.layers.len()
+            ))
+        })?;
+        let t = x.dim(1)?;
+        for c in caches.iter() {
+            c.ensure_room(t)?;
+        }
+        l.forward(x, cos, sin, layer, caches)
+    }
+
     /// Final norm of `(B, hidden)` hidden states.
     pub fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
         self.norm.forward(h)

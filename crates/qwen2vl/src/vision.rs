@@ -256,6 +256,16 @@ impl VisionTransformer {
     /// `pixel_values: (n_patches, patch_dim)` for the given `(t, h, w)` grids (in patches)
     /// → `(n_patches / merge², hidden)`.
     pub fn forward(&self, pixel_values: &Tensor, grids: &[[usize; 3]]) -> Result<Tensor> {
+        let mut pass = self.begin(pixel_values, grids)?;
+        while !pass.step()? {}
+        pass.finish()
+    }
+
+    /// Starts a pass that runs one block per [`VisionPass::step`]: the same arithmetic as
+    /// [`VisionTransformer::forward`], cut where the serving engine can interleave decode
+    /// steps of other requests (a large image's tower takes seconds on a CPU). Checks the
+    /// inputs and runs the patch embedding.
+    pub fn begin(&self, pixel_values: &Tensor, grids: &[[usize; 3]]) -> Result<VisionPass<'_>> {
         let merge = self.cfg.spatial_merge_size;
         let n: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
         let (rows, cols) = pixel_values.dims2()?;
@@ -283,17 +293,49 @@ impl VisionTransformer {
         let half = self.cfg.head_dim() / 2;
         let cos = Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?;
-        let segments = frame_segments(grids);
-        let mut x = self.patch_embed.forward(pixel_values)?;
-        for block in &self.blocks {
-            x = block.forward(&x, &cos, &sin, &segments)?;
-        }
-        self.merger.forward(&x)
+        Ok(VisionPass {
+            tower: self,
+            x: self.patch_embed.forward(pixel_values)?,
+            cos,
+            sin,
+            segments: frame_segments(grids),
+            next_block: 0,
+        })
     }
 
     /// Device of the weights.
     pub fn device(&self) -> &Device {
         self.patch_embed.proj_device()
+    }
+}
+
+/// A vision-tower pass in progress (see [`VisionTransformer::begin`]): the hidden states
+/// `(n_patches, embed)` after `next_block` blocks.
+#[derive(Debug)]
+pub struct VisionPass<'t> {
+    tower: &'t VisionTransformer,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    segments: Vec<(usize, usize)>,
+    next_block: usize,
+}
+
+impl VisionPass<'_> {
+    /// Runs the next block; `true` once every block has run (then call
+    /// [`VisionPass::finish`]).
+    pub fn step(&mut self) -> Result<bool> {
+        if let Some(block) = self.tower.blocks.get(self.next_block) {
+            self.x = block.forward(&self.x, &self.cos, &self.sin, &self.segments)?;
+            self.next_block += 1;
+        }
+        Ok(self.next_block >= self.tower.blocks.len())
+    }
+
+    /// Runs the blocks left, then the patch merger: `(n_patches / merge², hidden)`.
+    pub fn finish(mut self) -> Result<Tensor> {
+        while !self.step()? {}
+        self.tower.merger.forward(&self.x)
     }
 }
 

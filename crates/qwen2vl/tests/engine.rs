@@ -543,3 +543,156 @@ fn batched_decode_step_logits_match_single_steps() {
     eprintln!("batched vs single decode_step logits: max abs diff {d:e}");
     assert!(d <= 1e-4, "max abs diff {d}");
 }
+
+#[test]
+fn a_prefill_in_units_gives_the_one_shot_logits() {
+    // The engine runs a prompt's vision tower and prefill one block or layer at a time;
+    // every cut must give bit for bit what the one-shot path gives.
+    let p = pipeline();
+    let m = p.model();
+    let req = image_request(&["wide.png", "tiny20.png"], "Compare them.", 4);
+    let inputs = p.prepare(&req).expect("prepare");
+    let n = inputs.input_ids.len();
+
+    let image_embeds = m
+        .encode_vision(&inputs.pixel_values, &inputs.image_grid_thw)
+        .expect("vision");
+    let mut cache = m.new_cache(n + 4).expect("cache");
+    let one_shot = m
+        .prefill(
+            &inputs.input_ids,
+            &inputs.positions,
+            Some(&image_embeds),
+            None,
+            &mut cache,
+        )
+        .expect("prefill");
+
+    let mut job = m.prefill_job(&inputs).expect("job");
+    let (_, total) = job.progress();
+    let cfg = m.config();
+    assert_eq!(
+        total,
+        (cfg.vision.depth + 1) + 1 + cfg.text.num_hidden_layers,
+        "one pass of patch embedding + blocks, the embedding, the layers"
+    );
+    let mut cache2 = m.new_cache(n + 4).expect("cache");
+    let mut calls = 0;
+    // A deadline already passed: exactly one unit per call.
+    while !job
+        .run_until(&inputs, &mut cache2, Instant::now())
+        .expect("unit")
+    {
+        calls += 1;
+        assert_eq!(job.progress().0, calls);
+    }
+    assert_eq!(calls + 1, total);
+    let (logits, vision_ms, prefill_ms) = job.finish().expect("complete");
+    assert!(vision_ms > 0.0 && prefill_ms > 0.0);
+    assert_eq!(
+        common::flat(&logits),
+        common::flat(&one_shot),
+        "bit-identical"
+    );
+    assert_eq!(cache2.len(), n);
+}
+
+/// Starts an endless text stream and waits for its first token.
+fn running_stream(engine: &Engine) -> Submission {
+    let mut s = engine
+        .submit(endless("Count to a million."))
+        .expect("submit");
+    assert!(matches!(
+        s.events.blocking_recv(),
+        Some(EngineEvent::Started { .. })
+    ));
+    s
+}
+
+#[test]
+fn running_streams_go_on_while_a_new_image_is_prefilled() {
+    // With a zero slice the engine runs one unit of the new request's prefill per decode
+    // step, so the running stream gets a step after every unit but the last.
+    let engine = Engine::start(
+        pipeline(),
+        EngineConfig {
+            prefill_slice_ms: 0,
+            ..config(4, 8, 0)
+        },
+    );
+    let stream = running_stream(&engine);
+    let req = image_request(&["wide.png", "small.png"], "Describe.", 5);
+    let units = {
+        let inputs = pipeline().prepare(&req).expect("prepare");
+        pipeline()
+            .model()
+            .prefill_job(&inputs)
+            .expect("job")
+            .progress()
+            .1
+    };
+    let o = collect(engine.submit(req.clone()).expect("submit"));
+    assert_same(&alone(&req), &o, "image request next to a stream");
+    let during = engine.stats().decode_steps_during_prefill_total;
+    assert!(
+        during >= (units - 1) as u64,
+        "{during} decode steps during a prefill of {units} units"
+    );
+    stream.cancel.store(true, Ordering::Relaxed);
+    assert_eq!(
+        finished(&collect_rest(stream, true)).finish_reason,
+        "cancelled"
+    );
+}
+
+#[test]
+fn running_streams_go_on_while_an_image_downloads() {
+    // An image URL that answers after a second: the download happens off the scheduler
+    // thread, so the running stream keeps getting tokens meanwhile.
+    let png = std::fs::read(image("small.png")).expect("fixture");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/slow.png", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            std::thread::sleep(Duration::from_millis(1000));
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                png.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&png);
+        }
+    });
+    let engine = Engine::start(pipeline(), config(4, 8, 0));
+    let stream = running_stream(&engine);
+    use qwen2vl::processing::messages::{ContentPart, ImageSource, Message, Role};
+    let mut req = GenerateRequest::new(vec![Message::parts(
+        Role::User,
+        vec![
+            ContentPart::image(ImageSource::Uri(url)),
+            ContentPart::text("What is this?"),
+        ],
+    )])
+    .with_max_new_tokens(3);
+    req.fetch.allow_remote = true;
+    let before = engine.stats().decode_steps_total;
+    let t = Instant::now();
+    let o = collect(engine.submit(req).expect("submit"));
+    assert!(finished(&o).token_ids.len() <= 3);
+    assert!(t.elapsed() >= Duration::from_millis(1000));
+    let steps = engine.stats().decode_steps_total - before;
+    // One step of the tiny model takes about a millisecond; a blocked scheduler would
+    // have run only the handful of steps of the image's own prefill and answer.
+    assert!(
+        steps >= 50,
+        "only {steps} decode steps while the image downloaded"
+    );
+    stream.cancel.store(true, Ordering::Relaxed);
+    assert_eq!(
+        finished(&collect_rest(stream, true)).finish_reason,
+        "cancelled"
+    );
+}

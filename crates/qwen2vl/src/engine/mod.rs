@@ -7,17 +7,25 @@
 //!
 //! 1. **Reap**: sequences whose receiver was dropped are removed and their KV freed;
 //!    queued requests that were cancelled leave the queue.
-//! 2. **Admit** (first come, first served): while fewer than
-//!    [`EngineConfig::max_running`] sequences run, take the request at the head of the queue,
-//!    preprocess it (template, tokenizer, images, videos) and compute its KV need,
-//!    `prompt tokens + max_new_tokens` (the new tokens capped by the context). It is admitted
-//!    when that need fits in what is left of [`EngineConfig::kv_budget_tokens`]; then its
-//!    vision tower and prefill run and its first token is sampled. Prefills happen here,
-//!    *between* decode steps, one request at a time, and at most
-//!    [`EngineConfig::max_prefill_tokens`] prompt tokens per iteration (at least one request),
-//!    so running streams stall for a bounded time. A head that does not fit yet waits (later
-//!    requests do not overtake it: no starvation); one that could never fit (its need alone
-//!    is over the whole budget) fails with [`crate::Error::BadInput`].
+//! 2. **Preprocess, admit, prefill** (first come, first served). Requests move through
+//!    three one-place stages:
+//!    - *preprocessing*: template, tokenizer, images and videos (files, URLs, decoding,
+//!      resizing) are read on a helper thread, so a slow download or a large video does
+//!      not stall the decode steps; the KV need, `prompt tokens + max_new_tokens` (the new
+//!      tokens capped by the context), is known after it. Text-only requests are already
+//!      preprocessed at submit.
+//!    - *head*: the next request waits for a free slot (fewer than
+//!      [`EngineConfig::max_running`]), its KV need to fit in what is left of
+//!      [`EngineConfig::kv_budget_tokens`], and the prefill lane. Later requests do not
+//!      overtake it (no starvation); one whose need alone is over the whole budget fails
+//!      with [`crate::Error::BadInput`].
+//!    - *prefill*: the admitted request's cache is reserved and its vision tower and
+//!      prefill run as a [`crate::model::PrefillJob`], at most
+//!      [`EngineConfig::prefill_slice_ms`] per iteration while other sequences decode (one
+//!      vision block or one decoder layer at a time; the arithmetic is the same as in one
+//!      go). When it completes, its first token is sampled and it joins the batch. So a
+//!      large image delays the running streams by one slice per step, not by its whole
+//!      vision pass: vLLM's chunked prefill, cut by layers instead of by tokens.
 //! 3. **Decode**: one [`crate::model::Qwen2VL::decode_step`] over *all* running sequences:
 //!    each brings its own last token, KV cache and M-RoPE `rope_delta` (positions are
 //!    `cache length + rope_delta`), and attention runs per sequence against its own cache, so
@@ -33,7 +41,7 @@
 //! It mirrors vLLM's default scheduler in its FCFS order, its `max_num_seqs` (here
 //! `max_running`) and its admission by free KV memory; unlike vLLM, KV is reserved whole per
 //! sequence at admission (our caches are preallocated, not paged), so a running sequence is
-//! never preempted, and a prompt is prefilled in one piece (no chunked prefill).
+//! never preempted.
 //!
 //! Because sampling, stopping and detokenization are per sequence, and the decoder computes
 //! every row of a batch independently, a request's tokens do not depend on what it is
@@ -104,10 +112,11 @@ pub struct EngineConfig {
     /// `prompt + max_new_tokens` at admission). `0` (the default) means
     /// [`EngineConfig::default_kv_budget`] of the model.
     pub kv_budget_tokens: usize,
-    /// Prompt tokens prefilled per scheduler iteration before the running sequences get
-    /// their next decode step (at least one request is always admitted when it fits).
-    /// Default 4096.
-    pub max_prefill_tokens: usize,
+    /// Milliseconds of a new request's vision tower and prefill run between two decode
+    /// steps while other sequences are running (at least one unit of work: a vision block or
+    /// a decoder layer). Smaller keeps the running streams smoother, larger gives new
+    /// requests their first token sooner. Default 300.
+    pub prefill_slice_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -116,7 +125,7 @@ impl Default for EngineConfig {
             max_running: 8,
             max_queue: 64,
             kv_budget_tokens: 0,
-            max_prefill_tokens: 4096,
+            prefill_slice_ms: 300,
         }
     }
 }
@@ -259,6 +268,9 @@ pub struct EngineStats {
     pub decode_steps_total: u64,
     /// Sequences summed over decode steps (`/ decode_steps_total` = mean batch size).
     pub decode_batch_sequences_total: u64,
+    /// Decode steps run while a new request's vision tower or prefill was part-way done
+    /// (the running streams went on instead of waiting for it).
+    pub decode_steps_during_prefill_total: u64,
 }
 
 /// A request waiting in the queue.
@@ -312,8 +324,9 @@ impl Shared {
 #[derive(Default)]
 pub(crate) struct State {
     pub(crate) queue: VecDeque<Pending>,
-    /// A request taken off the queue that waits for KV room (still counted as queued).
-    pub(crate) head_waiting: bool,
+    /// Requests taken off the queue but not admitted yet: being preprocessed, or waiting for
+    /// KV room (still counted as queued).
+    pub(crate) held: usize,
     pub(crate) accepting: bool,
     pub(crate) stop: bool,
     pub(crate) stats: EngineStats,
@@ -432,9 +445,9 @@ impl Engine {
         if !st.accepting {
             return Err(SubmitError::ShuttingDown);
         }
-        if st.queue.len() + usize::from(st.head_waiting) >= shared.config.max_queue {
+        if st.queue.len() + st.held >= shared.config.max_queue {
             st.stats.requests_rejected += 1;
-            let waiting = st.queue.len() + usize::from(st.head_waiting);
+            let waiting = st.queue.len() + st.held;
             let per = if st.service_s > 0.0 {
                 st.service_s
             } else {
@@ -453,7 +466,7 @@ impl Engine {
             prepared,
         });
         st.stats.requests_total += 1;
-        st.stats.queued = st.queue.len() + usize::from(st.head_waiting);
+        st.stats.queued = st.queue.len() + st.held;
         drop(st);
         shared.wake.notify_all();
         Ok(Submission { events, cancel })
@@ -463,7 +476,7 @@ impl Engine {
     pub fn stats(&self) -> EngineStats {
         let st = self.inner.shared.lock();
         let mut s = st.stats.clone();
-        s.queued = st.queue.len() + usize::from(st.head_waiting);
+        s.queued = st.queue.len() + st.held;
         s.accepting = st.accepting;
         s
     }

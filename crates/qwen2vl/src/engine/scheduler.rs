@@ -3,16 +3,17 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::sequence::{PrefillTimings, PromptInfo, Sequence};
-use super::{check_need, prepare, EngineEvent, Pending, Shared};
+use super::{check_need, prepare, EngineEvent, Pending, Prepared, Shared};
 use crate::error::{Error, Result};
 use crate::generation::stop::FinishReason;
 use crate::kv_cache::KvCache;
+use crate::model::PrefillJob;
 use crate::pipeline::{Generation, Pipeline, Timings, Usage};
 
 /// One sequence in the decode batch.
@@ -43,12 +44,36 @@ enum Outcome {
     Failed,
 }
 
+/// A request whose template, tokens and media are being read on a helper thread (file and
+/// network reads, image decoding and resizing must not stall the decode steps).
+struct Preparing {
+    done: mpsc::Receiver<(Pending, Result<Prepared>)>,
+}
+
+/// The admitted request whose vision tower and prefill run, a slice at a time.
+struct Prefilling<'p> {
+    /// `prepared` is always `Some` here.
+    pending: Pending,
+    cache: KvCache,
+    job: PrefillJob<'p>,
+    /// KV tokens reserved.
+    need: usize,
+    admitted: Instant,
+}
+
+/// Requests flow queue → `preparing` → `head` → `prefilling` → `running`, one at a time
+/// through each of the middle stages, so first come is first served.
 struct Scheduler<'p> {
     shared: Arc<Shared>,
     pipeline: &'p Pipeline,
+    /// The same pipeline, for the preprocessing threads.
+    owned: Arc<Pipeline>,
     running: Vec<Running<'p>>,
-    /// The queue's head, taken off to be preprocessed, waiting for KV room.
+    preparing: Option<Preparing>,
+    /// The next request to admit, preprocessed, waiting for a slot, KV room or the
+    /// prefill lane.
     head: Option<Pending>,
+    prefilling: Option<Prefilling<'p>>,
     kv_used: usize,
 }
 
@@ -58,8 +83,11 @@ pub(crate) fn run(shared: Arc<Shared>, pipeline: Arc<Pipeline>) {
     let mut s = Scheduler {
         shared,
         pipeline: &pipeline,
+        owned: pipeline.clone(),
         running: Vec::new(),
+        preparing: None,
         head: None,
+        prefilling: None,
         kv_used: 0,
     };
     loop {
@@ -78,40 +106,59 @@ pub(crate) fn run(shared: Arc<Shared>, pipeline: Arc<Pipeline>) {
 }
 
 impl<'p> Scheduler<'p> {
-    /// One round: reap, admit, decode. Returns `false` when the engine stops.
+    /// One round: reap, move requests along, a slice of prefill, one decode step. Returns
+    /// `false` when the engine stops.
     fn iteration(&mut self) -> bool {
         if self.shared.lock().stop {
             return false;
         }
         self.reap();
+        self.advance_preparation();
         self.admit();
         self.publish();
-        if self.running.is_empty() {
-            let st = self.shared.lock();
-            if st.stop {
-                return false;
-            }
-            if st.queue.is_empty() && self.head.is_none() {
-                // Wake on submit/shutdown; the timeout only bounds a missed notification.
-                let _unused = self
-                    .shared
-                    .wake
-                    .wait_timeout(st, Duration::from_millis(200))
-                    .map_err(|_| ());
-            } else if self.head.is_some() {
-                drop(st);
-                // A waiting head with nothing running can only be a cancelled one being
-                // reaped next round; do not spin hard.
-                std::thread::sleep(Duration::from_millis(1));
-            }
+        let prefilled = self.prefill_slice();
+        if prefilled {
+            self.advance_preparation();
+            self.admit();
+        }
+        if !self.running.is_empty() {
+            self.decode();
+            self.publish();
             return true;
         }
-        self.decode();
         self.publish();
+        if prefilled || self.prefilling.is_some() {
+            return true;
+        }
+        let st = self.shared.lock();
+        if st.stop {
+            return false;
+        }
+        if self.preparing.is_some() {
+            // The helper thread notifies when done; the timeout bounds a missed one.
+            let _unused = self
+                .shared
+                .wake
+                .wait_timeout(st, Duration::from_millis(5))
+                .map_err(|_| ());
+        } else if st.queue.is_empty() && self.head.is_none() {
+            // Wake on submit/shutdown; the timeout only bounds a missed notification.
+            let _unused = self
+                .shared
+                .wake
+                .wait_timeout(st, Duration::from_millis(200))
+                .map_err(|_| ());
+        } else if self.head.is_some() {
+            drop(st);
+            // A waiting head with nothing running can only be a cancelled one being
+            // reaped next round; do not spin hard.
+            std::thread::sleep(Duration::from_millis(1));
+        }
         true
     }
 
-    /// Drops running sequences nobody listens to any more, and cancelled queued requests.
+    /// Drops running sequences nobody listens to any more, and cancelled requests at every
+    /// stage before it.
     fn reap(&mut self) {
         let mut i = 0;
         while i < self.running.len() {
@@ -121,6 +168,20 @@ impl<'p> Scheduler<'p> {
                 self.count(Outcome::Cancelled, 0.0);
             } else {
                 i += 1;
+            }
+        }
+        if self
+            .prefilling
+            .as_ref()
+            .is_some_and(|p| p.pending.is_cancelled())
+        {
+            if let Some(p) = self.prefilling.take() {
+                self.kv_used -= p.need;
+                let _ = p
+                    .pending
+                    .tx
+                    .send(EngineEvent::Finished(cancelled_before_start()));
+                self.count(Outcome::Cancelled, 0.0);
             }
         }
         let mut gone = Vec::new();
@@ -148,83 +209,217 @@ impl<'p> Scheduler<'p> {
         }
     }
 
-    /// Admits queued requests while a slot and KV room are free, prefilling each.
-    fn admit(&mut self) {
-        let budget = self.shared.config.kv_budget_tokens;
-        let mut prefilled = 0usize;
-        while self.running.len() < self.shared.config.max_running
-            && (prefilled == 0 || prefilled < self.shared.config.max_prefill_tokens)
-        {
-            if self.head.is_none() {
-                let mut st = self.shared.lock();
-                self.head = st.queue.pop_front();
-                st.head_waiting = self.head.is_some();
+    /// Collects a finished preprocessing as the new head, and starts preprocessing the
+    /// next queued request when the stage is free.
+    fn advance_preparation(&mut self) {
+        if let Some(p) = &self.preparing {
+            match p.done.try_recv() {
+                Ok((pending, result)) => {
+                    self.preparing = None;
+                    self.take_prepared(pending, result);
+                }
+                Err(mpsc::TryRecvError::Empty) => {}
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    // Cannot happen (the thread catches panics and always sends); the
+                    // request's sender went with the thread, so its stream just ends.
+                    self.preparing = None;
+                    self.count(Outcome::Failed, 0.0);
+                }
             }
-            let Some(mut head) = self.head.take() else {
+        }
+        while self.preparing.is_none() && self.head.is_none() {
+            let Some(next) = self.shared.lock().queue.pop_front() else {
                 break;
             };
-            if head.is_cancelled() {
-                let _ = head
+            if next.is_cancelled() {
+                let _ = next
                     .tx
                     .send(EngineEvent::Finished(cancelled_before_start()));
                 self.count(Outcome::Cancelled, 0.0);
                 continue;
             }
-            if head.prepared.is_none() {
-                let pipeline = self.pipeline;
-                let req = &head.request;
-                match guarded(|| {
-                    prepare(pipeline, req).and_then(|p| check_need(&p, budget).map(|()| p))
-                }) {
-                    Ok(p) => head.prepared = Some(p),
-                    Err(e) => {
-                        let _ = head.tx.send(EngineEvent::Failed(e));
-                        self.count(Outcome::Failed, 0.0);
-                        continue;
-                    }
-                }
-            }
-            let need = head.prepared.as_ref().map_or(0, |p| p.need());
-            if self.kv_used + need > budget {
-                // Wait for running sequences to free KV; nobody overtakes the head.
-                self.head = Some(head);
+            if next.prepared.is_some() {
+                self.head = Some(next);
                 break;
             }
-            self.shared.lock().head_waiting = false;
-            prefilled += need.saturating_sub(head.prepared.as_ref().map_or(0, |p| p.max_new));
-            self.start(head, need);
+            self.preparing = self.spawn_preparation(next);
         }
     }
 
-    /// Vision tower, prefill and first token of an admitted request.
-    fn start(&mut self, head: Pending, need: usize) {
-        let pipeline = self.pipeline;
+    /// Preprocesses `pending` on a helper thread (or here, if no thread can be started).
+    fn spawn_preparation(&mut self, pending: Pending) -> Option<Preparing> {
+        let (tx, done) = mpsc::channel();
+        let pipeline = self.owned.clone();
+        let shared = self.shared.clone();
+        let budget = self.shared.config.kv_budget_tokens;
+        let work = move |pending: Pending| {
+            let result = guarded(|| {
+                prepare(&pipeline, &pending.request)
+                    .and_then(|p| check_need(&p, budget).map(|()| p))
+            });
+            let _ = tx.send((pending, result));
+            // Taking the lock orders this wake-up after the scheduler's check.
+            drop(shared.lock());
+            shared.wake.notify_all();
+        };
+        // The thread takes the request; if it cannot start, the request comes back through
+        // this slot and is preprocessed here.
+        let slot = Arc::new(Mutex::new(Some(pending)));
+        let theirs = slot.clone();
+        let spawned = std::thread::Builder::new()
+            .name("qwen2vl-preprocess".into())
+            .spawn(move || {
+                let taken = theirs.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(p) = taken {
+                    work(p);
+                }
+            });
+        if spawned.is_err() {
+            let pending = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(pending) = pending {
+                let result = guarded(|| {
+                    prepare(self.pipeline, &pending.request)
+                        .and_then(|p| check_need(&p, budget).map(|()| p))
+                });
+                self.take_prepared(pending, result);
+            }
+            return None;
+        }
+        Some(Preparing { done })
+    }
+
+    /// A preprocessed request becomes the head, or fails.
+    fn take_prepared(&mut self, mut pending: Pending, result: Result<Prepared>) {
+        match result {
+            Ok(p) => {
+                pending.prepared = Some(p);
+                self.head = Some(pending);
+            }
+            Err(e) => {
+                let _ = pending.tx.send(EngineEvent::Failed(e));
+                self.count(Outcome::Failed, 0.0);
+            }
+        }
+    }
+
+    /// Admits the head when the prefill lane and a slot are free and its KV fits: reserves
+    /// its cache and starts its [`PrefillJob`]. A head that does not fit yet waits (later
+    /// requests do not overtake it: no starvation).
+    fn admit(&mut self) {
+        if self.prefilling.is_some() || self.running.len() >= self.shared.config.max_running {
+            return;
+        }
+        let Some(head) = self.head.take() else {
+            return;
+        };
+        let Some(prepared) = head.prepared.as_ref() else {
+            // Not reachable: only preprocessed requests become the head.
+            self.head = Some(head);
+            return;
+        };
+        let need = prepared.need();
+        if self.kv_used + need > self.shared.config.kv_budget_tokens {
+            self.head = Some(head);
+            return;
+        }
+        let model = self.pipeline.model();
+        match guarded(|| Ok((model.new_cache(need)?, model.prefill_job(&prepared.inputs)?))) {
+            Ok((cache, job)) => {
+                self.kv_used += need;
+                self.prefilling = Some(Prefilling {
+                    pending: head,
+                    cache,
+                    job,
+                    need,
+                    admitted: Instant::now(),
+                });
+            }
+            Err(e) => {
+                let _ = head.tx.send(EngineEvent::Failed(e));
+                self.count(Outcome::Failed, 0.0);
+            }
+        }
+    }
+
+    /// Runs the admitted request's prefill for a slice of time
+    /// ([`super::EngineConfig::prefill_slice_ms`] while others are decoding, longer when
+    /// nothing else runs); when it completes, its first token is sampled and it joins the
+    /// decode batch. Returns whether there was prefill work.
+    fn prefill_slice(&mut self) -> bool {
+        let slice_ms = if self.running.is_empty() {
+            // Nobody waits for a decode step: only come back to notice cancellations.
+            1000
+        } else {
+            self.shared.config.prefill_slice_ms
+        };
+        let Some(pf) = self.prefilling.as_mut() else {
+            return false;
+        };
+        let deadline = Instant::now() + Duration::from_millis(slice_ms);
+        let result = match pf.pending.prepared.as_ref() {
+            Some(prepared) => {
+                let (job, cache) = (&mut pf.job, &mut pf.cache);
+                guarded(|| job.run_until(&prepared.inputs, cache, deadline))
+            }
+            None => Err(internal("an admitted request has no inputs")),
+        };
+        match result {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Some(pf) = self.prefilling.take() {
+                    self.start(pf);
+                }
+            }
+            Err(e) => {
+                if let Some(pf) = self.prefilling.take() {
+                    self.kv_used -= pf.need;
+                    let _ = pf.pending.tx.send(EngineEvent::Failed(e));
+                    self.count(Outcome::Failed, 0.0);
+                }
+            }
+        }
+        true
+    }
+
+    /// First token of a request whose prefill is complete; it joins the decode batch.
+    fn start(&mut self, pf: Prefilling<'p>) {
+        let Prefilling {
+            pending,
+            cache,
+            job,
+            need,
+            admitted,
+        } = pf;
         let Pending {
             request,
             tx,
             cancel,
             submitted,
             prepared,
-        } = head;
-        let Some(prepared) = prepared else {
-            return;
-        };
-        let admitted = Instant::now();
-        let inputs = prepared.inputs;
+        } = pending;
+        let pipeline = self.pipeline;
         let result = guarded(|| {
-            let mut cache = pipeline.model().new_cache(need)?;
-            let (logits, vision_ms, prefill_ms) = pipeline.prefill(&inputs, &mut cache)?;
-            let seq = pipeline.new_sequence(&request, &inputs, prepared.max_new)?;
-            Ok((cache, logits.to_vec1::<f32>()?, seq, vision_ms, prefill_ms))
+            let prepared = prepared.ok_or_else(|| internal("an admitted request has no inputs"))?;
+            let (logits, vision_ms, prefill_ms) = job.finish()?;
+            let seq = pipeline.new_sequence(&request, &prepared.inputs, prepared.max_new)?;
+            Ok((
+                prepared,
+                logits.to_vec1::<f32>()?,
+                seq,
+                vision_ms,
+                prefill_ms,
+            ))
         });
-        let (cache, logits, seq, vision_ms, prefill_ms) = match result {
+        let (prepared, logits, seq, vision_ms, prefill_ms) = match result {
             Ok(x) => x,
             Err(e) => {
+                self.kv_used -= need;
                 let _ = tx.send(EngineEvent::Failed(e));
                 self.count(Outcome::Failed, 0.0);
                 return;
             }
         };
+        let inputs = prepared.inputs;
         let prompt = PromptInfo {
             prompt_tokens: inputs.input_ids.len(),
             image_tokens: inputs.image_tokens(),
@@ -241,6 +436,11 @@ impl<'p> Scheduler<'p> {
             image_tokens: prompt.image_tokens,
             video_tokens: prompt.video_tokens,
         });
+        if started.is_err() {
+            self.kv_used -= need;
+            self.count(Outcome::Cancelled, 0.0);
+            return;
+        }
         let r = Running {
             seq,
             cache,
@@ -257,11 +457,6 @@ impl<'p> Scheduler<'p> {
                 prefill_ms,
             },
         };
-        if started.is_err() {
-            self.count(Outcome::Cancelled, 0.0);
-            return;
-        }
-        self.kv_used += need;
         if let Some(r) = self.step(r, &logits) {
             self.running.push(r);
         }
@@ -340,6 +535,9 @@ impl<'p> Scheduler<'p> {
             let mut st = self.shared.lock();
             st.stats.decode_steps_total += 1;
             st.stats.decode_batch_sequences_total += b as u64;
+            if self.prefilling.is_some() {
+                st.stats.decode_steps_during_prefill_total += 1;
+            }
         }
         let rows = match result {
             Ok(rows) if rows.len() == b => rows,
@@ -383,11 +581,22 @@ impl<'p> Scheduler<'p> {
             let _ = r.tx.send(EngineEvent::Finished(g));
             self.count(Outcome::Cancelled, 0.0);
         }
-        let mut waiting: Vec<Pending> = self.head.take().into_iter().collect();
+        let mut waiting: Vec<Pending> = Vec::new();
+        if let Some(pf) = self.prefilling.take() {
+            self.kv_used -= pf.need;
+            waiting.push(pf.pending);
+        }
+        if let Some(p) = self.preparing.take() {
+            // Bounded by the fetch timeout of a remote image or video.
+            if let Ok((pending, _)) = p.done.recv() {
+                waiting.push(pending);
+            }
+        }
+        waiting.extend(self.head.take());
         {
             let mut st = self.shared.lock();
             waiting.extend(st.queue.drain(..));
-            st.head_waiting = false;
+            st.held = 0;
         }
         for p in waiting {
             let _ = p.tx.send(EngineEvent::Failed(Error::bad_input(
@@ -416,13 +625,14 @@ impl<'p> Scheduler<'p> {
         }
     }
 
-    /// Publishes running / KV figures for [`super::Engine::stats`].
+    /// Publishes running / KV figures for [`super::Engine::stats`] (the request being
+    /// prefilled counts as running: it holds a slot and its KV).
     fn publish(&self) {
         let mut st = self.shared.lock();
-        st.stats.running = self.running.len();
+        st.stats.running = self.running.len() + usize::from(self.prefilling.is_some());
         st.stats.kv_tokens_used = self.kv_used;
-        st.stats.queued = st.queue.len() + usize::from(self.head.is_some());
-        st.head_waiting = self.head.is_some();
+        st.held = usize::from(self.preparing.is_some()) + usize::from(self.head.is_some());
+        st.stats.queued = st.queue.len() + st.held;
     }
 }
 

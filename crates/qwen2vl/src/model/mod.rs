@@ -15,6 +15,12 @@ use crate::text::TextModel;
 use crate::vision::VisionTransformer;
 use crate::weights::Weights;
 
+mod prefill;
+pub use prefill::PrefillJob;
+
+/// One vision-tower pass: its grids (whole frames) and its range of the pixel values.
+pub(crate) type VisionChunk = (Vec<[usize; 3]>, std::ops::Range<usize>);
+
 /// Patches per vision-tower pass (whole frames; a single larger frame is encoded alone).
 pub const VISION_CHUNK_PATCHES: usize = 16 * 1024;
 
@@ -193,6 +199,29 @@ impl Qwen2VL {
         grids: &[[usize; 3]],
         max_chunk_patches: usize,
     ) -> Result<Tensor> {
+        let mut outs = Vec::new();
+        for (chunk, rows) in self.vision_chunks(pixel_values, grids, max_chunk_patches)? {
+            let pv = self.patch_tensor(&pixel_values[rows])?;
+            outs.push(self.vision.forward(&pv, &chunk)?);
+        }
+        match outs.len() {
+            0 => Err(Error::bad_input(
+                "no images or video frames to encode",
+                "at least one grid",
+            )),
+            1 => Ok(outs.pop().expect("one chunk")),
+            _ => Ok(Tensor::cat(&outs, 0)?),
+        }
+    }
+
+    /// Checks `pixel_values` against `grids` and cuts them into tower passes of whole frames
+    /// ([`frame_chunks`]): each chunk's grids and its range of `pixel_values`.
+    pub(crate) fn vision_chunks(
+        &self,
+        pixel_values: &[f32],
+        grids: &[[usize; 3]],
+        max_chunk_patches: usize,
+    ) -> Result<Vec<VisionChunk>> {
         let dim = self.config.vision.patch_dim();
         if !pixel_values.len().is_multiple_of(dim) {
             return Err(Error::bad_input(
@@ -210,23 +239,25 @@ impl Qwen2VL {
                 "one row per patch of every grid",
             ));
         }
-        let mut outs = Vec::new();
         let mut start = 0;
-        for chunk in frame_chunks(grids, max_chunk_patches) {
-            let n: usize = chunk.iter().map(|g| g[0] * g[1] * g[2]).sum();
-            let rows = &pixel_values[start * dim..(start + n) * dim];
-            let pv = Tensor::from_slice(rows, (n, dim), &self.device)?.to_dtype(self.dtype)?;
-            outs.push(self.vision.forward(&pv, &chunk)?);
-            start += n;
-        }
-        match outs.len() {
-            0 => Err(Error::bad_input(
-                "no images or video frames to encode",
-                "at least one grid",
-            )),
-            1 => Ok(outs.pop().expect("one chunk")),
-            _ => Ok(Tensor::cat(&outs, 0)?),
-        }
+        Ok(frame_chunks(grids, max_chunk_patches)
+            .into_iter()
+            .map(|chunk| {
+                let n: usize = chunk.iter().map(|g| g[0] * g[1] * g[2]).sum();
+                let rows = start * dim..(start + n) * dim;
+                start += n;
+                (chunk, rows)
+            })
+            .collect())
+    }
+
+    /// Patch rows `(n, patch_dim)` in the model's dtype and device.
+    pub(crate) fn patch_tensor(&self, rows: &[f32]) -> Result<Tensor> {
+        let dim = self.config.vision.patch_dim();
+        Ok(
+            Tensor::from_slice(rows, (rows.len() / dim, dim), &self.device)?
+                .to_dtype(self.dtype)?,
+        )
     }
 
     /// M-RoPE ids of a prompt (see [`rope::mrope_position_ids`]).
@@ -333,6 +364,23 @@ impl Qwen2VL {
         cache: &mut KvCache,
         collect: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
+        let (x, cos, sin) =
+            self.prefill_inputs(input_ids, positions, image_embeds, video_embeds, cache)?;
+        let mut caches = [cache];
+        self.text.forward(&x, &cos, &sin, &mut caches, collect)
+    }
+
+    /// What the decoder layers of a prefill start from: the prompt's embeddings with the
+    /// vision rows in place `(1, n, hidden)` and its rope tables `(1, n, head_dim/2)`, after
+    /// checking the prompt and that `cache` has room for it.
+    pub(crate) fn prefill_inputs(
+        &self,
+        input_ids: &[u32],
+        positions: &MropePositions,
+        image_embeds: Option<&Tensor>,
+        video_embeds: Option<&Tensor>,
+        cache: &KvCache,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let n = input_ids.len();
         if n == 0 {
             return Err(Error::bad_input(
@@ -354,8 +402,7 @@ impl Qwen2VL {
             [&positions.ids[0], &positions.ids[1], &positions.ids[2]],
             (1, n),
         )?;
-        let mut caches = [cache];
-        self.text.forward(&x, &cos, &sin, &mut caches, collect)
+        Ok((x, cos, sin))
     }
 
     /// One decode step for a batch of sequences: `tokens[b]` is appended to `caches[b]` at

@@ -1,0 +1,228 @@
+//! A prompt's vision tower and prefill cut into short units of work.
+//!
+//! On a CPU the vision tower of one large image takes seconds, and so does the prefill of a
+//! long prompt. The serving engine must not stop every running stream for that long, so it
+//! runs a new request's [`PrefillJob`] a few units at a time between decode steps: one unit
+//! is one vision-tower block of one pass (whole frames, see [`super::frame_chunks`]), or
+//! one decoder layer over the whole prompt. The cut is only in time: every unit does exactly
+//! what [`super::Qwen2VL::encode_vision`] and [`super::Qwen2VL::prefill`] do in one go, in
+//! the same order on the same shapes, so the logits are bit-identical (unlike vLLM's chunked
+//! prefill, which splits the prompt into token ranges and changes the matmul shapes).
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use super::{Qwen2VL, VISION_CHUNK_PATCHES};
+use crate::error::{Error, Result};
+use crate::inputs::ModelInputs;
+use crate::kv_cache::KvCache;
+use crate::text::TextModel;
+use crate::vision::VisionPass;
+
+/// A vision-tower pass not started yet: video or image, its grids, its rows of pixels.
+struct Pending {
+    video: bool,
+    grids: Vec<[usize; 3]>,
+    rows: Range<usize>,
+}
+
+/// The decoder part: hidden states `(1, n, hidden)` after `next` layers, and the prompt's
+/// rope tables `(1, n, head_dim/2)`.
+struct TextStage {
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    next: usize,
+}
+
+/// A prefill in progress for one prompt (see the [module docs](self)). Create it with
+/// [`Qwen2VL::prefill_job`], call [`PrefillJob::step`] with the same inputs and cache until
+/// it returns `true`, then take [`PrefillJob::finish`]. Dropping it half-way leaves the cache
+/// with keys and values written past its length, which the next prefill overwrites.
+pub struct PrefillJob<'m> {
+    model: &'m Qwen2VL,
+    todo: VecDeque<Pending>,
+    pass: Option<(bool, VisionPass<'m>)>,
+    images: Vec<Tensor>,
+    videos: Vec<Tensor>,
+    text: Option<TextStage>,
+    logits: Option<Tensor>,
+    units: usize,
+    total_units: usize,
+    vision_ms: f64,
+    prefill_ms: f64,
+}
+
+impl std::fmt::Debug for PrefillJob<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrefillJob")
+            .field("units", &self.units)
+            .field("total_units", &self.total_units)
+            .finish()
+    }
+}
+
+impl Qwen2VL {
+    /// A [`PrefillJob`] for `inputs` (pixel values are checked against their grids here).
+    pub fn prefill_job(&self, inputs: &ModelInputs) -> Result<PrefillJob<'_>> {
+        let mut todo = VecDeque::new();
+        for (video, pixels, grids) in [
+            (false, &inputs.pixel_values, &inputs.image_grid_thw),
+            (true, &inputs.pixel_values_videos, &inputs.video_grid_thw),
+        ] {
+            if grids.is_empty() {
+                continue;
+            }
+            for (grids, rows) in self.vision_chunks(pixels, grids, VISION_CHUNK_PATCHES)? {
+                todo.push_back(Pending { video, grids, rows });
+            }
+        }
+        // Per vision pass: the patch embedding, each block (the merger goes with the last);
+        // then the embedding of the prompt and each decoder layer.
+        let blocks = self.config.vision.depth;
+        let total_units = todo.len() * (blocks + 1) + 1 + self.text.num_layers();
+        Ok(PrefillJob {
+            model: self,
+            todo,
+            pass: None,
+            images: Vec::new(),
+            videos: Vec::new(),
+            text: None,
+            logits: None,
+            units: 0,
+            total_units,
+            vision_ms: 0.0,
+            prefill_ms: 0.0,
+        })
+    }
+}
+
+impl<'m> PrefillJob<'m> {
+    /// Runs one unit of work; `true` when the prefill is complete. `inputs` and `cache` must
+    /// be the same at every call.
+    pub fn step(&mut self, inputs: &ModelInputs, cache: &mut KvCache) -> Result<bool> {
+        if self.logits.is_some() {
+            return Ok(true);
+        }
+        let t = Instant::now();
+        self.units += 1;
+        if let Some(text) = &mut self.text {
+            let model = self.model;
+            let layers = model.text.num_layers();
+            if text.next < layers {
+                text.x = model.text.forward_layer(
+                    text.next,
+                    &text.x,
+                    &text.cos,
+                    &text.sin,
+                    &mut [&mut *cache],
+                )?;
+                text.next += 1;
+            }
+            if text.next == layers {
+                cache.advance(text.x.dim(1)?);
+                let last = TextModel::last_position(&text.x)?;
+                self.logits = Some(model.text.logits(&last)?.squeeze(0)?);
+                self.text = None;
+            }
+            self.prefill_ms += ms(t);
+            return Ok(self.logits.is_some());
+        }
+        if let Some((video, pass)) = &mut self.pass {
+            let video = *video;
+            if pass.step()? {
+                let (_, pass) = self.pass.take().expect("a pass in progress");
+                let out = pass.finish()?;
+                if video {
+                    self.videos.push(out);
+                } else {
+                    self.images.push(out);
+                }
+            }
+            self.vision_ms += ms(t);
+        } else if let Some(p) = self.todo.pop_front() {
+            let pixels = if p.video {
+                &inputs.pixel_values_videos
+            } else {
+                &inputs.pixel_values
+            };
+            let rows = pixels.get(p.rows.clone()).ok_or_else(|| {
+                Error::bad_input(
+                    "the inputs changed during the prefill",
+                    "the same inputs at every step",
+                )
+            })?;
+            let pv = self.model.patch_tensor(rows)?;
+            self.pass = Some((p.video, self.model.vision.begin(&pv, &p.grids)?));
+            self.vision_ms += ms(t);
+        } else {
+            let image = cat(std::mem::take(&mut self.images))?;
+            let video = cat(std::mem::take(&mut self.videos))?;
+            let (x, cos, sin) = self.model.prefill_inputs(
+                &inputs.input_ids,
+                &inputs.positions,
+                image.as_ref(),
+                video.as_ref(),
+                cache,
+            )?;
+            self.text = Some(TextStage {
+                x,
+                cos,
+                sin,
+                next: 0,
+            });
+            self.prefill_ms += ms(t);
+        }
+        Ok(false)
+    }
+
+    /// Runs units until the prefill is complete (`true`) or `deadline` has passed after at
+    /// least one unit (`false`).
+    pub fn run_until(
+        &mut self,
+        inputs: &ModelInputs,
+        cache: &mut KvCache,
+        deadline: Instant,
+    ) -> Result<bool> {
+        loop {
+            if self.step(inputs, cache)? {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Units run so far and in all (an estimate of progress).
+    pub fn progress(&self) -> (usize, usize) {
+        (self.units, self.total_units)
+    }
+
+    /// The last position's logits `(vocab,)` in f32, and the vision and prefill
+    /// milliseconds; an error when the job is not complete.
+    pub fn finish(self) -> Result<(Tensor, f64, f64)> {
+        match self.logits {
+            Some(l) => Ok((l, self.vision_ms, self.prefill_ms)),
+            None => Err(Error::Weights(
+                "the prefill was taken before it was complete".into(),
+            )),
+        }
+    }
+}
+
+/// The outputs of a kind's passes as one tensor, `None` when there were none.
+fn cat(mut parts: Vec<Tensor>) -> Result<Option<Tensor>> {
+    Ok(match parts.len() {
+        0 => None,
+        1 => parts.pop(),
+        _ => Some(Tensor::cat(&parts, 0)?),
+    })
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
