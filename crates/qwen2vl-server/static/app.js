@@ -421,9 +421,9 @@
     const unsend = (why) => {
       state.messages.pop();
       state.images.length = imagesBefore;
-      userBubble.classList.add("failed");
-      userBubble.title = "not sent";
+      userBubble.remove();
       bubble.remove();
+      el.empty.hidden = state.messages.length > 0;
       if (!el.prompt.value) {
         el.prompt.value = text;
         autoGrow();

@@ -25,6 +25,7 @@ const SHOT = path.resolve(process.env.E2E_OUT || path.join(ROOT, "target/e2e/pag
 const MODEL = "tests/fixtures/tiny-qwen2vl"; // relative to ROOT, the servers' directory
 const IMAGE = path.join(ROOT, "tests/fixtures/images/photo640.png");
 const SMALL = path.join(ROOT, "tests/fixtures/images/small.png");
+const VIDEO = path.join(ROOT, "tests/fixtures/video/clip.mp4");
 
 const HOSTILE = '<img src=x onerror="window.__pwned=1"><b>bold</b>';
 const SCRIPTED =
@@ -95,7 +96,7 @@ async function openPage(base) {
   const problems = [];
   page.on("pageerror", (e) => problems.push("page error: " + e.message));
   page.on("console", (m) => {
-    if (m.type() === "error" && !/Failed to load resource.*401/.test(m.text())) {
+    if (m.type() === "error" && !/Failed to load resource.* (400|401)/.test(m.text())) {
       problems.push("console error: " + m.text());
     }
   });
@@ -225,6 +226,18 @@ async function scriptedAnswer() {
   await page.screenshot({ path: SHOT, fullPage: true });
   log(`answer streamed (${lengths.length} sizes), markup stayed text, box and label placed, ` +
     `${imageTokens} image tokens; screenshot ${SHOT}`);
+
+  // A phone-sized window: nothing sticks out sideways, the box still fits its image.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.waitForTimeout(200);
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - innerWidth);
+  check(overflow <= 0, "the page is wider than a narrow window by " + overflow + " px");
+  const ib2 = await img.boundingBox();
+  const bb2 = await answer.locator(".box").first().boundingBox();
+  check(near(bb2.x, ib2.x + 0.1 * ib2.width) && near(bb2.width, 0.4 * ib2.width),
+    "the box did not follow the resized image");
+  const narrowShot = SHOT.replace(/(\.png)?$/, "-narrow.png");
+  await page.screenshot({ path: narrowShot });
   await context.close();
 }
 
@@ -251,6 +264,18 @@ async function stopButton() {
   await page.waitForFunction((m) => document.getElementById("model").textContent === m,
     MODEL, { timeout: 20000 }).catch(() => fail("the page did not accept the API key"));
   check(await page.isHidden("#notice"), "the notice stayed after the key was given");
+
+  // A 4xx from the server: its message is shown, and the question comes back to be edited.
+  await page.fill("#max-tokens", "999999");
+  await page.fill("#prompt", "Too long?");
+  await page.press("#prompt", "Enter");
+  await page.waitForSelector("#notice:not([hidden])", { timeout: 20000 })
+    .catch(() => fail("no notice for a request the server refused"));
+  const refused = await page.textContent("#notice");
+  check(/max_tokens 999999 is over the model's context/.test(refused), "400 notice: " + refused);
+  check((await page.inputValue("#prompt")) === "Too long?", "the refused question was not restored");
+  check((await page.locator(".msg").count()) === 0, "the refused turn stayed in the conversation");
+  check(await page.isVisible("#send"), "Send not back after a refusal");
 
   await page.fill("#max-tokens", "30000");
   await page.fill("#temperature", "0");
@@ -299,15 +324,39 @@ async function stopButton() {
   const history = chats[chats.length - 1].messages;
   check(history.length === 3 && history[1].role === "assistant" && history[1].content === partial,
     "the partial answer is not in the next request: " + JSON.stringify(history).slice(0, 300));
-  check(chats[0].stream === true && chats[0].stream_options.include_usage === true &&
-    chats[0].max_tokens === 30000 && chats[0].temperature === 0, "request settings: " +
-    JSON.stringify(Object.assign({}, chats[0], { messages: undefined })));
+  const long = chats[chats.length - 2];
+  check(long.stream === true && long.stream_options.include_usage === true &&
+    long.max_tokens === 30000 && long.temperature === 0, "request settings: " +
+    JSON.stringify(Object.assign({}, long, { messages: undefined })));
 
-  assertNoProblems(problems, "stop page");
   const stopShot = SHOT.replace(/(\.png)?$/, "-stop.png");
   await page.screenshot({ path: stopShot, fullPage: true });
   log(`stopped after ${partial.length} characters; server idle again; next answer fine; ` +
     `screenshot ${stopShot}`);
+
+  // New chat, then a video from the file button.
+  await page.click("#new-chat");
+  check((await page.locator(".msg").count()) === 0, "New chat left messages");
+  await page.setInputFiles("#file", VIDEO);
+  await page.waitForSelector(".thumb video", { timeout: 5000 });
+  check((await page.textContent(".thumb .kind")) === "video", "the video thumbnail is not marked");
+  await page.fill("#prompt", "What happens in the video?");
+  await page.press("#prompt", "Enter");
+  await page.waitForSelector('.msg.assistant[data-state="done"], .msg.assistant[data-state="error"]',
+    { timeout: 60000 }).catch(async () =>
+    fail("no answer about the video; notice: " + (await page.textContent("#notice"))));
+  const about = page.locator(".msg.assistant").last();
+  check((await about.getAttribute("data-state")) === "done",
+    "the video answer failed: " + (await about.textContent()));
+  const videoTokens = Number(await about.locator(".usage").getAttribute("data-video-tokens"));
+  check(videoTokens > 0, "video tokens not > 0: " + (await about.locator(".usage").textContent()));
+  check((await page.locator(".msg.user video").count()) === 1, "the sent video is not shown");
+  const videoPart = chats[chats.length - 1].messages[0].content[0];
+  check(videoPart.type === "video_url" && videoPart.video_url.url.startsWith("data:video/mp4;base64,"),
+    "the video was not sent as a data URI");
+  log(`a video from the file button: ${videoTokens} video tokens`);
+
+  assertNoProblems(problems, "stop page");
   await context.close();
 }
 
