@@ -344,7 +344,6 @@
     el.send.hidden = busy;
     el.stop.hidden = !busy;
     el.stop.disabled = !busy;
-    el.attach.disabled = busy;
     el.newChat.disabled = busy;
   }
 
@@ -624,7 +623,7 @@
     e.preventDefault();
     dragDepth = 0;
     el.drop.hidden = true;
-    if (!state.busy) addFiles(e.dataTransfer.files);
+    addFiles(e.dataTransfer.files);
   });
 
   loadSettings();

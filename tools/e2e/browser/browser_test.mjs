@@ -30,7 +30,9 @@ const VIDEO = path.join(ROOT, "tests/fixtures/video/clip.mp4");
 const HOSTILE = '<img src=x onerror="window.__pwned=1"><b>bold</b>';
 const SCRIPTED =
   "Here is <|object_ref_start|>the cat<|object_ref_end|>" +
-  "<|box_start|>(100,200),(500,800)<|box_end|> on the left. Also: " + HOSTILE + " done.";
+  "<|box_start|>(100,200),(500,800)<|box_end|> on the left and " +
+  "<|object_ref_start|>the sign<|object_ref_end|>" +
+  "<|quad_start|>(600,100),(900,150),(880,400),(580,350)<|quad_end|>. Also: " + HOSTILE + " done.";
 const API_KEY = "e2e-secret";
 
 const servers = [];
@@ -65,7 +67,7 @@ function startServer(name, extraArgs, extraEnv) {
     child.stderr.setEncoding("utf8");
     child.stderr.on("data", (d) => {
       stderr += d;
-      const m = stderr.match(/serving .* on (http:\/\/\S+)/);
+      const m = stderr.match(/serving .* on (http:\/\/\S+)\r?\n/);
       if (m) {
         clearTimeout(timer);
         resolve(m[1]);
@@ -210,6 +212,22 @@ async function scriptedAnswer() {
       near(bb.width, 0.4 * ib.width) && near(bb.height, 0.6 * ib.height),
     `box at ${JSON.stringify(bb)} is not (100,200)-(500,800) of the image at ${JSON.stringify(ib)}`
   );
+
+  // The quad: an SVG polygon over the same image, with its label.
+  check((await answer.locator(".quad").count()) === 1, "expected one quad");
+  const labels = await answer.locator(".label").allTextContents();
+  check(labels.length === 2 && labels[1].includes("the sign"), "labels: " + JSON.stringify(labels));
+  // The layer covers the image exactly; in its percent units the quad spans 58..90, 10..40.
+  const sb = await answer.locator(".frame svg").boundingBox();
+  check(near(sb.x, ib.x) && near(sb.y, ib.y) && near(sb.width, ib.width) &&
+    near(sb.height, ib.height), `the quad layer ${JSON.stringify(sb)} is not over the image`);
+  const qb = await answer.locator(".quad").first().evaluate((p) => {
+    const b = p.getBBox();
+    return { x: b.x, y: b.y, width: b.width, height: b.height };
+  });
+  const close = (a, b) => Math.abs(a - b) < 0.01;
+  check(close(qb.x, 58) && close(qb.width, 32) && close(qb.y, 10) && close(qb.height, 30),
+    `quad at ${JSON.stringify(qb)} (percent) is not (580..900, 100..400)`);
 
   // Usage with image tokens.
   const usage = answer.locator(".usage");
