@@ -379,17 +379,20 @@ async function stopButton() {
 }
 
 async function main() {
-  const args = ["--no-first-run", "--no-default-browser-check", "--disable-gpu"];
-  if (process.getuid && process.getuid() === 0) args.push("--no-sandbox");
+  // No sandbox: it cannot start as root or in most containers, and this browser only ever
+  // loads the page of a server this script started.
+  const args = ["--no-first-run", "--no-default-browser-check", "--disable-gpu", "--no-sandbox"];
   browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args });
   await scriptedAnswer();
   await stopButton();
 }
 
-process.on("SIGINT", () => {
-  stopServers();
-  process.exit(130);
-});
+for (const [signal, code] of [["SIGINT", 130], ["SIGTERM", 143]]) {
+  process.on(signal, () => {
+    stopServers();
+    process.exit(code);
+  });
+}
 
 try {
   await main();
