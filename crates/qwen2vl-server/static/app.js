@@ -507,6 +507,9 @@
     }
 
     const tEnd = performance.now();
+    if (bubble.dataset.state === "streaming" && !finish && !streamError) {
+      streamError = "the answer ended early: the server closed the stream";
+    }
     if (content) state.messages.push({ role: "assistant", content });
     if (grounding && typeof grounding.text === "string") textNode.textContent = grounding.text;
     if (grounding && image) renderFigure(bubble, grounding, image);
