@@ -10,7 +10,8 @@
 //    request go, and the page answers the next question.
 //
 // Environment: QWEN2VL_BIN (default target/debug/qwen2vl), CHROMIUM (default
-// /usr/bin/chromium), E2E_OUT (screenshot path, default target/e2e/page.png).
+// /usr/bin/chromium), E2E_OUT (screenshot path, default target/e2e/page.png; the narrow-window
+// and Stop screenshots go beside it as page-narrow.png and page-stop.png).
 
 import { spawn } from "node:child_process";
 import { mkdirSync, readFileSync } from "node:fs";
