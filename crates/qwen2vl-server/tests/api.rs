@@ -2,50 +2,20 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use qwen2vl::pipeline::{DTypeChoice, GenerateRequest, Pipeline};
+use qwen2vl::pipeline::{GenerateRequest, Pipeline};
 use qwen2vl_server::backend::{Backend, BackendStats, Event, Submission, SubmitError};
 use qwen2vl_server::{Limits, ServerConfig};
 use serde_json::{json, Value};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn pipeline() -> Arc<Pipeline> {
-    static P: OnceLock<Arc<Pipeline>> = OnceLock::new();
-    P.get_or_init(|| {
-        Arc::new(Pipeline::load(&fixtures().join("tiny-qwen2vl"), DTypeChoice::F32).unwrap())
-    })
-    .clone()
-}
-
-/// A server on its own thread and runtime; returns its address.
-fn start_with(backend: Arc<dyn Backend>, config: ServerConfig) -> SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            qwen2vl_server::serve(listener, backend, config, std::future::pending())
-                .await
-                .unwrap();
-        });
-    });
-    rx.recv().unwrap()
-}
+mod common;
+use common::{fixtures, pipeline, start_engine, start_with};
 
 fn start(config: ServerConfig) -> SocketAddr {
-    start_with(qwen2vl_server::backend::start(pipeline(), 4, 16, 0), config)
+    start_engine(4, 16, config)
 }
 
 fn agent() -> ureq::Agent {

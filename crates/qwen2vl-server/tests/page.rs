@@ -2,42 +2,15 @@
 //! and outside the API key.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use qwen2vl::pipeline::{DTypeChoice, Pipeline};
 use qwen2vl_server::page::{ASSETS, CONTENT_SECURITY_POLICY};
 use qwen2vl_server::ServerConfig;
 
-fn pipeline() -> Arc<Pipeline> {
-    static P: OnceLock<Arc<Pipeline>> = OnceLock::new();
-    P.get_or_init(|| {
-        let dir =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-qwen2vl");
-        Arc::new(Pipeline::load(&dir, DTypeChoice::F32).unwrap())
-    })
-    .clone()
-}
+mod common;
 
 fn start(config: ServerConfig) -> SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            let backend = qwen2vl_server::backend::start(pipeline(), 2, 4, 0);
-            qwen2vl_server::serve(listener, backend, config, std::future::pending())
-                .await
-                .unwrap();
-        });
-    });
-    rx.recv().unwrap()
+    common::start_engine(2, 4, config)
 }
 
 struct Resp {

@@ -1,0 +1,54 @@
+//! What the server's integration tests share: the tiny fixture model and a server on its own
+//! thread.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use qwen2vl::pipeline::{DTypeChoice, Pipeline};
+use qwen2vl_server::backend::Backend;
+use qwen2vl_server::ServerConfig;
+
+/// `tests/fixtures` at the workspace root.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// The tiny fixture model, loaded once per test binary.
+pub fn pipeline() -> Arc<Pipeline> {
+    static P: OnceLock<Arc<Pipeline>> = OnceLock::new();
+    P.get_or_init(|| {
+        Arc::new(Pipeline::load(&fixtures().join("tiny-qwen2vl"), DTypeChoice::F32).unwrap())
+    })
+    .clone()
+}
+
+/// A server on its own thread and runtime; returns its address.
+pub fn start_with(backend: Arc<dyn Backend>, config: ServerConfig) -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            qwen2vl_server::serve(listener, backend, config, std::future::pending())
+                .await
+                .unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
+
+/// A server with the batching engine (`max_running`, `max_queue`) on the tiny model.
+pub fn start_engine(max_running: usize, max_queue: usize, config: ServerConfig) -> SocketAddr {
+    start_with(
+        qwen2vl_server::backend::start(pipeline(), max_running, max_queue, 0),
+        config,
+    )
+}
