@@ -117,10 +117,6 @@ impl<'p> Scheduler<'p> {
         self.admit();
         self.publish();
         let prefilled = self.prefill_slice();
-        if prefilled {
-            self.advance_preparation();
-            self.admit();
-        }
         if !self.running.is_empty() {
             self.decode();
             self.publish();
@@ -341,44 +337,63 @@ impl<'p> Scheduler<'p> {
         }
     }
 
-    /// Runs the admitted request's prefill for a slice of time
+    /// Runs admitted requests' prefills for a slice of time
     /// ([`super::EngineConfig::prefill_slice_ms`] while others are decoding, longer when
-    /// nothing else runs); when it completes, its first token is sampled and it joins the
-    /// decode batch. Returns whether there was prefill work.
+    /// nothing else runs). A request whose prefill completes gets its first token and joins
+    /// the decode batch, and the next head is admitted and prefilled in what is left of the
+    /// slice (so a burst of short prompts starts together). Returns whether there was
+    /// prefill work.
     fn prefill_slice(&mut self) -> bool {
-        let slice_ms = if self.running.is_empty() {
-            // Nobody waits for a decode step: only come back to notice cancellations.
-            1000
-        } else {
-            self.shared.config.prefill_slice_ms
-        };
-        let Some(pf) = self.prefilling.as_mut() else {
-            return false;
-        };
-        let deadline = Instant::now() + Duration::from_millis(slice_ms);
-        let result = match pf.pending.prepared.as_ref() {
-            Some(prepared) => {
-                let (job, cache) = (&mut pf.job, &mut pf.cache);
-                guarded(|| job.run_until(&prepared.inputs, cache, deadline))
+        let slice = Duration::from_millis(self.shared.config.prefill_slice_ms);
+        let mut deadline = Instant::now()
+            + if self.running.is_empty() {
+                // Nobody waits for a decode step: only come back to notice cancellations.
+                Duration::from_millis(1000)
+            } else {
+                slice
+            };
+        let mut worked = false;
+        loop {
+            if self.prefilling.is_none() {
+                self.advance_preparation();
+                self.admit();
             }
-            None => Err(internal("an admitted request has no inputs")),
-        };
-        match result {
-            Ok(false) => {}
-            Ok(true) => {
-                if let Some(pf) = self.prefilling.take() {
-                    self.start(pf);
+            let Some(pf) = self.prefilling.as_mut() else {
+                break;
+            };
+            worked = true;
+            let result = match pf.pending.prepared.as_ref() {
+                Some(prepared) => {
+                    let (job, cache) = (&mut pf.job, &mut pf.cache);
+                    guarded(|| job.run_until(&prepared.inputs, cache, deadline))
+                }
+                None => Err(internal("an admitted request has no inputs")),
+            };
+            match result {
+                Ok(false) => break,
+                Ok(true) => {
+                    if let Some(pf) = self.prefilling.take() {
+                        self.start(pf);
+                    }
+                    if !self.running.is_empty() {
+                        // Someone now waits for the next decode step.
+                        deadline = deadline.min(Instant::now() + slice);
+                    }
+                }
+                Err(e) => {
+                    if let Some(pf) = self.prefilling.take() {
+                        self.kv_used -= pf.need;
+                        let _ = pf.pending.tx.send(EngineEvent::Failed(e));
+                        self.count(Outcome::Failed, 0.0);
+                    }
                 }
             }
-            Err(e) => {
-                if let Some(pf) = self.prefilling.take() {
-                    self.kv_used -= pf.need;
-                    let _ = pf.pending.tx.send(EngineEvent::Failed(e));
-                    self.count(Outcome::Failed, 0.0);
-                }
+            if Instant::now() >= deadline {
+                break;
             }
         }
-        true
+        self.advance_preparation();
+        worked
     }
 
     /// First token of a request whose prefill is complete; it joins the decode batch.
