@@ -38,7 +38,14 @@ impl Linear {
     }
 
     /// `x: (..., in)` → `(..., out)`.
+    ///
+    /// A few rows on the CPU (decode: one per running sequence) take our small-batch kernel
+    /// [`crate::ops::gemv`] (each weight row read once for all rows, and a row's result
+    /// independent of the batch it sits in); everything else candle's matmul.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::ops::gemv::linear(x, self.0.weight(), self.0.bias())? {
+            return Ok(y);
+        }
         Ok(self.0.forward(x)?)
     }
 }
