@@ -20,11 +20,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => vec![1, 2, 4, 8, 12, 16, 24, 32],
     };
     let dev = Device::Cpu;
-    // (name, in, out): MLP up, MLP down, attention q, and the tied LM head.
+    // (name, in, out): MLP up, MLP down, attention q and k (v is k's shape), the tied LM head.
     let shapes = [
         ("mlp.up_proj", 1536, 8960),
         ("mlp.down_proj", 8960, 1536),
         ("self_attn.q_proj", 1536, 1536),
+        ("self_attn.k_proj", 1536, 256),
         ("lm_head", 1536, 151936),
     ];
     println!("layer               m    candle ms     gemv ms   speed-up");

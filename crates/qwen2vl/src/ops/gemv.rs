@@ -353,7 +353,6 @@ impl<W: WeightElem> Problem<'_, W> {
                 for j in jb..je {
                     match self.m - i {
                         1 => self.tile::<1>(i, j),
-                        2 => self.tile::<2>(i, j),
                         _ => self.tile::<MAX_MR>(i, j),
                     }
                 }
@@ -392,9 +391,11 @@ impl<W: WeightElem> Problem<'_, W> {
 /// current x86 server parts) next to the inputs.
 const BLOCK_BYTES: usize = 96 << 10;
 
-/// Most input rows one tile dots with a weight row: `MAX_MR × ACCS` accumulators (12 of the 16
-/// AVX2 registers) plus one for the weights and one for the input.
-const MAX_MR: usize = 3;
+/// Most input rows one tile dots with a weight row: `MAX_MR × ACCS` accumulators (8 of the 16
+/// AVX2 registers). Measured on the 2B shapes (examples/linear_small_batch.rs): tiles of three
+/// rows (12 accumulators) ran slower than pairs, e.g. the LM head for 8 rows took 93 ms in
+/// threes and 64 ms in pairs.
+const MAX_MR: usize = 2;
 
 /// Accumulators per output: enough independent FMA chains to keep a single input row (decode
 /// with one sequence) streaming weights at memory speed.
