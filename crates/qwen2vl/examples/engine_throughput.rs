@@ -13,12 +13,17 @@
 //!   submit to the last `Finished`, generated tokens per second over all requests, the mean
 //!   batch size the scheduler reached, and the mean per-request decode rate.
 //!
-//! What it showed (tiny model, 2 cores): one step for B = 8 costs about 0.7x of eight single
-//! steps, but B = 2 costs 1.2-2x two single steps. The cause is the matmul, not the
-//! engine: candle's CPU gemm runs a one-row product `(1, k) x (k, n)` as a fast gemv, and two
-//! to eight rows through its packed general kernel, 3-4x slower per call (also on the 2B
-//! shapes: the LM head takes ~40 ms for one row, ~120-175 ms for 2-8). A batched-gemv kernel
-//! (each weight row read once, dotted with all B inputs) is what would make every B pay.
+//! What it showed before `ops::gemv` (tiny model, 2 cores): one step for B = 8 cost about 0.7x
+//! of eight single steps, but B = 2 cost 1.2-2x two single steps, because candle's CPU gemm runs
+//! a one-row product as a fast gemv and two to eight rows through its packed general kernel,
+//! 3-4x slower per call (2B shapes: the LM head ~40 ms for one row, ~80-120 ms for 2-8).
+//!
+//! Since `Linear` runs up to 16 rows through our small-batch kernel (`qwen2vl::ops::gemv`:
+//! each weight row read once and dotted with all B inputs), every B pays. On the 2B shapes,
+//! 2 threads, 16 tokens (load average 1.6-2.0; `QWEN2VL_GEMV=0` is candle's path in the same
+//! binary): a B = 2 step costs 311 ms against 436 ms, B = 8 600-710 ms against 878 ms and
+//! 2.9x less than eight single steps; engine throughput with 4-8 requests is 4.3-6.1 tok/s
+//! against 3.0-3.4. Figures and commands: docs/benchmarks.md.
 
 use std::path::PathBuf;
 use std::sync::Arc;
