@@ -13,7 +13,7 @@
 //! `RAYON_NUM_THREADS`, which `--threads` sets).
 //!
 //! Determinism: every output element is computed by the same sequence of operations whatever
-//! `m` is and wherever its row sits in the batch (see [`avx2::tile`] for the sequence: four
+//! `m` is and wherever its row sits in the batch (see `avx2::tile` for the sequence: four
 //! eight-lane accumulators, a fixed reduction, the leftovers in order, then the bias; the
 //! portable path rounds each product before adding it, the AVX2 path fuses them). So a
 //! sequence decoded alone and in a batch gets bit-identical logits (on one machine; the two
