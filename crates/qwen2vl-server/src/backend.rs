@@ -10,13 +10,23 @@ use qwen2vl::pipeline::{GenerateRequest, Pipeline};
 
 pub use qwen2vl::engine::{EngineEvent as Event, Submission, SubmitError};
 
-/// Queue and batch occupancy, for `/metrics`.
+/// Queue and batch occupancy, and the engine's step counters, for `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BackendStats {
     /// Requests waiting to start.
     pub queued: usize,
     /// Sequences being generated.
     pub running: usize,
+    /// KV-cache tokens reserved by the running sequences.
+    pub kv_tokens_used: usize,
+    /// The KV budget in tokens.
+    pub kv_budget_tokens: usize,
+    /// Batched decode steps run.
+    pub decode_steps: u64,
+    /// Sequences summed over the decode steps (divided by `decode_steps`: the mean batch).
+    pub decode_batch_sequences: u64,
+    /// Decode steps run while a new request's vision tower or prefill was part-way done.
+    pub decode_steps_during_prefill: u64,
 }
 
 /// What the server needs from an engine.
@@ -41,6 +51,11 @@ impl Backend for Engine {
         BackendStats {
             queued: s.queued,
             running: s.running,
+            kv_tokens_used: s.kv_tokens_used,
+            kv_budget_tokens: s.kv_budget_tokens,
+            decode_steps: s.decode_steps_total,
+            decode_batch_sequences: s.decode_batch_sequences_total,
+            decode_steps_during_prefill: s.decode_steps_during_prefill_total,
         }
     }
 

@@ -122,6 +122,43 @@ impl Metrics {
              # TYPE qwen2vl_running_sequences gauge\nqwen2vl_running_sequences {}",
             stats.running
         );
+        for (name, kind, help, value) in [
+            (
+                "qwen2vl_kv_cache_tokens_used",
+                "gauge",
+                "KV-cache tokens reserved by the running sequences.",
+                stats.kv_tokens_used as u64,
+            ),
+            (
+                "qwen2vl_kv_cache_tokens_budget",
+                "gauge",
+                "The KV-cache budget in tokens (--kv-budget).",
+                stats.kv_budget_tokens as u64,
+            ),
+            (
+                "qwen2vl_decode_steps_total",
+                "counter",
+                "Batched decode steps run.",
+                stats.decode_steps,
+            ),
+            (
+                "qwen2vl_decode_batch_sequences_total",
+                "counter",
+                "Sequences summed over the decode steps (divided by the steps: the mean batch).",
+                stats.decode_batch_sequences,
+            ),
+            (
+                "qwen2vl_decode_steps_during_prefill_total",
+                "counter",
+                "Decode steps run while a new request's vision tower or prefill was part-way done.",
+                stats.decode_steps_during_prefill,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
         m.ttft.write(
             &mut out,
             "qwen2vl_time_to_first_token_seconds",
@@ -153,6 +190,11 @@ mod tests {
         let t = m.render(BackendStats {
             queued: 3,
             running: 2,
+            kv_tokens_used: 100,
+            kv_budget_tokens: 4096,
+            decode_steps: 9,
+            decode_batch_sequences: 14,
+            decode_steps_during_prefill: 4,
         });
         assert!(
             t.contains("qwen2vl_requests_total{status=\"200\"} 2\n"),
@@ -163,6 +205,15 @@ mod tests {
         assert!(t.contains("qwen2vl_completion_tokens_total 5\n"));
         assert!(t.contains("qwen2vl_queue_depth 3\n"));
         assert!(t.contains("qwen2vl_running_sequences 2\n"));
+        assert!(t.contains(
+            "# TYPE qwen2vl_kv_cache_tokens_used gauge\nqwen2vl_kv_cache_tokens_used 100\n"
+        ));
+        assert!(t.contains("qwen2vl_kv_cache_tokens_budget 4096\n"));
+        assert!(
+            t.contains("# TYPE qwen2vl_decode_steps_total counter\nqwen2vl_decode_steps_total 9\n")
+        );
+        assert!(t.contains("qwen2vl_decode_batch_sequences_total 14\n"));
+        assert!(t.contains("qwen2vl_decode_steps_during_prefill_total 4\n"));
         assert!(t.contains("qwen2vl_time_to_first_token_seconds_bucket{le=\"0.025\"} 0\n"));
         assert!(t.contains("qwen2vl_time_to_first_token_seconds_bucket{le=\"0.05\"} 1\n"));
         assert!(t.contains("qwen2vl_request_duration_seconds_bucket{le=\"5\"} 1\n"));

@@ -535,6 +535,18 @@ fn models_health_and_metrics() {
         "{t}"
     );
     assert!(t.contains("qwen2vl_running_sequences 0\n"), "{t}");
+    // The engine's counters: one request decoded at least one step, nothing is reserved now.
+    assert!(t.contains("qwen2vl_kv_cache_tokens_used 0\n"), "{t}");
+    let counter = |name: &str| -> u64 {
+        t.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing: {t}"))
+    };
+    assert!(counter("qwen2vl_kv_cache_tokens_budget") > 0);
+    assert!(
+        counter("qwen2vl_decode_batch_sequences_total") >= counter("qwen2vl_decode_steps_total")
+    );
     let completion: u64 = t
         .lines()
         .find_map(|l| l.strip_prefix("qwen2vl_completion_tokens_total "))
@@ -641,6 +653,7 @@ impl Backend for FullBackend {
         BackendStats {
             queued: 3,
             running: 1,
+            ..Default::default()
         }
     }
     fn pipeline(&self) -> &Pipeline {
