@@ -430,9 +430,10 @@ impl Engine {
             .next()
             .is_none();
         let prepared = if text_only {
-            let p = prepare(pipeline, &request).map_err(SubmitError::Invalid)?;
-            check_need(&p, shared.config.kv_budget_tokens).map_err(SubmitError::Invalid)?;
-            Some(p)
+            Some(
+                prepare_checked(pipeline, &request, shared.config.kv_budget_tokens)
+                    .map_err(SubmitError::Invalid)?,
+            )
         } else {
             None
         };
@@ -517,7 +518,7 @@ fn shutdown(shared: &Shared, thread: &Mutex<Option<JoinHandle<()>>>) {
 
 /// Template, tokenizer and media of a request, with its token limit checked against the
 /// context.
-pub(crate) fn prepare(pipeline: &Pipeline, request: &GenerateRequest) -> crate::Result<Prepared> {
+fn prepare(pipeline: &Pipeline, request: &GenerateRequest) -> crate::Result<Prepared> {
     let t = Instant::now();
     let inputs = pipeline.prepare(request)?;
     let preprocess_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -529,8 +530,19 @@ pub(crate) fn prepare(pipeline: &Pipeline, request: &GenerateRequest) -> crate::
     })
 }
 
+/// [`prepare`], then [`check_need`] against `budget`.
+pub(crate) fn prepare_checked(
+    pipeline: &Pipeline,
+    request: &GenerateRequest,
+    budget: usize,
+) -> crate::Result<Prepared> {
+    let p = prepare(pipeline, request)?;
+    check_need(&p, budget)?;
+    Ok(p)
+}
+
 /// Fails when a request's KV need alone is over the whole budget (it could never run).
-pub(crate) fn check_need(p: &Prepared, budget: usize) -> crate::Result<()> {
+fn check_need(p: &Prepared, budget: usize) -> crate::Result<()> {
     let need = p.need();
     if need > budget {
         return Err(crate::Error::bad_input(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::sequence::{PrefillTimings, PromptInfo, Sequence};
-use super::{check_need, prepare, EngineEvent, Pending, Prepared, Shared};
+use super::{prepare_checked, EngineEvent, Pending, Prepared, Shared};
 use crate::error::{Error, Result};
 use crate::generation::stop::FinishReason;
 use crate::kv_cache::KvCache;
@@ -173,11 +173,7 @@ impl<'p> Scheduler<'p> {
         {
             if let Some(p) = self.prefilling.take() {
                 self.kv_used -= p.need;
-                let _ = p
-                    .pending
-                    .tx
-                    .send(EngineEvent::Finished(cancelled_before_start()));
-                self.count(Outcome::Cancelled, 0.0);
+                self.cancel_unstarted(&p.pending.tx);
             }
         }
         let mut gone = Vec::new();
@@ -200,8 +196,7 @@ impl<'p> Scheduler<'p> {
             }
         }
         for p in gone {
-            let _ = p.tx.send(EngineEvent::Finished(cancelled_before_start()));
-            self.count(Outcome::Cancelled, 0.0);
+            self.cancel_unstarted(&p.tx);
         }
     }
 
@@ -228,10 +223,7 @@ impl<'p> Scheduler<'p> {
                 break;
             };
             if next.is_cancelled() {
-                let _ = next
-                    .tx
-                    .send(EngineEvent::Finished(cancelled_before_start()));
-                self.count(Outcome::Cancelled, 0.0);
+                self.cancel_unstarted(&next.tx);
                 continue;
             }
             if next.prepared.is_some() {
@@ -249,10 +241,7 @@ impl<'p> Scheduler<'p> {
         let shared = self.shared.clone();
         let budget = self.shared.config.kv_budget_tokens;
         let work = move |pending: Pending| {
-            let result = guarded(|| {
-                prepare(&pipeline, &pending.request)
-                    .and_then(|p| check_need(&p, budget).map(|()| p))
-            });
+            let result = guarded(|| prepare_checked(&pipeline, &pending.request, budget));
             let _ = tx.send((pending, result));
             // Taking the lock orders this wake-up after the scheduler's check.
             drop(shared.lock());
@@ -273,10 +262,7 @@ impl<'p> Scheduler<'p> {
         if spawned.is_err() {
             let pending = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(pending) = pending {
-                let result = guarded(|| {
-                    prepare(self.pipeline, &pending.request)
-                        .and_then(|p| check_need(&p, budget).map(|()| p))
-                });
+                let result = guarded(|| prepare_checked(self.pipeline, &pending.request, budget));
                 self.take_prepared(pending, result);
             }
             return None;
@@ -291,10 +277,7 @@ impl<'p> Scheduler<'p> {
                 pending.prepared = Some(p);
                 self.head = Some(pending);
             }
-            Err(e) => {
-                let _ = pending.tx.send(EngineEvent::Failed(e));
-                self.count(Outcome::Failed, 0.0);
-            }
+            Err(e) => self.fail(&pending.tx, 0, e),
         }
     }
 
@@ -330,10 +313,7 @@ impl<'p> Scheduler<'p> {
                     admitted: Instant::now(),
                 });
             }
-            Err(e) => {
-                let _ = head.tx.send(EngineEvent::Failed(e));
-                self.count(Outcome::Failed, 0.0);
-            }
+            Err(e) => self.fail(&head.tx, 0, e),
         }
     }
 
@@ -382,9 +362,7 @@ impl<'p> Scheduler<'p> {
                 }
                 Err(e) => {
                     if let Some(pf) = self.prefilling.take() {
-                        self.kv_used -= pf.need;
-                        let _ = pf.pending.tx.send(EngineEvent::Failed(e));
-                        self.count(Outcome::Failed, 0.0);
+                        self.fail(&pf.pending.tx, pf.need, e);
                     }
                 }
             }
@@ -428,9 +406,7 @@ impl<'p> Scheduler<'p> {
         let (prepared, logits, seq, vision_ms, prefill_ms) = match result {
             Ok(x) => x,
             Err(e) => {
-                self.kv_used -= need;
-                let _ = tx.send(EngineEvent::Failed(e));
-                self.count(Outcome::Failed, 0.0);
+                self.fail(&tx, need, e);
                 return;
             }
         };
@@ -483,9 +459,7 @@ impl<'p> Scheduler<'p> {
         let step = match guarded(|| r.seq.push_logits(logits)) {
             Ok(s) => s,
             Err(e) => {
-                self.kv_used -= r.reserved;
-                let _ = r.tx.send(EngineEvent::Failed(e));
-                self.count(Outcome::Failed, 0.0);
+                self.fail(&r.tx, r.reserved, e);
                 return None;
             }
         };
@@ -579,9 +553,7 @@ impl<'p> Scheduler<'p> {
     /// Fails every running sequence with `msg` and frees their KV.
     fn fail_all_running(&mut self, msg: &str) {
         for r in std::mem::take(&mut self.running) {
-            self.kv_used -= r.reserved;
-            let _ = r.tx.send(EngineEvent::Failed(internal(msg)));
-            self.count(Outcome::Failed, 0.0);
+            self.fail(&r.tx, r.reserved, internal(msg));
         }
     }
 
@@ -614,13 +586,26 @@ impl<'p> Scheduler<'p> {
             st.held = 0;
         }
         for p in waiting {
-            let _ = p.tx.send(EngineEvent::Failed(Error::bad_input(
+            let e = Error::bad_input(
                 "the engine shut down before the request started",
                 "a running server",
-            )));
-            self.count(Outcome::Failed, 0.0);
+            );
+            self.fail(&p.tx, 0, e);
         }
         self.publish();
+    }
+
+    /// Fails a request with `e`, releasing the `reserved` KV tokens it held.
+    fn fail(&mut self, tx: &UnboundedSender<EngineEvent>, reserved: usize, e: Error) {
+        self.kv_used -= reserved;
+        let _ = tx.send(EngineEvent::Failed(e));
+        self.count(Outcome::Failed, 0.0);
+    }
+
+    /// Finishes a request cancelled before its first token ("cancelled", no text).
+    fn cancel_unstarted(&self, tx: &UnboundedSender<EngineEvent>) {
+        let _ = tx.send(EngineEvent::Finished(cancelled_before_start()));
+        self.count(Outcome::Cancelled, 0.0);
     }
 
     /// Updates the totals for a request that left.
