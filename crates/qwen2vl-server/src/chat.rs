@@ -109,6 +109,7 @@ async fn handle(
         timeout: limits.fetch_timeout,
         max_bytes: limits.max_media_bytes,
         max_video_bytes: limits.max_media_bytes,
+        ..FetchOptions::default()
     };
     let mut subs = Vec::with_capacity(req.n);
     for i in 0..req.n {

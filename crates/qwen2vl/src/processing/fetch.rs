@@ -45,6 +45,89 @@ pub struct FetchOptions {
     /// every redirect (redirects are then followed one hop at a time, each hop checked). Off
     /// by default; a server fetching URLs out of untrusted requests turns it on.
     pub refuse_private_hosts: bool,
+    /// When to give up: a deadline and a cancel flag, checked inside every loop over
+    /// untrusted data (downloads, demuxing, decoding, resizing) so that a slow or hostile
+    /// input cannot hold a preprocessing thread past its deadline.
+    pub interrupt: Interrupt,
+}
+
+/// A deadline and a cancel flag for a preprocessing job (see [`FetchOptions::interrupt`]).
+/// The default never interrupts.
+#[derive(Debug, Clone, Default)]
+pub struct Interrupt {
+    /// Work still running at this instant fails with [`Error::BadInput`] ("took longer
+    /// than …").
+    pub deadline: Option<std::time::Instant>,
+    /// The budget the deadline was computed from, for the message.
+    pub budget: Option<Duration>,
+    /// Set from elsewhere (a disconnect, a shutdown) to stop the work at the next check.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl PartialEq for Interrupt {
+    fn eq(&self, other: &Self) -> bool {
+        self.deadline == other.deadline
+            && self.budget == other.budget
+            && match (&self.cancel, &other.cancel) {
+                (None, None) => true,
+                (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+}
+
+impl Eq for Interrupt {}
+
+impl Interrupt {
+    /// A deadline `budget` from now, with an optional cancel flag.
+    pub fn within(
+        budget: Duration,
+        cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    ) -> Self {
+        Interrupt {
+            deadline: std::time::Instant::now().checked_add(budget),
+            budget: Some(budget),
+            cancel,
+        }
+    }
+
+    /// Whether the work should stop now (cancelled or past the deadline).
+    pub fn is_set(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            || self
+                .deadline
+                .is_some_and(|d| std::time::Instant::now() >= d)
+    }
+
+    /// `Ok` while the work may go on; otherwise an error naming `what` was being done.
+    pub fn check(&self, what: &str) -> Result<()> {
+        if self
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            return Err(Error::bad_input(
+                format!("{what} was cancelled"),
+                "a request that is not cancelled",
+            ));
+        }
+        if self
+            .deadline
+            .is_some_and(|d| std::time::Instant::now() >= d)
+        {
+            let budget = self
+                .budget
+                .map(|b| format!("{:.0} s", b.as_secs_f64()))
+                .unwrap_or_else(|| "its deadline".to_string());
+            return Err(Error::bad_input(
+                format!("{what} took longer than the preprocessing limit"),
+                format!("media that can be read and decoded within {budget}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Default [`FetchOptions::max_video_bytes`]: 2 GiB.
@@ -58,6 +141,7 @@ impl Default for FetchOptions {
             max_bytes: MAX_FILE_BYTES,
             max_video_bytes: MAX_VIDEO_BYTES,
             refuse_private_hosts: false,
+            interrupt: Interrupt::default(),
         }
     }
 }
