@@ -5,6 +5,8 @@
 //! each frame and never across frames (the reference's `cu_seqlens`), so each frame is
 //! attended on its own and no `n x n` mask over the pack is ever built.
 
+use std::ops::Range;
+
 use candle_core::{Device, Tensor};
 
 use crate::config::VisionConfig;
@@ -97,6 +99,31 @@ impl VisionAttention {
             Tensor::cat(&outs, 0)?
         };
         self.proj.forward(&o)
+    }
+
+    /// The first half of [`VisionAttention::forward`] for a chunk of rows: `x: (c, embed)`
+    /// (after `norm1`) and its rope tables `(c, head_dim/2)` → roped `q`, `k` and `v`, each
+    /// `(c, heads, head_dim)`.
+    fn qkv_rows(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (c, _) = x.dims2()?;
+        let (h, hd) = (self.num_heads, self.head_dim);
+        let qkv = self.qkv.forward(x)?.reshape((c, 3, h, hd))?;
+        let q = qkv.narrow(1, 0, 1)?.reshape((1, c, h, hd))?.contiguous()?;
+        let k = qkv.narrow(1, 1, 1)?.reshape((1, c, h, hd))?.contiguous()?;
+        let v = qkv.narrow(1, 2, 1)?.reshape((c, h, hd))?;
+        let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?.squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?.squeeze(0)?;
+        Ok((q, k, v))
+    }
+
+    /// Attention of query rows `q: (c, heads, head_dim)` of one frame over that frame's keys
+    /// and values `(heads, len, head_dim)` → `(c, embed)` (before `proj`).
+    fn attend_rows(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (c, h, hd) = q.dims3()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let qs = q.transpose(0, 1)?.unsqueeze(1)?; // (heads, 1, c, hd)
+        let o = attention(&qs, k, v, scale, None)?.squeeze(1)?; // (heads, c, hd)
+        Ok(o.transpose(0, 1)?.reshape((c, h * hd))?)
     }
 }
 
@@ -255,17 +282,70 @@ impl VisionTransformer {
 
     /// `pixel_values: (n_patches, patch_dim)` for the given `(t, h, w)` grids (in patches)
     /// → `(n_patches / merge², hidden)`.
+    ///
+    /// Runs a [`VisionPass`] to the end: the same units of work the serving engine runs
+    /// between decode steps, so both give the same bits.
     pub fn forward(&self, pixel_values: &Tensor, grids: &[[usize; 3]]) -> Result<Tensor> {
-        let mut pass = self.begin(pixel_values, grids)?;
-        while !pass.step()? {}
-        pass.finish()
+        self.begin(pixel_values, grids)?.finish()
     }
 
-    /// Starts a pass that runs one block per [`VisionPass::step`]: the same arithmetic as
-    /// [`VisionTransformer::forward`], cut where the serving engine can interleave decode
-    /// steps of other requests (a large image's tower takes seconds on a CPU). Checks the
-    /// inputs and runs the patch embedding.
+    /// The plain forward pass, one whole stage at a time (each block over every row, then
+    /// the merger): the oracle of [`VisionTransformer::forward`]'s cut into units.
+    pub fn forward_plain(&self, pixel_values: &Tensor, grids: &[[usize; 3]]) -> Result<Tensor> {
+        self.check(pixel_values, grids)?;
+        let (cos, sin) = self.rope_tables(pixel_values, grids)?;
+        let segments = frame_segments(grids);
+        let mut x = self.patch_embed.forward(pixel_values)?;
+        for block in &self.blocks {
+            x = block.forward(&x, &cos, &sin, &segments)?;
+        }
+        self.merger.forward(&x)
+    }
+
+    /// Starts a pass that the caller runs one unit of work per [`VisionPass::step`] (see
+    /// [`VisionPass`]). Checks the inputs and builds the rope tables; nothing heavy.
     pub fn begin(&self, pixel_values: &Tensor, grids: &[[usize; 3]]) -> Result<VisionPass<'_>> {
+        self.begin_with_rows(pixel_values, grids, None)
+    }
+
+    /// [`VisionTransformer::begin`] with every stage cut into chunks of `rows` rows (at
+    /// least [`MIN_CHUNK_ROWS`]) instead of chunks of about [`UNIT_FLOPS`]; tests use it to
+    /// cut small images as finely as the engine cuts large ones. The result is the same.
+    pub fn begin_with_rows(
+        &self,
+        pixel_values: &Tensor,
+        grids: &[[usize; 3]],
+        rows: Option<usize>,
+    ) -> Result<VisionPass<'_>> {
+        self.check(pixel_values, grids)?;
+        let (cos, sin) = self.rope_tables(pixel_values, grids)?;
+        let segments = frame_segments(grids);
+        let plan = self.plan(&segments, rows);
+        Ok(VisionPass {
+            tower: self,
+            pixels: pixel_values.clone(),
+            cos,
+            sin,
+            segments,
+            plan,
+            next: 0,
+            x: None,
+            parts: Vec::new(),
+            qkv_parts: [Vec::new(), Vec::new(), Vec::new()],
+            qkv: None,
+            frame: None,
+            attn: None,
+            out: None,
+        })
+    }
+
+    /// Units of work of a pass over `grids` (see [`VisionPass::step`]).
+    pub fn pass_units(&self, grids: &[[usize; 3]], rows: Option<usize>) -> usize {
+        self.plan(&frame_segments(grids), rows).len()
+    }
+
+    /// Checks `pixel_values (n, patch_dim)` against `grids`.
+    fn check(&self, pixel_values: &Tensor, grids: &[[usize; 3]]) -> Result<()> {
         let merge = self.cfg.spatial_merge_size;
         let n: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
         let (rows, cols) = pixel_values.dims2()?;
@@ -278,6 +358,12 @@ impl VisionTransformer {
                 "one row per patch of every grid",
             ));
         }
+        if n == 0 {
+            return Err(Error::bad_input(
+                "no images or video frames to encode",
+                "at least one grid",
+            ));
+        }
         for g in grids {
             if g[1] % merge != 0 || g[2] % merge != 0 || g.contains(&0) {
                 return Err(Error::bad_input(
@@ -286,21 +372,63 @@ impl VisionTransformer {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// The 2-D rope tables `(n, head_dim/2)` of the patches of `grids`.
+    fn rope_tables(&self, pixel_values: &Tensor, grids: &[[usize; 3]]) -> Result<(Tensor, Tensor)> {
+        let n: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
         let dtype = pixel_values.dtype();
         let device = pixel_values.device();
-        let ids = rope::vision_rope_ids(grids, merge);
+        let ids = rope::vision_rope_ids(grids, self.cfg.spatial_merge_size);
         let (cos, sin) = rope::vision_cos_sin(&ids, self.cfg.head_dim(), VISION_ROPE_THETA);
         let half = self.cfg.head_dim() / 2;
         let cos = Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?;
-        Ok(VisionPass {
-            tower: self,
-            x: self.patch_embed.forward(pixel_values)?,
-            cos,
-            sin,
-            segments: frame_segments(grids),
-            next_block: 0,
-        })
+        Ok((cos, sin))
+    }
+
+    /// The units of a pass over frames `segments`, in order (see [`VisionPass`]).
+    fn plan(&self, segments: &[(usize, usize)], rows: Option<usize>) -> Vec<Unit> {
+        let cfg = &self.cfg;
+        let n: usize = segments.iter().map(|s| s.1).sum();
+        let merge2 = cfg.spatial_merge_size * cfg.spatial_merge_size;
+        let e = cfg.embed_dim as f64;
+        let md = self.merger.merged_dim as f64;
+        let rows_for = |per_row: f64| -> usize {
+            rows.unwrap_or((UNIT_FLOPS / per_row.max(1.0)) as usize)
+                .max(MIN_CHUNK_ROWS)
+        };
+        let mut plan = Vec::new();
+        let embed_rows = rows_for(2.0 * cfg.patch_dim() as f64 * e);
+        plan.extend(row_chunks(0..n, embed_rows).map(Unit::Embed));
+        let qkv_rows = rows_for(6.0 * e * e);
+        let mlp_rows = rows_for(2.0 * e * e + 4.0 * e * cfg.mlp_hidden_dim() as f64);
+        for b in 0..self.blocks.len() {
+            plan.extend(row_chunks(0..n, qkv_rows).map(|r| Unit::Qkv(b, r)));
+            // Small frames share a unit (up to about UNIT_FLOPS); a large one is cut into
+            // chunks of query rows.
+            let mut pieces = Vec::new();
+            let mut work = 0.0;
+            for (i, &(start, len)) in segments.iter().enumerate() {
+                let per_row = 4.0 * len as f64 * e;
+                for r in row_chunks(start..start + len, rows_for(per_row)) {
+                    work += per_row * r.len() as f64;
+                    pieces.push((i, r));
+                    if rows.is_some() || work >= UNIT_FLOPS {
+                        plan.push(Unit::Attend(b, std::mem::take(&mut pieces)));
+                        work = 0.0;
+                    }
+                }
+            }
+            if !pieces.is_empty() {
+                plan.push(Unit::Attend(b, pieces));
+            }
+            plan.extend(row_chunks(0..n, mlp_rows).map(|r| Unit::Mlp(b, r)));
+        }
+        let merge_rows = rows_for(2.0 * md * (md + cfg.hidden_size as f64));
+        plan.extend(row_chunks(0..n / merge2, merge_rows).map(Unit::Merge));
+        plan
     }
 
     /// Device of the weights.
@@ -309,34 +437,240 @@ impl VisionTransformer {
     }
 }
 
-/// A vision-tower pass in progress (see [`VisionTransformer::begin`]): the hidden states
-/// `(n_patches, embed)` after `next_block` blocks.
+/// Fewest rows in a chunk of a [`VisionPass`] stage (unless the whole stage has fewer).
+/// With few rows the products take other kernels that sum in another order: our
+/// small-batch gemv up to 16 rows, and gemm's small-matrix path (depth blocks of 512
+/// instead of its cache-sized ones) when both the rows and the columns are at most 64,
+/// as in attention's `probs · v` with a head dimension of 64 or less. With more rows every
+/// row of a product is computed the same way whatever their number, so the chunks give
+/// the bits of one go.
+pub const MIN_CHUNK_ROWS: usize = 65;
+
+/// About this many floating-point operations make one unit of a [`VisionPass`] (a few
+/// milliseconds of a CPU's matmul; ~0.1 s for the tiny test model, whose narrow products are
+/// slow per operation). Chunks of rows are sized from it, per stage.
+pub const UNIT_FLOPS: f64 = 2e9;
+
+/// `range` cut into consecutive chunks of `rows` rows; a last chunk that would be shorter
+/// than [`MIN_CHUNK_ROWS`] joins the one before.
+fn row_chunks(range: Range<usize>, rows: usize) -> impl Iterator<Item = Range<usize>> {
+    let rows = rows.max(1);
+    let end = range.end;
+    let mut start = range.start;
+    std::iter::from_fn(move || {
+        if start >= end {
+            return None;
+        }
+        let left = end - start;
+        let take = if left < rows + MIN_CHUNK_ROWS {
+            left
+        } else {
+            rows
+        };
+        let r = start..start + take;
+        start += take;
+        Some(r)
+    })
+}
+
+/// One unit of work of a [`VisionPass`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Unit {
+    /// The patch embedding of these patch rows.
+    Embed(Range<usize>),
+    /// Block `.0`: LayerNorm, qkv and rope of these rows.
+    Qkv(usize, Range<usize>),
+    /// Block `.0`: attention of these query rows, each piece within one frame
+    /// (frame index, rows).
+    Attend(usize, Vec<(usize, Range<usize>)>),
+    /// Block `.0`: output projection, residual, LayerNorm, MLP, residual of these rows.
+    Mlp(usize, Range<usize>),
+    /// The patch merger of these merged rows.
+    Merge(Range<usize>),
+}
+
+impl Unit {
+    /// The stage a unit belongs to: kind and block.
+    fn stage(&self) -> (u8, usize) {
+        match self {
+            Unit::Embed(_) => (0, 0),
+            Unit::Qkv(b, _) => (1, *b),
+            Unit::Attend(b, _) => (2, *b),
+            Unit::Mlp(b, _) => (3, *b),
+            Unit::Merge(_) => (4, 0),
+        }
+    }
+}
+
+/// A vision-tower pass in progress (see [`VisionTransformer::begin`]).
+///
+/// The pass is cut into units of work of about [`UNIT_FLOPS`] each, so the serving engine
+/// can interleave decode steps of other requests and notice a cancellation within a few
+/// milliseconds even when one frame has tens of thousands of patches (its attention alone
+/// would take minutes). Each stage runs over chunks of rows: the patch embedding; per
+/// block, LayerNorm + qkv + rope, then attention for chunks of query rows within each frame
+/// (`cu_seqlens`) against the frame's whole keys and values, then output projection +
+/// residual + MLP; then the merger. Every row is computed by the same operations as in
+/// [`VisionTransformer::forward_plain`], and no product gets fewer than [`MIN_CHUNK_ROWS`]
+/// rows unless the plain pass gives it as few, so the output is bit-identical to it (tested
+/// on the fixture model).
 #[derive(Debug)]
 pub struct VisionPass<'t> {
     tower: &'t VisionTransformer,
-    x: Tensor,
+    pixels: Tensor,
     cos: Tensor,
     sin: Tensor,
     segments: Vec<(usize, usize)>,
-    next_block: usize,
+    plan: Vec<Unit>,
+    /// The next unit of `plan`.
+    next: usize,
+    /// Hidden states `(n, embed)` after the blocks done so far.
+    x: Option<Tensor>,
+    /// Rows produced by the current stage (embedding, attention, MLP or merger).
+    parts: Vec<Tensor>,
+    /// Roped q, k and v rows `(c, heads, head_dim)` of the current qkv stage.
+    qkv_parts: [Vec<Tensor>; 3],
+    /// The current block's q, k, v `(n, heads, head_dim)`.
+    qkv: Option<[Tensor; 3]>,
+    /// A frame's keys and values `(heads, len, head_dim)`, by frame index.
+    frame: Option<(usize, Tensor, Tensor)>,
+    /// The current block's attention outputs `(n, embed)` (before `proj`).
+    attn: Option<Tensor>,
+    /// The merger's output `(n / merge², hidden)`.
+    out: Option<Tensor>,
 }
 
 impl VisionPass<'_> {
-    /// Runs the next block; `true` once every block has run (then call
+    /// Runs the next unit of work; `true` once every unit has run (then call
     /// [`VisionPass::finish`]).
     pub fn step(&mut self) -> Result<bool> {
-        if let Some(block) = self.tower.blocks.get(self.next_block) {
-            self.x = block.forward(&self.x, &self.cos, &self.sin, &self.segments)?;
-            self.next_block += 1;
+        let Some(unit) = self.plan.get(self.next).cloned() else {
+            return Ok(true);
+        };
+        self.run(&unit)?;
+        self.next += 1;
+        let stage_ends = self
+            .plan
+            .get(self.next)
+            .map_or(true, |u| u.stage() != unit.stage());
+        if stage_ends {
+            self.end_stage(&unit)?;
         }
-        Ok(self.next_block >= self.tower.blocks.len())
+        Ok(self.next >= self.plan.len())
     }
 
-    /// Runs the blocks left, then the patch merger: `(n_patches / merge², hidden)`.
+    /// Units run so far and in all.
+    pub fn progress(&self) -> (usize, usize) {
+        (self.next, self.plan.len())
+    }
+
+    /// Runs the units left: `(n_patches / merge², hidden)`.
     pub fn finish(mut self) -> Result<Tensor> {
         while !self.step()? {}
-        self.tower.merger.forward(&self.x)
+        self.out.take().ok_or_else(|| {
+            Error::Weights("the vision pass ended without the merger's output".into())
+        })
     }
+
+    fn run(&mut self, unit: &Unit) -> Result<()> {
+        let tower = self.tower;
+        match unit {
+            Unit::Embed(r) => {
+                let rows = self.pixels.narrow(0, r.start, r.len())?;
+                self.parts.push(tower.patch_embed.forward(&rows)?);
+            }
+            Unit::Qkv(b, r) => {
+                let block = &tower.blocks[*b];
+                let x = self.hidden()?.narrow(0, r.start, r.len())?;
+                let cos = self.cos.narrow(0, r.start, r.len())?;
+                let sin = self.sin.narrow(0, r.start, r.len())?;
+                let (q, k, v) = block.attn.qkv_rows(&block.norm1.forward(&x)?, &cos, &sin)?;
+                for (parts, t) in self.qkv_parts.iter_mut().zip([q, k, v]) {
+                    parts.push(t);
+                }
+            }
+            Unit::Attend(b, pieces) => {
+                let attn = &tower.blocks[*b].attn;
+                for (i, r) in pieces {
+                    let [q, k, v] = self.qkv.as_ref().ok_or_else(|| stage_error("qkv"))?;
+                    if self.frame.as_ref().map_or(true, |f| f.0 != *i) {
+                        let &(start, len) =
+                            self.segments.get(*i).ok_or_else(|| stage_error("frame"))?;
+                        // (len, heads, hd) → (heads, len, hd).
+                        let ks = k.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
+                        let vs = v.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
+                        self.frame = Some((*i, ks, vs));
+                    }
+                    let (_, ks, vs) = self.frame.as_ref().ok_or_else(|| stage_error("frame"))?;
+                    let qs = q.narrow(0, r.start, r.len())?;
+                    self.parts.push(attn.attend_rows(&qs, ks, vs)?);
+                }
+            }
+            Unit::Mlp(b, r) => {
+                let block = &tower.blocks[*b];
+                let o = self
+                    .attn
+                    .as_ref()
+                    .ok_or_else(|| stage_error("attention"))?
+                    .narrow(0, r.start, r.len())?;
+                let x = self.hidden()?.narrow(0, r.start, r.len())?;
+                let x = (x + block.attn.proj.forward(&o)?)?;
+                let y = block.mlp.forward(&block.norm2.forward(&x)?)?;
+                self.parts.push((x + y)?);
+            }
+            Unit::Merge(r) => {
+                let merge2 = tower.cfg.spatial_merge_size * tower.cfg.spatial_merge_size;
+                let x = self
+                    .hidden()?
+                    .narrow(0, r.start * merge2, r.len() * merge2)?;
+                self.parts.push(tower.merger.forward(&x)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Joins what the stage of `unit` produced.
+    fn end_stage(&mut self, unit: &Unit) -> Result<()> {
+        match unit {
+            Unit::Embed(_) => self.x = Some(cat_rows(std::mem::take(&mut self.parts))?),
+            Unit::Qkv(..) => {
+                let [q, k, v] = std::mem::take(&mut self.qkv_parts).map(cat_rows);
+                self.qkv = Some([q?, k?, v?]);
+            }
+            Unit::Attend(..) => {
+                self.attn = Some(cat_rows(std::mem::take(&mut self.parts))?);
+                self.qkv = None;
+                self.frame = None;
+            }
+            Unit::Mlp(..) => {
+                self.x = Some(cat_rows(std::mem::take(&mut self.parts))?);
+                self.attn = None;
+            }
+            Unit::Merge(_) => {
+                self.out = Some(cat_rows(std::mem::take(&mut self.parts))?);
+                self.x = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn hidden(&self) -> Result<&Tensor> {
+        self.x.as_ref().ok_or_else(|| stage_error("hidden states"))
+    }
+}
+
+/// Parts of a stage joined along the rows (one part is returned as is).
+fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
+    match parts.len() {
+        0 => Err(stage_error("rows")),
+        1 => Ok(parts.pop().expect("one part")),
+        _ => Ok(Tensor::cat(&parts, 0)?),
+    }
+}
+
+/// A pass used out of order (not reachable through the public API).
+fn stage_error(what: &str) -> Error {
+    Error::Weights(format!("vision pass: {what} missing at this stage"))
 }
 
 impl PatchEmbed {
@@ -357,4 +691,95 @@ pub fn frame_segments(grids: &[[usize; 3]]) -> Vec<(usize, usize)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Qwen2VLConfig;
+    use candle_core::DType;
+
+    fn tiny_tower() -> VisionTransformer {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/tiny-qwen2vl");
+        let cfg = Qwen2VLConfig::from_file(&dir.join("config.json")).expect("config");
+        let w = Weights::from_dir(&dir, DType::F32, &Device::Cpu).expect("weights");
+        VisionTransformer::load(&w, &cfg.vision).expect("tower")
+    }
+
+    /// Deterministic pixel rows in [-1, 1).
+    fn pixels(n: usize, dim: usize) -> Tensor {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let v: Vec<f32> = (0..n * dim)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, (n, dim), &Device::Cpu).expect("pixels")
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().and_then(|t| t.to_vec1()).expect("values")
+    }
+
+    #[test]
+    fn row_chunks_cover_the_range_without_short_tails() {
+        let all: Vec<_> = row_chunks(10..310, 100).collect();
+        assert_eq!(all, vec![10..110, 110..210, 210..310]);
+        let all: Vec<_> = row_chunks(0..260, 100).collect();
+        assert_eq!(all, vec![0..100, 100..260]);
+        assert_eq!(row_chunks(0..20, 100).collect::<Vec<_>>(), vec![0..20]);
+        assert_eq!(row_chunks(5..5, 100).count(), 0);
+        let n: usize = row_chunks(0..1000, MIN_CHUNK_ROWS).map(|r| r.len()).sum();
+        assert_eq!(n, 1000);
+        assert!(row_chunks(0..1000, MIN_CHUNK_ROWS).all(|r| r.len() >= MIN_CHUNK_ROWS));
+    }
+
+    #[test]
+    fn a_pass_cut_into_row_chunks_is_bit_identical_to_the_plain_pass() {
+        let tower = tiny_tower();
+        // A 24x24 frame (more keys than gemm's small depth block), a two-frame video of
+        // 4x4 (frames under the chunk size), a 14x14 frame: every stage of every block is
+        // cut, and small frames share units.
+        let grids = [[1, 24, 24], [2, 4, 4], [1, 14, 14]];
+        let n: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+        let pv = pixels(n, tower.config().patch_dim());
+        let plain = flat(&tower.forward_plain(&pv, &grids).expect("plain"));
+        let whole = flat(&tower.forward(&pv, &grids).expect("forward"));
+        assert_eq!(whole, plain, "default units");
+        for rows in [1, MIN_CHUNK_ROWS, 100] {
+            let mut pass = tower
+                .begin_with_rows(&pv, &grids, Some(rows))
+                .expect("begin");
+            let (_, total) = pass.progress();
+            assert_eq!(total, tower.pass_units(&grids, Some(rows)));
+            // Per block at least: 2+ qkv chunks, 5 attention pieces, 2+ MLP chunks.
+            assert!(
+                total > 2 + tower.blocks.len() * 8,
+                "{total} units for rows {rows}"
+            );
+            let mut steps = 1;
+            while !pass.step().expect("unit") {
+                steps += 1;
+            }
+            assert_eq!(steps, total);
+            let got = flat(&pass.finish().expect("finish"));
+            assert_eq!(got.len(), n / 4 * tower.config().hidden_size);
+            assert_eq!(got, plain, "rows {rows}");
+        }
+    }
+
+    #[test]
+    fn a_pass_refuses_inputs_that_do_not_match_the_grids() {
+        let tower = tiny_tower();
+        let pv = pixels(16, tower.config().patch_dim());
+        assert!(tower.begin(&pv, &[[1, 4, 8]]).is_err());
+        assert!(tower.begin(&pv, &[[1, 2, 8]]).is_ok());
+        assert!(tower
+            .begin(&pv.narrow(0, 0, 0).expect("empty"), &[])
+            .is_err());
+    }
 }

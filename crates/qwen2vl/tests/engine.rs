@@ -546,8 +546,10 @@ fn batched_decode_step_logits_match_single_steps() {
 
 #[test]
 fn a_prefill_in_units_gives_the_one_shot_logits() {
-    // The engine runs a prompt's vision tower and prefill one block or layer at a time;
-    // every cut must give bit for bit what the one-shot path gives.
+    // The engine runs a prompt's vision tower in chunks of rows of each stage of each block
+    // and its prefill one layer at a time; every cut must give bit for bit what the
+    // one-shot path gives. Chunks of the fewest rows allowed, so the small fixture images
+    // are cut as finely as the engine cuts a 16k-patch frame.
     let p = pipeline();
     let m = p.model();
     let req = image_request(&["wide.png", "tiny20.png"], "Compare them.", 4);
@@ -568,13 +570,27 @@ fn a_prefill_in_units_gives_the_one_shot_logits() {
         )
         .expect("prefill");
 
-    let mut job = m.prefill_job(&inputs).expect("job");
+    let mut job = m.prefill_job_with_rows(&inputs, Some(1)).expect("job");
     let (_, total) = job.progress();
     let cfg = m.config();
+    let pass = m
+        .vision()
+        .pass_units(&inputs.image_grid_thw, Some(1));
     assert_eq!(
         total,
-        (cfg.vision.depth + 1) + 1 + cfg.text.num_hidden_layers,
-        "one pass of patch embedding + blocks, the embedding, the layers"
+        1 + pass + 1 + cfg.text.num_hidden_layers,
+        "one pass (its start, its units), the embedding, the layers"
+    );
+    // Cut finer than one unit per stage: per block at least two chunks of qkv rows, of
+    // attention rows and of MLP rows.
+    assert!(
+        pass >= 2 + 6 * cfg.vision.depth,
+        "{pass} units for {} patches",
+        inputs.pixel_values.len() / cfg.vision.patch_dim()
+    );
+    assert!(
+        pass > m.vision().pass_units(&inputs.image_grid_thw, None),
+        "the default cut is coarser"
     );
     let mut cache2 = m.new_cache(n + 4).expect("cache");
     let mut calls = 0;

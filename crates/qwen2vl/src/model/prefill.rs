@@ -2,12 +2,19 @@
 //!
 //! On a CPU the vision tower of one large image takes seconds, and so does the prefill of a
 //! long prompt. The serving engine must not stop every running stream for that long, so it
-//! runs a new request's [`PrefillJob`] a few units at a time between decode steps: one unit
-//! is one vision-tower block of one pass (whole frames, see [`super::frame_chunks`]), or
-//! one decoder layer over the whole prompt. The cut is only in time: every unit does exactly
-//! what [`super::Qwen2VL::encode_vision`] and [`super::Qwen2VL::prefill`] do in one go, in
-//! the same order on the same shapes, so the logits are bit-identical (unlike vLLM's chunked
-//! prefill, which splits the prompt into token ranges and changes the matmul shapes).
+//! runs a new request's [`PrefillJob`] a few units at a time between decode steps, and
+//! checks for cancellation between units. A unit is the start of a vision-tower pass (whole
+//! frames, see [`super::frame_chunks`]), one unit of that pass (a chunk of rows of one
+//! stage of one block, about [`crate::vision::UNIT_FLOPS`] of work: see
+//! [`crate::vision::VisionPass`]; a 16k-patch frame's attention is cut into chunks of query
+//! rows), the embedding of the prompt, or one decoder layer over the whole prompt. Every
+//! unit does exactly what [`super::Qwen2VL::encode_vision`] and [`super::Qwen2VL::prefill`]
+//! do in one go, in the same order, and no product gets a shape that sums in another order,
+//! so the logits are bit-identical (unlike vLLM's chunked prefill, which splits the prompt
+//! into token ranges and changes the attention's shapes).
+//!
+//! Not cut yet: a decoder layer over a long prompt is one unit (on the 2B, seconds for a
+//! prompt of ten thousand tokens).
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -45,6 +52,7 @@ struct TextStage {
 pub struct PrefillJob<'m> {
     model: &'m Qwen2VL,
     todo: VecDeque<Pending>,
+    vision_rows: Option<usize>,
     pass: Option<(bool, VisionPass<'m>)>,
     images: Vec<Tensor>,
     videos: Vec<Tensor>,
@@ -68,6 +76,16 @@ impl std::fmt::Debug for PrefillJob<'_> {
 impl Qwen2VL {
     /// A [`PrefillJob`] for `inputs` (pixel values are checked against their grids here).
     pub fn prefill_job(&self, inputs: &ModelInputs) -> Result<PrefillJob<'_>> {
+        self.prefill_job_with_rows(inputs, None)
+    }
+
+    /// [`Qwen2VL::prefill_job`] with the vision passes cut into chunks of `vision_rows` rows
+    /// (see [`crate::vision::VisionTransformer::begin_with_rows`]); the logits are the same.
+    pub fn prefill_job_with_rows(
+        &self,
+        inputs: &ModelInputs,
+        vision_rows: Option<usize>,
+    ) -> Result<PrefillJob<'_>> {
         let mut todo = VecDeque::new();
         for (video, pixels, grids) in [
             (false, &inputs.pixel_values, &inputs.image_grid_thw),
@@ -80,13 +98,17 @@ impl Qwen2VL {
                 todo.push_back(Pending { video, grids, rows });
             }
         }
-        // Per vision pass: the patch embedding, each block (the merger goes with the last);
-        // then the embedding of the prompt and each decoder layer.
-        let blocks = self.config.vision.depth;
-        let total_units = todo.len() * (blocks + 1) + 1 + self.text.num_layers();
+        // Per vision pass: its start and its units; then the embedding of the prompt and
+        // each decoder layer.
+        let vision_units: usize = todo
+            .iter()
+            .map(|p| 1 + self.vision.pass_units(&p.grids, vision_rows))
+            .sum();
+        let total_units = vision_units + 1 + self.text.num_layers();
         Ok(PrefillJob {
             model: self,
             todo,
+            vision_rows,
             pass: None,
             images: Vec::new(),
             videos: Vec::new(),
@@ -134,7 +156,9 @@ impl<'m> PrefillJob<'m> {
         if let Some((video, pass)) = &mut self.pass {
             let video = *video;
             if pass.step()? {
-                let (_, pass) = self.pass.take().expect("a pass in progress");
+                let Some((_, pass)) = self.pass.take() else {
+                    return Err(Error::Weights("the vision pass disappeared".into()));
+                };
                 let out = pass.finish()?;
                 if video {
                     self.videos.push(out);
@@ -156,7 +180,11 @@ impl<'m> PrefillJob<'m> {
                 )
             })?;
             let pv = self.model.patch_tensor(rows)?;
-            self.pass = Some((p.video, self.model.vision.begin(&pv, &p.grids)?));
+            let pass = self
+                .model
+                .vision
+                .begin_with_rows(&pv, &p.grids, self.vision_rows)?;
+            self.pass = Some((p.video, pass));
             self.vision_ms += ms(t);
         } else {
             let image = cat(std::mem::take(&mut self.images))?;
