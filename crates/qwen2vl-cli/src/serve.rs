@@ -136,6 +136,7 @@ pub fn main(args: ServeArgs) -> Result<(), CliError> {
             max_queue: args.max_queue,
             kv_budget_tokens: args.kv_budget,
             prefill_slice_ms: args.prefill_slice_ms,
+            ..Default::default()
         },
     );
     #[cfg(debug_assertions)]
