@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use qwen2vl::generation::sampler::{SamplingParams, MAX_TOP_LOGPROBS};
+use qwen2vl::generation::stop::{MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
 use qwen2vl::processing::messages::{
     Content, ContentPart, ImageSource, Location, Message, Role, VideoSource,
 };
@@ -263,8 +264,14 @@ pub fn parse(
         None => vec![],
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(items)) => {
-            if items.len() > 16 {
-                return Err(ApiError::invalid("stop", "stop has more than 16 strings"));
+            if items.len() > MAX_STOP_STRINGS {
+                return Err(ApiError::invalid(
+                    "stop",
+                    format!(
+                        "stop has {} strings; allowed: at most {MAX_STOP_STRINGS}",
+                        items.len()
+                    ),
+                ));
             }
             items
                 .iter()
@@ -285,6 +292,15 @@ pub fn parse(
             ))
         }
     };
+    if let Some(s) = stop.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "a stop string is {} bytes long; allowed: at most {MAX_STOP_STRING_BYTES} bytes each",
+                s.len()
+            ),
+        ));
+    }
     let stream = boolean(&obj, "stream")?.unwrap_or(false);
     let include_usage = match get(&obj, "stream_options") {
         None => false,

@@ -94,7 +94,9 @@ pub struct GenerateRequest {
     pub stream_grounding_markup: bool,
     /// Stop strings (OpenAI `stop`): generation ends when the text contains one; the text
     /// is cut before it and the stop string itself is never returned or streamed (text
-    /// that may begin one is held back until it cannot). Empty strings are ignored.
+    /// that may begin one is held back until it cannot). Empty strings are ignored; at most
+    /// [`MAX_STOP_STRINGS`](crate::generation::stop::MAX_STOP_STRINGS) of at most
+    /// [`MAX_STOP_STRING_BYTES`](crate::generation::stop::MAX_STOP_STRING_BYTES) bytes each.
     pub stop: Vec<String>,
 }
 
@@ -379,14 +381,16 @@ impl Pipeline {
             add_vision_id: req.add_vision_id,
             base_dir: req.base_dir.clone(),
             fetch: req.fetch.clone(),
+            max_prompt_tokens: Some(self.context_len().saturating_sub(1)),
         };
         self.processor.process(&req.messages, &opts)
     }
 
     /// Checks what can be checked before any preprocessing: sampling values, a zero token
-    /// limit, empty stop strings are ignored.
+    /// limit, the number and length of stop strings (empty ones are ignored).
     pub fn validate_request(&self, req: &GenerateRequest) -> Result<()> {
         req.sampling.validate()?;
+        crate::generation::stop::check_stop_strings(&req.stop)?;
         if req.max_new_tokens == 0 {
             return Err(Error::bad_input("max_new_tokens is 0", "at least 1"));
         }

@@ -7,6 +7,40 @@
 //! OpenAI API (as vLLM implements it): the output is cut before the earliest occurrence and
 //! the stop string itself is not returned. EOS takes precedence over the length limit when
 //! both happen on the same token, and the EOS token is not part of the text.
+//!
+//! Cost: stop strings are bounded ([`MAX_STOP_STRINGS`] of at most [`MAX_STOP_STRING_BYTES`]
+//! bytes, checked by [`check_stop_strings`]), and [`StopStringFilter::push`] looks only at the
+//! text held back plus the new piece, so the work per token is linear in the new text and the
+//! stop strings' total length, never in the length of the answer.
+
+use crate::{Error, Result};
+
+/// Most stop strings in one request (the OpenAI API allows 4; vLLM any number).
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_STRING_BYTES: usize = 256;
+
+/// Refuses more than [`MAX_STOP_STRINGS`] stop strings or one longer than
+/// [`MAX_STOP_STRING_BYTES`] bytes (empty ones are allowed and ignored).
+pub fn check_stop_strings(stop: &[String]) -> Result<()> {
+    if stop.len() > MAX_STOP_STRINGS {
+        return Err(Error::bad_input(
+            format!("{} stop strings were given", stop.len()),
+            format!("at most {MAX_STOP_STRINGS} stop strings"),
+        ));
+    }
+    if let Some((i, s)) = stop
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.len() > MAX_STOP_STRING_BYTES)
+    {
+        return Err(Error::bad_input(
+            format!("stop string {} is {} bytes long", i + 1, s.len()),
+            format!("stop strings of at most {MAX_STOP_STRING_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
 
 /// Why a sequence stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,28 +126,55 @@ impl StopCriteria {
 
     /// The length in bytes of the longest suffix of `text` that is a proper prefix of a stop
     /// string: text a stream must hold back because the next token may complete a stop
-    /// string. Always on a char boundary.
+    /// string. Always on a char boundary (the suffix starts like a stop string, so with a
+    /// lead byte). Linear in the stop strings' lengths: only the last `len - 1` bytes of
+    /// `text` are read for each stop string, scanned once with its prefix function.
     pub fn partial_stop_len(&self, text: &str) -> usize {
         let mut best = 0;
         for s in self.stop_strings.iter().filter(|s| !s.is_empty()) {
-            // Candidate suffix starts, longest first, on char boundaries.
-            let mut from = text.len() - (s.len() - 1).min(text.len());
-            while !text.is_char_boundary(from) {
-                from += 1;
-            }
-            for (i, _) in text[from..].char_indices() {
-                let suffix = &text[from + i..];
-                if suffix.len() <= best {
-                    break;
-                }
-                if s.starts_with(suffix) {
-                    best = suffix.len();
-                    break;
-                }
-            }
+            best = best.max(longest_suffix_prefix(text.as_bytes(), s.as_bytes()));
         }
         best
     }
+
+    /// The longest stop string, in bytes (0 when there are none).
+    pub fn max_stop_len(&self) -> usize {
+        self.stop_strings.iter().map(String::len).max().unwrap_or(0)
+    }
+}
+
+/// The length of the longest suffix of `text` that is a proper prefix of `pat` (non-empty):
+/// Knuth-Morris-Pratt's automaton of `pat` run over the last `pat.len() - 1` bytes of `text`.
+/// O(`pat.len()`) time and memory.
+fn longest_suffix_prefix(text: &[u8], pat: &[u8]) -> usize {
+    let m = pat.len();
+    if m < 2 {
+        return 0;
+    }
+    // fail[i]: the longest proper border of pat[..=i].
+    let mut fail = vec![0usize; m];
+    let mut k = 0;
+    for i in 1..m {
+        while k > 0 && pat[i] != pat[k] {
+            k = fail[k - 1];
+        }
+        if pat[i] == pat[k] {
+            k += 1;
+        }
+        fail[i] = k;
+    }
+    let window = &text[text.len() - (m - 1).min(text.len())..];
+    let mut q = 0;
+    for &b in window {
+        while q > 0 && (q == m || pat[q] != b) {
+            q = fail[q - 1];
+        }
+        if pat[q] == b {
+            q += 1;
+        }
+    }
+    // The window is shorter than `pat`, so `q` < m: a proper prefix.
+    q
 }
 
 /// Applies stop strings to a stream of decoded text pieces: returns the text that is safe
@@ -147,6 +208,9 @@ impl StopStringFilter {
         if self.stopped {
             return (String::new(), None);
         }
+        // `pending` holds less than the longest stop string (see below), so this search
+        // reads at most `max_stop_len - 1 + piece.len()` bytes: the only place where a stop
+        // string completed by this piece can be.
         self.pending.push_str(piece);
         if let Some((at, s)) = self.criteria.find_stop_string(&self.pending) {
             let s = s.to_string();
@@ -209,6 +273,138 @@ mod tests {
         };
         assert_eq!(c.partial_stop_len("说你好"), "你好".len());
         assert_eq!(c.partial_stop_len("好"), 0);
+    }
+
+    /// The former quadratic `partial_stop_len`: every char-boundary suffix start tried against
+    /// every stop string. The oracle of the linear one.
+    fn partial_naive(c: &StopCriteria, text: &str) -> usize {
+        let mut best = 0;
+        for s in c.stop_strings.iter().filter(|s| !s.is_empty()) {
+            let mut from = text.len() - (s.len() - 1).min(text.len());
+            while !text.is_char_boundary(from) {
+                from += 1;
+            }
+            for (i, _) in text[from..].char_indices() {
+                let suffix = &text[from + i..];
+                if s.starts_with(suffix) {
+                    best = best.max(suffix.len());
+                    break;
+                }
+            }
+        }
+        best
+    }
+
+    /// Streams `pieces` through the filter; the released text and where it stopped.
+    fn stream(c: &StopCriteria, pieces: &[&str]) -> (String, Option<FinishReason>, String) {
+        let mut f = StopStringFilter::new(c.clone());
+        let mut out = String::new();
+        let mut reason = None;
+        for p in pieces {
+            let (s, r) = f.push(p);
+            out.push_str(&s);
+            reason = reason.or(r);
+        }
+        let tail = f.finish();
+        (out, reason, tail)
+    }
+
+    #[test]
+    fn linear_matching_agrees_with_the_naive_one_on_multibyte_text() {
+        let stops: Vec<Vec<String>> = vec![
+            vec!["你好吗".into(), "好吗?".into()],
+            vec!["ééé".into(), "é".into(), "aéa".into()],
+            vec!["abab".into(), "aab".into()],
+            vec!["🙂🙂x".into(), "x🙂".into()],
+            vec!["</answer>".into(), "\n\nUser:".into()],
+        ];
+        let alphabet = [
+            "a", "b", "x", "é", "你", "好", "吗", "?", "🙂", "<", "/", "\n", " ",
+        ];
+        // A deterministic pseudo-random walk over texts built from the stop strings' pieces.
+        let mut seed = 0x2545_f491_u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for stop in &stops {
+            let c = StopCriteria {
+                stop_strings: stop.clone(),
+                ..Default::default()
+            };
+            for _ in 0..400 {
+                let len = next(12);
+                let text: String = (0..len).map(|_| alphabet[next(alphabet.len())]).collect();
+                assert_eq!(
+                    c.partial_stop_len(&text),
+                    partial_naive(&c, &text),
+                    "{stop:?} {text:?}"
+                );
+                // Streamed in pieces, the released text is what the whole-text rule gives:
+                // cut before the earliest stop string, or everything when there is none.
+                let chars: Vec<&str> = text
+                    .char_indices()
+                    .map(|(i, ch)| &text[i..i + ch.len_utf8()])
+                    .collect();
+                let (out, reason, tail) = stream(&c, &chars);
+                match c.find_stop_string(&text) {
+                    Some((at, s)) => {
+                        assert_eq!(out, &text[..at], "{stop:?} {text:?}");
+                        assert_eq!(
+                            reason,
+                            Some(FinishReason::Stop(StopReason::StopString(s.to_string())))
+                        );
+                        assert_eq!(tail, "");
+                    }
+                    None => {
+                        assert_eq!(format!("{out}{tail}"), text, "{stop:?} {text:?}");
+                        assert_eq!(reason, None);
+                    }
+                }
+            }
+        }
+        // Hand-checked cases: the held-back tail and the cut position.
+        let c = StopCriteria {
+            stop_strings: vec!["你好吗".into(), "ééx".into()],
+            ..Default::default()
+        };
+        assert_eq!(c.partial_stop_len("说你好"), "你好".len());
+        assert_eq!(c.partial_stop_len("aéé"), "éé".len());
+        assert_eq!(c.partial_stop_len("éxé"), "é".len());
+        assert_eq!(
+            stream(&c, &["说", "你", "好", "吗", "!"]),
+            (
+                "说".to_string(),
+                Some(FinishReason::Stop(StopReason::StopString("你好吗".into()))),
+                String::new()
+            )
+        );
+        assert_eq!(
+            stream(&c, &["éé", "é", "éx", "y"]),
+            (
+                "éé".to_string(),
+                Some(FinishReason::Stop(StopReason::StopString("ééx".into()))),
+                String::new()
+            )
+        );
+    }
+
+    #[test]
+    fn stop_strings_are_bounded() {
+        assert!(check_stop_strings(&["a".repeat(MAX_STOP_STRING_BYTES)]).is_ok());
+        assert!(check_stop_strings(&vec!["".into(); MAX_STOP_STRINGS]).is_ok());
+        let long = check_stop_strings(&["x".into(), "é".repeat(129)]).unwrap_err();
+        assert_eq!(
+            long.to_string(),
+            Error::bad_input(
+                "stop string 2 is 258 bytes long",
+                "stop strings of at most 256 bytes"
+            )
+            .to_string()
+        );
+        assert!(check_stop_strings(&vec!["s".into(); MAX_STOP_STRINGS + 1]).is_err());
     }
 
     #[test]
