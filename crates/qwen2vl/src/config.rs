@@ -255,6 +255,14 @@ impl Qwen2VLConfig {
             }
             text = serde_json::from_value(merged)?;
         }
+        if text.max_position_embeddings < 2 {
+            // A context must hold a prompt token and an answer token; 0 would make every
+            // "at most context - 1 tokens" message wrap around.
+            return Err(serde::de::Error::custom(format!(
+                "max_position_embeddings is {}; a context of at least 2 tokens is needed",
+                text.max_position_embeddings
+            )));
+        }
         Ok(Qwen2VLConfig {
             text,
             vision: raw.vision_config.unwrap_or_default(),
@@ -612,6 +620,11 @@ mod tests {
         let e = Qwen2VLConfig::from_file(&p).unwrap_err();
         assert!(matches!(e, Error::Config { .. }), "{e}");
         assert!(e.to_string().contains("config.json"), "{e}");
+        let e = Qwen2VLConfig::from_json_str(r#"{"max_position_embeddings": 0}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("max_position_embeddings is 0"),
+            "{e}"
+        );
         let e = Qwen2VLConfig::from_file(&dir.join("missing.json")).unwrap_err();
         assert!(e.to_string().contains("missing.json"), "{e}");
     }

@@ -49,6 +49,10 @@ pub struct FetchOptions {
     /// untrusted data (downloads, demuxing, decoding, resizing) so that a slow or hostile
     /// input cannot hold a preprocessing thread past its deadline.
     pub interrupt: Interrupt,
+    /// The most vision tokens the item being read may become, checked from header sizes and
+    /// the item's settings before any pixel is decoded. The processor sets it per item from
+    /// what the model's context leaves; `None`: unchecked here.
+    pub token_budget: Option<usize>,
 }
 
 /// A deadline and a cancel flag for a preprocessing job (see [`FetchOptions::interrupt`]).
@@ -142,6 +146,7 @@ impl Default for FetchOptions {
             max_video_bytes: MAX_VIDEO_BYTES,
             refuse_private_hosts: false,
             interrupt: Interrupt::default(),
+            token_budget: None,
         }
     }
 }
@@ -481,6 +486,8 @@ pub fn http_download(
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
+        opts.interrupt
+            .check(&format!("downloading {kind} URL {name}"))?;
         let n = match reader.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
@@ -532,12 +539,19 @@ fn get_public_only(
     kind: &str,
     fail: &dyn Fn(ureq::Error) -> Error,
 ) -> Result<ureq::http::Response<ureq::Body>> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+    let config = ureq::Agent::config_builder()
         .timeout_global(Some(opts.timeout))
         .http_status_as_error(false)
         .max_redirects(0)
-        .build()
-        .into();
+        .build();
+    // The connection goes only to addresses this resolver returned, and it returns only
+    // public ones: a DNS answer that changes between the check below and the connection
+    // (DNS rebinding) cannot reach a private address.
+    let agent = ureq::Agent::with_parts(
+        config,
+        ureq::unversioned::transport::DefaultConnector::default(),
+        PublicOnlyResolver::default(),
+    );
     let mut current: ureq::http::Uri = url.parse().map_err(|_| {
         Error::bad_input(
             format!("{kind} URL {} is not a valid URL", shorten(url)),
@@ -571,6 +585,34 @@ fn get_public_only(
         format!("{kind} URL {} redirected too many times", shorten(url)),
         format!("at most {MAX_CHECKED_REDIRECTS} redirects"),
     ))
+}
+
+/// ureq's resolver, keeping a lookup only when every address it returns is public
+/// ([`is_public_ip`]); otherwise the request fails before any connection is made.
+#[derive(Debug, Default)]
+struct PublicOnlyResolver {
+    inner: ureq::unversioned::resolver::DefaultResolver,
+}
+
+impl ureq::unversioned::resolver::Resolver for PublicOnlyResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> std::result::Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        if let Some(bad) = addrs.iter().find(|a| !is_public_ip(a.ip())) {
+            return Err(ureq::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "the host resolves to the non-public address {} (refused)",
+                    bad.ip()
+                ),
+            )));
+        }
+        Ok(addrs)
+    }
 }
 
 /// A `Location` header resolved against the URL that sent it (absolute, or an absolute path).
@@ -665,8 +707,27 @@ pub fn is_public_ip(ip: std::net::IpAddr) -> bool {
                 return is_public_ip(IpAddr::V4(v4));
             }
             let s = v6.segments();
+            // 6to4 (2002::/16) carries an IPv4 address in bits 16..48: judged as that one.
+            if s[0] == 0x2002 {
+                let v4 = std::net::Ipv4Addr::new(
+                    (s[1] >> 8) as u8,
+                    s[1] as u8,
+                    (s[2] >> 8) as u8,
+                    s[2] as u8,
+                );
+                if !is_public_ip(IpAddr::V4(v4)) {
+                    return false;
+                }
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
+                // ::/96 (IPv4-compatible, e.g. [::127.0.0.1]) and ::ffff:0:0/96 forms that
+                // are not IPv4-mapped (SIIT ::ffff:0:a.b.c.d): deprecated or translator-only.
+                || s[..6].iter().all(|&x| x == 0)
+                || (s[..4].iter().all(|&x| x == 0) && s[4] == 0xffff && s[5] == 0)
+                // 100::/64 discard-only; 2001::/32 Teredo (tunnels to any IPv4 address).
+                || (s[0] == 0x0100 && s[1..4].iter().all(|&x| x == 0))
+                || (s[0] == 0x2001 && s[1] == 0)
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00
                 || (s[0] & 0xffc0) == 0xfe80
@@ -691,7 +752,7 @@ mod tests {
     #[test]
     fn public_ips() {
         let public = |s: &str| is_public_ip(s.parse().unwrap());
-        for ok in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
+        for ok in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "2002:808:808::1"] {
             assert!(public(ok), "{ok}");
         }
         for bad in [
@@ -710,9 +771,49 @@ mod tests {
             "fd00::1",
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
+            // IPv4-compatible, SIIT, 6to4 of a private address, Teredo, discard-only.
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::ffff:0:127.0.0.1",
+            "2002:7f00:1::1",
+            "2002:c0a8:101::1",
+            "2001:0:4136:e378::1",
+            "100::1",
         ] {
             assert!(!public(bad), "{bad}");
         }
+    }
+
+    /// The resolver the connection uses refuses non-public answers itself, so a name that
+    /// resolves to a public address for the check and a private one for the connection (DNS
+    /// rebinding) is still refused: what it returns is what is connected to.
+    #[test]
+    fn connection_resolver_refuses_private_answers() {
+        use ureq::unversioned::resolver::Resolver;
+        use ureq::unversioned::transport::NextTimeout;
+        let never = || NextTimeout {
+            after: ureq::unversioned::transport::time::Duration::NotHappening,
+            reason: ureq::Timeout::Global,
+            per_read: None,
+            per_write: None,
+        };
+        let r = PublicOnlyResolver::default();
+        let config = ureq::config::Config::default();
+        for url in [
+            "http://127.0.0.1:9/",
+            "http://localhost:9/",
+            "http://[::127.0.0.1]:9/",
+            "http://10.0.0.1/",
+        ] {
+            let uri: ureq::http::Uri = url.parse().unwrap();
+            let timeout = never();
+            let e = r.resolve(&uri, &config, timeout).unwrap_err();
+            assert!(e.to_string().contains("non-public address"), "{url}: {e}");
+        }
+        let uri: ureq::http::Uri = "http://8.8.8.8/".parse().unwrap();
+        let timeout = never();
+        let ok = r.resolve(&uri, &config, timeout).unwrap();
+        assert_eq!(ok.len(), 1);
     }
 
     #[test]
@@ -726,6 +827,8 @@ mod tests {
             "http://127.0.0.1:9/a.png",
             "http://localhost:9/a.png",
             "http://[::1]:9/x",
+            "http://[::127.0.0.1]:9/x",
+            "http://[::ffff:127.0.0.1]:9/x",
         ] {
             let (what, allowed) = bad(http_get(url, &opts));
             assert!(what.contains("non-public address"), "{url}: {what}");

@@ -223,22 +223,31 @@ fn too_large(w: u32, h: u32) -> Error {
     )
 }
 
-/// Decodes a png, jpeg, webp, gif (first frame), bmp or tiff file into 8-bit RGB the way
-/// `PIL.Image.open(f).convert("RGB")` does. The size is read from the header first: images
-/// over [`MAX_DECODE_SIDE`] per side or [`MAX_DECODE_PIXELS`] in all are refused before any
-/// pixel is decoded, and decoders may not allocate more than [`MAX_DECODE_ALLOC`].
-///
-/// Conversion to RGB, as Pillow: alpha is dropped (not composited); gray is replicated;
-/// palettes are looked up; 16-bit RGB(A) and gray+alpha keep the high byte (Pillow's
-/// `RGB;16B`/`RGBA;16B`/`LA;16B` unpackers); 16-bit gray without alpha (Pillow mode `I;16`)
-/// is *clipped* to 255 (Pillow's `I16_RGB`: values above 255 become 255). EXIF orientation
-/// is not applied (neither Pillow's `open` nor qwen-vl-utils applies it).
-///
-/// JPEG goes through the system libjpeg-turbo with the `libjpeg` feature (default), bit-exact
-/// with Pillow (also CMYK and progressive; a truncated file is an error, as in Pillow); without
-/// it, through the image crate, up to 3/255 off on colour JPEGs. Every other format is decoded
-/// by the image crate, bit-exact with Pillow on the formats and modes listed above.
-pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
+/// The error for an image crate failure while reading a `format` file.
+fn decode_error(format: ImageFormat, e: image::ImageError) -> Error {
+    match e {
+        image::ImageError::Limits(_) => Error::bad_input(
+            format!(
+                "decoding the image needs more than {} MiB",
+                MAX_DECODE_ALLOC >> 20
+            ),
+            format!("images that decode within {} MiB", MAX_DECODE_ALLOC >> 20),
+        ),
+        image::ImageError::Unsupported(u) => Error::bad_input(
+            format!("{format:?} image uses a feature that is not supported: {u}"),
+            format!("a plain image file in one of: {SUPPORTED}"),
+        ),
+        other => Error::bad_input(
+            format!("{format:?} image is corrupt or truncated: {other}"),
+            format!("a complete image file in one of: {SUPPORTED}"),
+        ),
+    }
+}
+
+/// The format and `(width, height)` of an encoded image, from its header alone (nothing is
+/// allocated for pixels); sizes outside [`MAX_DECODE_SIDE`] / [`MAX_DECODE_PIXELS`], zero
+/// sizes and unsupported formats are refused.
+fn probe(bytes: &[u8]) -> Result<(ImageFormat, u32, u32)> {
     if bytes.is_empty() {
         return Err(Error::bad_input(
             "image bytes are empty",
@@ -257,29 +266,11 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     ) {
         return Err(unsupported());
     }
-    let corrupt = |e: image::ImageError| -> Error {
-        match e {
-            image::ImageError::Limits(_) => Error::bad_input(
-                format!(
-                    "decoding the image needs more than {} MiB",
-                    MAX_DECODE_ALLOC >> 20
-                ),
-                format!("images that decode within {} MiB", MAX_DECODE_ALLOC >> 20),
-            ),
-            image::ImageError::Unsupported(u) => Error::bad_input(
-                format!("{format:?} image uses a feature that is not supported: {u}"),
-                format!("a plain image file in one of: {SUPPORTED}"),
-            ),
-            other => Error::bad_input(
-                format!("{format:?} image is corrupt or truncated: {other}"),
-                format!("a complete image file in one of: {SUPPORTED}"),
-            ),
-        }
-    };
-    // Header only: the size, before anything is allocated for pixels.
-    let mut probe = ImageReader::with_format(Cursor::new(bytes), format);
-    probe.no_limits();
-    let (w, h) = probe.into_dimensions().map_err(corrupt)?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    reader.no_limits();
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| decode_error(format, e))?;
     if w > MAX_DECODE_SIDE || h > MAX_DECODE_SIDE || w as u64 * h as u64 > MAX_DECODE_PIXELS {
         return Err(too_large(w, h));
     }
@@ -289,6 +280,33 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
             "a width and height of at least 1 pixel",
         ));
     }
+    Ok((format, w, h))
+}
+
+/// The `(width, height)` an encoded image declares in its header, checked as
+/// [`decode_image`] checks it, without decoding any pixel: what a token budget is computed
+/// from before the expensive work.
+pub fn image_dimensions(bytes: &[u8]) -> Result<(u32, u32)> {
+    probe(bytes).map(|(_, w, h)| (w, h))
+}
+
+/// Decodes a png, jpeg, webp, gif (first frame), bmp or tiff file into 8-bit RGB the way
+/// `PIL.Image.open(f).convert("RGB")` does. The size is read from the header first: images
+/// over [`MAX_DECODE_SIDE`] per side or [`MAX_DECODE_PIXELS`] in all are refused before any
+/// pixel is decoded, and decoders may not allocate more than [`MAX_DECODE_ALLOC`].
+///
+/// Conversion to RGB, as Pillow: alpha is dropped (not composited); gray is replicated;
+/// palettes are looked up; 16-bit RGB(A) and gray+alpha keep the high byte (Pillow's
+/// `RGB;16B`/`RGBA;16B`/`LA;16B` unpackers); 16-bit gray without alpha (Pillow mode `I;16`)
+/// is *clipped* to 255 (Pillow's `I16_RGB`: values above 255 become 255). EXIF orientation
+/// is not applied (neither Pillow's `open` nor qwen-vl-utils applies it).
+///
+/// JPEG goes through the system libjpeg-turbo with the `libjpeg` feature (default), bit-exact
+/// with Pillow (also CMYK and progressive; a truncated file is an error, as in Pillow); without
+/// it, through the image crate, up to 3/255 off on colour JPEGs. Every other format is decoded
+/// by the image crate, bit-exact with Pillow on the formats and modes listed above.
+pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
+    let (format, _, _) = probe(bytes)?;
     #[cfg(feature = "libjpeg")]
     if format == ImageFormat::Jpeg {
         return libjpeg::decode(bytes);
@@ -299,7 +317,7 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     limits.max_alloc = Some(MAX_DECODE_ALLOC);
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(limits);
-    let img = reader.decode().map_err(corrupt)?;
+    let img = reader.decode().map_err(|e| decode_error(format, e))?;
     Ok(to_rgb_like_pillow(img))
 }
 
@@ -567,6 +585,48 @@ pub fn preprocess_image_with_size(
     )?;
     let fetched = resize_to(img, rh, rw)?;
     process_fetched(&fetched, cfg)
+}
+
+/// The final `(height, width)` an image of `height x width` pixels is given: `fetch_image`'s
+/// size (both `resized` sides together, else the item's `min_pixels` / `max_pixels`), then the
+/// processor's `smart_resize`. The same rules as [`preprocess_image`] and
+/// [`preprocess_image_with_size`], computed from header facts before any pixel is decoded.
+pub fn planned_image_size(
+    height: usize,
+    width: usize,
+    cfg: &PreprocessorConfig,
+    min_pixels: Option<u64>,
+    max_pixels: Option<u64>,
+    resized: Option<(usize, usize)>,
+) -> Result<(usize, usize)> {
+    let (rh, rw) = match resized {
+        Some((rh, rw)) => smart_resize(rh, rw, cfg.factor(), MIN_PIXELS, MAX_PIXELS)?,
+        None => smart_resize(
+            height,
+            width,
+            cfg.factor(),
+            min_pixels.unwrap_or(MIN_PIXELS),
+            max_pixels.unwrap_or(MAX_PIXELS),
+        )?,
+    };
+    if cfg.do_resize {
+        smart_resize_transformers(rh, rw, cfg.factor(), cfg.min_pixels, cfg.max_pixels)
+    } else {
+        Ok((rh, rw))
+    }
+}
+
+/// Merged vision tokens of `grid_t` temporal patches of `height x width` pixels:
+/// `grid_t * (h / patch) * (w / patch) / merge^2`.
+pub fn vision_tokens(
+    cfg: &PreprocessorConfig,
+    grid_t: usize,
+    height: usize,
+    width: usize,
+) -> usize {
+    let p = cfg.patch_size.max(1);
+    let m = cfg.merge_size.max(1);
+    grid_t * (height / p) * (width / p) / (m * m)
 }
 
 /// `Qwen2VLImageProcessor._preprocess` on one image `fetch_image` returned.

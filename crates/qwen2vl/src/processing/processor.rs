@@ -7,8 +7,11 @@ use crate::config::{PreprocessorConfig, Qwen2VLConfig};
 use crate::error::{Error, Result};
 use crate::inputs::{ImageInfo, ModelInputs, VideoInfo};
 use crate::processing::fetch::{fetch, FetchOptions};
-use crate::processing::image::{decode_image, preprocess_image, preprocess_image_with_size};
-use crate::processing::messages::{ImagePart, Message};
+use crate::processing::image::{
+    decode_image, image_dimensions, planned_image_size, preprocess_image,
+    preprocess_image_with_size, vision_tokens, PreprocessedImage,
+};
+use crate::processing::messages::{ImagePart, Message, PartRef};
 use crate::processing::template::ChatTemplate;
 use crate::processing::tokenizer::Qwen2Tokenizer;
 use crate::processing::video::preprocess_video;
@@ -26,7 +29,18 @@ pub struct ProcessOptions {
     /// How image sources are read: size cap, and whether http(s) URLs are fetched (off by
     /// default) and with what timeout.
     pub fetch: FetchOptions,
+    /// The most tokens the prompt may have (the model's context less one). When set, limits
+    /// are checked from cheap facts before expensive work: the text's length in bytes before
+    /// tokenizing (at most [`TEXT_BYTES_PER_TOKEN`] per token), then each image's and video's
+    /// token count from its header and settings before any pixel is decoded.
+    pub max_prompt_tokens: Option<usize>,
 }
+
+/// Bytes of message text allowed per token of [`ProcessOptions::max_prompt_tokens`] before
+/// anything is tokenized. Qwen2's tokenizer averages about 4 bytes a token on English and
+/// fewer on code or CJK; 8 leaves room for unusual text while a 60 MB message is refused in
+/// microseconds instead of tokenized for half a minute.
+pub const TEXT_BYTES_PER_TOKEN: usize = 8;
 
 impl Default for ProcessOptions {
     fn default() -> Self {
@@ -35,6 +49,7 @@ impl Default for ProcessOptions {
             add_vision_id: false,
             base_dir: None,
             fetch: FetchOptions::default(),
+            max_prompt_tokens: None,
         }
     }
 }
@@ -101,6 +116,30 @@ impl Processor {
                 "at least one message",
             ));
         }
+        if let Some(max) = opts.max_prompt_tokens {
+            check_text_bytes(messages, max)?;
+        }
+        // The template and the tokenizer first: the text's tokens tell what the context leaves
+        // for the images and videos, checked before any of them is decoded.
+        let rendered =
+            self.template
+                .render(messages, opts.add_generation_prompt, opts.add_vision_id)?;
+        let ids = self.tokenizer.encode_prompt(&rendered)?;
+        let pads = ids
+            .iter()
+            .filter(|&&id| id == self.tokens.image_pad || id == self.tokens.video_pad)
+            .count();
+        let text_tokens = ids.len() - pads;
+        let mut budget = match opts.max_prompt_tokens {
+            Some(max) if text_tokens > max => {
+                return Err(Error::bad_input(
+                    format!("the prompt's text is {text_tokens} tokens long"),
+                    format!("at most {max} tokens (the model's context less one)"),
+                ))
+            }
+            Some(max) => Some(max - text_tokens),
+            None => None,
+        };
         let mut pixel_values = Vec::new();
         let mut images = Vec::new();
         let mut pixel_values_videos = Vec::new();
@@ -108,53 +147,43 @@ impl Processor {
         for (mi, m) in messages.iter().enumerate() {
             for part in m.images() {
                 let n = images.len() + 1;
-                let img = self.load(part, opts, n, mi + 1)?;
-                let (h, w) = (img.height() as usize, img.width() as usize);
-                let pre = match (part.resized_height, part.resized_width) {
-                    // qwen-vl-utils 0.0.8 `fetch_image`: only both keys together set the size
-                    // (and the item's min/max_pixels are then ignored); one alone is ignored.
-                    (Some(rh), Some(rw)) => {
-                        preprocess_image_with_size(&img, &self.preprocessor, rh, rw)
-                    }
-                    _ => {
-                        preprocess_image(&img, &self.preprocessor, part.min_pixels, part.max_pixels)
-                    }
-                }
-                .map_err(|e| name_item(e, n, mi + 1))?;
-                pixel_values.extend_from_slice(&pre.pixel_values);
+                let (img, pre) = self
+                    .image(part, opts, budget)
+                    .map_err(|e| name_item(e, n, mi + 1))?;
                 let [t, gh, gw] = pre.grid_thw;
+                let tokens = t * gh * gw / (self.merge * self.merge);
+                budget = budget.map(|b| b.saturating_sub(tokens));
+                pixel_values.extend_from_slice(&pre.pixel_values);
                 images.push(ImageInfo {
-                    original_hw: (h, w),
+                    original_hw: img,
                     resized_hw: pre.resized_hw,
                     grid_thw: pre.grid_thw,
-                    tokens: t * gh * gw / (self.merge * self.merge),
+                    tokens,
                 });
             }
             for part in m.videos() {
                 let n = videos.len() + 1;
-                let pre = preprocess_video(
-                    part,
-                    &self.preprocessor,
-                    &opts.fetch,
-                    opts.base_dir.as_deref(),
-                )
-                .map_err(|e| name_media(e, "video", n, mi + 1))?;
-                pixel_values_videos.extend_from_slice(&pre.pixel_values);
+                let fetch = FetchOptions {
+                    token_budget: budget,
+                    ..opts.fetch.clone()
+                };
+                let pre =
+                    preprocess_video(part, &self.preprocessor, &fetch, opts.base_dir.as_deref())
+                        .map_err(|e| name_media(e, "video", n, mi + 1))?;
                 let [t, gh, gw] = pre.grid_thw;
+                let tokens = t * gh * gw / (self.merge * self.merge);
+                budget = budget.map(|b| b.saturating_sub(tokens));
+                pixel_values_videos.extend_from_slice(&pre.pixel_values);
                 videos.push(VideoInfo {
                     frames: pre.frame_indices.len(),
                     frame_indices: pre.frame_indices,
                     fps: pre.fps,
                     resized_hw: pre.resized_hw,
                     grid_thw: pre.grid_thw,
-                    tokens: t * gh * gw / (self.merge * self.merge),
+                    tokens,
                 });
             }
         }
-        let rendered =
-            self.template
-                .render(messages, opts.add_generation_prompt, opts.add_vision_id)?;
-        let ids = self.tokenizer.encode_prompt(&rendered)?;
         // Each `<|image_pad|>` / `<|video_pad|>` the template wrote becomes one pad per merged
         // vision token of its item.
         let image_tokens: Vec<usize> = images.iter().map(|i| i.tokens).collect();
@@ -215,29 +244,82 @@ impl Processor {
         })
     }
 
-    /// Reads and decodes one image (any [`ImageSource`](crate::processing::messages::ImageSource)
-    /// form, see [`fetch`]); errors name the item (`image n (message m): ...`) and the
-    /// path or URL.
-    fn load(
+    /// Reads, checks and preprocesses one image (any
+    /// [`ImageSource`](crate::processing::messages::ImageSource) form, see [`fetch`]): its
+    /// token count is computed from the header and the item's settings and checked against
+    /// `budget` before any pixel is decoded. Returns the original `(height, width)` and the
+    /// preprocessed image; errors name the path or URL.
+    fn image(
         &self,
         part: &ImagePart,
         opts: &ProcessOptions,
-        n: usize,
-        message: usize,
-    ) -> Result<image::RgbImage> {
-        let fetched = fetch(&part.source, &opts.fetch, opts.base_dir.as_deref())
-            .map_err(|e| name_item(e, n, message))?;
-        decode_image(&fetched.bytes).map_err(|e| {
-            let e = match e {
-                Error::BadInput { what, allowed } => Error::BadInput {
-                    what: format!("{}: {what}", fetched.origin),
-                    allowed,
-                },
-                other => other,
-            };
-            name_item(e, n, message)
-        })
+        budget: Option<usize>,
+    ) -> Result<((usize, usize), PreprocessedImage)> {
+        opts.fetch.interrupt.check("reading the images")?;
+        let fetched = fetch(&part.source, &opts.fetch, opts.base_dir.as_deref())?;
+        let origin = |e: Error| match e {
+            Error::BadInput { what, allowed } => Error::BadInput {
+                what: format!("{}: {what}", fetched.origin),
+                allowed,
+            },
+            other => other,
+        };
+        // qwen-vl-utils 0.0.8 `fetch_image`: only both keys together set the size (and the
+        // item's min/max_pixels are then ignored); one alone is ignored.
+        let resized = part.resized_height.zip(part.resized_width);
+        if let Some(budget) = budget {
+            let (w, h) = image_dimensions(&fetched.bytes).map_err(origin)?;
+            let (fh, fw) = planned_image_size(
+                h as usize,
+                w as usize,
+                &self.preprocessor,
+                part.min_pixels,
+                part.max_pixels,
+                resized,
+            )?;
+            let tokens = vision_tokens(&self.preprocessor, 1, fh, fw);
+            if tokens > budget {
+                return Err(Error::bad_input(
+                    format!("{w}x{h} image would become {tokens} vision tokens ({fw}x{fh} pixels)"),
+                    format!(
+                        "at most {budget} vision tokens for it (what the model's context leaves \
+                         for the prompt): lower min_pixels, max_pixels or resized_height/width"
+                    ),
+                ));
+            }
+        }
+        let img = decode_image(&fetched.bytes).map_err(origin)?;
+        opts.fetch.interrupt.check("decoding the images")?;
+        let pre = match resized {
+            Some((rh, rw)) => preprocess_image_with_size(&img, &self.preprocessor, rh, rw),
+            None => preprocess_image(&img, &self.preprocessor, part.min_pixels, part.max_pixels),
+        }?;
+        Ok(((img.height() as usize, img.width() as usize), pre))
     }
+}
+
+/// Refuses message text longer than [`TEXT_BYTES_PER_TOKEN`] bytes per token of
+/// `max_tokens`, before anything is tokenized.
+fn check_text_bytes(messages: &[Message], max_tokens: usize) -> Result<()> {
+    let bytes: usize = messages
+        .iter()
+        .flat_map(|m| m.iter_parts())
+        .map(|p| match p {
+            PartRef::Text(t) => t.len(),
+            _ => 0,
+        })
+        .sum();
+    let max_bytes = max_tokens.saturating_mul(TEXT_BYTES_PER_TOKEN);
+    if bytes > max_bytes {
+        return Err(Error::bad_input(
+            format!("the messages hold {bytes} bytes of text"),
+            format!(
+                "at most {max_bytes} bytes ({TEXT_BYTES_PER_TOKEN} per token of the \
+                 {max_tokens}-token prompt the model's context allows)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Prefixes a bad-input error with the image it concerns.

@@ -33,10 +33,10 @@ use image::RgbImage;
 
 use crate::config::PreprocessorConfig;
 use crate::ops::resize::resize_bicubic;
-use crate::processing::fetch::FetchOptions;
+use crate::processing::fetch::{FetchOptions, Interrupt};
 use crate::processing::image::{
-    decode_image, patchify, rescale_normalize, smart_resize, smart_resize_transformers, MAX_PIXELS,
-    MAX_RATIO, MIN_PIXELS,
+    decode_image, image_dimensions, patchify, rescale_normalize, smart_resize,
+    smart_resize_transformers, vision_tokens, MAX_PIXELS, MAX_RATIO, MIN_PIXELS,
 };
 use crate::processing::messages::{ImageSource, Location, VideoPart, VideoSource};
 use crate::{Error, Result};
@@ -267,91 +267,192 @@ fn resolve(s: &str, base_dir: Option<&Path>, what: &str) -> Result<PathBuf> {
     }
 }
 
-/// A video file on disk: the user's own, or a temporary copy of a `data:` URI or an http(s)
-/// download (removed when this is dropped). FFmpeg's demuxers want a seekable file (mp4 keeps
-/// its index at the end), so remote and inline videos are spooled to disk instead of held in
-/// memory.
-struct VideoFile {
-    path: PathBuf,
-    /// How errors name the video (the path, the URL or "data: URI (N bytes)").
-    origin: Option<String>,
-    temporary: bool,
+/// A video's bytes, opened once and read again for each pass of the decoder.
+///
+/// FFmpeg never opens anything itself: it reads these bytes through an in-memory AVIO reader
+/// (see `decode::open`), so a playlist or concat script cannot make it open other files or
+/// URLs, and a `data:` URI needs no temporary file at all.
+pub(crate) enum VideoBytes {
+    /// A local file we opened (the user's), or the spool of a download: a file created with
+    /// an unguessable name, exclusively, readable only by us, and unlinked at once (Unix), so
+    /// nothing is left behind on any path out, a crash included.
+    File(std::fs::File),
+    /// A decoded `data:` URI.
+    Memory(std::sync::Arc<[u8]>),
 }
 
-impl Drop for VideoFile {
-    fn drop(&mut self) {
-        if self.temporary {
-            let _ = std::fs::remove_file(&self.path);
+/// A video source ready for the decoder, with how errors name it (the path, the URL or
+/// "video data: URI (N bytes)").
+pub(crate) struct VideoInput {
+    pub(crate) bytes: VideoBytes,
+    pub(crate) name: String,
+}
+
+/// Reads [`VideoBytes`] from the start; each read checks the job's [`Interrupt`] first, so a
+/// demuxer stuck in a loop of reads stops at the deadline or on cancellation.
+#[cfg_attr(not(feature = "video"), allow(dead_code))]
+pub(crate) struct GuardedReader {
+    inner: ReaderKind,
+    interrupt: Interrupt,
+}
+
+#[cfg_attr(not(feature = "video"), allow(dead_code))]
+enum ReaderKind {
+    File(std::fs::File),
+    Memory(std::io::Cursor<std::sync::Arc<[u8]>>),
+}
+
+impl std::io::Read for GuardedReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.interrupt.is_set() {
+            // Not `Interrupted`: std's helpers retry that kind.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "video reading interrupted",
+            ));
+        }
+        match &mut self.inner {
+            ReaderKind::File(f) => f.read(buf),
+            ReaderKind::Memory(c) => c.read(buf),
         }
     }
 }
 
-impl VideoFile {
-    /// A new, empty temporary file for a video; `ext` helps FFmpeg's format probe.
-    fn temporary(ext: &str, origin: String) -> Result<(Self, std::fs::File)> {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("qwen2vl-video-{}-{n}.{ext}", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| {
-                Error::Io(std::io::Error::new(
-                    e.kind(),
-                    format!("cannot create {}: {e}", path.display()),
+impl std::io::Seek for GuardedReader {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        match &mut self.inner {
+            ReaderKind::File(f) => f.seek(pos),
+            ReaderKind::Memory(c) => c.seek(pos),
+        }
+    }
+}
+
+impl VideoInput {
+    /// A reader positioned at the first byte (a file is shared by its clones' offset; the
+    /// passes run one after the other, each from its own seek to the start).
+    #[cfg_attr(not(feature = "video"), allow(dead_code))]
+    pub(crate) fn reader(&self, interrupt: &Interrupt) -> Result<GuardedReader> {
+        use std::io::Seek;
+        let inner = match &self.bytes {
+            VideoBytes::File(f) => {
+                let mut f = f.try_clone().map_err(|e| self.io_error(e))?;
+                f.seek(std::io::SeekFrom::Start(0))
+                    .map_err(|e| self.io_error(e))?;
+                ReaderKind::File(f)
+            }
+            VideoBytes::Memory(b) => ReaderKind::Memory(std::io::Cursor::new(b.clone())),
+        };
+        Ok(GuardedReader {
+            inner,
+            interrupt: interrupt.clone(),
+        })
+    }
+
+    /// The first bytes (at most 16), for choosing the demuxer.
+    #[cfg_attr(not(feature = "video"), allow(dead_code))]
+    pub(crate) fn head(&self) -> Result<Vec<u8>> {
+        use std::io::Read;
+        let mut r = self.reader(&Interrupt::default())?;
+        let mut head = Vec::with_capacity(16);
+        (&mut r)
+            .take(16)
+            .read_to_end(&mut head)
+            .map_err(|e| self.io_error(e))?;
+        Ok(head)
+    }
+
+    fn io_error(&self, e: std::io::Error) -> Error {
+        Error::bad_input(
+            format!("video {} cannot be read: {e}", self.name),
+            "a readable video file",
+        )
+    }
+
+    /// A local video file: must exist, be a regular file and not be empty.
+    pub(crate) fn open_file(path: &Path) -> Result<VideoInput> {
+        let name = path.display().to_string();
+        let unreadable = |why: String| {
+            Error::bad_input(
+                format!("video file {name} {why}"),
+                "a path to a readable video file",
+            )
+        };
+        // Checked before opening: opening a FIFO or a device could block or never end.
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(unreadable("does not exist".into()))
+            }
+            Err(e) => return Err(unreadable(format!("cannot be read: {e}"))),
+            Ok(m) if !m.is_file() => {
+                return Err(Error::bad_input(
+                    format!("video path {name} is not a file"),
+                    "a path to a readable video file",
                 ))
-            })?;
-        Ok((
-            VideoFile {
-                path,
-                origin: Some(origin),
-                temporary: true,
-            },
-            file,
-        ))
+            }
+            Ok(m) if m.len() == 0 => {
+                return Err(Error::bad_input(
+                    format!("video file {name} is empty"),
+                    VIDEO_KINDS,
+                ))
+            }
+            Ok(_) => {}
+        }
+        let f =
+            std::fs::File::open(path).map_err(|e| unreadable(format!("cannot be read: {e}")))?;
+        Ok(VideoInput {
+            bytes: VideoBytes::File(f),
+            name,
+        })
     }
+}
 
-    /// Rewrites an error about the temporary path so it names the user's source instead.
-    fn rename_error(&self, e: Error) -> Error {
-        match (&self.origin, e) {
-            (Some(origin), Error::BadInput { what, allowed }) => Error::BadInput {
-                what: what.replace(&self.path.display().to_string(), origin),
-                allowed,
-            },
-            (_, e) => e,
+/// A new spool file for a downloaded video: a random 128-bit name in the temporary
+/// directory, created exclusively (`O_EXCL`, so a file or link planted there is never
+/// followed), mode 0600, and unlinked at once on Unix (the open handle keeps it), so no other
+/// request or user can find or read it and nothing is left behind on any path out.
+fn spool_file() -> Result<std::fs::File> {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let mut last = None;
+    for _ in 0..8 {
+        let name: u128 = rng.random();
+        let path = std::env::temp_dir().join(format!("qwen2vl-{name:032x}.spool"));
+        let mut opts = std::fs::OpenOptions::new();
+        opts.read(true).write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        match opts.open(&path) {
+            Ok(f) => {
+                // Unix: the name goes now, the data when the handle closes. Elsewhere the
+                // name stays until then; it is unguessable and private.
+                #[cfg(unix)]
+                let _ = std::fs::remove_file(&path);
+                return Ok(f);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => {
+                return Err(Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot create a spool file for a video in the temporary directory: {e}"
+                    ),
+                )))
+            }
         }
     }
+    Err(Error::Io(last.unwrap_or_else(|| {
+        std::io::Error::other("cannot create a spool file for a video")
+    })))
 }
 
-/// The file extension a video media type suggests (a hint for FFmpeg's probe only).
-fn video_extension(media_type: &str) -> &'static str {
-    match media_type.to_ascii_lowercase().as_str() {
-        "video/webm" => "webm",
-        "video/x-matroska" | "video/matroska" => "mkv",
-        "video/quicktime" => "mov",
-        "video/x-msvideo" | "video/avi" => "avi",
-        "image/gif" => "gif",
-        _ => "mp4",
-    }
-}
-
-/// Where a video source's bytes are: a local path as is, a `data:` URI decoded into a
-/// temporary file, an http(s) URL downloaded into one (only with
+/// Where a video source's bytes are: a local path opened as is, a `data:` URI decoded into
+/// memory, an http(s) URL downloaded into a private spool file (only with
 /// [`FetchOptions::allow_remote`]; timeout and [`FetchOptions::max_video_bytes`] apply).
-fn locate_video(s: &str, fetch: &FetchOptions, base_dir: Option<&Path>) -> Result<VideoFile> {
+fn locate_video(s: &str, fetch: &FetchOptions, base_dir: Option<&Path>) -> Result<VideoInput> {
     match Location::parse(s) {
-        Location::Path(_) => Ok(VideoFile {
-            path: resolve(s, base_dir, "video")?,
-            origin: None,
-            temporary: false,
-        }),
+        Location::Path(_) => VideoInput::open_file(&resolve(s, base_dir, "video")?),
         Location::Data {
-            media_type,
-            base64,
-            payload,
+            base64, payload, ..
         } => {
             let bytes = crate::processing::fetch::decode_data_payload(base64, payload)?;
             if bytes.len() as u64 > fetch.max_video_bytes {
@@ -360,15 +461,13 @@ fn locate_video(s: &str, fetch: &FetchOptions, base_dir: Option<&Path>) -> Resul
                     format!("videos of at most {} bytes", fetch.max_video_bytes),
                 ));
             }
-            let origin = format!("video data: URI ({} bytes)", bytes.len());
-            let (v, mut f) = VideoFile::temporary(video_extension(media_type), origin)?;
-            std::io::Write::write_all(&mut f, &bytes).map_err(|e| {
-                Error::Io(std::io::Error::new(
-                    e.kind(),
-                    format!("cannot write {}: {e}", v.path.display()),
-                ))
-            })?;
-            Ok(v)
+            if bytes.is_empty() {
+                return Err(Error::bad_input("video data: URI is empty", VIDEO_KINDS));
+            }
+            Ok(VideoInput {
+                name: format!("video data: URI ({} bytes)", bytes.len()),
+                bytes: VideoBytes::Memory(bytes.into()),
+            })
         }
         Location::Http(url) => {
             if !fetch.allow_remote {
@@ -378,21 +477,24 @@ fn locate_video(s: &str, fetch: &FetchOptions, base_dir: Option<&Path>) -> Resul
                      (remote URLs when FetchOptions::allow_remote is on)",
                 ));
             }
-            let ext = Path::new(url.split(['?', '#']).next().unwrap_or(url))
-                .extension()
-                .and_then(|e| e.to_str())
-                .filter(|e| e.len() <= 5 && e.chars().all(|c| c.is_ascii_alphanumeric()))
-                .unwrap_or("mp4")
-                .to_ascii_lowercase();
-            let (v, mut f) = VideoFile::temporary(&ext, url.to_string())?;
-            crate::processing::fetch::http_download(
+            let mut f = spool_file()?;
+            let n = crate::processing::fetch::http_download(
                 url,
                 fetch,
                 fetch.max_video_bytes,
                 "video",
                 &mut f,
             )?;
-            Ok(v)
+            if n == 0 {
+                return Err(Error::bad_input(
+                    format!("video URL {url} returned no bytes"),
+                    VIDEO_KINDS,
+                ));
+            }
+            Ok(VideoInput {
+                bytes: VideoBytes::File(f),
+                name: url.to_string(),
+            })
         }
     }
 }
@@ -417,13 +519,12 @@ pub fn preprocess_video(
                     "a path, file:// URL, http(s):// URL or data: URI of a video file",
                 ));
             }
-            let file = locate_video(s, fetch, base_dir)?;
-            let v = read_video_file(&file.path, part, cfg.factor())
-                .map_err(|e| file.rename_error(e))?;
+            let input = locate_video(s, fetch, base_dir)?;
+            let v = read_video_file(&input, part, cfg, fetch)?;
             (v.frames, v.indices, v.sample_fps)
         }
         VideoSource::Frames(list) => {
-            let (frames, idx) = fetch_frame_list(list, part, cfg.factor(), fetch, base_dir)?;
+            let (frames, idx) = fetch_frame_list(list, part, cfg, fetch, base_dir)?;
             (frames, idx, part.fps.unwrap_or(FPS))
         }
     };
@@ -438,11 +539,13 @@ pub fn preprocess_video(
 }
 
 /// `fetch_video` for a list of frames: `fetch_image` on each, then pad to an even count with
-/// copies of the last frame.
+/// copies of the last frame. The video's token count is checked against
+/// [`FetchOptions::token_budget`] from the first frame's header (every frame ends at its
+/// final size) before any frame is decoded.
 fn fetch_frame_list(
     list: &[String],
     part: &VideoPart,
-    factor: usize,
+    cfg: &PreprocessorConfig,
     fetch: &FetchOptions,
     base_dir: Option<&Path>,
 ) -> Result<(Vec<RgbImage>, Vec<usize>)> {
@@ -454,6 +557,7 @@ fn fetch_frame_list(
     }
     let mut frames = Vec::with_capacity(list.len() + 1);
     for (i, s) in list.iter().enumerate() {
+        fetch.interrupt.check("reading the video's frames")?;
         let tag = |e: Error| match e {
             Error::BadInput { what, allowed } => Error::BadInput {
                 what: format!("video frame {}: {what}", i + 1),
@@ -464,27 +568,38 @@ fn fetch_frame_list(
         // Each frame is read as `fetch_image` reads an image: any image source form.
         let source = ImageSource::Uri(s.clone());
         let fetched = crate::processing::fetch::fetch(&source, fetch, base_dir).map_err(tag)?;
-        let img = decode_image(&fetched.bytes)
-            .map_err(|e| match e {
-                Error::BadInput { what, allowed } => Error::BadInput {
-                    what: format!("{}: {what}", fetched.origin),
-                    allowed,
-                },
-                other => other,
-            })
+        let (w, h) = image_dimensions(&fetched.bytes)
+            .map_err(|e| name_origin(e, &fetched.origin))
             .map_err(tag)?;
         let (rh, rw) = if let (Some(rh), Some(rw)) = (part.resized_height, part.resized_width) {
-            smart_resize(rh, rw, factor, MIN_PIXELS, MAX_PIXELS)
+            smart_resize(rh, rw, cfg.factor(), MIN_PIXELS, MAX_PIXELS)
         } else {
             smart_resize(
-                img.height() as usize,
-                img.width() as usize,
-                factor,
+                h as usize,
+                w as usize,
+                cfg.factor(),
                 part.min_pixels.unwrap_or(MIN_PIXELS),
                 part.max_pixels.unwrap_or(MAX_PIXELS),
             )
         }
         .map_err(tag)?;
+        if i == 0 {
+            let (fh, fw) = if cfg.do_resize {
+                smart_resize_transformers(rh, rw, cfg.factor(), cfg.min_pixels, cfg.max_pixels)
+                    .map_err(tag)?
+            } else {
+                (rh, rw)
+            };
+            let grid_t = list.len().div_ceil(cfg.temporal_patch_size.max(1));
+            check_token_budget(
+                vision_tokens(cfg, grid_t, fh, fw),
+                fetch,
+                "the video's frame list",
+            )?;
+        }
+        let img = decode_image(&fetched.bytes)
+            .map_err(|e| name_origin(e, &fetched.origin))
+            .map_err(tag)?;
         frames.push(pillow_resize(&img, rh, rw).map_err(tag)?);
     }
     let mut idx: Vec<usize> = (0..frames.len()).collect();
@@ -494,6 +609,17 @@ fn fetch_frame_list(
         idx.push(list.len() - 1);
     }
     Ok((frames, idx))
+}
+
+/// Prefixes a bad-input error with where the bytes came from.
+fn name_origin(e: Error, origin: &str) -> Error {
+    match e {
+        Error::BadInput { what, allowed } => Error::BadInput {
+            what: format!("{origin}: {what}"),
+            allowed,
+        },
+        other => other,
+    }
 }
 
 fn pillow_resize(img: &RgbImage, h: usize, w: usize) -> Result<RgbImage> {
@@ -563,19 +689,29 @@ struct ReadVideo {
 }
 
 #[cfg(not(feature = "video"))]
-fn read_video_file(path: &Path, _part: &VideoPart, _factor: usize) -> Result<ReadVideo> {
+fn read_video_file(
+    input: &VideoInput,
+    _part: &VideoPart,
+    _cfg: &PreprocessorConfig,
+    _fetch: &FetchOptions,
+) -> Result<ReadVideo> {
     Err(Error::bad_input(
         format!(
-            "video file {} cannot be decoded: this build has no video support",
-            path.display()
+            "video {} cannot be decoded: this build has no video support",
+            input.name
         ),
         "a build with the `video` feature (FFmpeg), or the video as a list of frame images",
     ))
 }
 
 #[cfg(feature = "video")]
-fn read_video_file(path: &Path, part: &VideoPart, factor: usize) -> Result<ReadVideo> {
-    decode::read(path, part, Some(factor))
+fn read_video_file(
+    input: &VideoInput,
+    part: &VideoPart,
+    cfg: &PreprocessorConfig,
+    fetch: &FetchOptions,
+) -> Result<ReadVideo> {
+    decode::read(input, part, Some(cfg), fetch)
 }
 
 /// The sampled frames of a video file as decoded (RGB, before any resizing), their indices
@@ -586,28 +722,86 @@ pub fn decode_sampled_frames(
     path: &Path,
     part: &VideoPart,
 ) -> Result<(Vec<RgbImage>, Vec<usize>, f64)> {
-    let v = decode::read(path, part, None)?;
+    let input = VideoInput::open_file(path)?;
+    let v = decode::read(&input, part, None, &FetchOptions::default())?;
     Ok((v.frames, v.indices, v.sample_fps))
+}
+
+/// The vision tokens `nframes` frames of `height x width` become for `part` (the frame size
+/// of `fetch_video`, then the processor's `smart_resize`): known from the container's
+/// headers, before any frame is decoded.
+pub fn planned_video_tokens(
+    part: &VideoPart,
+    cfg: &PreprocessorConfig,
+    height: usize,
+    width: usize,
+    nframes: usize,
+) -> Result<usize> {
+    let (mut h, mut w) = video_frame_size(part, height, width, nframes, cfg.factor())?;
+    if cfg.do_resize {
+        (h, w) = smart_resize_transformers(h, w, cfg.factor(), cfg.min_pixels, cfg.max_pixels)?;
+    }
+    Ok(vision_tokens(
+        cfg,
+        nframes.div_ceil(cfg.temporal_patch_size.max(1)),
+        h,
+        w,
+    ))
+}
+
+/// Refuses a video whose planned token count is over the request's budget
+/// ([`FetchOptions::token_budget`]).
+fn check_token_budget(tokens: usize, fetch: &FetchOptions, what: &str) -> Result<()> {
+    match fetch.token_budget {
+        Some(budget) if tokens > budget => Err(Error::bad_input(
+            format!("{what} would become {tokens} vision tokens"),
+            format!(
+                "at most {budget} vision tokens for it (what the model's context leaves for the \
+                 prompt): lower fps, nframes, max_frames, min_pixels, max_pixels or total_pixels"
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(feature = "video")]
 mod decode {
     //! FFmpeg side: demux for timestamps, then decode keeping only the sampled frames.
+    //!
+    //! FFmpeg is opened with a demuxer chosen from the container's magic bytes (mov/mp4,
+    //! matroska/webm, avi, gif) instead of its content probe, reads only through our AVIO
+    //! reader (no protocol, no file of its own), and any nested open (HLS segments, concat
+    //! entries, QuickTime data references) is refused by an `io_open` callback. So a
+    //! playlist (`#EXTM3U`), a concat script (`ffconcat version 1.0`) or any other container
+    //! that names other files is a bad input, never a way to read a local file. Every loop
+    //! over the demuxer's output is bounded: read errors are counted and capped, and the
+    //! job's [`Interrupt`] (deadline, cancel flag) is checked on every packet and every read.
 
     use std::collections::{BTreeSet, HashMap};
-    use std::path::Path;
+    use std::ffi::CString;
+    use std::os::raw::{c_char, c_int};
     use std::sync::Once;
 
     use ffmpeg_next as ff;
     use image::RgbImage;
 
-    use super::{frame_indices, smart_nframes, video_frame_size, ReadVideo, VIDEO_KINDS};
+    use super::{
+        check_token_budget, frame_indices, planned_video_tokens, smart_nframes, video_frame_size,
+        ReadVideo, VideoInput, VIDEO_KINDS,
+    };
+    use crate::config::PreprocessorConfig;
     use crate::ops::resize_torch::resize_bicubic_aa;
+    use crate::processing::fetch::{FetchOptions, Interrupt};
     use crate::processing::messages::VideoPart;
     use crate::{Error, Result};
 
     /// Largest decoded frame accepted (pixels).
     const MAX_DECODED_PIXELS: u64 = 16384 * 16384;
+    /// Read errors tolerated in one pass before the file is refused as corrupt (a demuxer
+    /// that resyncs past bad data makes progress; one that fails forever must not spin).
+    const MAX_READ_ERRORS: usize = 64;
+    /// The demuxers we open, by FFmpeg short name; none of them opens other files.
+    const DEMUXERS: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,gif";
 
     fn init() {
         static ONCE: Once = Once::new();
@@ -617,58 +811,145 @@ mod decode {
         });
     }
 
-    fn not_video(path: &Path, why: impl std::fmt::Display) -> Error {
+    fn not_video(name: &str, why: impl std::fmt::Display) -> Error {
         Error::bad_input(
-            format!("{} is not a readable video ({why})", path.display()),
+            format!("{name} is not a readable video ({why})"),
             VIDEO_KINDS,
         )
     }
 
-    fn open(path: &Path) -> Result<(ff::format::context::Input, usize)> {
-        let input = ff::format::input(&path).map_err(|e| not_video(path, e))?;
-        let idx = input
-            .streams()
-            .find(|s| s.parameters().medium() == ff::media::Type::Video)
-            .map(|s| s.index())
-            .ok_or_else(|| {
-                Error::bad_input(
-                    format!("{} has no video stream", path.display()),
-                    VIDEO_KINDS,
-                )
-            })?;
-        Ok((input, idx))
+    /// The FFmpeg demuxer for a container, from its first bytes; `None` for anything else
+    /// (playlists, concat scripts, raw streams, images, text).
+    pub(crate) fn demuxer_for(head: &[u8]) -> Option<&'static str> {
+        const MOV_BOXES: [&[u8; 4]; 8] = [
+            b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid",
+        ];
+        if head.len() >= 8 && MOV_BOXES.iter().any(|b| &head[4..8] == *b) {
+            Some("mov")
+        } else if head.starts_with(&[0x1a, 0x45, 0xdf, 0xa3]) {
+            Some("matroska")
+        } else if head.len() >= 12 && &head[..4] == b"RIFF" && &head[8..12] == b"AVI " {
+            Some("avi")
+        } else if head.starts_with(b"GIF87a") || head.starts_with(b"GIF89a") {
+            Some("gif")
+        } else {
+            None
+        }
     }
 
-    pub(super) fn read(path: &Path, part: &VideoPart, factor: Option<usize>) -> Result<ReadVideo> {
-        init();
-        let name = path.display();
-        match std::fs::metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::bad_input(
-                    format!("video file {name} does not exist"),
-                    "a path to a readable video file",
-                ))
+    /// FFmpeg's `io_open` for our contexts: every nested open is refused.
+    unsafe extern "C" fn refuse_io_open(
+        _s: *mut ff::ffi::AVFormatContext,
+        _pb: *mut *mut ff::ffi::AVIOContext,
+        _url: *const c_char,
+        _flags: c_int,
+        _options: *mut *mut ff::ffi::AVDictionary,
+    ) -> c_int {
+        // AVERROR(EPERM); EPERM is 1 on every platform FFmpeg runs on.
+        -1
+    }
+
+    /// Opens `input` with the demuxer its magic bytes name, reading through our reader only.
+    fn open(
+        input: &VideoInput,
+        interrupt: &Interrupt,
+    ) -> Result<(ff::format::context::Input, usize)> {
+        let name = input.name.as_str();
+        let head = input.head()?;
+        let Some(demuxer) = demuxer_for(&head) else {
+            return Err(Error::bad_input(
+                format!(
+                    "{name} is not a video container this server opens (playlists such as HLS \
+                     .m3u8, ffconcat scripts and other formats are refused)"
+                ),
+                "an mp4/mov, webm/mkv, avi or gif file",
+            ));
+        };
+        let mut io = ff::format::context::StreamIo::from_read_seek(input.reader(interrupt)?)
+            .map_err(|e| not_video(name, e))?;
+        let demuxer_c = CString::new(demuxer).expect("no NUL in a demuxer name");
+        let mut options = ff::Dictionary::new();
+        // Belt and braces: nested contexts inherit these (none should ever exist).
+        options.set("format_whitelist", DEMUXERS);
+        options.set("protocol_whitelist", "none");
+        // SAFETY: the context is allocated here and either freed by a failing
+        // `avformat_open_input`, closed below, or owned by the returned `Input` together with
+        // the AVIO context it reads through (`wrap_with_custom_io`), which outlives it.
+        unsafe {
+            let fmt = ff::ffi::av_find_input_format(demuxer_c.as_ptr());
+            if fmt.is_null() {
+                return Err(not_video(
+                    name,
+                    format!("this FFmpeg has no {demuxer} demuxer"),
+                ));
             }
-            Err(e) => {
-                return Err(Error::bad_input(
-                    format!("video file {name} cannot be read: {e}"),
-                    "a path to a readable video file",
-                ))
+            let mut ps = ff::ffi::avformat_alloc_context();
+            if ps.is_null() {
+                return Err(Error::Io(std::io::Error::other(
+                    "FFmpeg could not allocate a format context",
+                )));
             }
-            Ok(m) if !m.is_file() => {
-                return Err(Error::bad_input(
-                    format!("video path {name} is not a file"),
-                    "a path to a readable video file",
-                ))
+            (*ps).pb = io.as_mut_ptr();
+            (*ps).flags |= ff::ffi::AVFMT_FLAG_CUSTOM_IO as c_int;
+            (*ps).io_open = Some(refuse_io_open);
+            let mut opts = options.disown();
+            let res = ff::ffi::avformat_open_input(&mut ps, std::ptr::null(), fmt, &mut opts);
+            drop(ff::Dictionary::own(opts));
+            if res < 0 {
+                // `ps` was freed by FFmpeg; `io` is freed when dropped.
+                interrupt.check(&format!("opening {name}"))?;
+                return Err(not_video(name, ff::Error::from(res)));
             }
-            Ok(m) if m.len() == 0 => {
-                return Err(Error::bad_input(
-                    format!("video file {name} is empty"),
-                    VIDEO_KINDS,
-                ))
+            let info = ff::ffi::avformat_find_stream_info(ps, std::ptr::null_mut());
+            let ctx = ff::format::context::Input::wrap_with_custom_io(ps, io);
+            if info < 0 {
+                drop(ctx);
+                interrupt.check(&format!("reading {name}"))?;
+                return Err(not_video(name, ff::Error::from(info)));
             }
-            Ok(_) => {}
+            let idx = ctx
+                .streams()
+                .find(|s| s.parameters().medium() == ff::media::Type::Video)
+                .map(|s| s.index())
+                .ok_or_else(|| {
+                    Error::bad_input(format!("{name} has no video stream"), VIDEO_KINDS)
+                })?;
+            Ok((ctx, idx))
         }
+    }
+
+    /// The next packet of stream `si`, `None` at the end. Read errors are skipped (a demuxer
+    /// may resync past bad data, as PyAV's loop does) but counted: past
+    /// [`MAX_READ_ERRORS`] the file is refused. The interrupt is checked on every call.
+    fn next_packet(
+        ctx: &mut ff::format::context::Input,
+        si: usize,
+        errors: &mut usize,
+        interrupt: &Interrupt,
+        name: &str,
+    ) -> Result<Option<ff::Packet>> {
+        loop {
+            interrupt.check(&format!("reading {name}"))?;
+            let mut packet = ff::Packet::empty();
+            match packet.read(ctx) {
+                Ok(()) if packet.stream() == si => return Ok(Some(packet)),
+                Ok(()) => continue,
+                Err(ff::Error::Eof) => return Ok(None),
+                Err(e) => {
+                    *errors += 1;
+                    if *errors > MAX_READ_ERRORS {
+                        interrupt.check(&format!("reading {name}"))?;
+                        return Err(not_video(
+                            name,
+                            format!("more than {MAX_READ_ERRORS} read errors, the last: {e}"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_times(part: &VideoPart) -> Result<()> {
         for (key, v) in [
             ("video_start", part.video_start),
             ("video_end", part.video_end),
@@ -682,14 +963,38 @@ mod decode {
                 }
             }
         }
+        if let (Some(s), Some(e)) = (part.video_start, part.video_end) {
+            if s > e {
+                return Err(Error::bad_input(
+                    format!("video_start ({s} s) is after video_end ({e} s)"),
+                    "video_start at or before video_end",
+                ));
+            }
+        }
+        Ok(())
+    }
 
-        // Pass 1: timestamps of the clip's frames (packets only, nothing decoded).
-        let (mut input, si) = open(path)?;
-        let stream = input.stream(si).expect("stream index from this input");
+    /// Pass 1 (packets only, nothing decoded): the timestamps of the clip's frames, the
+    /// stream's average frame rate and its coded size.
+    struct Clip {
+        pts: Vec<i64>,
+        video_fps: f64,
+        coded_hw: (usize, usize),
+    }
+
+    fn scan(input: &VideoInput, part: &VideoPart, interrupt: &Interrupt) -> Result<Clip> {
+        let name = input.name.as_str();
+        let (mut ctx, si) = open(input, interrupt)?;
+        let stream = ctx.stream(si).expect("stream index from this input");
         let tb = stream.time_base();
         let rate = stream.avg_frame_rate();
         let params = stream.parameters();
         let codec_id = params.id();
+        // SAFETY: `params` points at the stream's live codec parameters.
+        let coded_hw = unsafe {
+            let p = params.as_ptr();
+            ((*p).height.max(0) as usize, (*p).width.max(0) as usize)
+        };
         if ff::codec::decoder::find(codec_id).is_none() {
             return Err(Error::bad_input(
                 format!(
@@ -710,27 +1015,24 @@ mod decode {
             .map(|e| (e * inv_tb).ceil() as i64)
             .unwrap_or(i64::MAX);
         let mut all_pts = BTreeSet::new();
-        for (s, packet) in input.packets() {
-            if s.index() != si {
-                continue;
-            }
+        let mut errors = 0;
+        while let Some(packet) = next_packet(&mut ctx, si, &mut errors, interrupt, name)? {
             if let Some(p) = packet.pts().or(packet.dts()) {
                 all_pts.insert(p);
             }
         }
-        drop(input);
-        let mut clip: Vec<i64> = all_pts
+        drop(ctx);
+        let mut pts: Vec<i64> = all_pts
             .range(start_off..=end_off.max(start_off))
             .copied()
             .filter(|p| *p <= end_off)
             .collect();
         if start_off > 0 && !all_pts.contains(&start_off) {
             if let Some(prev) = all_pts.range(..start_off).next_back() {
-                clip.insert(0, *prev);
+                pts.insert(0, *prev);
             }
         }
-        let total = clip.len();
-        if total == 0 {
+        if pts.is_empty() {
             return Err(Error::bad_input(
                 format!(
                     "{name} has no video frames{}",
@@ -748,43 +1050,154 @@ mod decode {
         } else {
             0.0
         };
-        let n = smart_nframes(part, total, video_fps)?;
+        Ok(Clip {
+            pts,
+            video_fps,
+            coded_hw,
+        })
+    }
+
+    /// Decodes the sampled frames of `input`: resized to `fetch_video`'s size and checked
+    /// against [`FetchOptions::token_budget`] before any frame is decoded when `cfg` is
+    /// given, as decoded otherwise.
+    pub(super) fn read(
+        input: &VideoInput,
+        part: &VideoPart,
+        cfg: Option<&PreprocessorConfig>,
+        fetch: &FetchOptions,
+    ) -> Result<ReadVideo> {
+        init();
+        check_times(part)?;
+        let interrupt = &fetch.interrupt;
+        let name = input.name.as_str();
+        let clip = scan(input, part, interrupt)?;
+        let total = clip.pts.len();
+        let n = smart_nframes(part, total, clip.video_fps)?;
         let indices = frame_indices(total, n);
+        // The token count from the headers' frame size, before anything is decoded.
+        if let Some(cfg) = cfg {
+            let (h, w) = clip.coded_hw;
+            if h > 0 && w > 0 {
+                let tokens = planned_video_tokens(part, cfg, h, w, n)?;
+                check_token_budget(tokens, fetch, name)?;
+            }
+        }
         // pts → the output slots that want it.
         let mut want: HashMap<i64, Vec<usize>> = HashMap::new();
         for (slot, &i) in indices.iter().enumerate() {
-            want.entry(clip[i]).or_default().push(slot);
+            want.entry(clip.pts[i]).or_default().push(slot);
         }
+        let frames = decode_wanted(input, part, cfg, fetch, &want, n)?;
+        let sample_fps = n as f64 / (total as f64).max(1e-6) * clip.video_fps;
+        Ok(ReadVideo {
+            frames,
+            indices,
+            sample_fps,
+        })
+    }
 
-        // Pass 2: decode front to back, keep the sampled frames (resized at once).
-        let (mut input, si) = open(path)?;
-        let stream = input.stream(si).expect("stream index from this input");
-        let ctx = ff::codec::context::Context::from_parameters(stream.parameters())
-            .map_err(|e| not_video(path, e))?;
-        let mut decoder = ctx.decoder().video().map_err(|e| {
+    /// Pass 2: decodes front to back and keeps the frames whose pts `want` names (resized at
+    /// once when `cfg` is given); stops after the last one.
+    fn decode_wanted(
+        input: &VideoInput,
+        part: &VideoPart,
+        cfg: Option<&PreprocessorConfig>,
+        fetch: &FetchOptions,
+        want: &HashMap<i64, Vec<usize>>,
+        n: usize,
+    ) -> Result<Vec<RgbImage>> {
+        let interrupt = &fetch.interrupt;
+        let name = input.name.as_str();
+        let (mut ctx, si) = open(input, interrupt)?;
+        let stream = ctx.stream(si).expect("stream index from this input");
+        let codec = ff::codec::context::Context::from_parameters(stream.parameters())
+            .map_err(|e| not_video(name, e))?;
+        let mut decoder = codec.decoder().video().map_err(|e| {
             Error::bad_input(
                 format!("{name}: the video decoder cannot be opened ({e})"),
                 VIDEO_KINDS,
             )
         })?;
-        let mut out: Vec<Option<RgbImage>> = vec![None; n];
-        let mut remaining = n;
-        let mut target: Option<(usize, usize)> = None;
-        let mut scaler: Option<(ff::software::scaling::Context, ff::format::Pixel, u32, u32)> =
-            None;
+        let mut sink = FrameSink {
+            name,
+            part,
+            cfg,
+            fetch,
+            want,
+            n,
+            out: vec![None; n],
+            remaining: n,
+            target: None,
+            scaler: None,
+            rgb: ff::frame::Video::empty(),
+        };
         let mut decoded = ff::frame::Video::empty();
-        let mut rgb = ff::frame::Video::empty();
-        let mut handle = |decoded: &ff::frame::Video,
-                          out: &mut Vec<Option<RgbImage>>,
-                          remaining: &mut usize|
-         -> Result<()> {
+        let mut errors = 0;
+        while let Some(packet) = next_packet(&mut ctx, si, &mut errors, interrupt, name)? {
+            // A corrupt packet is skipped, as PyAV's decode loop does until it fails.
+            if decoder.send_packet(&packet).is_err() {
+                errors += 1;
+                if errors > MAX_READ_ERRORS {
+                    return Err(not_video(
+                        name,
+                        format!("more than {MAX_READ_ERRORS} undecodable packets"),
+                    ));
+                }
+                continue;
+            }
+            while decoder.receive_frame(&mut decoded).is_ok() {
+                sink.take(&decoded)?;
+            }
+            // Nothing after the last sampled frame is decoded.
+            if sink.remaining == 0 {
+                break;
+            }
+        }
+        if sink.remaining > 0 {
+            let _ = decoder.send_eof();
+            while decoder.receive_frame(&mut decoded).is_ok() {
+                interrupt.check(&format!("decoding {name}"))?;
+                sink.take(&decoded)?;
+            }
+        }
+        if sink.remaining > 0 {
+            let got = n - sink.remaining;
+            return Err(Error::bad_input(
+                format!(
+                    "{name}: only {got} of the {n} sampled frames could be decoded (the file is \
+                     corrupt, truncated or not decodable)"
+                ),
+                "a complete, decodable video file",
+            ));
+        }
+        Ok(sink.out.into_iter().flatten().collect())
+    }
+
+    /// Where pass 2's decoded frames go: converted to RGB, resized, put in their slots.
+    struct FrameSink<'a> {
+        name: &'a str,
+        part: &'a VideoPart,
+        cfg: Option<&'a PreprocessorConfig>,
+        fetch: &'a FetchOptions,
+        want: &'a HashMap<i64, Vec<usize>>,
+        n: usize,
+        out: Vec<Option<RgbImage>>,
+        remaining: usize,
+        target: Option<(usize, usize)>,
+        scaler: Option<(ff::software::scaling::Context, ff::format::Pixel, u32, u32)>,
+        rgb: ff::frame::Video,
+    }
+
+    impl FrameSink<'_> {
+        fn take(&mut self, decoded: &ff::frame::Video) -> Result<()> {
+            let name = self.name;
             let Some(pts) = decoded.pts().or(decoded.timestamp()) else {
                 return Ok(());
             };
-            let Some(slots) = want.get(&pts) else {
+            let Some(slots) = self.want.get(&pts) else {
                 return Ok(());
             };
-            if slots.iter().all(|&s| out[s].is_some()) {
+            if slots.iter().all(|&s| self.out[s].is_some()) {
                 return Ok(());
             }
             let (w, h, fmt) = (decoded.width(), decoded.height(), decoded.format());
@@ -794,7 +1207,7 @@ mod decode {
                     format!("video frames of 1 to {MAX_DECODED_PIXELS} pixels"),
                 ));
             }
-            if !matches!(&scaler, Some((_, f, sw, sh)) if *f == fmt && *sw == w && *sh == h) {
+            if !matches!(&self.scaler, Some((_, f, sw, sh)) if *f == fmt && *sw == w && *sh == h) {
                 let ctx = ff::software::scaling::Context::get(
                     fmt,
                     w,
@@ -804,26 +1217,30 @@ mod decode {
                     h,
                     ff::software::scaling::Flags::BILINEAR,
                 )
-                .map_err(|e| not_video(path, format!("pixel format {fmt:?}: {e}")))?;
-                scaler = Some((ctx, fmt, w, h));
+                .map_err(|e| not_video(name, format!("pixel format {fmt:?}: {e}")))?;
+                self.scaler = Some((ctx, fmt, w, h));
             }
-            let (sws, ..) = scaler.as_mut().expect("set above");
-            sws.run(decoded, &mut rgb)
-                .map_err(|e| not_video(path, format!("colour conversion failed: {e}")))?;
-            let stride = rgb.stride(0);
-            let data = rgb.data(0);
+            let (sws, ..) = self.scaler.as_mut().expect("set above");
+            sws.run(decoded, &mut self.rgb)
+                .map_err(|e| not_video(name, format!("colour conversion failed: {e}")))?;
+            let stride = self.rgb.stride(0);
+            let data = self.rgb.data(0);
             let (wu, hu) = (w as usize, h as usize);
             let mut raw = Vec::with_capacity(wu * hu * 3);
             for y in 0..hu {
                 raw.extend_from_slice(&data[y * stride..y * stride + wu * 3]);
             }
             let img = RgbImage::from_raw(w, h, raw).expect("w*h*3 bytes");
-            let img = if let Some(factor) = factor {
-                let (th, tw) = match target {
+            let img = if let Some(cfg) = self.cfg {
+                let (th, tw) = match self.target {
                     Some(t) => t,
                     None => {
-                        let t = video_frame_size(part, hu, wu, n, factor)?;
-                        target = Some(t);
+                        // The decoded size can differ from the header's (cropping, a size
+                        // change mid-stream): check the budget again on what is real.
+                        let tokens = planned_video_tokens(self.part, cfg, hu, wu, self.n)?;
+                        check_token_budget(tokens, self.fetch, name)?;
+                        let t = video_frame_size(self.part, hu, wu, self.n, cfg.factor())?;
+                        self.target = Some(t);
                         t
                     }
                 };
@@ -832,55 +1249,13 @@ mod decode {
                 img
             };
             for &s in slots {
-                if out[s].is_none() {
-                    out[s] = Some(img.clone());
-                    *remaining -= 1;
+                if self.out[s].is_none() {
+                    self.out[s] = Some(img.clone());
+                    self.remaining -= 1;
                 }
             }
             Ok(())
-        };
-        for (s, packet) in input.packets() {
-            if s.index() != si {
-                continue;
-            }
-            // A corrupt packet is skipped, as PyAV's decode loop does until it fails.
-            if decoder.send_packet(&packet).is_err() {
-                continue;
-            }
-            while decoder.receive_frame(&mut decoded).is_ok() {
-                handle(&decoded, &mut out, &mut remaining)?;
-            }
-            // Nothing after the last sampled frame is decoded.
-            if remaining == 0 {
-                break;
-            }
         }
-        if remaining > 0 {
-            let _ = decoder.send_eof();
-            while decoder.receive_frame(&mut decoded).is_ok() {
-                handle(&decoded, &mut out, &mut remaining)?;
-            }
-        }
-        if remaining > 0 {
-            let got = n - remaining;
-            return Err(Error::bad_input(
-                format!(
-                    "{name}: only {got} of the {n} sampled frames could be decoded (the file is \
-                     corrupt, truncated or not decodable)"
-                ),
-                "a complete, decodable video file",
-            ));
-        }
-        let frames: Vec<RgbImage> = out
-            .into_iter()
-            .map(|f| f.expect("all slots filled"))
-            .collect();
-        let sample_fps = n as f64 / (total as f64).max(1e-6) * video_fps;
-        Ok(ReadVideo {
-            frames,
-            indices,
-            sample_fps,
-        })
     }
 }
 
@@ -1248,6 +1623,122 @@ mod tests {
             (v.pixel_values.len() * 4) >> 20,
             t.elapsed().as_secs_f64(),
             hwm()
+        );
+    }
+
+    /// Containers that name other files (HLS playlists, ffconcat scripts) are refused before
+    /// FFmpeg sees them, inline or as files; the demuxer comes from the magic bytes.
+    #[test]
+    fn playlists_and_concat_scripts_are_refused() {
+        let clip = std::fs::canonicalize(dir().join("clip.mp4")).unwrap();
+        let clip = clip.to_str().unwrap();
+        let hls = format!(
+            "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile://{clip}\n#EXT-X-ENDLIST\n"
+        );
+        let concat = format!("ffconcat version 1.0\nfile '{clip}'\n");
+        let b64 = |b: &[u8]| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(b)
+        };
+        let tmp = std::env::temp_dir().join(format!("qwen2vl-playlist-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::write(tmp.join("list.m3u8"), &hls).unwrap();
+        std::fs::write(tmp.join("list.mp4"), &concat).unwrap();
+        for src in [
+            format!("data:video/mp4;base64,{}", b64(hls.as_bytes())),
+            format!("data:application/x-mpegurl;base64,{}", b64(hls.as_bytes())),
+            format!("data:video/mp4;base64,{}", b64(concat.as_bytes())),
+            tmp.join("list.m3u8").to_string_lossy().to_string(),
+            tmp.join("list.mp4").to_string_lossy().to_string(),
+        ] {
+            let (what, allowed) = bad(preprocess_video(
+                &VideoPart::new(src.clone()),
+                &cfg(),
+                &FetchOptions::default(),
+                None,
+            ));
+            assert!(
+                what.contains("not a video container") && allowed.contains("mp4/mov"),
+                "{}: {what}",
+                &src[..src.len().min(40)]
+            );
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        #[cfg(feature = "video")]
+        {
+            use super::decode::demuxer_for;
+            let head = |f: &str| std::fs::read(dir().join(f)).unwrap()[..16].to_vec();
+            assert_eq!(demuxer_for(&head("clip.mp4")), Some("mov"));
+            assert_eq!(demuxer_for(&head("clip.mov")), Some("mov"));
+            assert_eq!(demuxer_for(&head("clip.mkv")), Some("matroska"));
+            assert_eq!(demuxer_for(&head("clip.webm")), Some("matroska"));
+            assert_eq!(demuxer_for(&head("clip.avi")), Some("avi"));
+            assert_eq!(demuxer_for(&head("clip.gif")), Some("gif"));
+            assert_eq!(demuxer_for(b"#EXTM3U\n"), None);
+            assert_eq!(demuxer_for(b"ffconcat version 1.0"), None);
+            assert_eq!(demuxer_for(b""), None);
+        }
+    }
+
+    /// A deadline in the past or a set cancel flag stops the read with a bad input naming
+    /// it; a token budget below the video's planned tokens refuses it before decoding.
+    #[cfg(feature = "video")]
+    #[test]
+    fn interrupts_and_token_budget() {
+        let part = || {
+            let mut p = VideoPart::new(dir().join("clip.mp4").to_string_lossy().to_string());
+            p.nframes = Some(4);
+            p
+        };
+        let past = FetchOptions {
+            interrupt: Interrupt::within(std::time::Duration::ZERO, None),
+            ..FetchOptions::default()
+        };
+        let (what, allowed) = bad(preprocess_video(&part(), &cfg(), &past, None));
+        assert!(what.contains("took longer"), "{what}");
+        assert!(allowed.contains("0 s"), "{allowed}");
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let cancelled = FetchOptions {
+            interrupt: Interrupt {
+                cancel: Some(flag),
+                ..Interrupt::default()
+            },
+            ..FetchOptions::default()
+        };
+        let (what, _) = bad(preprocess_video(&part(), &cfg(), &cancelled, None));
+        assert!(what.contains("cancelled"), "{what}");
+
+        let full = preprocess_video(&part(), &cfg(), &FetchOptions::default(), None).unwrap();
+        let [t, h, w] = full.grid_thw;
+        let tokens = t * h * w / 4;
+        let planned = planned_video_tokens(&part(), &cfg(), 120, 160, 4).unwrap();
+        assert_eq!(planned, tokens, "header-based count equals the real one");
+        let tight = FetchOptions {
+            token_budget: Some(tokens - 1),
+            ..FetchOptions::default()
+        };
+        let (what, allowed) = bad(preprocess_video(&part(), &cfg(), &tight, None));
+        assert!(what.contains(&format!("{tokens} vision tokens")), "{what}");
+        assert!(
+            allowed.contains(&format!("at most {}", tokens - 1)),
+            "{allowed}"
+        );
+        let exact = FetchOptions {
+            token_budget: Some(tokens),
+            ..FetchOptions::default()
+        };
+        assert_eq!(
+            preprocess_video(&part(), &cfg(), &exact, None).unwrap(),
+            full
+        );
+        // video_start after video_end names both.
+        let mut p = part();
+        p.video_start = Some(2.0);
+        p.video_end = Some(1.0);
+        let (what, _) = bad(preprocess_video(&p, &cfg(), &FetchOptions::default(), None));
+        assert!(
+            what.contains("video_start (2 s) is after video_end (1 s)"),
+            "{what}"
         );
     }
 
