@@ -42,8 +42,10 @@ pub struct Limits {
     pub max_images: usize,
     /// Most videos in one request.
     pub max_videos: usize,
-    /// Most resized pixels per image or video frame (`max_pixels` above it is refused, and
-    /// it is the `max_pixels` of items that give none); `None`: the checkpoint's.
+    /// Most resized pixels per image or video frame: a `min_pixels`, `max_pixels` or
+    /// `resized_height` x `resized_width` above it is refused, and it is the `max_pixels` of
+    /// images that give none. Videos that give none keep the reference's per-frame video
+    /// budget (lowered to this cap only when the cap is below it). `None`: no cap.
     pub max_image_pixels: Option<u64>,
     /// Most frames sampled from one video (and frames in a frame list).
     pub max_video_frames: usize,

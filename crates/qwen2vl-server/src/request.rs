@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 
 use qwen2vl::generation::sampler::{SamplingParams, MAX_TOP_LOGPROBS};
 use qwen2vl::generation::stop::{MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
+use qwen2vl::processing::image::MAX_PIXELS;
 use qwen2vl::processing::messages::{
     Content, ContentPart, ImageSource, Location, Message, Role, VideoSource,
 };
+use qwen2vl::processing::video::VIDEO_MAX_PIXELS;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -677,8 +679,17 @@ fn check_media(
                         v.resized_width,
                         limits,
                     )?;
+                    // A video item without max_pixels keeps the reference's default, which
+                    // is not the image one: frames of a video file get qwen-vl-utils'
+                    // per-frame video budget (at most VIDEO_MAX_PIXELS, less for many frames,
+                    // see `video_frame_size`), a list of frames the image default MAX_PIXELS.
+                    // The server's cap only lowers that default when it is below it.
                     if v.max_pixels.is_none() {
-                        v.max_pixels = limits.max_image_pixels;
+                        let default = match &v.source {
+                            VideoSource::Uri(_) => VIDEO_MAX_PIXELS,
+                            VideoSource::Frames(_) => MAX_PIXELS,
+                        };
+                        v.max_pixels = limits.max_image_pixels.filter(|&cap| cap < default);
                     }
                     let max_f = limits.max_video_frames;
                     for (key, val) in [

@@ -153,3 +153,90 @@ fn long_stop_strings_are_refused_naming_stop() {
     let r = post(addr, &body);
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 8. The video frame budget
+// ---------------------------------------------------------------------------------------------
+
+/// An animated GIF of `frames` frames of `size` x `size` pixels at 10 frames per second.
+fn gif(frames: usize, size: u32) -> Vec<u8> {
+    use image::codecs::gif::GifEncoder;
+    use image::{Delay, Frame, Rgba, RgbaImage};
+    let mut out = Vec::new();
+    {
+        let mut enc = GifEncoder::new_with_speed(&mut out, 30);
+        for i in 0..frames {
+            let img = RgbaImage::from_fn(size, size, |x, y| {
+                let v = ((x / 50 + y / 50 + i as u32) % 2 * 200) as u8;
+                Rgba([v, 255 - v, (i * 30) as u8, 255])
+            });
+            let frame = Frame::from_parts(img, 0, 0, Delay::from_numer_denom_ms(100, 1));
+            enc.encode_frame(frame).unwrap();
+        }
+    }
+    out
+}
+
+/// The video tokens the library's own `Processor` gives one message.
+fn library_video_tokens(message: qwen2vl::processing::messages::Message) -> u64 {
+    let inputs = common::pipeline()
+        .processor()
+        .process(&[message], &Default::default())
+        .unwrap();
+    inputs
+        .video_grid_thw
+        .iter()
+        .map(|[t, h, w]| (t * h * w / 4) as u64)
+        .sum()
+}
+
+#[test]
+fn a_video_gets_the_reference_frame_budget_not_the_image_cap() {
+    use base64::Engine as _;
+    use qwen2vl::processing::messages::{ContentPart, Message, Role, VideoPart};
+    let url = format!(
+        "data:image/gif;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(gif(8, 1000))
+    );
+    let addr = start(ServerConfig::default());
+    let ask = |part: Value| {
+        let r = post(
+            addr,
+            &greedy(
+                json!([{"role": "user", "content": [part, {"type": "text", "text": "?"}]}]),
+                1,
+            ),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["usage"]["prompt_tokens_details"]["video_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let served = ask(json!({"type": "video_url", "video_url": {"url": url}}));
+    let part = VideoPart::new(url.as_str());
+    let reference = library_video_tokens(Message::parts(
+        Role::User,
+        vec![ContentPart::Video(part), ContentPart::text("?")],
+    ));
+    // 4 frames sampled at 2 fps from 0.8 s, 756 x 756 each (VIDEO_MAX_PIXELS): 2 temporal
+    // patches of 27 x 27 tokens, as qwen-vl-utils gives; the image cap gave 2 x 36 x 36.
+    assert_eq!(served, reference);
+    assert_eq!(served, 1458);
+    // An explicit max_pixels up to the server's cap is still honoured.
+    let explicit =
+        ask(json!({"type": "video_url", "video_url": {"url": url}, "max_pixels": 16384 * 28 * 28}));
+    assert_eq!(explicit, 2 * 36 * 36);
+    // Above it: refused, naming the key.
+    let mut body = greedy(
+        json!([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}, "max_pixels": 16385 * 28 * 28}]}]),
+        1,
+    );
+    let r = post(addr, &body);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.error()["param"], "messages[0].content[0].max_pixels");
+    body["messages"][0]["content"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("max_pixels");
+    assert_eq!(post(addr, &body).status, 200);
+}
