@@ -8,6 +8,8 @@
 pub mod backend;
 pub mod chat;
 mod error;
+pub mod guard;
+pub mod listen;
 pub mod metrics;
 pub mod openai;
 pub mod page;
@@ -91,6 +93,20 @@ pub struct ServerConfig {
     pub allowed_media_dir: Option<PathBuf>,
     /// Request limits.
     pub limits: Limits,
+    /// `Host` names served besides localhost, 127.0.0.1 and [::1] (`*`: any). On a loopback
+    /// address only those are served; elsewhere any Host unless names are given (see
+    /// [`guard::HostPolicy`]): a web page cannot reach the server through DNS rebinding.
+    pub allowed_hosts: Option<Vec<String>>,
+    /// The request head must arrive within this; also how long a keep-alive connection may
+    /// stay idle.
+    pub header_read_timeout: Duration,
+    /// A request body must arrive within this (408 beyond).
+    pub body_read_timeout: Duration,
+    /// Connections served at once; more wait until one closes.
+    pub max_connections: usize,
+    /// On shutdown, how long running answers may go on before they are cancelled (each
+    /// stream then ends with its finish chunk and `data: [DONE]`).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -102,6 +118,11 @@ impl Default for ServerConfig {
             allow_remote_media: false,
             allowed_media_dir: None,
             limits: Limits::default(),
+            allowed_hosts: None,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
+            max_connections: 256,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -113,10 +134,21 @@ pub struct AppState {
     media: MediaPolicy,
     metrics: Metrics,
     created: u64,
+    hosts: guard::HostPolicy,
 }
 
-/// The routes with their middleware. Fails when `allowed_media_dir` does not exist.
+/// The routes with their middleware. Fails when `allowed_media_dir` does not exist. The
+/// Host check is that of a loopback address (see [`app_on`]).
 pub fn app(backend: Arc<dyn Backend>, config: ServerConfig) -> Result<Router, String> {
+    app_on(backend, config, None)
+}
+
+/// [`app`] for a server listening on `local` (its Host check depends on it).
+pub fn app_on(
+    backend: Arc<dyn Backend>,
+    config: ServerConfig,
+    local: Option<SocketAddr>,
+) -> Result<Router, String> {
     let allowed_dir = match &config.allowed_media_dir {
         Some(d) => Some(
             d.canonicalize()
@@ -129,12 +161,14 @@ pub fn app(backend: Arc<dyn Backend>, config: ServerConfig) -> Result<Router, St
         allowed_dir,
     };
     let body_limit = config.limits.max_body_bytes;
+    let hosts = guard::HostPolicy::new(config.allowed_hosts.as_deref(), local);
     let state = Arc::new(AppState {
         backend,
         config,
         media,
         metrics: Metrics::default(),
         created: chat::unix_now(),
+        hosts,
     });
     let mut router = Router::new();
     for asset in page::ASSETS {
@@ -144,34 +178,46 @@ pub fn app(backend: Arc<dyn Backend>, config: ServerConfig) -> Result<Router, St
         );
     }
     Ok(router
-        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route(
+            "/v1/chat/completions",
+            post(chat::chat_completions).route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                guard::json_body,
+            )),
+        )
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(guard::method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::from_fn_with_state(state.clone(), cors))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::check_host,
+        ))
         .with_state(state))
 }
 
-/// Serves `app` on `listener` until `shutdown` completes, then stops the backend.
+/// Serves `app` on `listener` until `shutdown` completes, then drains the connections
+/// (within [`ServerConfig::shutdown_grace`], then cancelling what still runs) and stops the
+/// backend. See [`listen`] for the timeouts and the connection cap.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     backend: Arc<dyn Backend>,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let router = app(backend.clone(), config)?;
-    let result = axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .map_err(|e| format!("server error: {e}"));
-    backend.shutdown();
-    result
+    let conns = listen::Connections {
+        header_read_timeout: config.header_read_timeout,
+        max_connections: config.max_connections,
+        shutdown_grace: config.shutdown_grace,
+    };
+    let local = listener.local_addr().ok();
+    let router = app_on(backend.clone(), config, local)?;
+    listen::serve(listener, router, backend, conns, shutdown).await;
+    Ok(())
 }
 
 /// A JSON response.

@@ -486,9 +486,10 @@ fn parse_content(v: &Value, i: usize) -> Result<Content, ApiError> {
             .iter()
             .enumerate()
             .map(|(j, p)| {
-                ContentPart::deserialize(p).map_err(|e| {
-                    ApiError::invalid(format!("messages[{i}].content[{j}]"), e.to_string())
-                })
+                let param = format!("messages[{i}].content[{j}]");
+                let hoisted = hoist_item_keys(p, &param)?;
+                ContentPart::deserialize(hoisted.as_ref().unwrap_or(p))
+                    .map_err(|e| ApiError::invalid(param, e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Content::Parts),
@@ -500,6 +501,91 @@ fn parse_content(v: &Value, i: usize) -> Result<Content, ApiError> {
             ),
         )),
     }
+}
+
+/// Per-item keys an `image_url` object may carry besides `url` (and OpenAI's `detail`).
+const IMAGE_URL_KEYS: &[&str] = &[
+    "min_pixels",
+    "max_pixels",
+    "resized_height",
+    "resized_width",
+];
+/// Per-item keys a `video_url` object may carry besides `url`.
+const VIDEO_URL_KEYS: &[&str] = &[
+    "fps",
+    "nframes",
+    "min_frames",
+    "max_frames",
+    "min_pixels",
+    "max_pixels",
+    "total_pixels",
+    "resized_height",
+    "resized_width",
+    "video_start",
+    "video_end",
+];
+
+/// Per-item keys written inside the `image_url` / `video_url` object (`{"url": .., "max_pixels":
+/// ..}`) moved up to the part, where the library reads them; `None` when there are none. An
+/// unknown key there, or a key given at both places with different values, is a 400 naming it.
+fn hoist_item_keys(part: &Value, param: &str) -> Result<Option<Value>, ApiError> {
+    let Value::Object(map) = part else {
+        return Ok(None);
+    };
+    let (field, allowed) = match (map.get("image_url"), map.get("video_url")) {
+        (Some(Value::Object(_)), _) => ("image_url", IMAGE_URL_KEYS),
+        (_, Some(Value::Object(_))) => ("video_url", VIDEO_URL_KEYS),
+        _ => return Ok(None),
+    };
+    let Some(Value::Object(inner)) = map.get(field) else {
+        return Ok(None);
+    };
+    if inner.len() == 1 && inner.contains_key("url") {
+        return Ok(None);
+    }
+    let mut out = map.clone();
+    let mut url_only = Map::new();
+    for (key, value) in inner {
+        if key == "url" {
+            url_only.insert(key.clone(), value.clone());
+            continue;
+        }
+        if field == "image_url" && key == "detail" {
+            // OpenAI's hint for its own models; the image is read at its own resolution.
+            continue;
+        }
+        let at = format!("{param}.{field}.{key}");
+        if !allowed.contains(&key.as_str()) {
+            let mut names = vec!["url"];
+            if field == "image_url" {
+                names.push("detail");
+            }
+            names.extend(allowed);
+            return Err(ApiError::invalid(
+                at,
+                format!(
+                    "{field} has an unknown key {key:?}; allowed: {}",
+                    names.join(", ")
+                ),
+            ));
+        }
+        match map.get(key) {
+            Some(outer) if !outer.is_null() && outer != value => {
+                return Err(ApiError::invalid(
+                    at,
+                    format!(
+                        "{key} is given twice with different values (in the part and in \
+                         {field}); allowed: one of them"
+                    ),
+                ))
+            }
+            _ => {
+                out.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    out.insert(field.to_string(), Value::Object(url_only));
+    Ok(Some(Value::Object(out)))
 }
 
 fn content_text(c: &Content) -> String {
@@ -554,6 +640,22 @@ fn parse_messages(
             }
         };
         let mut content = parse_content(m.get("content").unwrap_or(&Value::Null), i)?;
+        // Tool results and assistant turns with tool calls become plain text below: media in
+        // them would be dropped unseen (and shift the numbering of the request's images).
+        if role == Role::Tool || (role == Role::Assistant && get(m, "tool_calls").is_some()) {
+            if let Content::Parts(parts) = &content {
+                if let Some(j) = parts
+                    .iter()
+                    .position(|p| !matches!(p, ContentPart::Text { .. }))
+                {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}].content[{j}]"),
+                        "a tool result or a turn with tool_calls holds text only; allowed: text \
+                         parts (images and videos go in user messages)",
+                    ));
+                }
+            }
+        }
         check_media(&mut content, i, params, limits, policy)?;
         match role {
             Role::Tool => {
@@ -793,21 +895,20 @@ fn check_source(s: &str, param: &str, policy: &MediaPolicy) -> Result<String, Ap
             } else {
                 dir.join(path)
             };
-            let canon = joined.canonicalize().map_err(|_| {
+            // One answer whether the file is missing, unreadable or outside the directory, and
+            // the directory itself is not named: a client learns nothing about other files.
+            let refused = || {
                 ApiError::invalid(
                     param,
-                    format!("media file {p} does not exist or cannot be read"),
-                )
-            })?;
-            if !canon.starts_with(dir) {
-                return Err(ApiError::invalid(
-                    param,
                     format!(
-                        "media file {p} is outside the allowed media directory; allowed: \
-                         files under {}",
-                        dir.display()
+                        "media file {p:?} cannot be served; allowed: existing files under the \
+                         server's --allowed-media-dir (paths relative to it)"
                     ),
-                ));
+                )
+            };
+            let canon = joined.canonicalize().map_err(|_| refused())?;
+            if !canon.starts_with(dir) || !canon.is_file() {
+                return Err(refused());
             }
             canon
                 .into_os_string()

@@ -27,6 +27,11 @@ pub fn pipeline() -> Arc<Pipeline> {
 
 /// A server on its own thread and runtime; returns its address.
 pub fn start_with(backend: Arc<dyn Backend>, config: ServerConfig) -> SocketAddr {
+    start_on("127.0.0.1:0", backend, config)
+}
+
+/// [`start_with`] listening on `bind` (e.g. `0.0.0.0:0` for every interface).
+pub fn start_on(bind: &'static str, backend: Arc<dyn Backend>, config: ServerConfig) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -35,7 +40,7 @@ pub fn start_with(backend: Arc<dyn Backend>, config: ServerConfig) -> SocketAddr
             .build()
             .unwrap();
         rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
             qwen2vl_server::serve(listener, backend, config, std::future::pending())
                 .await
