@@ -60,11 +60,25 @@ impl ModelArgs {
     }
 }
 
+/// Most worker threads per available core: more only adds switching (and a huge count
+/// spends minutes creating threads before any work).
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
+/// The allowed `--threads` range's upper end: [`MAX_THREADS_PER_CORE`] x the cores available.
+pub fn max_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores * MAX_THREADS_PER_CORE
+}
+
 /// Sets the worker thread count; must run before the first tensor operation.
 pub fn set_threads(threads: Option<usize>) -> Result<(), CliError> {
     if let Some(n) = threads {
-        if n == 0 {
-            return Err(CliError::Usage("--threads must be at least 1".into()));
+        let max = max_threads();
+        if n == 0 || n > max {
+            return Err(CliError::Usage(format!(
+                "--threads {n} is out of range; allowed: 1 to {max} ({MAX_THREADS_PER_CORE} per \
+                 available core)"
+            )));
         }
         // candle's CPU kernels size their thread pools from this variable; it must be set
         // before the first tensor operation.

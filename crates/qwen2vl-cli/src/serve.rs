@@ -43,7 +43,8 @@ pub struct ServeArgs {
     /// Sequences decoded together.
     #[arg(long, default_value_t = 8)]
     pub max_running: usize,
-    /// Requests waiting beyond the running ones; more get HTTP 429 with Retry-After.
+    /// Requests waiting beyond the running ones (at least 1: every request passes through the
+    /// queue); more get HTTP 429 with Retry-After.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
     /// KV-cache budget in tokens over all running sequences (0: from the model and memory).
@@ -80,9 +81,85 @@ pub struct ServeArgs {
     /// Timeout of a remote media fetch, in seconds.
     #[arg(long, default_value_t = 30)]
     pub fetch_timeout: u64,
+    /// A Host header name to serve besides localhost, 127.0.0.1 and [::1] (repeatable; any
+    /// port; * serves any host). On a loopback --host only those names are served (a web page
+    /// cannot reach the server through DNS rebinding); on other addresses any Host is served
+    /// unless names are given.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
+    /// Connections served at once; more wait until one closes.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (also how long an idle keep-alive
+    /// connection stays open).
+    #[arg(long, default_value_t = 10)]
+    pub header_read_timeout: u64,
+    /// Seconds a client has to send a request's body (HTTP 408 beyond).
+    #[arg(long, default_value_t = 60)]
+    pub body_read_timeout: u64,
+    /// On Ctrl-C or SIGTERM, seconds running answers may go on before they are cancelled
+    /// (streams then end with their finish chunk and [DONE]); the process then exits 0.
+    #[arg(long, default_value_t = 10)]
+    pub shutdown_grace: u64,
 }
 
-/// Loads the model, binds and serves until Ctrl-C.
+/// The id `/v1/models` shows for `--model`: a Hugging Face repo id as given, a local
+/// directory by its last component (never the absolute path).
+fn served_name(model: &str) -> String {
+    let path = std::path::Path::new(model);
+    if path.exists() {
+        if let Some(name) = path
+            .canonicalize()
+            .ok()
+            .as_deref()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+        {
+            return name.to_string();
+        }
+        return "qwen2vl".to_string();
+    }
+    model.to_string()
+}
+
+/// Refuses settings that would leave the server open or useless (before the model loads).
+fn check_flags(args: &ServeArgs, api_key: &Option<String>) -> Result<(), CliError> {
+    if let Some(k) = api_key {
+        if k.trim().is_empty() {
+            return Err(CliError::Usage(
+                "the API key (--api-key or QWEN2VL_API_KEY) is empty; give a non-empty key, or \
+                 leave both out to serve without one"
+                    .into(),
+            ));
+        }
+    }
+    if args.max_queue == 0 {
+        return Err(CliError::Usage(
+            "--max-queue 0 would refuse every request (each waits in the queue until the engine \
+             takes it); allowed: at least 1"
+                .into(),
+        ));
+    }
+    for (flag, v) in [
+        ("--max-connections", args.max_connections as u64),
+        ("--header-read-timeout", args.header_read_timeout),
+        ("--body-read-timeout", args.body_read_timeout),
+    ] {
+        if v == 0 {
+            return Err(CliError::Usage(format!(
+                "{flag} 0 would refuse every request; allowed: at least 1"
+            )));
+        }
+    }
+    if let Some(h) = args.allowed_hosts.iter().find(|h| h.trim().is_empty()) {
+        return Err(CliError::Usage(format!(
+            "--allowed-host {h:?} is empty; allowed: a host name, an address, or *"
+        )));
+    }
+    Ok(())
+}
+
+/// Loads the model, binds and serves until Ctrl-C or SIGTERM (then drains and exits 0).
 pub fn main(args: ServeArgs) -> Result<(), CliError> {
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
@@ -103,16 +180,17 @@ pub fn main(args: ServeArgs) -> Result<(), CliError> {
             )));
         }
     }
+    let api_key = args
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("QWEN2VL_API_KEY").ok());
+    check_flags(&args, &api_key)?;
     let config = ServerConfig {
         model_name: args
             .served_model_name
             .clone()
-            .unwrap_or_else(|| args.model.model.clone()),
-        api_key: args
-            .api_key
-            .clone()
-            .or_else(|| std::env::var("QWEN2VL_API_KEY").ok())
-            .filter(|k| !k.is_empty()),
+            .unwrap_or_else(|| served_name(&args.model.model)),
+        api_key,
         cors_origin: args.cors_origin.clone(),
         allow_remote_media: args.allow_remote_media,
         allowed_media_dir: args.allowed_media_dir.clone(),
@@ -127,6 +205,11 @@ pub fn main(args: ServeArgs) -> Result<(), CliError> {
             max_media_bytes: args.max_media_bytes,
             fetch_timeout: Duration::from_secs(args.fetch_timeout.max(1)),
         },
+        allowed_hosts: (!args.allowed_hosts.is_empty()).then(|| args.allowed_hosts.clone()),
+        header_read_timeout: Duration::from_secs(args.header_read_timeout),
+        body_read_timeout: Duration::from_secs(args.body_read_timeout),
+        max_connections: args.max_connections,
+        shutdown_grace: Duration::from_secs(args.shutdown_grace),
     };
     let pipeline = Arc::new(args.model.load()?);
     let backend = qwen2vl_server::backend::start_with(
@@ -151,16 +234,58 @@ pub fn main(args: ServeArgs) -> Result<(), CliError> {
             .await
             .map_err(|e| CliError::Usage(format!("cannot listen on {addr}: {e}")))?;
         let local = listener.local_addr()?;
+        // Registered before the address is printed: from then on SIGTERM (systemd, Docker,
+        // Kubernetes) drains like Ctrl-C instead of killing the process.
+        let signals = Signals::register()?;
         if !args.model.quiet {
             eprintln!("qwen2vl: serving {} on http://{local}", config.model_name);
         }
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
+        let quiet = args.model.quiet;
+        let grace = args.shutdown_grace;
+        let shutdown = async move {
+            let which = signals.wait().await;
+            if !quiet {
+                eprintln!(
+                    "qwen2vl: {which}: no new connections; running answers get {grace} s to finish"
+                );
+            }
         };
         qwen2vl_server::serve(listener, backend, config, shutdown)
             .await
             .map_err(CliError::Failed)
     })
+}
+
+/// Ctrl-C and, on Unix, SIGTERM.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> Result<Signals, CliError> {
+        Ok(Signals {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(|e| CliError::Failed(format!("cannot handle SIGTERM: {e}")))?,
+        })
+    }
+
+    /// Waits for the first of them; names it.
+    async fn wait(mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => "interrupted",
+                _ = self.term.recv() => "SIGTERM",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupted"
+        }
+    }
 }
 
 /// A hidden test hook, compiled into debug builds only: with `QWEN2VL_TEST_SCRIPTED_ANSWER`
