@@ -573,9 +573,7 @@ fn a_prefill_in_units_gives_the_one_shot_logits() {
     let mut job = m.prefill_job_with_rows(&inputs, Some(1)).expect("job");
     let (_, total) = job.progress();
     let cfg = m.config();
-    let pass = m
-        .vision()
-        .pass_units(&inputs.image_grid_thw, Some(1));
+    let pass = m.vision().pass_units(&inputs.image_grid_thw, Some(1));
     assert_eq!(
         total,
         1 + pass + 1 + cfg.text.num_hidden_layers,
@@ -711,4 +709,205 @@ fn running_streams_go_on_while_an_image_downloads() {
         finished(&collect_rest(stream, true)).finish_reason,
         "cancelled"
     );
+}
+
+/// A loopback HTTP server that accepts connections and never answers (it keeps them open):
+/// a download from it lasts until the client gives up. Returns an image URL on it.
+fn stalled_image_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/never.png", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    url
+}
+
+/// A request whose image downloads from `url` (remote fetching on, loopback allowed).
+fn url_request(url: &str) -> GenerateRequest {
+    use qwen2vl::processing::fetch::FetchOptions;
+    use qwen2vl::processing::messages::{ContentPart, ImageSource, Message, Role};
+    let mut req = GenerateRequest::new(vec![Message::parts(
+        Role::User,
+        vec![
+            ContentPart::image(ImageSource::Uri(url.to_string())),
+            ContentPart::text("What is this?"),
+        ],
+    )])
+    .with_max_new_tokens(3);
+    req.fetch = FetchOptions::remote();
+    req
+}
+
+fn pool_config(threads: usize, timeout: Duration) -> EngineConfig {
+    EngineConfig {
+        preprocess_threads: threads,
+        preprocess_timeout: timeout,
+        ..config(4, 16, 0)
+    }
+}
+
+#[test]
+fn stuck_media_requests_do_not_block_a_text_request() {
+    // More stuck downloads than preprocessing threads: the text request (preprocessed at
+    // submit) is answered at once, and so is an image request from a local file, which gets
+    // a thread of its own when one is free.
+    let engine = Engine::start(pipeline(), pool_config(2, Duration::from_secs(60)));
+    let url = stalled_image_url();
+    let stuck: Vec<Submission> = (0..3)
+        .map(|_| engine.submit(url_request(&url)).expect("submit"))
+        .collect();
+    let s = wait_for(&engine, "two preprocessing", |s| s.preprocessing == 2);
+    assert_eq!(s.queued, 3, "{s:?}");
+    let t = Instant::now();
+    let text = text_request("Hello there.", 4);
+    let o = collect(engine.submit(text.clone()).expect("submit"));
+    let text_s = t.elapsed().as_secs_f64();
+    assert_same(&alone(&text), &o, "text next to stuck downloads");
+    eprintln!("text request next to 3 stuck downloads: {text_s:.3} s");
+    assert!(text_s < 5.0, "the text request took {text_s:.1} s");
+    assert_eq!(engine.stats().preprocessing, 2, "the downloads still hang");
+    // A free thread: the third stuck one is cancelled, its place goes to the queued one.
+    stuck[0].cancel.store(true, Ordering::Relaxed);
+    let mut stuck = stuck.into_iter();
+    let first = stuck.next().expect("three");
+    let t = Instant::now();
+    assert_eq!(finished(&collect(first)).finish_reason, "cancelled");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    wait_for(&engine, "the third preprocessing", |s| {
+        s.preprocessing == 2 && s.queued == 2
+    });
+    engine.shutdown();
+    for s in stuck {
+        let o = collect(s);
+        assert!(o.failed.is_some(), "shut down before starting");
+    }
+}
+
+#[test]
+fn a_preprocessing_past_its_deadline_fails_and_frees_its_thread() {
+    let timeout = Duration::from_millis(800);
+    let engine = Engine::start(pipeline(), pool_config(1, timeout));
+    let url = stalled_image_url();
+    let t = Instant::now();
+    let slow = engine.submit(url_request(&url)).expect("submit");
+    // Queued behind it on the single thread: a request with a local image.
+    let next = engine
+        .submit(image_request(&["tiny20.png"], "What is this?", 3))
+        .expect("submit");
+    let o = collect(slow);
+    let took = t.elapsed();
+    let e = o.failed.expect("the stuck request fails");
+    let msg = e.to_string();
+    assert!(msg.contains("took longer than"), "{msg}");
+    assert!(matches!(e, qwen2vl::Error::BadInput { .. }), "{e:?}");
+    eprintln!(
+        "stuck download failed after {:.2} s: {msg}",
+        took.as_secs_f64()
+    );
+    assert!(took >= timeout, "{took:?}");
+    assert!(took < timeout + Duration::from_secs(3), "{took:?}");
+    // Its thread is abandoned; the next request gets the place and is answered.
+    let g = finished(&collect(next)).clone();
+    assert!(!g.token_ids.is_empty());
+    let s = wait_for(&engine, "idle", |s| !s.busy);
+    assert_eq!(s.requests_failed, 1, "{s:?}");
+    assert_eq!(s.requests_finished, 1, "{s:?}");
+}
+
+#[test]
+fn cancelling_a_preprocessing_request_frees_its_place_at_once() {
+    let engine = Engine::start(pipeline(), pool_config(1, Duration::from_secs(60)));
+    let url = stalled_image_url();
+    let a = engine.submit(url_request(&url)).expect("submit");
+    let b = engine.submit(url_request(&url)).expect("submit");
+    let s = wait_for(&engine, "one preprocessing, one queued", |s| {
+        s.preprocessing == 1 && s.queued == 2
+    });
+    assert!(s.busy);
+    a.cancel.store(true, Ordering::Relaxed);
+    let t = Instant::now();
+    let o = collect(a);
+    assert_eq!(finished(&o).finish_reason, "cancelled");
+    assert!(o.tokens.is_empty() && o.started.is_none());
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // `b` takes the thread although `a`'s may still hang in its read.
+    wait_for(&engine, "b preprocessing", |s| {
+        s.preprocessing == 1 && s.queued == 1
+    });
+    drop(b); // dropping the receiver cancels too
+    let s = wait_for(&engine, "idle", |s| !s.busy && s.queued == 0);
+    assert_eq!(s.requests_cancelled, 2, "{s:?}");
+}
+
+#[test]
+fn stats_say_busy_and_how_long_since_progress() {
+    let engine = Engine::start(pipeline(), pool_config(1, Duration::from_secs(60)));
+    let s = engine.stats();
+    assert!(!s.busy, "{s:?}");
+    // A stuck download: the engine has work and makes no progress.
+    let stuck = engine
+        .submit(url_request(&stalled_image_url()))
+        .expect("submit");
+    wait_for(&engine, "preprocessing", |s| s.preprocessing == 1);
+    std::thread::sleep(Duration::from_millis(700));
+    let s = engine.stats();
+    assert!(s.busy, "{s:?}");
+    assert!(s.seconds_since_progress >= 0.6, "{s:?}");
+    // A stream decoding is progress, step after step.
+    let stream = running_stream(&engine);
+    std::thread::sleep(Duration::from_millis(300));
+    let s = engine.stats();
+    assert!(s.busy && s.seconds_since_progress < 0.25, "{s:?}");
+    stream.cancel.store(true, Ordering::Relaxed);
+    stuck.cancel.store(true, Ordering::Relaxed);
+    let _ = collect_rest(stream, true);
+    let _ = collect(stuck);
+    let s = wait_for(&engine, "idle", |s| !s.busy);
+    assert_eq!(s.queued + s.running, 0, "{s:?}");
+}
+
+#[test]
+fn cancelling_a_large_image_during_its_prefill_frees_the_engine_within_a_unit() {
+    // 4096 vision tokens (16384 patches in one frame): seconds of vision tower on the tiny
+    // model, cut into units of about a tenth of a second.
+    let engine = Engine::start(pipeline(), config(4, 16, 0));
+    let sub = engine
+        .submit(big_image_request(4096 * 28 * 28))
+        .expect("submit");
+    wait_for(&engine, "prefilling", |s| s.running == 1);
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    sub.cancel.store(true, Ordering::Relaxed);
+    let o = collect(sub);
+    let freed = t.elapsed();
+    assert_eq!(finished(&o).finish_reason, "cancelled");
+    assert!(o.started.is_none(), "cancelled before its first token");
+    wait_for(&engine, "idle", |s| s.running == 0 && s.kv_tokens_used == 0);
+    eprintln!(
+        "cancel during a 4096-token image's prefill answered after {:.3} s",
+        freed.as_secs_f64()
+    );
+    assert!(freed < Duration::from_secs(2), "{freed:?}");
+    let t = Instant::now();
+    let o = collect(engine.submit(text_request("next", 2)).expect("submit"));
+    assert!(!finished(&o).token_ids.is_empty());
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+/// A request with the fixture's 20x20 image resized up to at least `min_pixels` (a
+/// per-item setting, as a client may send it).
+fn big_image_request(min_pixels: u64) -> GenerateRequest {
+    use qwen2vl::processing::messages::{ContentPart, ImagePart, Message, Role};
+    let part = ImagePart {
+        min_pixels: Some(min_pixels),
+        ..ImagePart::new(image("tiny20.png").to_string_lossy().to_string())
+    };
+    GenerateRequest::new(vec![Message::parts(
+        Role::User,
+        vec![ContentPart::Image(part), ContentPart::text("Describe.")],
+    )])
+    .with_max_new_tokens(3)
 }

@@ -6,26 +6,38 @@
 //! sequence's KV cache; it loops:
 //!
 //! 1. **Reap**: sequences whose receiver was dropped are removed and their KV freed;
-//!    queued requests that were cancelled leave the queue.
-//! 2. **Preprocess, admit, prefill** (first come, first served). Requests move through
-//!    three one-place stages:
+//!    requests cancelled at any stage before (queued, preprocessing, ready, prefilling)
+//!    leave it and free their place at once.
+//! 2. **Preprocess, admit, prefill**. Requests move through three stages:
 //!    - *preprocessing*: template, tokenizer, images and videos (files, URLs, decoding,
-//!      resizing) are read on a helper thread, so a slow download or a large video does
-//!      not stall the decode steps; the KV need, `prompt tokens + max_new_tokens` (the new
-//!      tokens capped by the context), is known after it. Text-only requests are already
-//!      preprocessed at submit.
-//!    - *head*: the next request waits for a free slot (fewer than
-//!      [`EngineConfig::max_running`]), its KV need to fit in what is left of
-//!      [`EngineConfig::kv_budget_tokens`], and the prefill lane. Later requests do not
-//!      overtake it (no starvation); one whose need alone is over the whole budget fails
+//!      resizing) are read on threads of their own, up to
+//!      [`EngineConfig::preprocess_threads`] requests at a time, so a slow download or a
+//!      large video stalls neither the decode steps nor the other requests' preprocessing.
+//!      Each job has a deadline, [`EngineConfig::preprocess_timeout`]: it is set in the
+//!      request's [`crate::processing::fetch::FetchOptions::interrupt`] (with a flag the
+//!      scheduler sets on cancel), which the processing loops check, and the scheduler
+//!      enforces it too: a job past it fails with [`crate::Error::BadInput`] ("took longer
+//!      than …"), its place is reused at once and its thread, abandoned, ends at its next
+//!      check. Text-only requests are already preprocessed at submit and skip this stage.
+//!      The KV need, `prompt tokens + max_new_tokens` (the new tokens capped by the
+//!      context), is known after it.
+//!    - *ready*: preprocessed requests, in the order they became ready (a slow media
+//!      request is overtaken by the ones ready before it). The front waits for a free slot
+//!      (fewer than [`EngineConfig::max_running`]), its KV need to fit in what is left of
+//!      [`EngineConfig::kv_budget_tokens`], and the prefill lane; the ones behind it do not
+//!      overtake it (no starvation). One whose need alone is over the whole budget fails
 //!      with [`crate::Error::BadInput`].
 //!    - *prefill*: the admitted request's cache is reserved and its vision tower and
 //!      prefill run as a [`crate::model::PrefillJob`], at most
-//!      [`EngineConfig::prefill_slice_ms`] per iteration while other sequences decode (one
-//!      vision block or one decoder layer at a time; the arithmetic is the same as in one
-//!      go). When it completes, its first token is sampled and it joins the batch. So a
-//!      large image delays the running streams by one slice per step, not by its whole
-//!      vision pass: vLLM's chunked prefill, cut by layers instead of by tokens.
+//!      [`EngineConfig::prefill_slice_ms`] per iteration while other sequences decode, one
+//!      unit of work at a time (a chunk of rows of one stage of a vision block, about
+//!      [`crate::vision::UNIT_FLOPS`], even inside the attention of a 16k-patch frame; or
+//!      one decoder layer), with a cancel check after each; the arithmetic is the same as
+//!      in one go, bit for bit. When it completes, its first token is sampled and it joins
+//!      the batch. So a large image delays the running streams by about one slice per
+//!      step, not by its whole vision pass (vLLM's chunked prefill, cut by rows within the
+//!      vision tower and by layers in the decoder), and a disconnect during it frees the
+//!      engine within a unit.
 //! 3. **Decode**: one [`crate::model::Qwen2VL::decode_step`] over *all* running sequences:
 //!    each brings its own last token, KV cache and M-RoPE `rope_delta` (positions are
 //!    `cache length + rope_delta`), and attention runs per sequence against its own cache, so
@@ -50,8 +62,12 @@
 //!
 //! Cancellation: setting [`Submission::cancel`] (or the request's own
 //! [`GenerateRequest::cancel`]) or dropping [`Submission::events`] is noticed within one
-//! step; the sequence leaves the batch, its KV is freed and (when someone still listens) it
-//! finishes with `finish_reason` `"cancelled"`.
+//! step (or one unit of prefill); the sequence leaves the batch, its KV is freed and (when
+//! someone still listens) it finishes with `finish_reason` `"cancelled"`.
+//!
+//! Liveness: [`Engine::stats`] says whether the engine is `busy` and how long ago it last
+//! made progress ([`EngineStats::seconds_since_progress`]); the server's `/health` turns a
+//! busy engine without progress for a while into a 503.
 //!
 //! # Example
 //!
@@ -90,7 +106,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -117,6 +133,17 @@ pub struct EngineConfig {
     /// a decoder layer). Smaller keeps the running streams smoother, larger gives new
     /// requests their first token sooner. Default 300.
     pub prefill_slice_ms: u64,
+    /// Requests whose media are read and decoded at the same time, each on a thread of its
+    /// own (text-only requests need none). A slow or stuck request holds one of them, never
+    /// the others. `0` is taken as 1. Default 4.
+    pub preprocess_threads: usize,
+    /// Longest a request's preprocessing (template, tokenizer, fetching, decoding and
+    /// resizing its images and videos) may take. The limit is passed to the processing code
+    /// ([`crate::processing::fetch::FetchOptions::interrupt`]), and past it (and a short
+    /// grace) the scheduler fails the request with [`crate::Error::BadInput`] ("took longer
+    /// than …") itself and gives its place to the next; the thread is abandoned and ends at
+    /// its next check. Default 120 s.
+    pub preprocess_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -126,6 +153,8 @@ impl Default for EngineConfig {
             max_queue: 64,
             kv_budget_tokens: 0,
             prefill_slice_ms: 300,
+            preprocess_threads: 4,
+            preprocess_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -271,6 +300,20 @@ pub struct EngineStats {
     /// Decode steps run while a new request's vision tower or prefill was part-way done
     /// (the running streams went on instead of waiting for it).
     pub decode_steps_during_prefill_total: u64,
+    /// Requests whose media are being read and decoded now (of `queued`).
+    pub preprocessing: usize,
+    /// Preprocessing threads abandoned (past their deadline or cancelled) that have not
+    /// ended yet. They count against a second [`EngineConfig::preprocess_threads`]: stuck
+    /// ones cannot pile up without bound, and while that many are stuck media requests wait.
+    pub preprocess_threads_abandoned: usize,
+    /// Whether the engine has work: requests queued, being preprocessed, prefilled or
+    /// decoded.
+    pub busy: bool,
+    /// Seconds since the engine last made progress: a decode step, a unit of prefill, an
+    /// admission, a preprocessed request, or a request leaving (finished, failed,
+    /// cancelled); counted from when it last became busy if it was idle. A busy engine with
+    /// a large value is stuck (`/health` reports it).
+    pub seconds_since_progress: f64,
 }
 
 /// A request waiting in the queue.
@@ -332,6 +375,8 @@ pub(crate) struct State {
     pub(crate) stats: EngineStats,
     /// Moving average of seconds from admission to finish (for `Retry-After`).
     pub(crate) service_s: f64,
+    /// When work last moved on (see [`EngineStats::seconds_since_progress`]).
+    pub(crate) last_progress: Option<Instant>,
 }
 
 struct Inner {
@@ -369,8 +414,10 @@ impl Engine {
             config.kv_budget_tokens = EngineConfig::default_kv_budget(&pipeline);
         }
         config.max_running = config.max_running.max(1);
+        config.preprocess_threads = config.preprocess_threads.max(1);
         let state = State {
             accepting: true,
+            last_progress: Some(Instant::now()),
             stats: EngineStats {
                 kv_budget_tokens: config.kv_budget_tokens,
                 max_running: config.max_running,
@@ -459,6 +506,10 @@ impl Engine {
                 retry_after_s: (per * rounds).ceil().max(1.0) as u64,
             });
         }
+        if st.queue.is_empty() && st.held == 0 && st.stats.running == 0 {
+            // Idle until now: progress is counted from here.
+            st.last_progress = Some(Instant::now());
+        }
         st.queue.push_back(Pending {
             request,
             tx,
@@ -479,6 +530,8 @@ impl Engine {
         let mut s = st.stats.clone();
         s.queued = st.queue.len() + st.held;
         s.accepting = st.accepting;
+        s.busy = s.queued > 0 || s.running > 0;
+        s.seconds_since_progress = st.last_progress.map_or(0.0, |t| t.elapsed().as_secs_f64());
         s
     }
 

@@ -1,8 +1,9 @@
 //! The scheduler thread: admit, prefill, one batched decode step, sample, stop; repeat.
 //! The policy is described in the [module docs](super).
 
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,12 @@ use crate::error::{Error, Result};
 use crate::generation::stop::FinishReason;
 use crate::kv_cache::KvCache;
 use crate::model::PrefillJob;
-use crate::pipeline::{Generation, Pipeline, Timings, Usage};
+use crate::pipeline::{GenerateRequest, Generation, Pipeline, Timings, Usage};
+use crate::processing::fetch::Interrupt;
+
+/// How long past its deadline a preprocessing job may still answer before the scheduler
+/// fails it itself (the job's own checks give the more precise message).
+const PREPROCESS_GRACE: Duration = Duration::from_millis(500);
 
 /// One sequence in the decode batch.
 struct Running<'p> {
@@ -44,10 +50,45 @@ enum Outcome {
     Failed,
 }
 
-/// A request whose template, tokens and media are being read on a helper thread (file and
-/// network reads, image decoding and resizing must not stall the decode steps).
+/// A request whose template, tokens and media are being read on a thread of its own (file
+/// and network reads, image decoding and resizing must not stall the decode steps). The
+/// thread gets only the [`crate::pipeline::GenerateRequest`]; the scheduler keeps the rest,
+/// so it can answer the request without the thread (a deadline passed, a cancel) and
+/// abandon it, and the answer's channel closes then, not when the thread ends.
 struct Preparing {
-    done: mpsc::Receiver<(Pending, Result<Prepared>)>,
+    id: u64,
+    tx: UnboundedSender<EngineEvent>,
+    cancel: Arc<AtomicBool>,
+    submitted: Instant,
+    /// The interrupt flag of the request's fetch options: set, the thread stops at its next
+    /// check.
+    abort: Arc<AtomicBool>,
+    started: Instant,
+}
+
+impl Preparing {
+    fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.tx.is_closed()
+    }
+}
+
+/// What a preprocessing thread sends back: its job's id, the request, the result.
+type Done = (u64, GenerateRequest, Result<Prepared>);
+
+/// Counts a preprocessing thread as alive until it ends (even by a panic).
+struct Alive(Arc<AtomicUsize>);
+
+impl Alive {
+    fn new(count: &Arc<AtomicUsize>) -> Alive {
+        count.fetch_add(1, Ordering::SeqCst);
+        Alive(count.clone())
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The admitted request whose vision tower and prefill run, a slice at a time.
@@ -61,18 +102,24 @@ struct Prefilling<'p> {
     admitted: Instant,
 }
 
-/// Requests flow queue → `preparing` → `head` → `prefilling` → `running`, one at a time
-/// through each of the middle stages, so first come is first served.
+/// Requests flow queue → `preparing` (several at once, media requests only) → `ready` →
+/// `prefilling` (one) → `running`. `ready` is admitted in order from its front, so a
+/// request that waits for KV room is not overtaken.
 struct Scheduler<'p> {
     shared: Arc<Shared>,
     pipeline: &'p Pipeline,
     /// The same pipeline, for the preprocessing threads.
     owned: Arc<Pipeline>,
     running: Vec<Running<'p>>,
-    preparing: Option<Preparing>,
-    /// The next request to admit, preprocessed, waiting for a slot, KV room or the
-    /// prefill lane.
-    head: Option<Pending>,
+    preparing: Vec<Preparing>,
+    done_tx: mpsc::Sender<Done>,
+    done_rx: mpsc::Receiver<Done>,
+    next_job: u64,
+    /// Preprocessing threads alive, abandoned ones included.
+    alive: Arc<AtomicUsize>,
+    /// Preprocessed requests waiting for a slot, KV room or the prefill lane; the front is
+    /// the next to admit.
+    ready: VecDeque<Pending>,
     prefilling: Option<Prefilling<'p>>,
     kv_used: usize,
 }
@@ -80,13 +127,18 @@ struct Scheduler<'p> {
 /// The thread's body: loops until [`Shared`]'s `stop`, then cancels what runs and fails what
 /// waits.
 pub(crate) fn run(shared: Arc<Shared>, pipeline: Arc<Pipeline>) {
+    let (done_tx, done_rx) = mpsc::channel();
     let mut s = Scheduler {
         shared,
         pipeline: &pipeline,
         owned: pipeline.clone(),
         running: Vec::new(),
-        preparing: None,
-        head: None,
+        preparing: Vec::new(),
+        done_tx,
+        done_rx,
+        next_job: 0,
+        alive: Arc::new(AtomicUsize::new(0)),
+        ready: VecDeque::new(),
         prefilling: None,
         kv_used: 0,
     };
@@ -130,24 +182,26 @@ impl<'p> Scheduler<'p> {
         if st.stop {
             return false;
         }
-        if self.preparing.is_some() {
-            // The helper thread notifies when done; the timeout bounds a missed one.
+        if !self.preparing.is_empty() {
+            // A preprocessing thread notifies when done; the timeout bounds how late a
+            // cancel or a deadline is seen.
             let _unused = self
                 .shared
                 .wake
-                .wait_timeout(st, Duration::from_millis(5))
+                .wait_timeout(st, Duration::from_millis(10))
                 .map_err(|_| ());
-        } else if st.queue.is_empty() && self.head.is_none() {
+        } else if st.queue.is_empty() && self.ready.is_empty() {
             // Wake on submit/shutdown; the timeout only bounds a missed notification.
             let _unused = self
                 .shared
                 .wake
                 .wait_timeout(st, Duration::from_millis(200))
                 .map_err(|_| ());
-        } else if self.head.is_some() {
+        } else {
             drop(st);
-            // A waiting head with nothing running can only be a cancelled one being
-            // reaped next round; do not spin hard.
+            // A ready request with nothing running can only be a cancelled one being
+            // reaped next round, and queued media requests wait for a preprocessing
+            // thread to end; do not spin hard.
             std::thread::sleep(Duration::from_millis(1));
         }
         true
@@ -182,74 +236,138 @@ impl<'p> Scheduler<'p> {
             let queue = std::mem::take(&mut st.queue);
             for p in queue {
                 if p.is_cancelled() {
-                    gone.push(p);
+                    gone.push(p.tx);
                 } else {
                     st.queue.push_back(p);
                 }
             }
         }
-        if let Some(h) = self.head.take() {
-            if h.is_cancelled() {
-                gone.push(h);
+        for p in std::mem::take(&mut self.ready) {
+            if p.is_cancelled() {
+                gone.push(p.tx);
             } else {
-                self.head = Some(h);
+                self.ready.push_back(p);
             }
         }
-        for p in gone {
-            self.cancel_unstarted(&p.tx);
+        // A cancelled preprocessing frees its place now; its thread stops at its next
+        // check.
+        for p in std::mem::take(&mut self.preparing) {
+            if p.is_cancelled() {
+                p.abort.store(true, Ordering::Relaxed);
+                gone.push(p.tx);
+            } else {
+                self.preparing.push(p);
+            }
+        }
+        for tx in gone {
+            self.cancel_unstarted(&tx);
         }
     }
 
-    /// Collects a finished preprocessing as the new head, and starts preprocessing the
-    /// next queued request when the stage is free.
+    /// Collects finished preprocessing jobs (into `ready`, or failed), fails the ones past
+    /// their deadline, and starts preprocessing queued media requests while threads are
+    /// free; text-only requests (preprocessed at submit) go straight to `ready`.
     fn advance_preparation(&mut self) {
-        if let Some(p) = &self.preparing {
-            match p.done.try_recv() {
-                Ok((pending, result)) => {
-                    self.preparing = None;
-                    self.take_prepared(pending, result);
-                }
-                Err(mpsc::TryRecvError::Empty) => {}
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    // Cannot happen (the thread catches panics and always sends); the
-                    // request's sender went with the thread, so its stream just ends.
-                    self.preparing = None;
-                    self.count(Outcome::Failed, 0.0);
+        while let Ok((id, request, result)) = self.done_rx.try_recv() {
+            // A job no longer listed was already answered (cancelled, or past its
+            // deadline); its late result is dropped.
+            if let Some(i) = self.preparing.iter().position(|p| p.id == id) {
+                let p = self.preparing.swap_remove(i);
+                let pending = Pending {
+                    request,
+                    tx: p.tx,
+                    cancel: p.cancel,
+                    submitted: p.submitted,
+                    prepared: None,
+                };
+                self.take_prepared(pending, result);
+            }
+        }
+        let timeout = self.shared.config.preprocess_timeout;
+        let now = Instant::now();
+        for p in std::mem::take(&mut self.preparing) {
+            if now.duration_since(p.started) >= timeout + PREPROCESS_GRACE {
+                p.abort.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    seconds = timeout.as_secs_f64(),
+                    "a request's preprocessing passed its deadline; its thread is abandoned"
+                );
+                self.fail(&p.tx, 0, preprocess_timeout_error(timeout));
+            } else {
+                self.preparing.push(p);
+            }
+        }
+        let threads = self.shared.config.preprocess_threads.max(1);
+        let mut start = Vec::new();
+        let mut gone = Vec::new();
+        {
+            let mut st = self.shared.lock();
+            let ready_media = self.ready.iter().filter(|p| has_media(p)).count();
+            for p in std::mem::take(&mut st.queue) {
+                if p.is_cancelled() {
+                    gone.push(p.tx);
+                } else if p.prepared.is_some() {
+                    self.ready.push_back(p);
+                } else if self.preparing.len() + start.len() + ready_media < threads
+                    && self.alive.load(Ordering::SeqCst) + start.len() < 2 * threads
+                {
+                    // Media requests prepared or being prepared stay within `threads`
+                    // (their pixels take memory); abandoned threads still running count
+                    // against a second `threads`, so stuck jobs cannot pile up.
+                    start.push(p);
+                } else {
+                    st.queue.push_back(p);
                 }
             }
         }
-        while self.preparing.is_none() && self.head.is_none() {
-            let Some(next) = self.shared.lock().queue.pop_front() else {
-                break;
-            };
-            if next.is_cancelled() {
-                self.cancel_unstarted(&next.tx);
-                continue;
-            }
-            if next.prepared.is_some() {
-                self.head = Some(next);
-                break;
-            }
-            self.preparing = self.spawn_preparation(next);
+        for tx in gone {
+            self.cancel_unstarted(&tx);
+        }
+        for p in start {
+            self.spawn_preparation(p);
         }
     }
 
-    /// Preprocesses `pending` on a helper thread (or here, if no thread can be started).
-    fn spawn_preparation(&mut self, pending: Pending) -> Option<Preparing> {
-        let (tx, done) = mpsc::channel();
+    /// Preprocesses `pending` on a thread of its own, with a deadline of
+    /// [`super::EngineConfig::preprocess_timeout`] and an abort flag set in its fetch
+    /// options (or here, if no thread can be started).
+    fn spawn_preparation(&mut self, pending: Pending) {
+        let Pending {
+            mut request,
+            tx,
+            cancel,
+            submitted,
+            prepared: _,
+        } = pending;
+        let timeout = self.shared.config.preprocess_timeout;
+        let abort = Arc::new(AtomicBool::new(false));
+        request.fetch.interrupt = Interrupt::within(timeout, Some(abort.clone()));
+        let id = self.next_job;
+        self.next_job += 1;
+        let entry = Preparing {
+            id,
+            tx,
+            cancel,
+            submitted,
+            abort,
+            started: Instant::now(),
+        };
+        let done = self.done_tx.clone();
         let pipeline = self.owned.clone();
         let shared = self.shared.clone();
         let budget = self.shared.config.kv_budget_tokens;
-        let work = move |pending: Pending| {
-            let result = guarded(|| prepare_checked(&pipeline, &pending.request, budget));
-            let _ = tx.send((pending, result));
+        let alive = Alive::new(&self.alive);
+        let work = move |request: GenerateRequest| {
+            let _alive = alive;
+            let result = guarded(|| prepare_checked(&pipeline, &request, budget));
+            let _ = done.send((id, request, result));
             // Taking the lock orders this wake-up after the scheduler's check.
             drop(shared.lock());
             shared.wake.notify_all();
         };
         // The thread takes the request; if it cannot start, the request comes back through
         // this slot and is preprocessed here.
-        let slot = Arc::new(Mutex::new(Some(pending)));
+        let slot = Arc::new(Mutex::new(Some(request)));
         let theirs = slot.clone();
         let spawned = std::thread::Builder::new()
             .name("qwen2vl-preprocess".into())
@@ -259,48 +377,59 @@ impl<'p> Scheduler<'p> {
                     work(p);
                 }
             });
-        if spawned.is_err() {
-            let pending = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(pending) = pending {
-                let result = guarded(|| prepare_checked(self.pipeline, &pending.request, budget));
-                self.take_prepared(pending, result);
+        match spawned {
+            Ok(_) => self.preparing.push(entry),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a preprocessing thread; preprocessing on the scheduler");
+                let request = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(request) = request {
+                    let result = guarded(|| prepare_checked(self.pipeline, &request, budget));
+                    let pending = Pending {
+                        request,
+                        tx: entry.tx,
+                        cancel: entry.cancel,
+                        submitted: entry.submitted,
+                        prepared: None,
+                    };
+                    self.take_prepared(pending, result);
+                }
             }
-            return None;
         }
-        Some(Preparing { done })
     }
 
-    /// A preprocessed request becomes the head, or fails.
+    /// A preprocessed request joins `ready`, or fails.
     fn take_prepared(&mut self, mut pending: Pending, result: Result<Prepared>) {
+        self.note_progress();
         match result {
             Ok(p) => {
                 pending.prepared = Some(p);
-                self.head = Some(pending);
+                self.ready.push_back(pending);
             }
             Err(e) => self.fail(&pending.tx, 0, e),
         }
     }
 
-    /// Admits the head when the prefill lane and a slot are free and its KV fits: reserves
-    /// its cache and starts its [`PrefillJob`]. A head that does not fit yet waits (later
-    /// requests do not overtake it: no starvation).
+    /// Admits the front of `ready` when the prefill lane and a slot are free and its KV
+    /// fits: reserves its cache and starts its [`PrefillJob`]. A request that does not fit
+    /// yet waits (later requests do not overtake it: no starvation).
     fn admit(&mut self) {
         if self.prefilling.is_some() || self.running.len() >= self.shared.config.max_running {
             return;
         }
-        let Some(head) = self.head.take() else {
+        let Some(head) = self.ready.pop_front() else {
             return;
         };
         let Some(prepared) = head.prepared.as_ref() else {
-            // Not reachable: only preprocessed requests become the head.
-            self.head = Some(head);
+            // Not reachable: only preprocessed requests are ready.
+            self.fail(&head.tx, 0, internal("a ready request has no inputs"));
             return;
         };
         let need = prepared.need();
         if self.kv_used + need > self.shared.config.kv_budget_tokens {
-            self.head = Some(head);
+            self.ready.push_front(head);
             return;
         }
+        self.note_progress();
         let model = self.pipeline.model();
         match guarded(|| Ok((model.new_cache(need)?, model.prefill_job(&prepared.inputs)?))) {
             Ok((cache, job)) => {
@@ -319,10 +448,11 @@ impl<'p> Scheduler<'p> {
 
     /// Runs admitted requests' prefills for a slice of time
     /// ([`super::EngineConfig::prefill_slice_ms`] while others are decoding, longer when
-    /// nothing else runs). A request whose prefill completes gets its first token and joins
-    /// the decode batch, and the next head is admitted and prefilled in what is left of the
-    /// slice (so a burst of short prompts starts together). Returns whether there was
-    /// prefill work.
+    /// nothing else runs), one unit of work at a time, and drops a request cancelled
+    /// meanwhile after the unit it is in. A request whose prefill completes gets its first
+    /// token and joins the decode batch, and the next ready request is admitted and
+    /// prefilled in what is left of the slice (so a burst of short prompts starts
+    /// together). Returns whether there was prefill work.
     fn prefill_slice(&mut self) -> bool {
         let slice = Duration::from_millis(self.shared.config.prefill_slice_ms);
         let mut deadline = Instant::now()
@@ -345,12 +475,20 @@ impl<'p> Scheduler<'p> {
             let result = match pf.pending.prepared.as_ref() {
                 Some(prepared) => {
                     let (job, cache) = (&mut pf.job, &mut pf.cache);
-                    guarded(|| job.run_until(&prepared.inputs, cache, deadline))
+                    guarded(|| job.step(&prepared.inputs, cache))
                 }
                 None => Err(internal("an admitted request has no inputs")),
             };
+            let cancelled = pf.pending.is_cancelled();
+            self.note_progress();
             match result {
-                Ok(false) => break,
+                Ok(false) if cancelled => {
+                    if let Some(p) = self.prefilling.take() {
+                        self.kv_used -= p.need;
+                        self.cancel_unstarted(&p.pending.tx);
+                    }
+                }
+                Ok(false) => {}
                 Ok(true) => {
                     if let Some(pf) = self.prefilling.take() {
                         self.start(pf);
@@ -502,6 +640,7 @@ impl<'p> Scheduler<'p> {
 
     /// One decode step over every running sequence, then a token for each.
     fn decode(&mut self) {
+        self.note_progress();
         let pipeline = self.pipeline;
         let tokens: Vec<u32> = self
             .running
@@ -573,24 +712,25 @@ impl<'p> Scheduler<'p> {
             self.kv_used -= pf.need;
             waiting.push(pf.pending);
         }
-        if let Some(p) = self.preparing.take() {
-            // Bounded by the fetch timeout of a remote image or video.
-            if let Ok((pending, _)) = p.done.recv() {
-                waiting.push(pending);
-            }
+        let mut txs: Vec<UnboundedSender<EngineEvent>> = Vec::new();
+        // Preprocessing threads are not waited for: they stop at their next check.
+        for p in std::mem::take(&mut self.preparing) {
+            p.abort.store(true, Ordering::Relaxed);
+            txs.push(p.tx);
         }
-        waiting.extend(self.head.take());
+        waiting.extend(self.ready.drain(..));
         {
             let mut st = self.shared.lock();
             waiting.extend(st.queue.drain(..));
             st.held = 0;
         }
-        for p in waiting {
+        txs.extend(waiting.into_iter().map(|p| p.tx));
+        for tx in txs {
             let e = Error::bad_input(
                 "the engine shut down before the request started",
                 "a running server",
             );
-            self.fail(&p.tx, 0, e);
+            self.fail(&tx, 0, e);
         }
         self.publish();
     }
@@ -611,6 +751,7 @@ impl<'p> Scheduler<'p> {
     /// Updates the totals for a request that left.
     fn count(&self, outcome: Outcome, service_s: f64) {
         let mut st = self.shared.lock();
+        st.last_progress = Some(Instant::now());
         match outcome {
             Outcome::Finished => {
                 st.stats.requests_finished += 1;
@@ -625,14 +766,22 @@ impl<'p> Scheduler<'p> {
         }
     }
 
+    /// Records that work moved on (for [`super::EngineStats::seconds_since_progress`]).
+    fn note_progress(&self) {
+        self.shared.lock().last_progress = Some(Instant::now());
+    }
+
     /// Publishes running / KV figures for [`super::Engine::stats`] (the request being
     /// prefilled counts as running: it holds a slot and its KV).
     fn publish(&self) {
         let mut st = self.shared.lock();
         st.stats.running = self.running.len() + usize::from(self.prefilling.is_some());
         st.stats.kv_tokens_used = self.kv_used;
-        st.held = usize::from(self.preparing.is_some()) + usize::from(self.head.is_some());
+        st.held = self.preparing.len() + self.ready.len();
         st.stats.queued = st.queue.len() + st.held;
+        st.stats.preprocessing = self.preparing.len();
+        let alive = self.alive.load(Ordering::SeqCst);
+        st.stats.preprocess_threads_abandoned = alive.saturating_sub(self.preparing.len());
     }
 }
 
@@ -653,6 +802,27 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     } else {
         "panic".to_string()
     }
+}
+
+/// Whether a prepared request carries pixels (images or video frames).
+fn has_media(p: &Pending) -> bool {
+    p.prepared.as_ref().is_some_and(|x| {
+        !x.inputs.pixel_values.is_empty() || !x.inputs.pixel_values_videos.is_empty()
+    })
+}
+
+/// The error of a request whose preprocessing passed `timeout`.
+fn preprocess_timeout_error(timeout: Duration) -> Error {
+    Error::bad_input(
+        format!(
+            "reading and decoding the request's media took longer than {:.1} s",
+            timeout.as_secs_f64()
+        ),
+        format!(
+            "media that can be fetched and decoded within {:.1} s (the engine's preprocessing limit)",
+            timeout.as_secs_f64()
+        ),
+    )
 }
 
 /// An internal error carrying `msg` (our fault, not the user's).
