@@ -210,6 +210,7 @@ pub fn main(args: ServeArgs) -> Result<(), CliError> {
         body_read_timeout: Duration::from_secs(args.body_read_timeout),
         max_connections: args.max_connections,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        ..ServerConfig::default()
     };
     let pipeline = Arc::new(args.model.load()?);
     let backend = qwen2vl_server::backend::start_with(

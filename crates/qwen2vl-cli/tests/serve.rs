@@ -104,6 +104,10 @@ fn serve_help_has_an_example_and_the_security_flags() {
         "--allow-remote-media",
         "--allowed-media-dir",
         "--max-body-bytes",
+        "--allowed-host",
+        "--max-connections",
+        "--header-read-timeout",
+        "--shutdown-grace",
         "[default: 127.0.0.1]",
     ] {
         assert!(help.contains(want), "{want}:\n{help}");
@@ -140,7 +144,9 @@ fn output_within(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
 fn serve_refuses_an_empty_api_key_and_a_zero_queue() {
     let m = model();
     let base = ["serve", "--model", m.as_str(), "--port", "0"];
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    // Extra flags, environment, and what the error must name.
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (vec!["--api-key", ""], vec![], "API key"),
         (vec!["--api-key", "  "], vec![], "API key"),
         (vec![], vec![("QWEN2VL_API_KEY", "")], "API key"),

@@ -62,7 +62,7 @@ impl HostPolicy {
             HostPolicy::Any => true,
             HostPolicy::Only(names) => {
                 let h = normalize(host);
-                names.iter().any(|n| *n == h)
+                names.contains(&h)
             }
         }
     }
