@@ -12,6 +12,7 @@ pub mod guard;
 pub mod listen;
 pub mod metrics;
 pub mod openai;
+pub mod openapi;
 pub mod page;
 pub mod request;
 pub mod tools;
@@ -188,6 +189,7 @@ pub fn app_on(
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::document))
         .method_not_allowed_fallback(guard::method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
