@@ -483,6 +483,12 @@ fn method_not_allowed_has_an_openai_error_body() {
         "{msg}"
     );
     assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    let allows = r
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("allow"))
+        .count();
+    assert_eq!(allows, 1, "{:?}", r.headers);
     let r = raw(addr, "GET", "/v1/chat/completions", &[], "");
     assert_eq!(r.status, 405);
     assert!(r.error()["message"]
