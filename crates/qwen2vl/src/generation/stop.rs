@@ -136,11 +136,6 @@ impl StopCriteria {
         }
         best
     }
-
-    /// The longest stop string, in bytes (0 when there are none).
-    pub fn max_stop_len(&self) -> usize {
-        self.stop_strings.iter().map(String::len).max().unwrap_or(0)
-    }
 }
 
 /// The length of the longest suffix of `text` that is a proper prefix of `pat` (non-empty):
@@ -209,8 +204,8 @@ impl StopStringFilter {
             return (String::new(), None);
         }
         // `pending` holds less than the longest stop string (see below), so this search
-        // reads at most `max_stop_len - 1 + piece.len()` bytes: the only place where a stop
-        // string completed by this piece can be.
+        // reads at most (longest stop string - 1) + `piece.len()` bytes: exactly the tail
+        // where a stop string completed by this piece can be.
         self.pending.push_str(piece);
         if let Some((at, s)) = self.criteria.find_stop_string(&self.pending) {
             let s = s.to_string();
