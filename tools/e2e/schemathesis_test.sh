@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Schema-driven fuzzing of the HTTP API: schemathesis (pinned, from PyPI) reads the OpenAPI
+# document the server serves at /openapi.json and sends generated requests (valid ones and
+# ones that break the schema) to every operation of the debug `qwen2vl serve` on the tiny
+# fixture model. Checks: no 5xx (not_a_server_error), every status is one the document lists
+# (status_code_conformance), every JSON body matches its schema (response_schema_conformance).
+# Bounded: --max-examples per operation and a wall-clock limit; exits non-zero on a failure.
+#
+#   tools/e2e/schemathesis_test.sh
+#   QWEN2VL_SCHEMATHESIS_EXAMPLES=200 QWEN2VL_SCHEMATHESIS_TIMEOUT=1800 \
+#     QWEN2VL_SCHEMATHESIS_SEED=$RANDOM tools/e2e/schemathesis_test.sh   # a longer run
+#
+# QWEN2VL_SCHEMATHESIS_VENV: where the venv lives (default target/schemathesis-venv).
+# QWEN2VL_BIN: the binary (default target/debug/qwen2vl; built when missing).
+# The report (JUnit XML, and the failures as a pytest file) goes to target/schemathesis.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+SCHEMATHESIS_VERSION=4.32.5
+VENV="${QWEN2VL_SCHEMATHESIS_VENV:-target/schemathesis-venv}"
+BIN="${QWEN2VL_BIN:-target/debug/qwen2vl}"
+EXAMPLES="${QWEN2VL_SCHEMATHESIS_EXAMPLES:-20}"
+TIMEOUT="${QWEN2VL_SCHEMATHESIS_TIMEOUT:-180}"
+SEED="${QWEN2VL_SCHEMATHESIS_SEED:-1}"
+REPORT="${QWEN2VL_SCHEMATHESIS_REPORT:-target/schemathesis}"
+
+# Debian/Ubuntu's python3 needs python3-venv (ensurepip) for `python3 -m venv`.
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+  else
+    echo "schemathesis_test.sh: python3 cannot make a venv (install the venv module)" >&2
+    exit 1
+  fi
+fi
+
+want="schemathesis==$SCHEMATHESIS_VERSION"
+if [ ! -x "$VENV/bin/schemathesis" ] || [ "$(cat "$VENV/.e2e-packages" 2>/dev/null)" != "$want" ]; then
+  echo "== venv $VENV ($want)"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$want"
+  echo "$want" >"$VENV/.e2e-packages"
+fi
+
+if [ ! -x "$BIN" ]; then
+  echo "== cargo build -p qwen2vl-cli"
+  cargo build -p qwen2vl-cli
+fi
+
+# The server on a free loopback port; its address is read from its log.
+LOG="$(mktemp "${TMPDIR:-/tmp}/qwen2vl-schemathesis-XXXXXX.log")"
+"$BIN" serve --model tests/fixtures/tiny-qwen2vl --served-model-name tiny-schemathesis \
+  --host 127.0.0.1 --port 0 --max-running 4 --default-max-tokens 8 \
+  </dev/null >"$LOG" 2>&1 &
+SERVER=$!
+stop_server() {
+  if kill -0 "$SERVER" 2>/dev/null; then
+    kill -TERM "$SERVER" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$SERVER" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$SERVER" 2>/dev/null || true
+  fi
+  wait "$SERVER" 2>/dev/null || true
+  rm -f "$LOG"
+}
+trap stop_server EXIT
+
+URL=""
+for _ in $(seq 600); do
+  URL="$(sed -n 's/.*serving [^ ]* on \(http:\/\/[^ ]*\).*/\1/p' "$LOG" | head -n1)"
+  [ -n "$URL" ] && break
+  if ! kill -0 "$SERVER" 2>/dev/null; then break; fi
+  sleep 0.2
+done
+if [ -z "$URL" ]; then
+  echo "schemathesis_test.sh: the server did not start:" >&2
+  cat "$LOG" >&2
+  exit 1
+fi
+
+echo "== schemathesis $SCHEMATHESIS_VERSION against $URL/openapi.json" \
+  "(max $EXAMPLES examples per operation, seed $SEED, at most ${TIMEOUT}s)"
+mkdir -p "$REPORT"
+start=$(date +%s)
+status=0
+SCHEMATHESIS_HOOKS=tools/e2e/schemathesis_hooks.py \
+  timeout --kill-after=10 "$TIMEOUT" "$VENV/bin/schemathesis" run "$URL/openapi.json" \
+  --checks not_a_server_error,status_code_conformance,response_schema_conformance \
+  --phases examples,coverage,fuzzing \
+  --max-examples "$EXAMPLES" --seed "$SEED" --workers 2 \
+  --request-timeout 120 --suppress-health-check all \
+  --report junit,pytest --report-dir "$REPORT" \
+  --no-color </dev/null || status=$?
+echo "== schemathesis took $(( $(date +%s) - start ))s, exit status $status"
+# What the chat route answered (the server counts requests by status): both accepted and
+# refused requests should be there, or the run did not reach past the first checks.
+"$VENV/bin/python" - "$URL/metrics" <<'PY' || true
+import sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()
+counts = [l.split("{", 1)[1] for l in text.splitlines() if l.startswith("qwen2vl_requests_total{")]
+print("== chat completions by status:", ", ".join(c.replace('status="', "").replace('"}', ":") for c in counts))
+PY
+if [ "$status" = 124 ] || [ "$status" = 137 ]; then
+  echo "schemathesis_test.sh: schemathesis ran past ${TIMEOUT}s" >&2
+fi
+if [ "$status" != 0 ]; then
+  echo "== server log (last 40 lines)" >&2
+  tail -n 40 "$LOG" >&2
+fi
+exit "$status"
