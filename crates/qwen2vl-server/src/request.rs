@@ -363,6 +363,7 @@ pub fn parse(
             ))
         }
     };
+    check_text_bytes(raw, context)?;
     let mut params = (Vec::new(), Vec::new());
     let mut messages = parse_messages(raw, limits, media, &mut params)?;
     let (image_params, video_params) = params;
@@ -600,6 +601,41 @@ fn content_text(c: &Content) -> String {
             .collect::<Vec<_>>()
             .join(""),
     }
+}
+
+/// Refuses message text longer than the library's bound (`TEXT_BYTES_PER_TOKEN` bytes per
+/// token of the prompt the context allows) while it is still the parsed JSON: before it is
+/// converted, copied per choice and queued, so a 60 MB message costs one parse, not several
+/// copies of itself.
+fn check_text_bytes(raw: &[Value], context: usize) -> Result<(), ApiError> {
+    use qwen2vl::processing::processor::TEXT_BYTES_PER_TOKEN;
+    let text_len = |v: &Value| match v {
+        Value::String(s) => s.len(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .map(str::len)
+            .sum(),
+        _ => 0,
+    };
+    let bytes: usize = raw
+        .iter()
+        .filter_map(|m| m.get("content"))
+        .map(text_len)
+        .sum();
+    let max_tokens = context.saturating_sub(1);
+    let max_bytes = max_tokens.saturating_mul(TEXT_BYTES_PER_TOKEN);
+    if bytes > max_bytes {
+        return Err(ApiError::invalid(
+            "messages",
+            format!(
+                "the messages hold {bytes} bytes of text; allowed: at most {max_bytes} bytes \
+                 ({TEXT_BYTES_PER_TOKEN} per token of the {max_tokens}-token prompt the model's \
+                 context allows)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn parse_messages(

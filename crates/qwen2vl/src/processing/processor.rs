@@ -140,27 +140,61 @@ impl Processor {
             Some(max) => Some(max - text_tokens),
             None => None,
         };
+        // Every image's bytes and planned tokens (headers only), so the request's whole image
+        // load is checked before the first one is decoded and resized.
+        let mut planned = Vec::new();
+        let mut image_tokens_total = 0usize;
+        for (mi, m) in messages.iter().enumerate() {
+            for part in m.images() {
+                let n = planned.len() + 1;
+                let plan = self
+                    .plan_image(part, opts)
+                    .map_err(|e| name_item(e, n, mi + 1))?;
+                image_tokens_total += plan.tokens;
+                if let Some(b) = budget.filter(|&b| image_tokens_total > b) {
+                    return Err(name_item(
+                        Error::bad_input(
+                            format!(
+                                "{} image would become {} vision tokens ({}x{} pixels), {} \
+                                 for the images up to it",
+                                plan.original,
+                                plan.tokens,
+                                plan.size.1,
+                                plan.size.0,
+                                image_tokens_total
+                            ),
+                            format!(
+                                "at most {b} vision tokens for the images and videos (what the \
+                                 model's context leaves for the prompt): lower min_pixels, \
+                                 max_pixels or resized_height/width, or send fewer images"
+                            ),
+                        ),
+                        n,
+                        mi + 1,
+                    ));
+                }
+                planned.push((mi, part, plan));
+            }
+        }
+        budget = budget.map(|b| b - image_tokens_total);
         let mut pixel_values = Vec::new();
         let mut images = Vec::new();
+        for (n, (mi, part, plan)) in planned.into_iter().enumerate() {
+            let (img, pre) = self
+                .decode_planned(part, plan, opts)
+                .map_err(|e| name_item(e, n + 1, mi + 1))?;
+            let [t, gh, gw] = pre.grid_thw;
+            pixel_values.extend_from_slice(&pre.pixel_values);
+            images.push(ImageInfo {
+                original_hw: img,
+                resized_hw: pre.resized_hw,
+                grid_thw: pre.grid_thw,
+                tokens: t * gh * gw / (self.merge * self.merge),
+            });
+        }
         let mut pixel_values_videos = Vec::new();
         let mut videos = Vec::new();
         for (mi, m) in messages.iter().enumerate() {
-            for part in m.images() {
-                let n = images.len() + 1;
-                let (img, pre) = self
-                    .image(part, opts, budget)
-                    .map_err(|e| name_item(e, n, mi + 1))?;
-                let [t, gh, gw] = pre.grid_thw;
-                let tokens = t * gh * gw / (self.merge * self.merge);
-                budget = budget.map(|b| b.saturating_sub(tokens));
-                pixel_values.extend_from_slice(&pre.pixel_values);
-                images.push(ImageInfo {
-                    original_hw: img,
-                    resized_hw: pre.resized_hw,
-                    grid_thw: pre.grid_thw,
-                    tokens,
-                });
-            }
             for part in m.videos() {
                 let n = videos.len() + 1;
                 let fetch = FetchOptions {
@@ -244,57 +278,76 @@ impl Processor {
         })
     }
 
-    /// Reads, checks and preprocesses one image (any
-    /// [`ImageSource`](crate::processing::messages::ImageSource) form, see [`fetch`]): its
-    /// token count is computed from the header and the item's settings and checked against
-    /// `budget` before any pixel is decoded. Returns the original `(height, width)` and the
-    /// preprocessed image; errors name the path or URL.
-    fn image(
+    /// Reads one image's bytes (any
+    /// [`ImageSource`](crate::processing::messages::ImageSource) form, see [`fetch`]) and
+    /// plans its final size and token count from the header and the item's settings, without
+    /// decoding a pixel. Errors name the path or URL.
+    fn plan_image<'a>(
         &self,
-        part: &ImagePart,
+        part: &'a ImagePart,
         opts: &ProcessOptions,
-        budget: Option<usize>,
-    ) -> Result<((usize, usize), PreprocessedImage)> {
+    ) -> Result<PlannedImage<'a>> {
         opts.fetch.interrupt.check("reading the images")?;
         let fetched = fetch(&part.source, &opts.fetch, opts.base_dir.as_deref())?;
-        let origin = |e: Error| match e {
-            Error::BadInput { what, allowed } => Error::BadInput {
-                what: format!("{}: {what}", fetched.origin),
-                allowed,
-            },
-            other => other,
-        };
+        let (w, h) =
+            image_dimensions(&fetched.bytes).map_err(|e| with_origin(e, &fetched.origin))?;
         // qwen-vl-utils 0.0.8 `fetch_image`: only both keys together set the size (and the
         // item's min/max_pixels are then ignored); one alone is ignored.
-        let resized = part.resized_height.zip(part.resized_width);
-        if let Some(budget) = budget {
-            let (w, h) = image_dimensions(&fetched.bytes).map_err(origin)?;
-            let (fh, fw) = planned_image_size(
-                h as usize,
-                w as usize,
-                &self.preprocessor,
-                part.min_pixels,
-                part.max_pixels,
-                resized,
-            )?;
-            let tokens = vision_tokens(&self.preprocessor, 1, fh, fw);
-            if tokens > budget {
-                return Err(Error::bad_input(
-                    format!("{w}x{h} image would become {tokens} vision tokens ({fw}x{fh} pixels)"),
-                    format!(
-                        "at most {budget} vision tokens for it (what the model's context leaves \
-                         for the prompt): lower min_pixels, max_pixels or resized_height/width"
-                    ),
-                ));
-            }
-        }
-        let img = decode_image(&fetched.bytes).map_err(origin)?;
+        let size = planned_image_size(
+            h as usize,
+            w as usize,
+            &self.preprocessor,
+            part.min_pixels,
+            part.max_pixels,
+            part.resized_height.zip(part.resized_width),
+        )?;
+        Ok(PlannedImage {
+            tokens: vision_tokens(&self.preprocessor, 1, size.0, size.1),
+            original: format!("{w}x{h}"),
+            size,
+            fetched,
+        })
+    }
+
+    /// Decodes and preprocesses a planned image: the original `(height, width)` and the
+    /// preprocessed image.
+    fn decode_planned(
+        &self,
+        part: &ImagePart,
+        plan: PlannedImage<'_>,
+        opts: &ProcessOptions,
+    ) -> Result<((usize, usize), PreprocessedImage)> {
         opts.fetch.interrupt.check("decoding the images")?;
-        let pre = match resized {
+        let img =
+            decode_image(&plan.fetched.bytes).map_err(|e| with_origin(e, &plan.fetched.origin))?;
+        let pre = match part.resized_height.zip(part.resized_width) {
             Some((rh, rw)) => preprocess_image_with_size(&img, &self.preprocessor, rh, rw),
             None => preprocess_image(&img, &self.preprocessor, part.min_pixels, part.max_pixels),
         }?;
+        debug_assert_eq!(pre.resized_hw, plan.size, "planned and real sizes agree");
         Ok(((img.height() as usize, img.width() as usize), pre))
+    }
+}
+
+/// An image read but not decoded: its bytes and what it will become.
+struct PlannedImage<'a> {
+    fetched: crate::processing::fetch::Fetched<'a>,
+    /// `WxH` as the header says.
+    original: String,
+    /// Final `(height, width)`.
+    size: (usize, usize),
+    /// Merged vision tokens.
+    tokens: usize,
+}
+
+/// Prefixes a bad-input error with where the image's bytes came from.
+fn with_origin(e: Error, origin: &str) -> Error {
+    match e {
+        Error::BadInput { what, allowed } => Error::BadInput {
+            what: format!("{origin}: {what}"),
+            allowed,
+        },
+        other => other,
     }
 }
 
