@@ -12,7 +12,7 @@
 //! - `QWEN2VL_FUZZ_CASES`: most cases per target (default: each target's own, see the tests);
 //! - `QWEN2VL_FUZZ_SEED`: the seed (default fixed, so a CI failure replays as is).
 //!
-//! A longer run (documented in docs/reliability.md), e.g. ten minutes a target on all cores:
+//! A longer run (README, "How we know it is right"), e.g. ten minutes a target on all cores:
 //!
 //! ```sh
 //! QWEN2VL_FUZZ_SECS=600 QWEN2VL_FUZZ_CASES=1000000000 QWEN2VL_FUZZ_SEED=$RANDOM \
@@ -38,7 +38,9 @@ use proptest::test_runner::{
 };
 use qwen2vl::grounding::{Grounding, GroundingStream, MARKERS};
 use qwen2vl::processing::fetch::{decode_data_payload, fetch, FetchOptions};
-use qwen2vl::processing::image::{decode_image, MAX_DECODE_ALLOC, MAX_DECODE_SIDE};
+use qwen2vl::processing::image::{
+    decode_image, image_dimensions, MAX_DECODE_ALLOC, MAX_DECODE_SIDE,
+};
 use qwen2vl::processing::messages::{ContentPart, ImageSource, Location, Message, Role};
 use qwen2vl::processing::processor::ProcessOptions;
 use qwen2vl::weights::Weights;
@@ -406,7 +408,9 @@ fn read_dir_files(dir: PathBuf, exts: &[&str]) -> Vec<(String, Vec<u8>)> {
 
 /// Mutated PNG, JPEG, GIF, WebP, BMP and TIFF fixtures: `decode_image` answers an image within
 /// the size limits or a `BadInput`, never panics, and never holds more than the decoder budget
-/// (`MAX_DECODE_ALLOC`) plus the RGB result at once, however large the header says it is.
+/// (`MAX_DECODE_ALLOC`) plus the RGB result at once, however large the header says it is; and
+/// what it decodes has the size `image_dimensions` reads from the header (what token budgets
+/// are computed from before decoding).
 #[test]
 fn image_decoding_survives_mutated_files() {
     let b = Budget::new("decode_image", 1_000_000, 1.0);
@@ -429,6 +433,7 @@ fn image_decoding_survives_mutated_files() {
     let mut rng = b.rng();
     let (mut done, mut ok, mut max_peak) = (0u64, 0u64, 0u64);
     let mut heaviest = String::new();
+    let mut heaviest_bytes = Vec::new();
     while b.more(done) {
         let (name, seed) = &seeds[rng.random_range(0..seeds.len())];
         let mut data = seed.clone();
@@ -437,6 +442,18 @@ fn image_decoding_survives_mutated_files() {
         let (r, peak) = guard(&b, describe, Some(&data), || {
             peak_bytes(|| decode_image(&data))
         });
+        // The header probe the token budget is computed from agrees with what is decoded.
+        let declared = guard(&b, describe, Some(&data), || image_dimensions(&data));
+        if let Ok(img) = &r {
+            assert_eq!(
+                declared.as_ref().ok(),
+                Some(&(img.width(), img.height())),
+                "{name}: the header says {declared:?}, {}x{} decoded ({})",
+                img.width(),
+                img.height(),
+                hex_head(&data)
+            );
+        }
         let rgb = match r {
             Ok(img) => {
                 ok += 1;
@@ -472,14 +489,18 @@ fn image_decoding_survives_mutated_files() {
         if peak > max_peak {
             max_peak = peak;
             heaviest = format!("{name} mutated to {}", hex_head(&data));
+            heaviest_bytes = data.clone();
         }
         done += 1;
     }
+    let heaviest_path = std::env::temp_dir().join("qwen2vl-fuzz-decode_image-heaviest.bin");
+    let _ = std::fs::write(&heaviest_path, &heaviest_bytes);
     b.report(
         done,
         &format!(
-            ", {ok} decoded; the most held by one decode: {} MiB, by {heaviest}",
-            max_peak >> 20
+            ", {ok} decoded; the most held by one decode: {} MiB, by {heaviest} (saved to {})",
+            max_peak >> 20,
+            heaviest_path.display()
         ),
     );
     assert!(done > 0);
