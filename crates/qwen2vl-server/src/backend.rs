@@ -29,6 +29,16 @@ pub struct BackendStats {
     pub decode_steps_during_prefill: u64,
 }
 
+/// Whether the engine moves on (for `/health`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Liveness {
+    /// It has work: requests queued, being preprocessed, prefilled or decoded.
+    pub busy: bool,
+    /// Seconds since it last made progress (a decode step, a unit of prefill, an admission,
+    /// a preprocessed request, a request leaving).
+    pub seconds_since_progress: f64,
+}
+
 /// What the server needs from an engine.
 pub trait Backend: Send + Sync + 'static {
     /// Queues a request.
@@ -39,6 +49,11 @@ pub trait Backend: Send + Sync + 'static {
     fn pipeline(&self) -> &Pipeline;
     /// Stops accepting requests.
     fn shutdown(&self) {}
+    /// Whether the engine moves on; the default (a backend without a scheduler) is never
+    /// busy.
+    fn liveness(&self) -> Liveness {
+        Liveness::default()
+    }
 }
 
 impl Backend for Engine {
@@ -65,6 +80,14 @@ impl Backend for Engine {
 
     fn shutdown(&self) {
         Engine::shutdown(self)
+    }
+
+    fn liveness(&self) -> Liveness {
+        let s = Engine::stats(self);
+        Liveness {
+            busy: s.busy,
+            seconds_since_progress: s.seconds_since_progress,
+        }
     }
 }
 

@@ -108,6 +108,9 @@ pub struct ServerConfig {
     /// On shutdown, how long running answers may go on before they are cancelled (each
     /// stream then ends with its finish chunk and `data: [DONE]`).
     pub shutdown_grace: Duration,
+    /// `/health` answers 503 when the engine has work but has made no progress for this
+    /// long (no decode step, no unit of prefill, no admission, no request leaving).
+    pub health_stall_after: Duration,
 }
 
 impl Default for ServerConfig {
@@ -124,6 +127,7 @@ impl Default for ServerConfig {
             body_read_timeout: Duration::from_secs(60),
             max_connections: 256,
             shutdown_grace: Duration::from_secs(10),
+            health_stall_after: Duration::from_secs(60),
         }
     }
 }
@@ -231,8 +235,27 @@ fn json(v: &impl serde::Serialize) -> Response {
         .into_response()
 }
 
-async fn health() -> Response {
-    json(&serde_json::json!({"status": "ok"}))
+/// `{"status": "ok"}`, or 503 with `{"status": "unhealthy", "reason": …}` when the engine
+/// has work but has not moved on for [`ServerConfig::health_stall_after`].
+async fn health(State(st): State<Arc<AppState>>) -> Response {
+    let live = st.backend.liveness();
+    let limit = st.config.health_stall_after.as_secs_f64();
+    if !(live.busy && live.seconds_since_progress >= limit) {
+        return json(&serde_json::json!({"status": "ok"}));
+    }
+    let load = st.backend.stats();
+    let mut r = json(&serde_json::json!({
+        "status": "unhealthy",
+        "reason": format!(
+            "the engine has work ({} running, {} queued) but has made no progress for {:.0} s (the limit is {:.0} s)",
+            load.running, load.queued, live.seconds_since_progress, limit
+        ),
+        "seconds_since_progress": live.seconds_since_progress,
+        "running": load.running,
+        "queued": load.queued,
+    }));
+    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    r
 }
 
 async fn models(State(st): State<Arc<AppState>>) -> Response {

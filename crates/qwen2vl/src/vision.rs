@@ -449,7 +449,7 @@ pub const MIN_CHUNK_ROWS: usize = 65;
 /// About this many floating-point operations make one unit of a [`VisionPass`] (a few
 /// milliseconds of a CPU's matmul; ~0.1 s for the tiny test model, whose narrow products are
 /// slow per operation). Chunks of rows are sized from it, per stage.
-pub const UNIT_FLOPS: f64 = 2e9;
+pub const UNIT_FLOPS: f64 = 1e9;
 
 /// `range` cut into consecutive chunks of `rows` rows; a last chunk that would be shorter
 /// than [`MIN_CHUNK_ROWS`] joins the one before.
@@ -552,7 +552,7 @@ impl VisionPass<'_> {
         let stage_ends = self
             .plan
             .get(self.next)
-            .map_or(true, |u| u.stage() != unit.stage());
+            .is_none_or(|u| u.stage() != unit.stage());
         if stage_ends {
             self.end_stage(&unit)?;
         }
@@ -593,7 +593,7 @@ impl VisionPass<'_> {
                 let attn = &tower.blocks[*b].attn;
                 for (i, r) in pieces {
                     let [q, k, v] = self.qkv.as_ref().ok_or_else(|| stage_error("qkv"))?;
-                    if self.frame.as_ref().map_or(true, |f| f.0 != *i) {
+                    if self.frame.as_ref().is_none_or(|f| f.0 != *i) {
                         let &(start, len) =
                             self.segments.get(*i).ok_or_else(|| stage_error("frame"))?;
                         // (len, heads, hd) → (heads, len, hd).
