@@ -4,12 +4,15 @@
 //! [`KvCache`]. The projections run on the whole batch at once; attention runs per sequence
 //! against that sequence's cache (their lengths differ under continuous batching).
 
+use std::ops::Range;
+
 use candle_core::{DType, Tensor};
 
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::nn::{attention, Linear, RmsNorm};
+use crate::vision::{row_chunks, MIN_CHUNK_ROWS, UNIT_FLOPS};
 use crate::weights::Weights;
 
 /// `Qwen2VLAttention`: q/k/v with bias, o without, GQA, M-RoPE applied by the caller's tables.
@@ -160,6 +163,157 @@ impl DecoderLayer {
             .forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + m)?)
     }
+
+    /// The first part of [`DecoderLayer::forward`] for rows of one sequence: `x: (c, hidden)`
+    /// and their rope tables `(c, head_dim/2)` → roped q `(c, heads, hd)`, k and v
+    /// `(c, kv_heads, hd)`.
+    fn qkv_rows(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<[Tensor; 3]> {
+        let a = &self.self_attn;
+        let c = x.dim(0)?;
+        let (h, kv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
+        let x = self.input_layernorm.forward(x)?;
+        let q = a.q_proj.forward(&x)?.reshape((1, c, h, hd))?;
+        let k = a.k_proj.forward(&x)?.reshape((1, c, kv, hd))?;
+        let v = a.v_proj.forward(&x)?.reshape((c, kv, hd))?;
+        let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?.squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?.squeeze(0)?;
+        Ok([q, k, v])
+    }
+
+    /// The rest of [`DecoderLayer::forward`] for query rows `rows` of a prompt whose first
+    /// token sits at cache position `past`: `x: (c, hidden)` the layer's input rows, `q:
+    /// (c, heads, hd)` their queries, `keys/values: (kv_heads, ≥ past + rows.end, hd)` the
+    /// cache. Returns the layer's output rows `(c, hidden)`.
+    fn attend_rows(
+        &self,
+        x: &Tensor,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        past: usize,
+        rows: &Range<usize>,
+    ) -> Result<Tensor> {
+        let a = &self.self_attn;
+        let c = rows.len();
+        let (h, kv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
+        let keys = keys.narrow(1, 0, past + rows.end)?;
+        let values = values.narrow(1, 0, past + rows.end)?;
+        // (c, h, hd) → (h, c, hd) → (kv, group, c, hd): head = kv_idx * group + g.
+        let q = q
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((kv, h / kv, c, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let o = attention(&q, &keys, &values, scale, Some(past + rows.start))?;
+        let o = o
+            .reshape((h, c, hd))?
+            .transpose(0, 1)?
+            .reshape((c, h * hd))?;
+        let x = (x + a.o_proj.forward(&o)?)?;
+        let m = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + m)?)
+    }
+}
+
+/// One decoder layer over one sequence's new tokens, cut into units of work of about
+/// [`UNIT_FLOPS`] (see [`TextModel::begin_layer`]): chunks of rows of the first stage
+/// (RMSNorm, q/k/v, rope; the keys and values go into the cache when it ends), then chunks
+/// of query rows of the second (causal attention against the keys up to the chunk's last
+/// row, output projection, residual, MLP). A layer over a long prompt (a 16k-token image)
+/// thus holds the engine for a fraction of a second at a time, not for its whole attention.
+///
+/// [`TextModel::forward`] and [`TextModel::forward_layer`] run the same units for a single
+/// sequence, so a layer run unit by unit gives their bits exactly.
+#[derive(Debug)]
+pub struct LayerPass<'t> {
+    layer: &'t DecoderLayer,
+    index: usize,
+    /// `(T, hidden)` input rows.
+    x: Tensor,
+    /// `(T, head_dim/2)` rope tables.
+    cos: Tensor,
+    sin: Tensor,
+    /// Cache position of the first new token.
+    past: usize,
+    /// `(attention stage?, rows)` in order.
+    plan: Vec<(bool, Range<usize>)>,
+    next: usize,
+    qkv_parts: [Vec<Tensor>; 3],
+    q: Option<Tensor>,
+    kv: Option<(Tensor, Tensor)>,
+    out: Vec<Tensor>,
+    result: Option<Tensor>,
+}
+
+impl LayerPass<'_> {
+    /// Runs the next unit; `true` once the layer is done (then take
+    /// [`LayerPass::finish`]). `cache` must be the one the pass began with.
+    pub fn step(&mut self, cache: &mut KvCache) -> Result<bool> {
+        let Some((attend, rows)) = self.plan.get(self.next).cloned() else {
+            return Ok(true);
+        };
+        let x = self.x.narrow(0, rows.start, rows.len())?;
+        if attend {
+            let (Some(q), Some((k, v))) = (&self.q, &self.kv) else {
+                return Err(Error::Weights("layer pass: attention before q/k/v".into()));
+            };
+            let q = q.narrow(0, rows.start, rows.len())?;
+            let out = self.layer.attend_rows(&x, &q, k, v, self.past, &rows)?;
+            self.out.push(out);
+        } else {
+            let cos = self.cos.narrow(0, rows.start, rows.len())?;
+            let sin = self.sin.narrow(0, rows.start, rows.len())?;
+            let parts = self.layer.qkv_rows(&x, &cos, &sin)?;
+            for (all, part) in self.qkv_parts.iter_mut().zip(parts) {
+                all.push(part);
+            }
+        }
+        self.next += 1;
+        let next_attends = self.plan.get(self.next).map(|p| p.0);
+        if !attend && next_attends != Some(false) {
+            // q/k/v done: keys and values go into the cache at `past..past + T`.
+            let [q, k, v] = std::mem::take(&mut self.qkv_parts).map(cat_rows);
+            let (k, v) = (k?.transpose(0, 1)?, v?.transpose(0, 1)?); // (kv, T, hd)
+            if cache.len() != self.past {
+                return Err(Error::Weights(
+                    "layer pass: the cache changed during the pass".into(),
+                ));
+            }
+            self.kv = Some(cache.append(self.index, &k, &v)?);
+            self.q = Some(q?);
+        }
+        if self.next >= self.plan.len() {
+            let out = cat_rows(std::mem::take(&mut self.out))?;
+            self.result = Some(out.unsqueeze(0)?);
+            self.q = None;
+            self.kv = None;
+        }
+        Ok(self.next >= self.plan.len())
+    }
+
+    /// Units in all.
+    pub fn units(&self) -> usize {
+        self.plan.len()
+    }
+
+    /// Runs the units left; the layer's output `(1, T, hidden)`.
+    pub fn finish(mut self, cache: &mut KvCache) -> Result<Tensor> {
+        while !self.step(cache)? {}
+        self.result
+            .take()
+            .ok_or_else(|| Error::Weights("layer pass ended without output".into()))
+    }
+}
+
+/// Row parts joined (one part as is).
+fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
+    match parts.len() {
+        0 => Err(Error::Weights("layer pass: no rows".into())),
+        1 => Ok(parts.pop().expect("one part")),
+        _ => Ok(Tensor::cat(&parts, 0)?),
+    }
 }
 
 /// Embeddings, decoder layers, final norm and LM head.
@@ -259,8 +413,8 @@ impl TextModel {
             c.ensure_room(t)?;
         }
         let mut x = x.clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, cos, sin, i, caches)?;
+        for i in 0..self.layers.len() {
+            x = self.forward_layer(i, &x, cos, sin, caches)?;
             if let Some(c) = collect.as_deref_mut() {
                 c.push(x.clone());
             }
@@ -280,7 +434,8 @@ impl TextModel {
     /// `x: (B, T, hidden)` → `(B, T, hidden)`, writing the layer's keys and values after
     /// each cache's current length. Run every layer in order, then
     /// [`KvCache::advance`] each cache by `T`: that is exactly [`TextModel::forward`], cut
-    /// where the serving engine interleaves other work.
+    /// where the serving engine interleaves other work. One sequence (`B = 1`) runs as a
+    /// [`LayerPass`] to its end.
     pub fn forward_layer(
         &self,
         layer: usize,
@@ -299,7 +454,84 @@ impl TextModel {
         for c in caches.iter() {
             c.ensure_room(t)?;
         }
+        if let [cache] = caches {
+            let pass = self.begin_layer(layer, x, cos, sin, cache, None)?;
+            return pass.finish(cache);
+        }
         l.forward(x, cos, sin, layer, caches)
+    }
+
+    /// Starts decoder layer `layer` over one sequence's `T` new tokens as a [`LayerPass`]:
+    /// `x: (1, T, hidden)`, `cos/sin: (1, T, head_dim/2)`, `cache` holding the tokens before
+    /// them (room for `T` more is checked). Nothing heavy runs here. `rows` cuts both stages
+    /// into chunks of that many rows (at least [`MIN_CHUNK_ROWS`]) instead of chunks of about
+    /// [`UNIT_FLOPS`] (tests cut short prompts as finely as long ones are cut).
+    pub fn begin_layer(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: &KvCache,
+        rows: Option<usize>,
+    ) -> Result<LayerPass<'_>> {
+        let l = self.layers.get(layer).ok_or_else(|| {
+            Error::Weights(format!(
+                "decoder layer {layer} of {} does not exist",
+                self.layers.len()
+            ))
+        })?;
+        let (b, t, _) = x.dims3()?;
+        if b != 1 || cos.dims3()?.0 != 1 || sin.dims3()?.0 != 1 {
+            return Err(Error::Weights(format!(
+                "a layer pass runs one sequence, not {b}"
+            )));
+        }
+        cache.ensure_room(t)?;
+        let past = cache.len();
+        Ok(LayerPass {
+            layer: l,
+            index: layer,
+            x: x.squeeze(0)?,
+            cos: cos.squeeze(0)?.contiguous()?,
+            sin: sin.squeeze(0)?.contiguous()?,
+            past,
+            plan: self.layer_plan(t, past, rows),
+            next: 0,
+            qkv_parts: [Vec::new(), Vec::new(), Vec::new()],
+            q: None,
+            kv: None,
+            out: Vec::new(),
+            result: None,
+        })
+    }
+
+    /// Units of a [`LayerPass`] over `t` new tokens after `past` cached ones.
+    pub fn layer_units(&self, t: usize, past: usize, rows: Option<usize>) -> usize {
+        self.layer_plan(t, past, rows).len()
+    }
+
+    /// The chunks of a [`LayerPass`]: `(attention stage?, rows)`.
+    fn layer_plan(&self, t: usize, past: usize, rows: Option<usize>) -> Vec<(bool, Range<usize>)> {
+        let cfg = &self.cfg;
+        let (d, hd) = (cfg.hidden_size as f64, cfg.head_dim() as f64);
+        let (h, kv) = (
+            cfg.num_attention_heads as f64,
+            cfg.num_key_value_heads as f64,
+        );
+        let rows_for = |per_row: f64| {
+            rows.unwrap_or((UNIT_FLOPS / per_row.max(1.0)) as usize)
+                .max(MIN_CHUNK_ROWS)
+        };
+        let qkv = rows_for(2.0 * d * (h + 2.0 * kv) * hd);
+        let keys = (past + t) as f64;
+        let attend = rows_for(
+            4.0 * keys * h * hd + 2.0 * h * hd * d + 6.0 * d * cfg.intermediate_size as f64,
+        );
+        let mut plan: Vec<(bool, Range<usize>)> =
+            row_chunks(0..t, qkv).map(|r| (false, r)).collect();
+        plan.extend(row_chunks(0..t, attend).map(|r| (true, r)));
+        plan
     }
 
     /// Final norm of `(B, hidden)` hidden states.

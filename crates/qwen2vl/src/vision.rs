@@ -437,7 +437,8 @@ impl VisionTransformer {
     }
 }
 
-/// Fewest rows in a chunk of a [`VisionPass`] stage (unless the whole stage has fewer).
+/// Fewest rows in a chunk of a [`VisionPass`] stage, or of a prompt's decoder layer
+/// ([`crate::text::LayerPass`]), unless the whole stage has fewer.
 /// With few rows the products take other kernels that sum in another order: our
 /// small-batch gemv up to 16 rows, and gemm's small-matrix path (depth blocks of 512
 /// instead of its cache-sized ones) when both the rows and the columns are at most 64,
@@ -446,14 +447,15 @@ impl VisionTransformer {
 /// the bits of one go.
 pub const MIN_CHUNK_ROWS: usize = 65;
 
-/// About this many floating-point operations make one unit of a [`VisionPass`] (a few
-/// milliseconds of a CPU's matmul; ~0.1 s for the tiny test model, whose narrow products are
-/// slow per operation). Chunks of rows are sized from it, per stage.
+/// About this many floating-point operations make one unit of a [`VisionPass`] or of a
+/// [`crate::text::LayerPass`] (milliseconds of a CPU's matmul on the real shapes; about
+/// 0.3 s for the tiny test model on a busy two-core machine, whose narrow products are slow
+/// per operation). Chunks of rows are sized from it, per stage.
 pub const UNIT_FLOPS: f64 = 1e9;
 
 /// `range` cut into consecutive chunks of `rows` rows; a last chunk that would be shorter
 /// than [`MIN_CHUNK_ROWS`] joins the one before.
-fn row_chunks(range: Range<usize>, rows: usize) -> impl Iterator<Item = Range<usize>> {
+pub(crate) fn row_chunks(range: Range<usize>, rows: usize) -> impl Iterator<Item = Range<usize>> {
     let rows = rows.max(1);
     let end = range.end;
     let mut start = range.start;

@@ -552,7 +552,11 @@ fn a_prefill_in_units_gives_the_one_shot_logits() {
     // are cut as finely as the engine cuts a 16k-patch frame.
     let p = pipeline();
     let m = p.model();
-    let req = image_request(&["wide.png", "tiny20.png"], "Compare them.", 4);
+    let prompt = format!(
+        "Compare them.{}",
+        " Describe every detail you see in both pictures, one by one.".repeat(8)
+    );
+    let req = image_request(&["wide.png", "tiny20.png"], &prompt, 4);
     let inputs = p.prepare(&req).expect("prepare");
     let n = inputs.input_ids.len();
 
@@ -574,10 +578,17 @@ fn a_prefill_in_units_gives_the_one_shot_logits() {
     let (_, total) = job.progress();
     let cfg = m.config();
     let pass = m.vision().pass_units(&inputs.image_grid_thw, Some(1));
+    let layer = m.text().layer_units(n, 0, Some(1));
     assert_eq!(
         total,
-        1 + pass + 1 + cfg.text.num_hidden_layers,
-        "one pass (its start, its units), the embedding, the layers"
+        1 + pass + 1 + cfg.text.num_hidden_layers * layer,
+        "one pass (its start, its units), the embedding, the layers' units"
+    );
+    // The decoder layers are cut too: at least two chunks of q/k/v rows and two of query
+    // rows each.
+    assert!(
+        n >= 2 * 65 && layer >= 4,
+        "{layer} units per layer for {n} tokens"
     );
     // Cut finer than one unit per stage: per block at least two chunks of qkv rows, of
     // attention rows and of MLP rows.

@@ -7,14 +7,14 @@
 //! frames, see [`super::frame_chunks`]), one unit of that pass (a chunk of rows of one
 //! stage of one block, about [`crate::vision::UNIT_FLOPS`] of work: see
 //! [`crate::vision::VisionPass`]; a 16k-patch frame's attention is cut into chunks of query
-//! rows), the embedding of the prompt, or one decoder layer over the whole prompt. Every
-//! unit does exactly what [`super::Qwen2VL::encode_vision`] and [`super::Qwen2VL::prefill`]
-//! do in one go, in the same order, and no product gets a shape that sums in another order,
-//! so the logits are bit-identical (unlike vLLM's chunked prefill, which splits the prompt
-//! into token ranges and changes the attention's shapes).
-//!
-//! Not cut yet: a decoder layer over a long prompt is one unit (on the 2B, seconds for a
-//! prompt of ten thousand tokens).
+//! rows), the embedding of the prompt, or one unit of a decoder layer over the prompt (a
+//! chunk of rows of its q/k/v, or a chunk of query rows of its causal attention and MLP:
+//! see [`crate::text::LayerPass`]). Every unit does exactly what
+//! [`super::Qwen2VL::encode_vision`] and [`super::Qwen2VL::prefill`] do in one go (they run
+//! the same chunks), in the same order, and no product gets a shape that sums in another
+//! order, so the logits are bit-identical. Unlike vLLM's chunked prefill, a prompt's
+//! chunks of query rows run within each layer, not through all layers, so no chunk waits
+//! for a whole pass over the model.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -26,7 +26,7 @@ use super::{Qwen2VL, VISION_CHUNK_PATCHES};
 use crate::error::{Error, Result};
 use crate::inputs::ModelInputs;
 use crate::kv_cache::KvCache;
-use crate::text::TextModel;
+use crate::text::{LayerPass, TextModel};
 use crate::vision::VisionPass;
 
 /// A vision-tower pass not started yet: video or image, its grids, its rows of pixels.
@@ -36,13 +36,14 @@ struct Pending {
     rows: Range<usize>,
 }
 
-/// The decoder part: hidden states `(1, n, hidden)` after `next` layers, and the prompt's
-/// rope tables `(1, n, head_dim/2)`.
-struct TextStage {
+/// The decoder part: hidden states `(1, n, hidden)` after `next` layers, the prompt's
+/// rope tables `(1, n, head_dim/2)`, and layer `next` in progress.
+struct TextStage<'m> {
     x: Tensor,
     cos: Tensor,
     sin: Tensor,
     next: usize,
+    pass: Option<LayerPass<'m>>,
 }
 
 /// A prefill in progress for one prompt (see the [module docs](self)). Create it with
@@ -56,7 +57,7 @@ pub struct PrefillJob<'m> {
     pass: Option<(bool, VisionPass<'m>)>,
     images: Vec<Tensor>,
     videos: Vec<Tensor>,
-    text: Option<TextStage>,
+    text: Option<TextStage<'m>>,
     logits: Option<Tensor>,
     units: usize,
     total_units: usize,
@@ -79,8 +80,10 @@ impl Qwen2VL {
         self.prefill_job_with_rows(inputs, None)
     }
 
-    /// [`Qwen2VL::prefill_job`] with the vision passes cut into chunks of `vision_rows` rows
-    /// (see [`crate::vision::VisionTransformer::begin_with_rows`]); the logits are the same.
+    /// [`Qwen2VL::prefill_job`] with the vision passes and the decoder layers cut into
+    /// chunks of `vision_rows` rows (see
+    /// [`crate::vision::VisionTransformer::begin_with_rows`] and
+    /// [`crate::text::TextModel::begin_layer`]); the logits are the same.
     pub fn prefill_job_with_rows(
         &self,
         inputs: &ModelInputs,
@@ -104,7 +107,10 @@ impl Qwen2VL {
             .iter()
             .map(|p| 1 + self.vision.pass_units(&p.grids, vision_rows))
             .sum();
-        let total_units = vision_units + 1 + self.text.num_layers();
+        let layer_units = self
+            .text
+            .layer_units(inputs.input_ids.len(), 0, vision_rows);
+        let total_units = vision_units + 1 + self.text.num_layers() * layer_units;
         Ok(PrefillJob {
             model: self,
             todo,
@@ -135,14 +141,23 @@ impl<'m> PrefillJob<'m> {
             let model = self.model;
             let layers = model.text.num_layers();
             if text.next < layers {
-                text.x = model.text.forward_layer(
-                    text.next,
-                    &text.x,
-                    &text.cos,
-                    &text.sin,
-                    &mut [&mut *cache],
-                )?;
-                text.next += 1;
+                let pass = match &mut text.pass {
+                    Some(p) => p,
+                    None => text.pass.insert(model.text.begin_layer(
+                        text.next,
+                        &text.x,
+                        &text.cos,
+                        &text.sin,
+                        cache,
+                        self.vision_rows,
+                    )?),
+                };
+                if pass.step(cache)? {
+                    if let Some(pass) = text.pass.take() {
+                        text.x = pass.finish(cache)?;
+                    }
+                    text.next += 1;
+                }
             }
             if text.next == layers {
                 cache.advance(text.x.dim(1)?);
@@ -201,6 +216,7 @@ impl<'m> PrefillJob<'m> {
                 cos,
                 sin,
                 next: 0,
+                pass: None,
             });
             self.prefill_ms += ms(t);
         }
