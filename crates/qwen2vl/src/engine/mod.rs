@@ -30,14 +30,14 @@
 //!    - *prefill*: the admitted request's cache is reserved and its vision tower and
 //!      prefill run as a [`crate::model::PrefillJob`], at most
 //!      [`EngineConfig::prefill_slice_ms`] per iteration while other sequences decode, one
-//!      unit of work at a time (a chunk of rows of one stage of a vision block, about
-//!      [`crate::vision::UNIT_FLOPS`], even inside the attention of a 16k-patch frame; or
-//!      one decoder layer), with a cancel check after each; the arithmetic is the same as
-//!      in one go, bit for bit. When it completes, its first token is sampled and it joins
-//!      the batch. So a large image delays the running streams by about one slice per
-//!      step, not by its whole vision pass (vLLM's chunked prefill, cut by rows within the
-//!      vision tower and by layers in the decoder), and a disconnect during it frees the
-//!      engine within a unit.
+//!      unit of work at a time (about [`crate::vision::UNIT_FLOPS`]: a chunk of rows of one
+//!      stage of a vision block, even inside the attention of a 16k-patch frame, or of a
+//!      decoder layer over the prompt, see [`crate::text::LayerPass`]), with a cancel check
+//!      after each; the arithmetic is the same as in one go, bit for bit. When it
+//!      completes, its first token is sampled and it joins the batch. So a large image
+//!      delays the running streams by about one slice per step, not by its whole vision
+//!      pass or a whole layer (vLLM's chunked prefill, cut by rows within each layer), and
+//!      a disconnect during it frees the engine within a unit.
 //! 3. **Decode**: one [`crate::model::Qwen2VL::decode_step`] over *all* running sequences:
 //!    each brings its own last token, KV cache and M-RoPE `rope_delta` (positions are
 //!    `cache length + rope_delta`), and attention runs per sequence against its own cache, so
