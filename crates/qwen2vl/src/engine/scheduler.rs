@@ -122,6 +122,21 @@ struct Scheduler<'p> {
     ready: VecDeque<Pending>,
     prefilling: Option<Prefilling<'p>>,
     kv_used: usize,
+    /// Whether freed heap memory was handed back since the engine last worked.
+    trimmed: bool,
+}
+
+/// Hands the heap's free pages back to the operating system (glibc `malloc_trim`), once each
+/// time the engine goes idle. The CLI tunes malloc to keep freed memory (tensor buffers are
+/// then reused instead of page-faulted again, see `keep_freed_memory` in the CLI's main.rs),
+/// which is right during a burst but would keep a server at its peak forever after one
+/// large request; an idle server returns to its resting size instead.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator; no pointer is touched.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// The thread's body: loops until [`Shared`]'s `stop`, then cancels what runs and fails what
@@ -141,6 +156,7 @@ pub(crate) fn run(shared: Arc<Shared>, pipeline: Arc<Pipeline>) {
         ready: VecDeque::new(),
         prefilling: None,
         kv_used: 0,
+        trimmed: true,
     };
     loop {
         match catch_unwind(AssertUnwindSafe(|| s.iteration())) {
@@ -169,6 +185,9 @@ impl<'p> Scheduler<'p> {
         self.admit();
         self.publish();
         let prefilled = self.prefill_slice();
+        if prefilled || !self.running.is_empty() || !self.preparing.is_empty() {
+            self.trimmed = false;
+        }
         if !self.running.is_empty() {
             self.decode();
             self.publish();
@@ -190,6 +209,10 @@ impl<'p> Scheduler<'p> {
                 .wake
                 .wait_timeout(st, Duration::from_millis(10))
                 .map_err(|_| ());
+        } else if st.queue.is_empty() && self.ready.is_empty() && !self.trimmed {
+            drop(st);
+            release_free_memory();
+            self.trimmed = true;
         } else if st.queue.is_empty() && self.ready.is_empty() {
             // Wake on submit/shutdown; the timeout only bounds a missed notification.
             let _unused = self
