@@ -871,7 +871,7 @@ fn stats_say_busy_and_how_long_since_progress() {
     let stream = running_stream(&engine);
     std::thread::sleep(Duration::from_millis(300));
     let s = engine.stats();
-    assert!(s.busy && s.seconds_since_progress < 0.25, "{s:?}");
+    assert!(s.busy && s.seconds_since_progress < 0.5, "{s:?}");
     stream.cancel.store(true, Ordering::Relaxed);
     stuck.cancel.store(true, Ordering::Relaxed);
     let _ = collect_rest(stream, true);
