@@ -139,10 +139,11 @@ pub struct EngineConfig {
     pub preprocess_threads: usize,
     /// Longest a request's preprocessing (template, tokenizer, fetching, decoding and
     /// resizing its images and videos) may take. The limit is passed to the processing code
-    /// ([`crate::processing::fetch::FetchOptions::interrupt`]), and past it (and a short
-    /// grace) the scheduler fails the request with [`crate::Error::BadInput`] ("took longer
-    /// than …") itself and gives its place to the next; the thread is abandoned and ends at
-    /// its next check. Default 120 s.
+    /// ([`crate::processing::fetch::FetchOptions::interrupt`], which the engine sets for
+    /// each media request, with a flag it raises when the request is cancelled), and past
+    /// it (and a short grace) the scheduler fails the request with
+    /// [`crate::Error::BadInput`] ("took longer than …") itself and gives its place to the
+    /// next; the thread is abandoned and ends at its next check. Default 120 s.
     pub preprocess_timeout: Duration,
 }
 
