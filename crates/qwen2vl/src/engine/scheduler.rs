@@ -220,11 +220,18 @@ impl<'p> Scheduler<'p> {
                 .wake
                 .wait_timeout(st, Duration::from_millis(200))
                 .map_err(|_| ());
+        } else if self.ready.is_empty() {
+            // Queued media requests wait for abandoned preprocessing threads to end (they
+            // do not notify); look again now and then.
+            let _unused = self
+                .shared
+                .wake
+                .wait_timeout(st, Duration::from_millis(10))
+                .map_err(|_| ());
         } else {
             drop(st);
             // A ready request with nothing running can only be a cancelled one being
-            // reaped next round, and queued media requests wait for a preprocessing
-            // thread to end; do not spin hard.
+            // reaped next round; do not spin hard.
             std::thread::sleep(Duration::from_millis(1));
         }
         true
