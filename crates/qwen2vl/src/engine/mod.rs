@@ -18,7 +18,10 @@
 //!      scheduler sets on cancel), which the processing loops check, and the scheduler
 //!      enforces it too: a job past it fails with [`crate::Error::BadInput`] ("took longer
 //!      than …"), its place is reused at once and its thread, abandoned, ends at its next
-//!      check. Text-only requests are already preprocessed at submit and skip this stage.
+//!      check (abandoned threads still running count against a second
+//!      `preprocess_threads`: while that many hang, queued media requests wait, so stuck
+//!      jobs cannot pile up). Text-only requests are already preprocessed at submit and
+//!      skip this stage.
 //!      The KV need, `prompt tokens + max_new_tokens` (the new tokens capped by the
 //!      context), is known after it.
 //!    - *ready*: preprocessed requests, in the order they became ready (a slow media
