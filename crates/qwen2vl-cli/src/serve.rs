@@ -101,6 +101,18 @@ pub struct ServeArgs {
     /// (streams then end with their finish chunk and [DONE]); the process then exits 0.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace: u64,
+    /// Requests whose images and videos are read and decoded at the same time (each on a
+    /// thread of its own; text-only requests need none), so one slow download or video
+    /// never holds the others.
+    #[arg(long, default_value_t = 4)]
+    pub preprocess_threads: usize,
+    /// Seconds a request's preprocessing (fetching, decoding and resizing its media) may take
+    /// before it fails with HTTP 400.
+    #[arg(long, default_value_t = 120)]
+    pub preprocess_timeout: u64,
+    /// Seconds the engine may have work without making progress before /health answers 503.
+    #[arg(long, default_value_t = 60)]
+    pub health_stall_after: u64,
 }
 
 /// The id `/v1/models` shows for `--model`: a Hugging Face repo id as given, a local
@@ -144,6 +156,9 @@ fn check_flags(args: &ServeArgs, api_key: &Option<String>) -> Result<(), CliErro
         ("--max-connections", args.max_connections as u64),
         ("--header-read-timeout", args.header_read_timeout),
         ("--body-read-timeout", args.body_read_timeout),
+        ("--preprocess-threads", args.preprocess_threads as u64),
+        ("--preprocess-timeout", args.preprocess_timeout),
+        ("--health-stall-after", args.health_stall_after),
     ] {
         if v == 0 {
             return Err(CliError::Usage(format!(
@@ -210,6 +225,7 @@ pub fn main(args: ServeArgs) -> Result<(), CliError> {
         body_read_timeout: Duration::from_secs(args.body_read_timeout),
         max_connections: args.max_connections,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        health_stall_after: Duration::from_secs(args.health_stall_after),
         ..ServerConfig::default()
     };
     let pipeline = Arc::new(args.model.load()?);
@@ -220,6 +236,8 @@ pub fn main(args: ServeArgs) -> Result<(), CliError> {
             max_queue: args.max_queue,
             kv_budget_tokens: args.kv_budget,
             prefill_slice_ms: args.prefill_slice_ms,
+            preprocess_threads: args.preprocess_threads,
+            preprocess_timeout: Duration::from_secs(args.preprocess_timeout),
             ..Default::default()
         },
     );

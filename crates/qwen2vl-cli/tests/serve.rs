@@ -108,6 +108,9 @@ fn serve_help_has_an_example_and_the_security_flags() {
         "--max-connections",
         "--header-read-timeout",
         "--shutdown-grace",
+        "--preprocess-threads",
+        "--preprocess-timeout",
+        "--health-stall-after",
         "[default: 127.0.0.1]",
     ] {
         assert!(help.contains(want), "{want}:\n{help}");
@@ -158,6 +161,16 @@ fn serve_refuses_an_empty_api_key_and_a_zero_queue() {
             "--header-read-timeout",
         ),
         (vec!["--allowed-host", ""], vec![], "--allowed-host"),
+        (
+            vec!["--preprocess-threads", "0"],
+            vec![],
+            "--preprocess-threads",
+        ),
+        (
+            vec!["--preprocess-timeout", "0"],
+            vec![],
+            "--preprocess-timeout",
+        ),
     ];
     for (extra, env, needle) in cases {
         let mut all = base.to_vec();

@@ -27,6 +27,10 @@ pub struct BackendStats {
     pub decode_batch_sequences: u64,
     /// Decode steps run while a new request's vision tower or prefill was part-way done.
     pub decode_steps_during_prefill: u64,
+    /// Requests whose media are being read and decoded.
+    pub preprocessing: usize,
+    /// Preprocessing threads given up on at their deadline and not yet ended.
+    pub preprocess_threads_abandoned: usize,
 }
 
 /// Whether the engine moves on (for `/health`).
@@ -71,6 +75,8 @@ impl Backend for Engine {
             decode_steps: s.decode_steps_total,
             decode_batch_sequences: s.decode_batch_sequences_total,
             decode_steps_during_prefill: s.decode_steps_during_prefill_total,
+            preprocessing: s.preprocessing,
+            preprocess_threads_abandoned: s.preprocess_threads_abandoned,
         }
     }
 

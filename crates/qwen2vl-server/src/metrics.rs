@@ -136,6 +136,18 @@ impl Metrics {
                 stats.kv_budget_tokens as u64,
             ),
             (
+                "qwen2vl_preprocessing_requests",
+                "gauge",
+                "Requests whose images and videos are being read and decoded.",
+                stats.preprocessing as u64,
+            ),
+            (
+                "qwen2vl_preprocess_threads_abandoned",
+                "gauge",
+                "Preprocessing threads given up on at their deadline that have not ended yet.",
+                stats.preprocess_threads_abandoned as u64,
+            ),
+            (
                 "qwen2vl_decode_steps_total",
                 "counter",
                 "Batched decode steps run.",
@@ -195,7 +207,13 @@ mod tests {
             decode_steps: 9,
             decode_batch_sequences: 14,
             decode_steps_during_prefill: 4,
+            preprocessing: 1,
+            preprocess_threads_abandoned: 2,
         });
+        assert!(t.contains(
+            "# TYPE qwen2vl_preprocessing_requests gauge\nqwen2vl_preprocessing_requests 1\n"
+        ));
+        assert!(t.contains("qwen2vl_preprocess_threads_abandoned 2\n"));
         assert!(
             t.contains("qwen2vl_requests_total{status=\"200\"} 2\n"),
             "{t}"
