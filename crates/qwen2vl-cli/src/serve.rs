@@ -226,7 +226,6 @@ pub fn main(args: ServeArgs) -> Result<(), CliError> {
         max_connections: args.max_connections,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         health_stall_after: Duration::from_secs(args.health_stall_after),
-        ..ServerConfig::default()
     };
     let pipeline = Arc::new(args.model.load()?);
     let backend = qwen2vl_server::backend::start_with(
@@ -238,7 +237,6 @@ pub fn main(args: ServeArgs) -> Result<(), CliError> {
             prefill_slice_ms: args.prefill_slice_ms,
             preprocess_threads: args.preprocess_threads,
             preprocess_timeout: Duration::from_secs(args.preprocess_timeout),
-            ..Default::default()
         },
     );
     #[cfg(debug_assertions)]
