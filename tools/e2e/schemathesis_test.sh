@@ -3,7 +3,9 @@
 # document the server serves at /openapi.json and sends generated requests (valid ones and
 # ones that break the schema) to every operation of the debug `qwen2vl serve` on the tiny
 # fixture model. Checks: no 5xx (not_a_server_error), every status is one the document lists
-# (status_code_conformance), every JSON body matches its schema (response_schema_conformance).
+# (status_code_conformance), every JSON body and SSE event matches its schema
+# (response_schema_conformance), and content types and documented headers (Allow,
+# Retry-After, WWW-Authenticate) are as documented.
 # Bounded: --max-examples per operation and a wall-clock limit; exits non-zero on a failure.
 #
 #   tools/e2e/schemathesis_test.sh
@@ -89,7 +91,7 @@ start=$(date +%s)
 status=0
 SCHEMATHESIS_HOOKS=tools/e2e/schemathesis_hooks.py \
   timeout --kill-after=10 "$TIMEOUT" "$VENV/bin/schemathesis" run "$URL/openapi.json" \
-  --checks not_a_server_error,status_code_conformance,response_schema_conformance \
+  --checks not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance,response_headers_conformance \
   --phases examples,coverage,fuzzing \
   --max-examples "$EXAMPLES" --seed "$SEED" --workers 2 \
   --request-timeout 120 --suppress-health-check all \
