@@ -860,9 +860,7 @@ fn video_settings() -> impl Strategy<Value = VideoPart> {
                 VideoPart {
                     fps,
                     nframes: nframes.map(us),
-                    // Below 2^32: smart_nframes overflows on min_frames near usize::MAX (reported,
-                    // see smart_nframes_with_a_huge_min_frames_is_bad_input).
-                    min_frames: min_frames.map(|x| us(x.min(1 << 32))),
+                    min_frames: min_frames.map(us),
                     max_frames: max_frames.map(us),
                     min_pixels: min_px,
                     max_pixels: max_px,
@@ -935,21 +933,23 @@ fn media_sizes_and_frame_counts_stay_in_range() {
     b.report(done, "");
 }
 
-/// Found by `media_sizes_and_frame_counts_stay_in_range`: `smart_nframes` rounds `min_frames`
-/// up to an even count with `div_ceil(2) * 2`, which overflows for `usize::MAX` (a panic with
-/// overflow checks, 0 frames without). The server caps min_frames at --max-video-frames first;
-/// a library user passing a client's messages does not. Ignored until video.rs is fixed.
+/// Found by `media_sizes_and_frame_counts_stay_in_range`: `smart_nframes` rounded `min_frames`
+/// up to an even count with `div_ceil(2) * 2`, which overflowed for `usize::MAX` (a panic with
+/// overflow checks, 0 frames without). Python's integers do not overflow: qwen-vl-utils
+/// computes `min(max(nframes, min_frames), max_frames)`, so a huge `min_frames` gives
+/// `max_frames` (here the whole 100-frame clip).
 #[test]
-#[ignore = "smart_nframes overflows on min_frames = usize::MAX (video.rs, reported in issue 10)"]
-fn smart_nframes_with_a_huge_min_frames_is_bad_input() {
+fn smart_nframes_with_a_huge_min_frames_is_capped_by_max_frames() {
     use qwen2vl::processing::video::smart_nframes;
-    let part = VideoPart {
-        min_frames: Some(usize::MAX),
-        ..VideoPart::default()
-    };
-    let r = catch_unwind(AssertUnwindSafe(|| smart_nframes(&part, 100, 25.0)));
-    let r = r.unwrap_or_else(|p| panic!("smart_nframes panicked: {}", panic_text(&*p)));
-    common::bad_input(r);
+    for min_frames in [usize::MAX, usize::MAX - 1, 1 << 40] {
+        let part = VideoPart {
+            min_frames: Some(min_frames),
+            ..VideoPart::default()
+        };
+        let r = catch_unwind(AssertUnwindSafe(|| smart_nframes(&part, 100, 25.0)));
+        let r = r.unwrap_or_else(|p| panic!("smart_nframes panicked: {}", panic_text(&*p)));
+        assert_eq!(r.unwrap(), 100, "min_frames {min_frames}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

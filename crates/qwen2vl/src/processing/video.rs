@@ -116,11 +116,13 @@ pub fn smart_nframes(part: &VideoPart, total_frames: usize, video_fps: f64) -> R
                 "a video with a positive average frame rate, or nframes",
             ));
         }
+        // Saturating: Python's integers do not overflow, and a min_frames past the clip is
+        // then capped by max_frames below, as in the reference.
         let min_frames = part
             .min_frames
             .unwrap_or(FPS_MIN_FRAMES)
             .div_ceil(FRAME_FACTOR)
-            * FRAME_FACTOR;
+            .saturating_mul(FRAME_FACTOR);
         let max_frames = part.max_frames.unwrap_or(FPS_MAX_FRAMES.min(total_frames)) / FRAME_FACTOR
             * FRAME_FACTOR;
         let n = total_frames as f64 / video_fps * fps;
