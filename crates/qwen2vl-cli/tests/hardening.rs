@@ -3,68 +3,28 @@
 //! local files, a hostile video does not wedge the server, and small requests that ask for
 //! huge work are refused from cheap facts before the memory is spent.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+mod common;
+
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
+use common::{agent, data_uri, fixtures, temp_video_files, Server};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+/// What the tests send and read.
+trait Chat {
+    fn chat(&self, body: &serde_json::Value) -> (u16, serde_json::Value);
+    fn post(&self, body: &[u8]) -> (u16, serde_json::Value);
+    fn peak_rss_mib(&self) -> u64;
 }
 
-/// A `qwen2vl serve` child on a free loopback port, killed when dropped.
-struct Server {
-    child: std::process::Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Server {
-        let model = fixtures().join("tiny-qwen2vl");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qwen2vl"))
-            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let url = loop {
-            let line = lines.next().expect("server exited").unwrap();
-            if let Some(u) = line
-                .split_whitespace()
-                .find(|w| w.starts_with("http://127.0.0.1:"))
-            {
-                break u.trim_end_matches('/').to_string();
-            }
-        };
-        // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Server { child, url }
-    }
-
+impl Chat for Server {
     /// POSTs a chat request; returns the status and the parsed body.
     fn chat(&self, body: &serde_json::Value) -> (u16, serde_json::Value) {
         self.post(&serde_json::to_vec(body).unwrap())
     }
 
     fn post(&self, body: &[u8]) -> (u16, serde_json::Value) {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(120)))
-            .build()
-            .into();
-        let mut r = agent
+        let mut r = agent()
             .post(format!("{}/v1/chat/completions", self.url))
             .header("content-type", "application/json")
             .send(body)
@@ -81,14 +41,7 @@ impl Server {
 
     /// The server process's peak resident memory (`VmHWM`), in MiB.
     fn peak_rss_mib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let kb: u64 = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap();
-        kb >> 10
+        self.status_kib("VmHWM:") >> 10
     }
 }
 
@@ -103,13 +56,6 @@ fn video_request(url: &str, extra: serde_json::Value) -> serde_json::Value {
         "messages": [{"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}],
         "max_tokens": 2,
     })
-}
-
-fn data_uri(media_type: &str, bytes: &[u8]) -> String {
-    format!(
-        "data:{media_type};base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    )
 }
 
 fn error_message(v: &serde_json::Value) -> String {
@@ -306,20 +252,7 @@ fn huge_work_from_small_requests_is_refused_before_it_is_done() {
 /// directory (inline videos are read from memory; downloads are spooled to an unlinked file).
 #[test]
 fn inline_videos_leave_no_temporary_files() {
-    let tmp = std::env::temp_dir();
-    let count = |dir: &Path| {
-        std::fs::read_dir(dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| {
-                        let n = e.file_name().to_string_lossy().to_string();
-                        n.starts_with("qwen2vl-video-") || n.ends_with(".spool")
-                    })
-                    .count()
-            })
-            .unwrap_or(0)
-    };
-    let before = count(&tmp);
+    let before = temp_video_files();
     let server = Server::start(&[]);
     let clip = std::fs::read(fixtures().join("video/clip.mp4")).unwrap();
     let (status, body) = server.chat(&video_request(
@@ -332,5 +265,5 @@ fn inline_videos_leave_no_temporary_files() {
         serde_json::json!({}),
     ));
     assert_eq!(status, 400);
-    assert_eq!(count(&tmp), before);
+    assert_eq!(temp_video_files(), before);
 }
