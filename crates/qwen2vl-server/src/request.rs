@@ -630,8 +630,8 @@ fn check_text_bytes(raw: &[Value], context: usize) -> Result<(), ApiError> {
             "messages",
             format!(
                 "the messages hold {bytes} bytes of text; allowed: at most {max_bytes} bytes \
-                 ({TEXT_BYTES_PER_TOKEN} per token of the {max_tokens}-token prompt the model's \
-                 context allows)"
+                 ({TEXT_BYTES_PER_TOKEN} per token of a prompt of at most {max_tokens} tokens: \
+                 the model's context of {context} tokens less one)"
             ),
         ));
     }

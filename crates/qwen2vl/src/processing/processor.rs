@@ -134,7 +134,10 @@ impl Processor {
             Some(max) if text_tokens > max => {
                 return Err(Error::bad_input(
                     format!("the prompt's text is {text_tokens} tokens long"),
-                    format!("at most {max} tokens (the model's context less one)"),
+                    format!(
+                        "at most {max} tokens (the model's context of {} tokens less one)",
+                        max.saturating_add(1)
+                    ),
                 ))
             }
             Some(max) => Some(max - text_tokens),
@@ -367,8 +370,9 @@ fn check_text_bytes(messages: &[Message], max_tokens: usize) -> Result<()> {
         return Err(Error::bad_input(
             format!("the messages hold {bytes} bytes of text"),
             format!(
-                "at most {max_bytes} bytes ({TEXT_BYTES_PER_TOKEN} per token of the \
-                 {max_tokens}-token prompt the model's context allows)"
+                "at most {max_bytes} bytes ({TEXT_BYTES_PER_TOKEN} per token of a prompt of at \
+                 most {max_tokens} tokens: the model's context of {} tokens less one)",
+                max_tokens.saturating_add(1)
             ),
         ));
     }
