@@ -61,5 +61,19 @@ impl Error {
     }
 }
 
+impl Error {
+    /// A bad input's `what` prefixed with `prefix` ("image 2 (message 1): …", "clip.mp4: …");
+    /// other errors unchanged.
+    pub fn prefixed(self, prefix: impl std::fmt::Display) -> Self {
+        match self {
+            Error::BadInput { what, allowed } => Error::BadInput {
+                what: format!("{prefix}: {what}"),
+                allowed,
+            },
+            other => other,
+        }
+    }
+}
+
 /// The library's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -492,13 +492,7 @@ pub fn load_image(path: &Path) -> Result<RgbImage> {
             "a path to a readable image file",
         )
     })?;
-    decode_image(&bytes).map_err(|e| match e {
-        Error::BadInput { what, allowed } => Error::BadInput {
-            what: format!("{name}: {what}"),
-            allowed,
-        },
-        other => other,
-    })
+    decode_image(&bytes).map_err(|e| e.prefixed(&name))
 }
 
 // ---------------------------------------------------------------------------------------------

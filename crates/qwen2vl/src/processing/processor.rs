@@ -292,8 +292,7 @@ impl Processor {
     ) -> Result<PlannedImage<'a>> {
         opts.fetch.interrupt.check("reading the images")?;
         let fetched = fetch(&part.source, &opts.fetch, opts.base_dir.as_deref())?;
-        let (w, h) =
-            image_dimensions(&fetched.bytes).map_err(|e| with_origin(e, &fetched.origin))?;
+        let (w, h) = image_dimensions(&fetched.bytes).map_err(|e| e.prefixed(&fetched.origin))?;
         // qwen-vl-utils 0.0.8 `fetch_image`: only both keys together set the size (and the
         // item's min/max_pixels are then ignored); one alone is ignored.
         let size = planned_image_size(
@@ -322,7 +321,7 @@ impl Processor {
     ) -> Result<((usize, usize), PreprocessedImage)> {
         opts.fetch.interrupt.check("decoding the images")?;
         let img =
-            decode_image(&plan.fetched.bytes).map_err(|e| with_origin(e, &plan.fetched.origin))?;
+            decode_image(&plan.fetched.bytes).map_err(|e| e.prefixed(&plan.fetched.origin))?;
         let pre = match part.resized_height.zip(part.resized_width) {
             Some((rh, rw)) => preprocess_image_with_size(&img, &self.preprocessor, rh, rw),
             None => preprocess_image(&img, &self.preprocessor, part.min_pixels, part.max_pixels),
@@ -341,17 +340,6 @@ struct PlannedImage<'a> {
     size: (usize, usize),
     /// Merged vision tokens.
     tokens: usize,
-}
-
-/// Prefixes a bad-input error with where the image's bytes came from.
-fn with_origin(e: Error, origin: &str) -> Error {
-    match e {
-        Error::BadInput { what, allowed } => Error::BadInput {
-            what: format!("{origin}: {what}"),
-            allowed,
-        },
-        other => other,
-    }
 }
 
 /// Refuses message text longer than [`TEXT_BYTES_PER_TOKEN`] bytes per token of
@@ -386,11 +374,5 @@ fn name_item(e: Error, image: usize, message: usize) -> Error {
 
 /// Prefixes a bad-input error with the item it concerns ("video 2 (message 3): ...").
 fn name_media(e: Error, kind: &str, n: usize, message: usize) -> Error {
-    match e {
-        Error::BadInput { what, allowed } => Error::BadInput {
-            what: format!("{kind} {n} (message {message}): {what}"),
-            allowed,
-        },
-        other => other,
-    }
+    e.prefixed(format_args!("{kind} {n} (message {message})"))
 }

@@ -560,18 +560,12 @@ fn fetch_frame_list(
     let mut frames = Vec::with_capacity(list.len() + 1);
     for (i, s) in list.iter().enumerate() {
         fetch.interrupt.check("reading the video's frames")?;
-        let tag = |e: Error| match e {
-            Error::BadInput { what, allowed } => Error::BadInput {
-                what: format!("video frame {}: {what}", i + 1),
-                allowed,
-            },
-            other => other,
-        };
+        let tag = |e: Error| e.prefixed(format_args!("video frame {}", i + 1));
         // Each frame is read as `fetch_image` reads an image: any image source form.
         let source = ImageSource::Uri(s.clone());
         let fetched = crate::processing::fetch::fetch(&source, fetch, base_dir).map_err(tag)?;
         let (w, h) = image_dimensions(&fetched.bytes)
-            .map_err(|e| name_origin(e, &fetched.origin))
+            .map_err(|e| e.prefixed(&fetched.origin))
             .map_err(tag)?;
         let (rh, rw) = if let (Some(rh), Some(rw)) = (part.resized_height, part.resized_width) {
             smart_resize(rh, rw, cfg.factor(), MIN_PIXELS, MAX_PIXELS)
@@ -600,7 +594,7 @@ fn fetch_frame_list(
             )?;
         }
         let img = decode_image(&fetched.bytes)
-            .map_err(|e| name_origin(e, &fetched.origin))
+            .map_err(|e| e.prefixed(&fetched.origin))
             .map_err(tag)?;
         frames.push(pillow_resize(&img, rh, rw).map_err(tag)?);
     }
@@ -611,17 +605,6 @@ fn fetch_frame_list(
         idx.push(list.len() - 1);
     }
     Ok((frames, idx))
-}
-
-/// Prefixes a bad-input error with where the bytes came from.
-fn name_origin(e: Error, origin: &str) -> Error {
-    match e {
-        Error::BadInput { what, allowed } => Error::BadInput {
-            what: format!("{origin}: {what}"),
-            allowed,
-        },
-        other => other,
-    }
 }
 
 fn pillow_resize(img: &RgbImage, h: usize, w: usize) -> Result<RgbImage> {
