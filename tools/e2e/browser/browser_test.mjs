@@ -24,6 +24,8 @@ const BIN = process.env.QWEN2VL_BIN || path.join(ROOT, "target/debug/qwen2vl");
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const SHOT = path.resolve(process.env.E2E_OUT || path.join(ROOT, "target/e2e/page.png"));
 const MODEL = "tests/fixtures/tiny-qwen2vl"; // relative to ROOT, the servers' directory
+// What /v1/models and the page show for it: the directory's name, never its path.
+const MODEL_NAME = "tiny-qwen2vl";
 const IMAGE = path.join(ROOT, "tests/fixtures/images/photo640.png");
 const SMALL = path.join(ROOT, "tests/fixtures/images/small.png");
 const VIDEO = path.join(ROOT, "tests/fixtures/video/clip.mp4");
@@ -128,7 +130,7 @@ async function scriptedAnswer() {
 
   await page.waitForFunction(
     (m) => document.getElementById("model").textContent === m,
-    MODEL,
+    MODEL_NAME,
     { timeout: 20000 }
   ).catch(async () =>
     fail("model name not shown; header says: " + (await page.textContent("#model")))
@@ -281,7 +283,7 @@ async function stopButton() {
   await page.fill("#api-key", API_KEY);
   await page.press("#api-key", "Tab");
   await page.waitForFunction((m) => document.getElementById("model").textContent === m,
-    MODEL, { timeout: 20000 }).catch(() => fail("the page did not accept the API key"));
+    MODEL_NAME, { timeout: 20000 }).catch(() => fail("the page did not accept the API key"));
   check(await page.isHidden("#notice"), "the notice stayed after the key was given");
 
   // A 4xx from the server: its message is shown, and the question comes back to be edited.
