@@ -15,7 +15,8 @@ use qwen2vl::pipeline::{GenerateRequest, Generation};
 use qwen2vl::processing::messages::{ContentPart, ImagePart, ImageSource, Message, Role};
 use serde_json::json;
 
-use crate::common::{CliError, ModelArgs};
+use crate::common::ModelArgs;
+use crate::error::CliError;
 
 /// Flags of `qwen2vl bench`.
 #[derive(Args)]

@@ -18,7 +18,8 @@ use qwen2vl::pipeline::{GenerateRequest, Pipeline};
 use qwen2vl::processing::messages::{ContentPart, ImagePart, Location, Message, Role, VideoPart};
 use serde::{Deserialize, Serialize};
 
-use crate::common::{CliError, MediaArgs, ModelArgs, SamplingArgs};
+use crate::common::{MediaArgs, ModelArgs, SamplingArgs};
+use crate::error::CliError;
 
 /// Flags of `qwen2vl chat`.
 #[derive(Args)]

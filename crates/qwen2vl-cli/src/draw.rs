@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use image::{ImageFormat, Rgb, RgbImage};
 use qwen2vl::grounding::{PixelShape, ShapeKind};
 
-use crate::common::CliError;
+use crate::error::CliError;
 
 /// Outline colours, by shape number (Sasha Trubetskoy's distinct colours): red, green, blue,
 /// orange, purple, cyan, magenta, yellow.

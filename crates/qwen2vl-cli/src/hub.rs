@@ -30,7 +30,7 @@ use hf_hub::api::Progress;
 use hf_hub::{Cache, Repo, RepoType};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
-use crate::common::CliError;
+use crate::error::CliError;
 
 /// The model used when `--model` is not given.
 pub const DEFAULT_MODEL: &str = "Qwen/Qwen2-VL-2B-Instruct";

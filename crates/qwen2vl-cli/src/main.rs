@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 mod common;
 mod draw;
+mod error;
 mod hub;
 mod run;
 mod serve;

@@ -13,8 +13,9 @@ use clap::Args;
 use qwen2vl::grounding::{Grounding, GroundingStream, PixelShape, ShapeKind};
 use qwen2vl::pipeline::{GenerateRequest, Generation};
 
-use crate::common::{CliError, MediaArgs, ModelArgs, SamplingArgs};
+use crate::common::{MediaArgs, ModelArgs, SamplingArgs};
 use crate::draw::DrawTarget;
+use crate::error::CliError;
 
 /// Flags of `qwen2vl run`.
 #[derive(Args)]

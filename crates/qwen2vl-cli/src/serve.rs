@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::Args;
 use qwen2vl_server::{Limits, ServerConfig};
 
-use crate::common::{CliError, ModelArgs};
+use crate::common::ModelArgs;
+use crate::error::CliError;
 
 /// Flags of `qwen2vl serve`.
 #[derive(Args, Debug)]
