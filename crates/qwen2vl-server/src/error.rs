@@ -64,10 +64,15 @@ impl ApiError {
     }
 
     /// A library error met while serving a request: a bad input is the client's (400, with
-    /// `param` = `messages` since media and prompt come from there), anything else ours.
+    /// `param` = `messages` since media and prompt come from there), an engine that shut down
+    /// is 503 (retry elsewhere or later), anything else ours.
     pub fn from_library(e: &qwen2vl::Error) -> Self {
         match e {
             qwen2vl::Error::BadInput { .. } => ApiError::invalid("messages", e.to_string()),
+            qwen2vl::Error::Shutdown(_) => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                ..ApiError::internal(e.to_string())
+            },
             other => ApiError::internal(format!("internal error: {other}")),
         }
     }
@@ -104,5 +109,24 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn library_errors_map_to_their_statuses() {
+        let bad = ApiError::from_library(&qwen2vl::Error::bad_input("x is 3", "x below 2"));
+        assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+        assert_eq!(bad.param.as_deref(), Some("messages"));
+        let down = ApiError::from_library(&qwen2vl::Error::Shutdown(
+            "before the request started".into(),
+        ));
+        assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(down.message.contains("shut down"), "{}", down.message);
+        let ours = ApiError::from_library(&qwen2vl::Error::Internal("broken".into()));
+        assert_eq!(ours.status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

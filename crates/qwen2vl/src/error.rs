@@ -2,7 +2,8 @@
 //!
 //! Anything a user sent (a path, an image, a prompt, a sampling value) that cannot be used is
 //! [`Error::BadInput`]: it names *what* was wrong and *what is allowed*, so a CLI or server can
-//! show it as is. Internal faults (a tensor op failing, an I/O error on a file we chose) are
+//! show it as is. Internal faults (a tensor op failing, an I/O error on a file we chose, a
+//! broken invariant: [`Error::Internal`]) and an engine that stopped ([`Error::Shutdown`]) are
 //! the other variants.
 
 use std::path::PathBuf;
@@ -49,6 +50,12 @@ pub enum Error {
     /// An I/O error.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A fault of the library's own (a broken invariant, a caught panic): never the user's.
+    #[error("internal fault: {0}")]
+    Internal(String),
+    /// The engine stopped before it could finish the request: retry on a running one.
+    #[error("the engine shut down: {0}")]
+    Shutdown(String),
 }
 
 impl Error {

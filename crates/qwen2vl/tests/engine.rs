@@ -797,7 +797,8 @@ fn stuck_media_requests_do_not_block_a_text_request() {
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     for s in stuck {
         let o = collect(s);
-        assert!(o.failed.is_some(), "shut down before starting");
+        let e = o.failed.expect("shut down before starting");
+        assert!(matches!(e, qwen2vl::Error::Shutdown(_)), "{e:?}");
     }
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }

@@ -756,10 +756,7 @@ impl<'p> Scheduler<'p> {
         }
         txs.extend(waiting.into_iter().map(|p| p.tx));
         for tx in txs {
-            let e = Error::bad_input(
-                "the engine shut down before the request started",
-                "a running server",
-            );
+            let e = Error::Shutdown("before the request started".into());
             self.fail(&tx, 0, e);
         }
         self.publish();
@@ -857,7 +854,7 @@ fn preprocess_timeout_error(timeout: Duration) -> Error {
 
 /// An internal error carrying `msg` (our fault, not the user's).
 fn internal(msg: &str) -> Error {
-    Error::Tensor(candle_core::Error::Msg(msg.to_string()))
+    Error::Internal(msg.to_string())
 }
 
 /// The answer of a request cancelled before it started.
