@@ -425,8 +425,9 @@ fn spool_file() -> Result<std::fs::File> {
         std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
         match opts.open(&path) {
             Ok(f) => {
-                // Unix: the name goes now, the data when the handle closes. Elsewhere the
-                // name stays until then; it is unguessable and private.
+                // Unix: the name goes now, the data when the handle closes. Elsewhere an
+                // open file cannot be unlinked and the (unguessable, private) file stays
+                // behind; video decoding is built and tested on Linux.
                 #[cfg(unix)]
                 let _ = std::fs::remove_file(&path);
                 return Ok(f);
