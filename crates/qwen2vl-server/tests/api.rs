@@ -12,7 +12,7 @@ use qwen2vl_server::{Limits, ServerConfig};
 use serde_json::{json, Value};
 
 mod common;
-use common::{fixtures, pipeline, start_engine, start_with};
+use common::{fixtures, pipeline, start_engine, start_with, Resp};
 
 fn start(config: ServerConfig) -> SocketAddr {
     start_engine(4, 16, config)
@@ -24,24 +24,6 @@ fn agent() -> ureq::Agent {
         .timeout_global(Some(Duration::from_secs(120)))
         .build()
         .into()
-}
-
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
 }
 
 fn finish(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Resp {

@@ -9,37 +9,11 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 mod common;
-use common::start_engine;
+use common::{start_engine, Resp};
 use qwen2vl_server::ServerConfig;
 
 fn start(config: ServerConfig) -> SocketAddr {
     start_engine(4, 16, config)
-}
-
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-    /// The OpenAI error object, checking its shape.
-    fn error(&self) -> Value {
-        let v = self.json();
-        let e = v["error"].clone();
-        assert!(e["message"].is_string(), "{}", self.body);
-        assert!(e["type"].is_string(), "{}", self.body);
-        e
-    }
 }
 
 /// One HTTP/1.1 request over a fresh connection, written by hand so that every header (Host

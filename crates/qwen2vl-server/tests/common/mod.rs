@@ -57,3 +57,34 @@ pub fn start_engine(max_running: usize, max_queue: usize, config: ServerConfig) 
         config,
     )
 }
+
+/// An HTTP answer as the tests read it.
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Resp {
+    /// The body as JSON (panics with the body when it is not).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+
+    /// A header's value, by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The OpenAI error object, checking its shape.
+    pub fn error(&self) -> serde_json::Value {
+        let v = self.json();
+        let e = v["error"].clone();
+        assert!(e["message"].is_string(), "{}", self.body);
+        assert!(e["type"].is_string(), "{}", self.body);
+        e
+    }
+}
