@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Args;
+use qwen2vl::generation::stop::FinishReason;
 use qwen2vl::pipeline::{GenerateRequest, Pipeline};
 use qwen2vl::processing::messages::{ContentPart, ImagePart, Location, Message, Role, VideoPart};
 use serde::{Deserialize, Serialize};
@@ -349,7 +350,7 @@ impl Session<'_> {
         match result {
             Ok(gen) => {
                 let _ = writeln!(stdout.lock());
-                if gen.finish_reason == "cancelled" {
+                if gen.finish_reason == FinishReason::Cancelled {
                     self.note("(answer stopped)");
                 }
                 if self.args.stats {

@@ -10,6 +10,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
+use qwen2vl::generation::stop::FinishReason;
 use qwen2vl::grounding::{Grounding, GroundingStream, PixelShape, ShapeKind};
 use qwen2vl::pipeline::{GenerateRequest, Generation};
 
@@ -169,7 +170,7 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
         crate::draw::draw_shapes(&mut img, &shapes);
         target.write(&img)?;
     }
-    if gen.finish_reason == "cancelled" {
+    if gen.finish_reason == FinishReason::Cancelled {
         return Err(CliError::Interrupted);
     }
     Ok(())

@@ -315,6 +315,7 @@ impl Signals {
 mod scripted {
     use std::sync::Arc;
 
+    use qwen2vl::generation::stop::{FinishReason, StopReason};
     use qwen2vl::pipeline::{GenerateRequest, Pipeline};
     use qwen2vl_server::backend::{Backend, BackendStats, Event, Submission, SubmitError};
 
@@ -368,8 +369,10 @@ mod scripted {
                             gen.usage.completion_tokens = chars.len().div_ceil(3);
                             gen.usage.total_tokens =
                                 gen.usage.prompt_tokens + gen.usage.completion_tokens;
-                            if gen.finish_reason == "length" {
-                                gen.finish_reason = "stop".into();
+                            if gen.finish_reason == FinishReason::Length {
+                                // The scripted text is the whole answer: a natural stop.
+                                gen.finish_reason =
+                                    FinishReason::Stop(StopReason::StopString(String::new()));
                             }
                             let _ = tx.send(Event::Finished(gen));
                         }

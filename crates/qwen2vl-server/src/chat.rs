@@ -174,7 +174,7 @@ async fn handle(
                 logprobs: ctx.req.logprobs.then_some(ChoiceLogprobs {
                     content: o.logprobs,
                 }),
-                finish_reason: o.finish_reason,
+                finish_reason: o.finish_reason.to_string(),
             });
         }
         state.metrics.latency(start.elapsed().as_secs_f64());
@@ -463,7 +463,7 @@ async fn run_choice(
             }
             (
                 g.usage.clone(),
-                g.finish_reason.clone(),
+                g.finish_reason.to_string(),
                 g.grounding
                     .as_ref()
                     .and_then(|gr| serde_json::to_value(gr).ok()),

@@ -805,7 +805,9 @@ impl Backend for ScriptBackend {
             text: self.1.to_string(),
             token_ids: vec![1; pieces.len()],
             logprobs: vec![],
-            finish_reason: "stop".into(),
+            finish_reason: qwen2vl::generation::stop::FinishReason::Stop(
+                qwen2vl::generation::stop::StopReason::Eos(0),
+            ),
             usage: qwen2vl::pipeline::Usage {
                 prompt_tokens: 10,
                 prompt_text_tokens: 10,

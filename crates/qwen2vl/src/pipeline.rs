@@ -264,8 +264,8 @@ pub struct Generation {
     pub token_ids: Vec<u32>,
     /// Per generated token: its log-probability and the top alternatives.
     pub logprobs: Vec<TokenLogprob>,
-    /// "stop", "length" or "cancelled".
-    pub finish_reason: String,
+    /// Why it ended; serialized as the OpenAI string ("stop", "length" or "cancelled").
+    pub finish_reason: crate::generation::stop::FinishReason,
     pub usage: Usage,
     pub timings: Timings,
     /// Each image's sizes, grid and token count.

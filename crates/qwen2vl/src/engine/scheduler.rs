@@ -863,7 +863,7 @@ fn cancelled_before_start() -> Generation {
         text: String::new(),
         token_ids: Vec::new(),
         logprobs: Vec::new(),
-        finish_reason: FinishReason::Cancelled.as_openai_str().to_string(),
+        finish_reason: FinishReason::Cancelled,
         usage: Usage::default(),
         timings: Timings::default(),
         images: Vec::new(),

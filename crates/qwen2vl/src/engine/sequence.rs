@@ -247,7 +247,7 @@ impl<'t> Sequence<'t> {
         let finish = self.finish.unwrap_or(FinishReason::Length);
         Generation {
             text: self.text,
-            finish_reason: finish.as_openai_str().to_string(),
+            finish_reason: finish.clone(),
             usage: Usage {
                 prompt_tokens: n,
                 prompt_text_tokens: n.saturating_sub(prompt.image_tokens + prompt.video_tokens),

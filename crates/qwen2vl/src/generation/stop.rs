@@ -64,6 +64,27 @@ impl FinishReason {
     }
 }
 
+impl std::fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_openai_str())
+    }
+}
+
+/// Serialized as the OpenAI string (`"stop"`, `"length"`, `"cancelled"`), as `--json` and
+/// the API have always written it.
+impl serde::Serialize for FinishReason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_openai_str())
+    }
+}
+
+/// Compares with the OpenAI string: `reason == "stop"` whatever stopped it.
+impl PartialEq<&str> for FinishReason {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_openai_str() == *other
+    }
+}
+
 /// What caused a natural stop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {
@@ -233,6 +254,25 @@ impl StopStringFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The typed reason is written and compared as the OpenAI string, whatever stopped it.
+    #[test]
+    fn finish_reasons_read_as_the_openai_strings() {
+        let eos = FinishReason::Stop(StopReason::Eos(7));
+        let string = FinishReason::Stop(StopReason::StopString("\n\n".into()));
+        for (r, want) in [
+            (&eos, "stop"),
+            (&string, "stop"),
+            (&FinishReason::Length, "length"),
+            (&FinishReason::Cancelled, "cancelled"),
+        ] {
+            assert_eq!(serde_json::to_string(r).unwrap(), format!("\"{want}\""));
+            assert_eq!(r.to_string(), want);
+            assert!(*r == want, "{r:?}");
+            assert!(*r != "other", "{r:?}");
+        }
+        assert_ne!(eos, string, "the typed reasons keep what stopped them");
+    }
 
     #[test]
     fn eos_before_length() {
