@@ -3,7 +3,7 @@
 qwen-vl-utils 0.0.8 (`fetch_video`, torchvision backend) + transformers 4.49
 (`Qwen2VLImageProcessor`, video path) compute for them, plus torch's antialiased bicubic resize
 on random images and torch.linspace-rounded frame indices, for the Rust tests in
-crates/qwen2vl/src/processing/video.rs and crates/qwen2vl/src/ops/resize_torch.rs.
+crates/qwen2vl/src/processing/video/ and crates/qwen2vl/src/ops/resize_torch.rs.
 
     tools/reference/.venv/bin/python tools/reference/make_video_fixtures.py
 
