@@ -27,32 +27,7 @@ impl Drop for Child {
 
 #[test]
 fn serve_listens_on_loopback_and_answers() {
-    let mut child = Child(
-        bin()
-            .args([
-                "serve",
-                "--model",
-                &model(),
-                "--port",
-                "0",
-                "--api-key",
-                "k",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stderr = child.0.stderr.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stderr).read_line(&mut line).unwrap();
-    let url = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .filter(|u| u.starts_with("http://127.0.0.1:"))
-        .unwrap_or_else(|| panic!("no listening line: {line:?}"))
-        .to_string();
+    let (_child, url) = serve(&["--api-key", "k"]);
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(60)))
