@@ -56,19 +56,17 @@ pub struct ChatRequest {
 }
 
 impl ChatRequest {
-    /// The field a library error is about: the image or video it names ("image 2 (message
-    /// 1): …", counted over the whole conversation), else `messages`.
+    /// The field a library error is about: the image or video it names (its
+    /// [`qwen2vl::Item`], counted over the whole conversation), else `messages`.
     pub fn param_of(&self, e: &qwen2vl::Error) -> String {
-        let qwen2vl::Error::BadInput { what, .. } = e else {
-            return "messages".into();
-        };
-        let item = |kind: &str, list: &[String]| {
-            let rest = what.strip_prefix(kind)?.strip_prefix(' ')?;
-            let n: usize = rest.split(' ').next()?.parse().ok()?;
-            list.get(n.checked_sub(1)?).cloned()
-        };
-        item("image", &self.image_params)
-            .or_else(|| item("video", &self.video_params))
+        e.item()
+            .and_then(|it| {
+                let list = match it.kind {
+                    qwen2vl::ItemKind::Image => &self.image_params,
+                    qwen2vl::ItemKind::Video => &self.video_params,
+                };
+                list.get(it.index.checked_sub(1)?).cloned()
+            })
             .unwrap_or_else(|| "messages".into())
     }
 }

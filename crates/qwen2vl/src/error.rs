@@ -18,6 +18,9 @@ pub enum Error {
         what: String,
         /// What is allowed instead.
         allowed: String,
+        /// The image or video of the conversation it concerns, when it concerns one (the
+        /// server turns it into the request field to blame, e.g. `messages[2].content[1]`).
+        item: Option<Item>,
     },
     /// A model directory or file is missing or unreadable.
     #[error("{what}: {path}")]
@@ -64,7 +67,62 @@ impl Error {
         Error::BadInput {
             what: what.into(),
             allowed: allowed.into(),
+            item: None,
         }
+    }
+
+    /// A bad input about one image or video of the conversation: its `what` prefixed with the
+    /// item ("image 2 (message 1): …") and [`Error::BadInput::item`] set; other errors
+    /// unchanged.
+    pub fn about(self, it: Item) -> Self {
+        match self.prefixed(it) {
+            Error::BadInput { what, allowed, .. } => Error::BadInput {
+                what,
+                allowed,
+                item: Some(it),
+            },
+            other => other,
+        }
+    }
+
+    /// The item a bad input concerns, if any.
+    pub fn item(&self) -> Option<Item> {
+        match self {
+            Error::BadInput { item, .. } => *item,
+            _ => None,
+        }
+    }
+}
+
+/// Whether an [`Item`] is an image or a video.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemKind {
+    /// An image (`{"type": "image"}` content part).
+    Image,
+    /// A video (`{"type": "video"}` content part).
+    Video,
+}
+
+/// One image or video of a conversation, as an error names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Item {
+    /// Image or video.
+    pub kind: ItemKind,
+    /// 1-based, counted over the whole conversation per kind (the 2nd image is 2 even when it
+    /// is the first of its message).
+    pub index: usize,
+    /// 1-based index of the message that holds it.
+    pub message: usize,
+}
+
+impl std::fmt::Display for Item {
+    /// "image 2 (message 1)".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            ItemKind::Image => "image",
+            ItemKind::Video => "video",
+        };
+        write!(f, "{kind} {} (message {})", self.index, self.message)
     }
 }
 
@@ -73,9 +131,14 @@ impl Error {
     /// other errors unchanged.
     pub fn prefixed(self, prefix: impl std::fmt::Display) -> Self {
         match self {
-            Error::BadInput { what, allowed } => Error::BadInput {
+            Error::BadInput {
+                what,
+                allowed,
+                item,
+            } => Error::BadInput {
                 what: format!("{prefix}: {what}"),
                 allowed,
+                item,
             },
             other => other,
         }
@@ -84,3 +147,31 @@ impl Error {
 
 /// The library's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn about_names_the_item_in_the_message_and_as_a_field() {
+        let it = Item {
+            kind: ItemKind::Video,
+            index: 2,
+            message: 3,
+        };
+        let e = Error::bad_input("not an MP4", "MP4 or WebM").about(it);
+        assert_eq!(e.item(), Some(it));
+        assert_eq!(
+            e.to_string(),
+            "video 2 (message 3): not an MP4; allowed: MP4 or WebM"
+        );
+        // A later prefix (the file name) keeps the item.
+        let e = e.prefixed("clip.mp4");
+        assert_eq!(e.item(), Some(it));
+        assert!(e.to_string().starts_with("clip.mp4: video 2"), "{e}");
+        // Other errors carry no item and are left as they are.
+        let other = Error::Internal("x".into()).about(it);
+        assert_eq!(other.item(), None);
+        assert!(matches!(other, Error::Internal(_)));
+    }
+}

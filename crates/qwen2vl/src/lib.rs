@@ -33,7 +33,7 @@ pub mod generation;
 pub mod grounding;
 pub mod processing;
 
-pub use error::{Error, Result};
+pub use error::{Error, Item, ItemKind, Result};
 pub mod inputs;
 pub mod kv_cache;
 pub mod model;

@@ -472,7 +472,7 @@ fn image_decoding_survives_mutated_files() {
                 );
                 img.as_raw().len() as u64
             }
-            Err(qwen2vl::Error::BadInput { what, allowed }) => {
+            Err(qwen2vl::Error::BadInput { what, allowed, .. }) => {
                 assert!(
                     !what.is_empty() && !allowed.is_empty(),
                     "{name}: empty error"

@@ -199,7 +199,7 @@ fn http_errors_name_the_url() {
         ..FetchOptions::remote()
     };
     match http_get(&format!("{url}/img.png"), &small) {
-        Err(Error::BadInput { what, allowed }) => {
+        Err(Error::BadInput { what, allowed, .. }) => {
             assert!(what.contains("19 bytes"), "{what}");
             assert!(allowed.contains("at most 10 bytes"), "{allowed}");
         }

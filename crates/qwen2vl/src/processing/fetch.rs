@@ -744,7 +744,7 @@ mod tests {
 
     fn bad<T: std::fmt::Debug>(r: Result<T>) -> (String, String) {
         match r {
-            Err(Error::BadInput { what, allowed }) => (what, allowed),
+            Err(Error::BadInput { what, allowed, .. }) => (what, allowed),
             other => panic!("expected BadInput, got {other:?}"),
         }
     }

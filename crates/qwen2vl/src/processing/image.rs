@@ -791,7 +791,7 @@ mod tests {
 
     fn bad(r: Result<impl std::fmt::Debug>) -> (String, String) {
         match r {
-            Err(Error::BadInput { what, allowed }) => (what, allowed),
+            Err(Error::BadInput { what, allowed, .. }) => (what, allowed),
             other => panic!("expected BadInput, got {other:?}"),
         }
     }

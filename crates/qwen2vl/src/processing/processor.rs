@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::{PreprocessorConfig, Qwen2VLConfig};
-use crate::error::{Error, Result};
+use crate::error::{Error, Item, ItemKind, Result};
 use crate::inputs::{ImageInfo, ModelInputs, VideoInfo};
 use crate::processing::fetch::{fetch, FetchOptions};
 use crate::processing::image::{
@@ -206,7 +206,7 @@ impl Processor {
                 };
                 let pre =
                     preprocess_video(part, &self.preprocessor, &fetch, opts.base_dir.as_deref())
-                        .map_err(|e| name_media(e, "video", n, mi + 1))?;
+                        .map_err(|e| name_media(e, ItemKind::Video, n, mi + 1))?;
                 let [t, gh, gw] = pre.grid_thw;
                 let tokens = t * gh * gw / (self.merge * self.merge);
                 budget = budget.map(|b| b.saturating_sub(tokens));
@@ -367,12 +367,16 @@ fn check_text_bytes(messages: &[Message], max_tokens: usize) -> Result<()> {
     Ok(())
 }
 
-/// Prefixes a bad-input error with the image it concerns.
+/// Ties a bad-input error to the image it concerns ("image 2 (message 3): ...").
 fn name_item(e: Error, image: usize, message: usize) -> Error {
-    name_media(e, "image", image, message)
+    name_media(e, ItemKind::Image, image, message)
 }
 
-/// Prefixes a bad-input error with the item it concerns ("video 2 (message 3): ...").
-fn name_media(e: Error, kind: &str, n: usize, message: usize) -> Error {
-    e.prefixed(format_args!("{kind} {n} (message {message})"))
+/// Ties a bad-input error to the item it concerns ("video 2 (message 3): ...").
+fn name_media(e: Error, kind: ItemKind, index: usize, message: usize) -> Error {
+    e.about(Item {
+        kind,
+        index,
+        message,
+    })
 }

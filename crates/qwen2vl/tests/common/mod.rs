@@ -21,7 +21,7 @@ pub fn tiny_processor() -> qwen2vl::processing::processor::Processor {
 /// The `(what, allowed)` of a `BadInput` error; panics on success or any other error.
 pub fn bad_input<T>(r: qwen2vl::Result<T>) -> (String, String) {
     match r {
-        Err(qwen2vl::Error::BadInput { what, allowed }) => (what, allowed),
+        Err(qwen2vl::Error::BadInput { what, allowed, .. }) => (what, allowed),
         Err(other) => panic!("expected BadInput, got {other}"),
         Ok(_) => panic!("expected BadInput, got a result"),
     }
