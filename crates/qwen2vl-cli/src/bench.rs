@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
-use qwen2vl::pipeline::{GenerateRequest, Generation};
+use qwen2vl::generation::{GenerateRequest, Generation};
 use qwen2vl::processing::messages::{ContentPart, ImagePart, ImageSource, Message, Role};
 use serde_json::json;
 

@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use clap::Args;
 use qwen2vl::generation::stop::FinishReason;
-use qwen2vl::pipeline::{GenerateRequest, Pipeline};
+use qwen2vl::generation::GenerateRequest;
+use qwen2vl::pipeline::Pipeline;
 use qwen2vl::processing::messages::{ContentPart, ImagePart, Location, Message, Role, VideoPart};
 use serde::{Deserialize, Serialize};
 

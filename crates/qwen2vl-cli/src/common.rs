@@ -7,7 +7,8 @@ use std::sync::Arc;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use qwen2vl::generation::sampler::SamplingParams;
-use qwen2vl::pipeline::{DTypeChoice, MediaOptions, Pipeline};
+use qwen2vl::generation::MediaOptions;
+use qwen2vl::pipeline::{DTypeChoice, Pipeline};
 use qwen2vl::weights::{LoadProgress, ProgressFn};
 
 use crate::error::CliError;

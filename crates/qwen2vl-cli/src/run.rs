@@ -11,8 +11,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 use qwen2vl::generation::stop::FinishReason;
+use qwen2vl::generation::{GenerateRequest, Generation};
 use qwen2vl::grounding::{Grounding, GroundingStream, PixelShape, ShapeKind};
-use qwen2vl::pipeline::{GenerateRequest, Generation};
 
 use crate::common::{MediaArgs, ModelArgs, SamplingArgs};
 use crate::draw::DrawTarget;

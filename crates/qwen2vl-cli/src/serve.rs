@@ -316,7 +316,8 @@ mod scripted {
     use std::sync::Arc;
 
     use qwen2vl::generation::stop::{FinishReason, StopReason};
-    use qwen2vl::pipeline::{GenerateRequest, Pipeline};
+    use qwen2vl::generation::GenerateRequest;
+    use qwen2vl::pipeline::Pipeline;
     use qwen2vl_server::backend::{Backend, BackendStats, Event, Submission, SubmitError};
 
     struct Scripted {

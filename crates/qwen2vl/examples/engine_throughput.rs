@@ -30,7 +30,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use qwen2vl::engine::{Engine, EngineConfig, EngineEvent};
-use qwen2vl::pipeline::{DTypeChoice, GenerateRequest, Pipeline};
+use qwen2vl::generation::GenerateRequest;
+use qwen2vl::pipeline::{DTypeChoice, Pipeline};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();

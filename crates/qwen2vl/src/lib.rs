@@ -10,7 +10,8 @@
 //! # Quick start
 //!
 //! ```
-//! use qwen2vl::pipeline::{DTypeChoice, GenerateRequest, Pipeline};
+//! use qwen2vl::generation::GenerateRequest;
+//! use qwen2vl::pipeline::{DTypeChoice, Pipeline};
 //!
 //! # let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
 //! # let model_dir = format!("{fixtures}/tiny-qwen2vl");

@@ -3,24 +3,24 @@
 //! This is the single-sequence path the CLI uses; the batching engine (many sequences per
 //! decode step) builds on the same [`Qwen2VL`] prefill/decode calls.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use serde::Serialize;
 
 use crate::config::GenerationConfig;
-use crate::engine::sequence::{PrefillTimings, PromptInfo, Sequence};
 use crate::error::{Error, Result};
 use crate::generation::sampler::SamplingParams;
+use crate::generation::sequence::{PrefillTimings, PromptInfo, Sequence};
 use crate::generation::stop::{FinishReason, StopCriteria};
-use crate::inputs::{ImageInfo, ModelInputs, VideoInfo};
+// The request and answer types live in `generation`; re-exported here while callers move.
+pub use crate::generation::{
+    GenerateRequest, Generation, MediaOptions, Timings, TokenLogprob, TopLogprob, Usage,
+};
+use crate::inputs::ModelInputs;
 use crate::kv_cache::KvCache;
 use crate::model::Qwen2VL;
-use crate::processing::messages::{ContentPart, Message};
 use crate::processing::processor::{ProcessOptions, Processor};
 
 /// Compute dtype chosen by the user.
@@ -63,220 +63,6 @@ impl FromStr for DTypeChoice {
             )),
         }
     }
-}
-
-/// What to generate.
-#[derive(Debug, Clone)]
-pub struct GenerateRequest {
-    /// The conversation.
-    pub messages: Vec<Message>,
-    /// Sampling settings (see [`Pipeline::default_sampling`]).
-    pub sampling: SamplingParams,
-    /// Most new tokens.
-    pub max_new_tokens: usize,
-    /// Prefix images with "Picture N: ".
-    pub add_vision_id: bool,
-    /// Keep generating through end-of-sequence tokens (benchmarks).
-    pub ignore_eos: bool,
-    /// Directory that relative image paths are resolved against.
-    pub base_dir: Option<PathBuf>,
-    /// How images are read: size cap, and whether http(s) URLs are fetched (off by default
-    /// in the library; the CLI turns it on).
-    pub fetch: crate::processing::fetch::FetchOptions,
-    /// Set to `true` from anywhere (a Ctrl-C handler, a server noticing a disconnect) to stop
-    /// generating after the current token; the answer so far is returned with
-    /// `finish_reason` `"cancelled"`.
-    pub cancel: Option<Arc<AtomicBool>>,
-    /// Stream text with the grounding markers kept (`<|object_ref_start|>`, `<|box_start|>`
-    /// …; other special tokens still skipped), for a caller that renders boxes itself, e.g.
-    /// with [`crate::grounding::GroundingStream`]. Off by default: the streamed pieces then
-    /// concatenate to [`Generation::text`]. [`Generation::text`] is the same either way.
-    pub stream_grounding_markup: bool,
-    /// Stop strings (OpenAI `stop`): generation ends when the text contains one; the text
-    /// is cut before it and the stop string itself is never returned or streamed (text
-    /// that may begin one is held back until it cannot). Empty strings are ignored; at most
-    /// [`MAX_STOP_STRINGS`](crate::generation::stop::MAX_STOP_STRINGS) of at most
-    /// [`MAX_STOP_STRING_BYTES`](crate::generation::stop::MAX_STOP_STRING_BYTES) bytes each.
-    pub stop: Vec<String>,
-}
-
-impl GenerateRequest {
-    /// A conversation of one user turn: the images, then the text; an optional system turn.
-    pub fn from_prompt(system: Option<&str>, images: &[PathBuf], prompt: &str) -> Self {
-        Self::from_media(system, images, &[], &MediaOptions::default(), prompt)
-    }
-
-    /// One user turn: the images, then the videos, then the text, each item with the same
-    /// per-item options; an optional system turn.
-    pub fn from_media(
-        system: Option<&str>,
-        images: &[PathBuf],
-        videos: &[PathBuf],
-        opts: &MediaOptions,
-        prompt: &str,
-    ) -> Self {
-        use crate::processing::messages::{ImagePart, VideoPart};
-        let mut messages = Vec::new();
-        if let Some(s) = system {
-            messages.push(Message::system(s));
-        }
-        let path = |p: &PathBuf| p.to_string_lossy().into_owned();
-        let mut parts: Vec<ContentPart> = images
-            .iter()
-            .map(|p| {
-                ContentPart::Image(ImagePart {
-                    min_pixels: opts.min_pixels,
-                    max_pixels: opts.max_pixels,
-                    ..ImagePart::new(path(p))
-                })
-            })
-            .collect();
-        parts.extend(videos.iter().map(|p| {
-            ContentPart::Video(VideoPart {
-                min_pixels: opts.min_pixels,
-                max_pixels: opts.max_pixels,
-                fps: opts.fps,
-                nframes: opts.nframes,
-                ..VideoPart::new(path(p))
-            })
-        }));
-        parts.push(ContentPart::text(prompt));
-        messages.push(Message::parts(
-            crate::processing::messages::Role::User,
-            parts,
-        ));
-        Self::new(messages)
-    }
-
-    /// A request for `messages` with greedy decoding and 512 new tokens at most.
-    pub fn new(messages: Vec<Message>) -> Self {
-        GenerateRequest {
-            messages,
-            sampling: SamplingParams::greedy(),
-            max_new_tokens: 512,
-            add_vision_id: false,
-            ignore_eos: false,
-            base_dir: None,
-            fetch: Default::default(),
-            cancel: None,
-            stream_grounding_markup: false,
-            stop: Vec::new(),
-        }
-    }
-
-    /// Whether [`GenerateRequest::cancel`] has been set.
-    pub fn is_cancelled(&self) -> bool {
-        self.cancel
-            .as_ref()
-            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-    }
-
-    /// Sets the sampling parameters.
-    pub fn with_sampling(mut self, s: SamplingParams) -> Self {
-        self.sampling = s;
-        self
-    }
-
-    /// Sets the new-token limit.
-    pub fn with_max_new_tokens(mut self, n: usize) -> Self {
-        self.max_new_tokens = n;
-        self
-    }
-
-    /// Sets the stop strings.
-    pub fn with_stop(mut self, stop: Vec<String>) -> Self {
-        self.stop = stop;
-        self
-    }
-
-    /// Sets how many alternatives to report per token.
-    pub fn with_top_logprobs(mut self, n: usize) -> Self {
-        self.sampling.top_logprobs = n;
-        self
-    }
-}
-
-/// Per-item options applied to every image/video of a command-line request (the reference's
-/// per-item keys; `None` keeps the checkpoint's defaults).
-#[derive(Debug, Clone, Default)]
-pub struct MediaOptions {
-    /// Lower bound on resized pixels per image / video frame.
-    pub min_pixels: Option<u64>,
-    /// Upper bound on resized pixels per image / video frame.
-    pub max_pixels: Option<u64>,
-    /// Video frames sampled per second.
-    pub fps: Option<f64>,
-    /// Exact number of video frames.
-    pub nframes: Option<usize>,
-}
-
-/// One alternative token with its log-probability.
-#[derive(Debug, Clone, Serialize)]
-pub struct TopLogprob {
-    pub id: u32,
-    pub token: String,
-    pub logprob: f32,
-}
-
-/// A generated token with its log-probability and the top alternatives.
-#[derive(Debug, Clone, Serialize)]
-pub struct TokenLogprob {
-    pub id: u32,
-    pub token: String,
-    pub logprob: f32,
-    pub top_logprobs: Vec<TopLogprob>,
-}
-
-/// Token counts.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Usage {
-    pub prompt_tokens: usize,
-    pub prompt_text_tokens: usize,
-    pub prompt_image_tokens: usize,
-    pub prompt_video_tokens: usize,
-    pub completion_tokens: usize,
-    pub total_tokens: usize,
-}
-
-/// Where the time went, in milliseconds.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Timings {
-    /// Image decoding, resizing, template and tokenizer.
-    pub preprocess_ms: f64,
-    /// Vision tower.
-    pub vision_ms: f64,
-    /// Decoder prefill of the prompt.
-    pub prefill_ms: f64,
-    /// From the start of the request to the first token.
-    pub ttft_ms: f64,
-    /// Decode steps after the first token.
-    pub decode_ms: f64,
-    /// Tokens per second over the decode steps.
-    pub decode_tokens_per_s: f64,
-}
-
-/// The answer to a request.
-#[derive(Debug, Clone, Serialize)]
-pub struct Generation {
-    /// The answer text (special tokens skipped).
-    pub text: String,
-    /// Generated ids, the final end-of-sequence token included when there was one.
-    pub token_ids: Vec<u32>,
-    /// Per generated token: its log-probability and the top alternatives.
-    pub logprobs: Vec<TokenLogprob>,
-    /// Why it ended; serialized as the OpenAI string ("stop", "length" or "cancelled").
-    pub finish_reason: crate::generation::stop::FinishReason,
-    pub usage: Usage,
-    pub timings: Timings,
-    /// Each image's sizes, grid and token count.
-    pub images: Vec<ImageInfo>,
-    /// Each video's sampled frames, size, grid and token count.
-    pub videos: Vec<VideoInfo>,
-    /// Boxes and quads in the answer (`None` when there are none): parsed from a decode that
-    /// keeps the grounding markers, which `text` (like transformers' `skip_special_tokens=True`)
-    /// drops, leaving only "the red car(120,340),(560,780)". Coordinates are the model's
-    /// [0, 1000); map them to an image with [`crate::grounding::Grounding::pixel_shapes`].
-    pub grounding: Option<crate::grounding::Grounding>,
 }
 
 /// A loaded model with its processor and generation defaults.

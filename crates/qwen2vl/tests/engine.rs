@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use qwen2vl::engine::{Engine, EngineConfig, EngineEvent, EngineStats, Submission, SubmitError};
 use qwen2vl::generation::sampler::SamplingParams;
-use qwen2vl::pipeline::{DTypeChoice, GenerateRequest, Generation, Pipeline};
+use qwen2vl::generation::{GenerateRequest, Generation};
+use qwen2vl::pipeline::{DTypeChoice, Pipeline};
 
 fn pipeline() -> Arc<Pipeline> {
     static P: OnceLock<Arc<Pipeline>> = OnceLock::new();

@@ -4,7 +4,8 @@
 mod common;
 
 use qwen2vl::generation::sampler::SamplingParams;
-use qwen2vl::pipeline::{DTypeChoice, GenerateRequest, Pipeline};
+use qwen2vl::generation::GenerateRequest;
+use qwen2vl::pipeline::{DTypeChoice, Pipeline};
 use qwen2vl::processing::messages::Message;
 
 #[test]

@@ -46,7 +46,7 @@
 //!    `cache length + rope_delta`), and attention runs per sequence against its own cache, so
 //!    there is no padding and no masking across sequences. The projections and the LM head
 //!    run on the whole batch, so the weights are read once per step for every sequence.
-//! 4. **Sample and stop**, per sequence with its own [`Sequence`] (the same code as
+//! 4. **Sample and stop**, per sequence with its own [`crate::generation::Sequence`] (the same code as
 //!    [`Pipeline::generate`]): its own seeded sampler, repetition penalty over its own
 //!    history, EOS / length / stop strings, incremental detokenization. A finished or
 //!    cancelled sequence leaves the batch at once and its KV reservation is released.
@@ -77,7 +77,8 @@
 //! ```
 //! use std::sync::Arc;
 //! use qwen2vl::engine::{Engine, EngineConfig, EngineEvent};
-//! use qwen2vl::pipeline::{DTypeChoice, GenerateRequest, Pipeline};
+//! use qwen2vl::generation::GenerateRequest;
+//! use qwen2vl::pipeline::{DTypeChoice, Pipeline};
 //!
 //! # let model_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny-qwen2vl");
 //! let pipeline = Arc::new(Pipeline::load(model_dir.as_ref(), DTypeChoice::F32)?);
@@ -103,7 +104,6 @@
 //! fault in a shared decode step fails the sequences of that step, and the engine goes on.
 
 pub(crate) mod scheduler;
-pub mod sequence;
 
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicBool;
@@ -114,10 +114,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::generation::{GenerateRequest, Generation, TokenLogprob};
 use crate::inputs::ModelInputs;
-use crate::pipeline::{GenerateRequest, Generation, Pipeline, TokenLogprob};
-
-pub use sequence::{PrefillTimings, PromptInfo, Sequence, SequenceStep};
+use crate::pipeline::Pipeline;
 
 /// How the engine schedules.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::sequence::{PrefillTimings, PromptInfo, Sequence};
 use super::{prepare_checked, EngineEvent, Pending, Prepared, Shared};
 use crate::error::{Error, Result};
+use crate::generation::sequence::{PrefillTimings, PromptInfo, Sequence};
 use crate::generation::stop::FinishReason;
+use crate::generation::{GenerateRequest, Generation};
 use crate::kv_cache::KvCache;
 use crate::model::PrefillJob;
-use crate::pipeline::{GenerateRequest, Generation, Pipeline, Timings, Usage};
+use crate::pipeline::Pipeline;
 use crate::processing::fetch::Interrupt;
 
 /// How long past its deadline a preprocessing job may still answer before the scheduler
@@ -52,7 +53,7 @@ enum Outcome {
 
 /// A request whose template, tokens and media are being read on a thread of its own (file
 /// and network reads, image decoding and resizing must not stall the decode steps). The
-/// thread gets only the [`crate::pipeline::GenerateRequest`]; the scheduler keeps the rest,
+/// thread gets only the [`crate::generation::GenerateRequest`]; the scheduler keeps the rest,
 /// so it can answer the request without the thread (a deadline passed, a cancel) and
 /// abandon it, and the answer's channel closes then, not when the thread ends.
 struct Preparing {
@@ -771,7 +772,7 @@ impl<'p> Scheduler<'p> {
 
     /// Finishes a request cancelled before its first token ("cancelled", no text).
     fn cancel_unstarted(&self, tx: &UnboundedSender<EngineEvent>) {
-        let _ = tx.send(EngineEvent::Finished(cancelled_before_start()));
+        let _ = tx.send(EngineEvent::Finished(Generation::cancelled_before_start()));
         self.count(Outcome::Cancelled, 0.0);
     }
 
@@ -855,19 +856,4 @@ fn preprocess_timeout_error(timeout: Duration) -> Error {
 /// An internal error carrying `msg` (our fault, not the user's).
 fn internal(msg: &str) -> Error {
     Error::Internal(msg.to_string())
-}
-
-/// The answer of a request cancelled before it started.
-fn cancelled_before_start() -> Generation {
-    Generation {
-        text: String::new(),
-        token_ids: Vec::new(),
-        logprobs: Vec::new(),
-        finish_reason: FinishReason::Cancelled,
-        usage: Usage::default(),
-        timings: Timings::default(),
-        images: Vec::new(),
-        videos: Vec::new(),
-        grounding: None,
-    }
 }

@@ -10,11 +10,11 @@
 use std::time::Instant;
 
 use crate::error::Result;
+use crate::generation::answer::{Generation, Timings, TokenLogprob, TopLogprob, Usage};
 use crate::generation::detok::IncrementalDecoder;
 use crate::generation::sampler::{Sampler, SamplingParams};
 use crate::generation::stop::{FinishReason, StopCriteria, StopReason, StopStringFilter};
 use crate::inputs::{ImageInfo, VideoInfo};
-use crate::pipeline::{Generation, Timings, TokenLogprob, TopLogprob, Usage};
 use crate::processing::tokenizer::Qwen2Tokenizer;
 
 /// What one [`Sequence::push_logits`] produced.
