@@ -45,7 +45,10 @@ pub struct Liveness {
 
 /// What the server needs from an engine.
 pub trait Backend: Send + Sync + 'static {
-    /// Queues a request.
+    /// Queues a request. The backend applies all of it, its stop strings included: the
+    /// texts of its [`Event::Token`]s and its answer are cut before the earliest stop string
+    /// (as the engine's [`qwen2vl::generation::stop::StopStringFilter`] does); the server
+    /// does not cut them again.
     fn submit(&self, request: GenerateRequest) -> Result<Submission, SubmitError>;
     /// Current occupancy.
     fn stats(&self) -> BackendStats;

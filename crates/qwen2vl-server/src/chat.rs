@@ -1,17 +1,23 @@
 //! `POST /v1/chat/completions`: submit one engine request per choice, then answer with one
 //! JSON object or a stream of server-sent events in the OpenAI chunk format.
+//!
+//! Stop strings are the engine's: each choice's request carries them, and the engine cuts its
+//! token texts and its answer before the earliest one (holding back a possible start of one),
+//! so the token texts read here never contain one. What this module adds to the engine's
+//! events is the OpenAI shape: `<tool_call>` blocks held back from the stream and parsed into
+//! `tool_calls`, per-token log-probabilities, usage counted once per prompt, and the finish
+//! reason (`"tool_calls"`, and `"stop"` for a sequence the engine reports cancelled).
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use qwen2vl::generation::stop::{StopCriteria, StopStringFilter};
+use qwen2vl::generation::stop::StopCriteria;
 use qwen2vl::pipeline::{GenerateRequest, Generation};
 use qwen2vl::processing::fetch::FetchOptions;
 use tokio::sync::mpsc;
@@ -20,14 +26,11 @@ use crate::backend::{Event, Submission, SubmitError};
 use crate::error::ApiError;
 use crate::openai::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs, ChunkChoice,
-    Delta, PromptTokensDetails, ToolCall, ToolCallDelta, TopLogprob, Usage,
+    Delta, PromptTokensDetails, TokenLogprob, ToolCall, ToolCallDelta, TopLogprob, Usage,
 };
 use crate::request::{self, ChatRequest};
 use crate::tools::{self, CALL_OPEN};
 use crate::AppState;
-
-/// How long to wait for a request's final event after stopping it at a stop string.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
@@ -75,12 +78,44 @@ fn submit_error(req: &ChatRequest, e: SubmitError) -> ApiError {
     }
 }
 
+/// Parses the request, submits its choices and waits for each one's first event (so that a
+/// bad image or a prompt over the context is still a 4xx, streamed or not), then answers.
 async fn handle(
     state: &Arc<AppState>,
     body: Result<Bytes, BytesRejection>,
     start: Instant,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| {
+    let body = read_body(state, body)?;
+    let pipeline = state.backend.pipeline();
+    let context = pipeline.model().config().text.max_position_embeddings;
+    let req = request::parse(
+        &body,
+        pipeline.default_sampling(),
+        context,
+        &state.config.limits,
+        &state.media,
+    )?;
+    let mut subs = submit_choices(state, &req).await?;
+    let firsts = first_events(&req, &mut subs).await?;
+    let ctx = Arc::new(Ctx {
+        id: format!("chatcmpl-{:x}{:x}", unix_now(), rand_id()),
+        created: unix_now(),
+        model: state.config.model_name.clone(),
+        include_usage: req.include_usage,
+        req,
+        start,
+        state: state.clone(),
+    });
+    if ctx.req.stream {
+        Ok(stream_response(ctx, subs, firsts))
+    } else {
+        complete_response(&ctx, subs, firsts).await
+    }
+}
+
+/// The body, or the 413 / 4xx for one that could not be read.
+fn read_body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::client(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -92,25 +127,26 @@ async fn handle(
         } else {
             ApiError::client(e.status(), format!("cannot read the request body: {e}"))
         }
-    })?;
-    let pipeline = state.backend.pipeline();
-    let context = pipeline.model().config().text.max_position_embeddings;
-    let req = request::parse(
-        &body,
-        pipeline.default_sampling(),
-        context,
-        &state.config.limits,
-        &state.media,
-    )?;
+    })
+}
+
+/// How the engine may fetch this server's media: the policy's remote switch, public hosts
+/// only, within the limits.
+fn fetch_options(state: &AppState) -> FetchOptions {
     let limits = &state.config.limits;
-    let fetch = FetchOptions {
+    FetchOptions {
         allow_remote: state.media.allow_remote,
         refuse_private_hosts: true,
         timeout: limits.fetch_timeout,
         max_bytes: limits.max_media_bytes,
         max_video_bytes: limits.max_media_bytes,
         ..FetchOptions::default()
-    };
+    }
+}
+
+/// One engine request per choice; choice `i` samples with `seed + i`.
+async fn submit_choices(state: &AppState, req: &ChatRequest) -> Result<Vec<Submission>, ApiError> {
+    let fetch = fetch_options(state);
     let mut subs = Vec::with_capacity(req.n);
     for i in 0..req.n {
         let mut g = GenerateRequest::new(req.messages.clone());
@@ -128,73 +164,73 @@ async fn handle(
         let submitted = tokio::task::spawn_blocking(move || backend.submit(g))
             .await
             .map_err(|e| ApiError::internal(format!("submit task failed: {e}")))?;
-        subs.push(submitted.map_err(|e| submit_error(&req, e))?);
+        subs.push(submitted.map_err(|e| submit_error(req, e))?);
     }
-    // The first event of each choice before any header: a bad image or a prompt over the
-    // context is still a 4xx, streamed or not.
+    Ok(subs)
+}
+
+/// The first event of each choice, before any header is sent: a failure is the request's
+/// error.
+async fn first_events(
+    req: &ChatRequest,
+    subs: &mut [Submission],
+) -> Result<Vec<Option<Event>>, ApiError> {
     let mut firsts = Vec::with_capacity(subs.len());
     for s in subs.iter_mut() {
         match s.events.recv().await {
-            Some(Event::Failed(e)) => return Err(library_error(&req, &e)),
+            Some(Event::Failed(e)) => return Err(library_error(req, &e)),
             Some(ev) => firsts.push(Some(ev)),
             None => return Err(ApiError::internal("the engine dropped the request")),
         }
     }
-    let ctx = Arc::new(Ctx {
-        id: format!("chatcmpl-{:x}{:x}", unix_now(), rand_id()),
-        created: unix_now(),
-        model: state.config.model_name.clone(),
-        include_usage: req.include_usage,
-        req,
-        start,
-        state: state.clone(),
-    });
-    if ctx.req.stream {
-        Ok(stream_response(ctx, subs, firsts))
-    } else {
-        let runs = subs
-            .into_iter()
-            .zip(firsts)
-            .enumerate()
-            .map(|(i, (s, f))| run_choice(&ctx, i, s, f, None));
-        let outcomes = futures_util::future::join_all(runs).await;
-        let mut choices = Vec::new();
-        let mut usage = Usage::default();
-        for (i, o) in outcomes.into_iter().enumerate() {
-            let o = o.map_err(|Disconnected| ApiError::internal("no client to send to"))??;
-            add_usage(&mut usage, &o.usage, i == 0);
-            choices.push(Choice {
-                index: i,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content: o.content,
-                    tool_calls: o.tool_calls,
-                    grounding: o.grounding,
-                },
-                logprobs: ctx.req.logprobs.then_some(ChoiceLogprobs {
-                    content: o.logprobs,
-                }),
-                finish_reason: o.finish_reason.to_string(),
-            });
-        }
-        state.metrics.latency(start.elapsed().as_secs_f64());
-        state
-            .metrics
-            .tokens(usage.prompt_tokens, usage.completion_tokens);
-        let body = ChatCompletion {
-            id: ctx.id.clone(),
-            object: "chat.completion",
-            created: ctx.created,
-            model: ctx.model.clone(),
-            choices,
-            usage,
-        };
-        Ok((
-            [(header::CONTENT_TYPE, "application/json")],
-            serde_json::to_string(&body).unwrap_or_default(),
-        )
-            .into_response())
+    Ok(firsts)
+}
+
+/// The non-streamed answer: every choice run to its end, one `chat.completion` object.
+async fn complete_response(
+    ctx: &Ctx,
+    subs: Vec<Submission>,
+    firsts: Vec<Option<Event>>,
+) -> Result<Response, ApiError> {
+    let runs = subs
+        .into_iter()
+        .zip(firsts)
+        .enumerate()
+        .map(|(i, (s, f))| run_choice(ctx, i, s, f, None));
+    let outcomes = futures_util::future::join_all(runs).await;
+    let mut choices = Vec::new();
+    let mut usage = Usage::default();
+    for (i, o) in outcomes.into_iter().enumerate() {
+        let o = o.map_err(|Disconnected| ApiError::internal("no client to send to"))??;
+        add_usage(&mut usage, &o.usage, i == 0);
+        choices.push(Choice {
+            index: i,
+            message: AssistantMessage {
+                role: "assistant",
+                content: o.content,
+                tool_calls: o.tool_calls,
+                grounding: o.grounding,
+            },
+            logprobs: ctx.req.logprobs.then_some(ChoiceLogprobs {
+                content: o.logprobs,
+            }),
+            finish_reason: o.finish_reason,
+        });
     }
+    ctx.record_metrics(&usage);
+    let body = ChatCompletion {
+        id: ctx.id.clone(),
+        object: "chat.completion",
+        created: ctx.created,
+        model: ctx.model.clone(),
+        choices,
+        usage,
+    };
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(&body).unwrap_or_default(),
+    )
+        .into_response())
 }
 
 /// A library error as the client sees it: a bad input names the image or video it concerns.
@@ -256,7 +292,7 @@ impl Ctx {
         &self,
         index: usize,
         delta: Delta,
-        logprobs: Vec<crate::openai::TokenLogprob>,
+        logprobs: Vec<TokenLogprob>,
         finish: Option<String>,
     ) -> Bytes {
         let logprobs = (self.req.logprobs && !logprobs.is_empty())
@@ -271,6 +307,13 @@ impl Ctx {
             None,
         )
     }
+
+    /// The request's latency and token counts, once its choices have ended.
+    fn record_metrics(&self, usage: &Usage) {
+        let metrics = &self.state.metrics;
+        metrics.latency(self.start.elapsed().as_secs_f64());
+        metrics.tokens(usage.prompt_tokens, usage.completion_tokens);
+    }
 }
 
 fn sse(data: &str) -> Bytes {
@@ -282,7 +325,7 @@ struct Outcome {
     content: Option<String>,
     tool_calls: Vec<ToolCall>,
     finish_reason: String,
-    logprobs: Vec<crate::openai::TokenLogprob>,
+    logprobs: Vec<TokenLogprob>,
     usage: qwen2vl::pipeline::Usage,
     grounding: Option<serde_json::Value>,
 }
@@ -290,8 +333,8 @@ struct Outcome {
 /// The client went away while streaming.
 struct Disconnected;
 
-fn convert_logprob(l: &qwen2vl::pipeline::TokenLogprob) -> crate::openai::TokenLogprob {
-    crate::openai::TokenLogprob {
+fn convert_logprob(l: &qwen2vl::pipeline::TokenLogprob) -> TokenLogprob {
+    TokenLogprob {
         token: l.token.clone(),
         logprob: l.logprob,
         bytes: l.token.as_bytes().to_vec(),
@@ -339,6 +382,8 @@ impl ToolGate {
     }
 }
 
+/// Runs one choice to its end: its events become deltas on `sink` (when streaming) and its
+/// [`Outcome`]. `first` is the event [`first_events`] already took.
 async fn run_choice(
     ctx: &Ctx,
     index: usize,
@@ -346,156 +391,219 @@ async fn run_choice(
     first: Option<Event>,
     sink: Option<&mpsc::Sender<Bytes>>,
 ) -> Result<Result<Outcome, ApiError>, Disconnected> {
-    let send = |b: Bytes| async move {
-        match sink {
-            Some(s) => s.send(b).await.map_err(|_| Disconnected),
-            None => Ok(()),
-        }
-    };
-    let mut filter = StopStringFilter::new(StopCriteria {
-        stop_strings: ctx.req.stop.clone(),
-        ..Default::default()
-    });
-    let mut gate = ctx.req.parse_tools.then(ToolGate::default);
-    let mut text = String::new();
-    let mut logprobs = Vec::new();
-    let mut stopped_at_string = false;
-    let mut started_usage = qwen2vl::pipeline::Usage::default();
-    let mut tokens_seen = 0usize;
-    let mut streamed_lp = false;
+    let mut run = ChoiceRun::new(ctx, index, sink);
     let mut first = first;
-    let generation: Option<Generation> = loop {
+    let generation = loop {
         let ev = match first.take() {
             Some(e) => Some(e),
-            None if stopped_at_string => tokio::time::timeout(DRAIN_TIMEOUT, sub.events.recv())
-                .await
-                .ok()
-                .flatten(),
             None => sub.events.recv().await,
         };
-        let Some(ev) = ev else { break None };
         match ev {
-            Event::Started {
+            None => break None,
+            Some(Event::Started {
                 prompt_tokens,
                 image_tokens,
                 video_tokens,
-            } => {
-                started_usage = qwen2vl::pipeline::Usage {
-                    prompt_tokens,
-                    prompt_text_tokens: prompt_tokens
-                        .saturating_sub(image_tokens)
-                        .saturating_sub(video_tokens),
-                    prompt_image_tokens: image_tokens,
-                    prompt_video_tokens: video_tokens,
-                    ..Default::default()
-                };
-            }
-            Event::Token {
-                text: piece,
-                logprob,
-                ..
-            } => {
-                tokens_seen += 1;
-                if tokens_seen == 1 && index == 0 {
-                    ctx.state.metrics.ttft(ctx.start.elapsed().as_secs_f64());
-                }
-                if stopped_at_string {
-                    continue;
-                }
-                let (out, hit) = filter.push(&piece);
-                if hit.is_some() {
-                    stopped_at_string = true;
-                    sub.cancel.store(true, Ordering::Relaxed);
-                }
-                let lp: Vec<_> = logprob.iter().map(convert_logprob).collect();
-                streamed_lp |= !lp.is_empty();
-                logprobs.extend(lp.iter().cloned());
-                let shown = match &mut gate {
-                    Some(g) => g.push(&out),
-                    None => out,
-                };
-                text.push_str(&shown);
-                if !shown.is_empty() || !lp.is_empty() {
-                    let delta = Delta {
-                        content: (!shown.is_empty()).then_some(shown),
-                        ..Default::default()
-                    };
-                    send(ctx.delta(index, delta, lp, None)).await?;
-                }
-            }
-            Event::Finished(g) => break Some(g),
-            Event::Failed(e) => {
-                let err = library_error(&ctx.req, &e);
-                if sink.is_some() {
-                    let body = err.body().to_string();
-                    send(sse(&body)).await?;
-                }
-                return Ok(Err(err));
-            }
+            }) => run.started(prompt_tokens, image_tokens, video_tokens),
+            Some(Event::Token { text, logprob, .. }) => run.token(text, logprob).await?,
+            Some(Event::Finished(g)) => break Some(g),
+            Some(Event::Failed(e)) => return run.failed(&e).await.map(Err),
         }
     };
-    // Text held back by the stop filter and the tool gate.
-    let mut tail = filter.finish();
-    if let Some(g) = &mut gate {
-        tail = g.push(&tail);
-        tail.push_str(&std::mem::take(&mut g.pending));
+    run.finish(generation).await.map(Ok)
+}
+
+/// One choice's output while its events arrive.
+struct ChoiceRun<'a> {
+    ctx: &'a Ctx,
+    index: usize,
+    /// Where deltas go when streaming.
+    sink: Option<&'a mpsc::Sender<Bytes>>,
+    /// With tools: holds back `<tool_call>` blocks.
+    gate: Option<ToolGate>,
+    /// The content shown so far.
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    /// Whether any token brought its log-probability (else they come with the answer).
+    streamed_lp: bool,
+    /// The prompt's usage, for a choice that ends without its answer.
+    started_usage: qwen2vl::pipeline::Usage,
+    tokens_seen: usize,
+}
+
+impl<'a> ChoiceRun<'a> {
+    fn new(ctx: &'a Ctx, index: usize, sink: Option<&'a mpsc::Sender<Bytes>>) -> Self {
+        ChoiceRun {
+            ctx,
+            index,
+            sink,
+            gate: ctx.req.parse_tools.then(ToolGate::default),
+            text: String::new(),
+            logprobs: Vec::new(),
+            streamed_lp: false,
+            started_usage: qwen2vl::pipeline::Usage::default(),
+            tokens_seen: 0,
+        }
     }
-    let mut tool_calls = Vec::new();
-    let mut content_tail = tail;
-    if let Some(calls_text) = gate.as_mut().and_then(|g| g.calls.take()) {
-        let (_, calls) = tools::parse_calls(&calls_text, &format!("call_{}_{index}_", ctx.id));
-        if calls.is_empty() {
-            content_tail.push_str(&calls_text);
+
+    /// Sends a delta of this choice when streaming.
+    async fn send(&self, delta: Delta, lp: Vec<TokenLogprob>, finish: Option<String>) -> Sent {
+        match self.sink {
+            Some(s) => s
+                .send(self.ctx.delta(self.index, delta, lp, finish))
+                .await
+                .map_err(|_| Disconnected),
+            None => Ok(()),
+        }
+    }
+
+    /// Prefill is done: the prompt's counts.
+    fn started(&mut self, prompt_tokens: usize, image_tokens: usize, video_tokens: usize) {
+        self.started_usage = qwen2vl::pipeline::Usage {
+            prompt_tokens,
+            prompt_text_tokens: prompt_tokens
+                .saturating_sub(image_tokens)
+                .saturating_sub(video_tokens),
+            prompt_image_tokens: image_tokens,
+            prompt_video_tokens: video_tokens,
+            ..Default::default()
+        };
+    }
+
+    /// A token: its text (already cut at a stop string by the engine) past the tool gate,
+    /// and its log-probability, as one delta.
+    async fn token(
+        &mut self,
+        piece: String,
+        logprob: Option<qwen2vl::pipeline::TokenLogprob>,
+    ) -> Sent {
+        self.tokens_seen += 1;
+        if self.tokens_seen == 1 && self.index == 0 {
+            let ctx = self.ctx;
+            ctx.state.metrics.ttft(ctx.start.elapsed().as_secs_f64());
+        }
+        let lp: Vec<_> = logprob.iter().map(convert_logprob).collect();
+        self.streamed_lp |= !lp.is_empty();
+        self.logprobs.extend(lp.iter().cloned());
+        let shown = match &mut self.gate {
+            Some(g) => g.push(&piece),
+            None => piece,
+        };
+        self.text.push_str(&shown);
+        if shown.is_empty() && lp.is_empty() {
+            return Ok(());
+        }
+        let delta = Delta {
+            content: (!shown.is_empty()).then_some(shown),
+            ..Default::default()
+        };
+        self.send(delta, lp, None).await
+    }
+
+    /// The engine failed the choice: the error, also sent as an event when streaming.
+    async fn failed(&self, e: &qwen2vl::Error) -> Result<ApiError, Disconnected> {
+        let err = library_error(&self.ctx.req, e);
+        if let Some(s) = self.sink {
+            s.send(sse(&err.body().to_string()))
+                .await
+                .map_err(|_| Disconnected)?;
+        }
+        Ok(err)
+    }
+
+    /// The choice ended (`generation`: the engine's answer; `None`: its events stopped
+    /// without one): the held-back text and the tool calls, the finish chunk when streaming,
+    /// and the outcome.
+    async fn finish(mut self, generation: Option<Generation>) -> Result<Outcome, Disconnected> {
+        let (content_tail, tool_calls) = self.take_tail_and_calls();
+        self.text.push_str(&content_tail);
+        let (usage, finish, grounding) = match &generation {
+            Some(g) => {
+                if self.logprobs.is_empty() {
+                    self.logprobs = g.logprobs.iter().map(convert_logprob).collect();
+                }
+                (
+                    g.usage.clone(),
+                    g.finish_reason.to_string(),
+                    g.grounding
+                        .as_ref()
+                        .and_then(|gr| serde_json::to_value(gr).ok()),
+                )
+            }
+            None => {
+                let mut u = self.started_usage.clone();
+                u.completion_tokens = self.tokens_seen;
+                u.total_tokens = u.prompt_tokens + self.tokens_seen;
+                (u, "stop".to_string(), None)
+            }
+        };
+        let finish_reason = if !tool_calls.is_empty() {
+            "tool_calls".to_string()
+        } else if finish == "cancelled" {
+            "stop".to_string()
         } else {
-            tool_calls = calls;
+            finish
+        };
+        if self.sink.is_some() {
+            self.send_finish(content_tail, &tool_calls, &grounding, &finish_reason)
+                .await?;
         }
+        // With calls, `text` is what came before the first `<tool_call>`.
+        let content = if tool_calls.is_empty() {
+            Some(self.text)
+        } else {
+            let t = self.text.trim();
+            (!t.is_empty()).then(|| t.to_string())
+        };
+        Ok(Outcome {
+            content,
+            tool_calls,
+            finish_reason,
+            logprobs: self.logprobs,
+            usage,
+            grounding,
+        })
     }
-    text.push_str(&content_tail);
-    let (usage, finish, grounding) = match &generation {
-        Some(g) => {
-            if logprobs.is_empty() {
-                let n = if stopped_at_string {
-                    tokens_seen
-                } else {
-                    g.logprobs.len()
-                };
-                logprobs = g.logprobs.iter().take(n).map(convert_logprob).collect();
-            }
-            (
-                g.usage.clone(),
-                g.finish_reason.to_string(),
-                g.grounding
-                    .as_ref()
-                    .and_then(|gr| serde_json::to_value(gr).ok()),
-            )
+
+    /// The text the tool gate still holds, and the calls parsed from a `<tool_call>` block
+    /// (a block that does not parse stays text).
+    fn take_tail_and_calls(&mut self) -> (String, Vec<ToolCall>) {
+        let Some(g) = &mut self.gate else {
+            return (String::new(), Vec::new());
+        };
+        let mut tail = std::mem::take(&mut g.pending);
+        let Some(calls_text) = g.calls.take() else {
+            return (tail, Vec::new());
+        };
+        let prefix = format!("call_{}_{}_", self.ctx.id, self.index);
+        let (_, calls) = tools::parse_calls(&calls_text, &prefix);
+        if calls.is_empty() {
+            tail.push_str(&calls_text);
         }
-        None => {
-            let mut u = started_usage;
-            u.completion_tokens = tokens_seen;
-            u.total_tokens = u.prompt_tokens + tokens_seen;
-            (u, "stop".to_string(), None)
-        }
-    };
-    let finish_reason = if !tool_calls.is_empty() {
-        "tool_calls".to_string()
-    } else if stopped_at_string || finish == "cancelled" {
-        "stop".to_string()
-    } else {
-        finish
-    };
-    if sink.is_some() {
+        (tail, calls)
+    }
+
+    /// The last deltas of a streamed choice: the held-back text, then the tool calls,
+    /// grounding, late log-probabilities and the finish reason.
+    async fn send_finish(
+        &self,
+        content_tail: String,
+        tool_calls: &[ToolCall],
+        grounding: &Option<serde_json::Value>,
+        finish_reason: &str,
+    ) -> Sent {
         // Per-token logprobs that only came with the final generation go out with it.
-        let late_lp = if streamed_lp {
+        let late_lp = if self.streamed_lp {
             vec![]
         } else {
-            logprobs.clone()
+            self.logprobs.clone()
         };
         if !content_tail.is_empty() {
             let delta = Delta {
-                content: Some(content_tail.clone()),
+                content: Some(content_tail),
                 ..Default::default()
             };
-            send(ctx.delta(index, delta, vec![], None)).await?;
+            self.send(delta, vec![], None).await?;
         }
         let delta = Delta {
             tool_calls: tool_calls
@@ -511,24 +619,13 @@ async fn run_choice(
             grounding: grounding.clone(),
             ..Default::default()
         };
-        send(ctx.delta(index, delta, late_lp, Some(finish_reason.clone()))).await?;
+        self.send(delta, late_lp, Some(finish_reason.to_string()))
+            .await
     }
-    // With calls, `text` is what came before the first `<tool_call>`.
-    let content = if tool_calls.is_empty() {
-        Some(text)
-    } else {
-        let t = text.trim();
-        (!t.is_empty()).then(|| t.to_string())
-    };
-    Ok(Ok(Outcome {
-        content,
-        tool_calls,
-        finish_reason,
-        logprobs,
-        usage,
-        grounding,
-    }))
 }
+
+/// A send to a streaming client.
+type Sent = Result<(), Disconnected>;
 
 fn stream_response(ctx: Arc<Ctx>, subs: Vec<Submission>, firsts: Vec<Option<Event>>) -> Response {
     let (tx, mut rx) = mpsc::channel::<Bytes>(256);
@@ -559,11 +656,7 @@ fn stream_response(ctx: Arc<Ctx>, subs: Vec<Submission>, firsts: Vec<Option<Even
                 Ok(Ok(o)) => add_usage(&mut usage, &o.usage, i == 0),
             }
         }
-        let state = &ctx.state;
-        state.metrics.latency(ctx.start.elapsed().as_secs_f64());
-        state
-            .metrics
-            .tokens(usage.prompt_tokens, usage.completion_tokens);
+        ctx.record_metrics(&usage);
         if ctx.include_usage && tx.send(ctx.chunk(vec![], Some(usage))).await.is_err() {
             return;
         }

@@ -464,6 +464,58 @@ fn logprobs_n_seed_and_stop() {
     }
 }
 
+/// Stop strings are cut by the engine alone (the server does not cut them again): with
+/// `n` choices, streamed or not, with log-probabilities, each choice ends before the stop
+/// string with `"stop"`, its streamed deltas add up to the same text, and its tokens (the
+/// one that completed the stop string included) all have their log-probability.
+#[test]
+fn stop_strings_cut_every_choice_streamed_or_not() {
+    let addr = start(ServerConfig::default());
+    let full = post(addr, &greedy(user("Stop test"), 16)).json();
+    let text = full["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 8, "the answer is too short: {text:?}");
+    // A stop string of several characters (spanning tokens), and one that never occurs.
+    let stop: String = chars[4..8].iter().collect();
+    let cut = &text[..text.find(&stop).unwrap()];
+    let mut body = greedy(user("Stop test"), 16);
+    body["stop"] = json!([stop, "\u{1}never"]);
+    body["n"] = json!(2);
+    body["logprobs"] = json!(true);
+    let v = post(addr, &body).json();
+    let mut logprobs = 0;
+    for c in v["choices"].as_array().unwrap() {
+        assert_eq!(c["message"]["content"], cut, "stop {stop:?}");
+        assert_eq!(c["finish_reason"], "stop");
+        logprobs += c["logprobs"]["content"].as_array().unwrap().len() as u64;
+    }
+    assert_eq!(logprobs, v["usage"]["completion_tokens"].as_u64().unwrap());
+
+    body["stream"] = json!(true);
+    let r = post(addr, &body);
+    let chunks: Vec<Value> = sse_events(&r.body)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    for i in 0..2 {
+        let mine: Vec<&Value> = chunks
+            .iter()
+            .map(|c| &c["choices"][0])
+            .filter(|c| c["index"] == i)
+            .collect();
+        let streamed: String = mine
+            .iter()
+            .filter_map(|c| c["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(streamed, cut, "choice {i}");
+        assert_eq!(mine.last().unwrap()["finish_reason"], "stop", "choice {i}");
+    }
+}
+
 /// Waits (at most 30 s) until the server runs and queues nothing.
 fn wait_idle(addr: SocketAddr) {
     let t0 = Instant::now();
