@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use qwen2vl::engine::{Engine, EngineConfig};
-use qwen2vl::pipeline::{GenerateRequest, Pipeline};
+use qwen2vl::generation::GenerateRequest;
+use qwen2vl::pipeline::Pipeline;
 
 pub use qwen2vl::engine::{EngineEvent as Event, Submission, SubmitError};
 

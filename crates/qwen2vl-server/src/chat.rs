@@ -18,7 +18,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use qwen2vl::generation::stop::StopCriteria;
-use qwen2vl::pipeline::{GenerateRequest, Generation};
+use qwen2vl::generation::{GenerateRequest, Generation};
 use qwen2vl::processing::fetch::FetchOptions;
 use tokio::sync::mpsc;
 
@@ -249,7 +249,7 @@ fn rand_id() -> u64 {
     h.finish()
 }
 
-fn add_usage(total: &mut Usage, u: &qwen2vl::pipeline::Usage, first: bool) {
+fn add_usage(total: &mut Usage, u: &qwen2vl::generation::Usage, first: bool) {
     if first {
         // The prompt is the same for every choice: counted once, as OpenAI does.
         total.prompt_tokens = u.prompt_tokens;
@@ -326,14 +326,14 @@ struct Outcome {
     tool_calls: Vec<ToolCall>,
     finish_reason: String,
     logprobs: Vec<TokenLogprob>,
-    usage: qwen2vl::pipeline::Usage,
+    usage: qwen2vl::generation::Usage,
     grounding: Option<serde_json::Value>,
 }
 
 /// The client went away while streaming.
 struct Disconnected;
 
-fn convert_logprob(l: &qwen2vl::pipeline::TokenLogprob) -> TokenLogprob {
+fn convert_logprob(l: &qwen2vl::generation::TokenLogprob) -> TokenLogprob {
     TokenLogprob {
         token: l.token.clone(),
         logprob: l.logprob,
@@ -427,7 +427,7 @@ struct ChoiceRun<'a> {
     /// Whether any token brought its log-probability (else they come with the answer).
     streamed_lp: bool,
     /// The prompt's usage, for a choice that ends without its answer.
-    started_usage: qwen2vl::pipeline::Usage,
+    started_usage: qwen2vl::generation::Usage,
     tokens_seen: usize,
 }
 
@@ -441,7 +441,7 @@ impl<'a> ChoiceRun<'a> {
             text: String::new(),
             logprobs: Vec::new(),
             streamed_lp: false,
-            started_usage: qwen2vl::pipeline::Usage::default(),
+            started_usage: qwen2vl::generation::Usage::default(),
             tokens_seen: 0,
         }
     }
@@ -459,7 +459,7 @@ impl<'a> ChoiceRun<'a> {
 
     /// Prefill is done: the prompt's counts.
     fn started(&mut self, prompt_tokens: usize, image_tokens: usize, video_tokens: usize) {
-        self.started_usage = qwen2vl::pipeline::Usage {
+        self.started_usage = qwen2vl::generation::Usage {
             prompt_tokens,
             prompt_text_tokens: prompt_tokens
                 .saturating_sub(image_tokens)
@@ -475,7 +475,7 @@ impl<'a> ChoiceRun<'a> {
     async fn token(
         &mut self,
         piece: String,
-        logprob: Option<qwen2vl::pipeline::TokenLogprob>,
+        logprob: Option<qwen2vl::generation::TokenLogprob>,
     ) -> Sent {
         self.tokens_seen += 1;
         if self.tokens_seen == 1 && self.index == 0 {

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use qwen2vl::pipeline::{GenerateRequest, Pipeline};
+use qwen2vl::generation::GenerateRequest;
+use qwen2vl::pipeline::Pipeline;
 use qwen2vl_server::backend::{Backend, BackendStats, Event, Submission, SubmitError};
 use qwen2vl_server::{Limits, ServerConfig};
 use serde_json::{json, Value};
@@ -853,14 +854,14 @@ impl Backend for ScriptBackend {
                 logprob: None,
             });
         }
-        let _ = tx.send(Event::Finished(qwen2vl::pipeline::Generation {
+        let _ = tx.send(Event::Finished(qwen2vl::generation::Generation {
             text: self.1.to_string(),
             token_ids: vec![1; pieces.len()],
             logprobs: vec![],
             finish_reason: qwen2vl::generation::stop::FinishReason::Stop(
                 qwen2vl::generation::stop::StopReason::Eos(0),
             ),
-            usage: qwen2vl::pipeline::Usage {
+            usage: qwen2vl::generation::Usage {
                 prompt_tokens: 10,
                 prompt_text_tokens: 10,
                 completion_tokens: pieces.len(),

@@ -237,7 +237,7 @@ fn health_is_503_while_the_engine_has_work_but_makes_no_progress() {
         drop(held);
     });
     use qwen2vl::processing::messages::{ContentPart, ImageSource, Message, Role};
-    let mut req = qwen2vl::pipeline::GenerateRequest::new(vec![Message::parts(
+    let mut req = qwen2vl::generation::GenerateRequest::new(vec![Message::parts(
         Role::User,
         vec![
             ContentPart::image(ImageSource::Uri(url)),
