@@ -85,7 +85,8 @@ impl Metrics {
         self.with(|m| m.latency.observe(s));
     }
 
-    /// The text exposition format.
+    /// The text exposition format: the request counters, the token totals, the backend's
+    /// gauges and counters, then the two histograms.
     pub fn render(&self, stats: BackendStats) -> String {
         let mut out = String::new();
         let Ok(m) = self.inner.lock() else {
@@ -98,78 +99,22 @@ impl Metrics {
         for (status, n) in &m.requests {
             let _ = writeln!(out, "qwen2vl_requests_total{{status=\"{status}\"}} {n}");
         }
-        let _ = writeln!(
-            out,
-            "# HELP qwen2vl_prompt_tokens_total Prompt tokens of finished requests.\n\
-             # TYPE qwen2vl_prompt_tokens_total counter\nqwen2vl_prompt_tokens_total {}",
-            m.prompt_tokens
-        );
-        let _ = writeln!(
-            out,
-            "# HELP qwen2vl_completion_tokens_total Generated tokens of finished requests.\n\
-             # TYPE qwen2vl_completion_tokens_total counter\nqwen2vl_completion_tokens_total {}",
-            m.completion_tokens
-        );
-        let _ = writeln!(
-            out,
-            "# HELP qwen2vl_queue_depth Requests waiting to start.\n\
-             # TYPE qwen2vl_queue_depth gauge\nqwen2vl_queue_depth {}",
-            stats.queued
-        );
-        let _ = writeln!(
-            out,
-            "# HELP qwen2vl_running_sequences Sequences being generated.\n\
-             # TYPE qwen2vl_running_sequences gauge\nqwen2vl_running_sequences {}",
-            stats.running
-        );
-        for (name, kind, help, value) in [
-            (
-                "qwen2vl_kv_cache_tokens_used",
-                "gauge",
-                "KV-cache tokens reserved by the running sequences.",
-                stats.kv_tokens_used as u64,
-            ),
-            (
-                "qwen2vl_kv_cache_tokens_budget",
-                "gauge",
-                "The KV-cache budget in tokens (--kv-budget).",
-                stats.kv_budget_tokens as u64,
-            ),
-            (
-                "qwen2vl_preprocessing_requests",
-                "gauge",
-                "Requests whose images and videos are being read and decoded.",
-                stats.preprocessing as u64,
-            ),
-            (
-                "qwen2vl_preprocess_threads_abandoned",
-                "gauge",
-                "Preprocessing threads given up on at their deadline that have not ended yet.",
-                stats.preprocess_threads_abandoned as u64,
-            ),
-            (
-                "qwen2vl_decode_steps_total",
-                "counter",
-                "Batched decode steps run.",
-                stats.decode_steps,
-            ),
-            (
-                "qwen2vl_decode_batch_sequences_total",
-                "counter",
-                "Sequences summed over the decode steps (divided by the steps: the mean batch).",
-                stats.decode_batch_sequences,
-            ),
-            (
-                "qwen2vl_decode_steps_during_prefill_total",
-                "counter",
-                "Decode steps run while a new request's vision tower or prefill was part-way done.",
-                stats.decode_steps_during_prefill,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
+        let tokens = [
+            Scalar {
+                name: "qwen2vl_prompt_tokens_total",
+                kind: "counter",
+                help: "Prompt tokens of finished requests.",
+                value: m.prompt_tokens,
+            },
+            Scalar {
+                name: "qwen2vl_completion_tokens_total",
+                kind: "counter",
+                help: "Generated tokens of finished requests.",
+                value: m.completion_tokens,
+            },
+        ];
+        for s in tokens.iter().chain(&backend_scalars(&stats)) {
+            s.write(&mut out);
         }
         m.ttft.write(
             &mut out,
@@ -183,6 +128,93 @@ impl Metrics {
         );
         out
     }
+}
+
+/// One gauge or counter without labels.
+struct Scalar {
+    name: &'static str,
+    /// `gauge` or `counter`.
+    kind: &'static str,
+    help: &'static str,
+    value: u64,
+}
+
+impl Scalar {
+    fn write(&self, out: &mut String) {
+        let Scalar {
+            name,
+            kind,
+            help,
+            value,
+        } = self;
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+}
+
+/// The backend's queue, batch and KV occupancy (gauges) and its step totals (counters).
+fn backend_scalars(stats: &BackendStats) -> [Scalar; 9] {
+    let gauge = |name, help, value: usize| Scalar {
+        name,
+        kind: "gauge",
+        help,
+        value: value as u64,
+    };
+    let counter = |name, help, value| Scalar {
+        name,
+        kind: "counter",
+        help,
+        value,
+    };
+    [
+        gauge(
+            "qwen2vl_queue_depth",
+            "Requests waiting to start.",
+            stats.queued,
+        ),
+        gauge(
+            "qwen2vl_running_sequences",
+            "Sequences being generated.",
+            stats.running,
+        ),
+        gauge(
+            "qwen2vl_kv_cache_tokens_used",
+            "KV-cache tokens reserved by the running sequences.",
+            stats.kv_tokens_used,
+        ),
+        gauge(
+            "qwen2vl_kv_cache_tokens_budget",
+            "The KV-cache budget in tokens (--kv-budget).",
+            stats.kv_budget_tokens,
+        ),
+        gauge(
+            "qwen2vl_preprocessing_requests",
+            "Requests whose images and videos are being read and decoded.",
+            stats.preprocessing,
+        ),
+        gauge(
+            "qwen2vl_preprocess_threads_abandoned",
+            "Preprocessing threads given up on at their deadline that have not ended yet.",
+            stats.preprocess_threads_abandoned,
+        ),
+        counter(
+            "qwen2vl_decode_steps_total",
+            "Batched decode steps run.",
+            stats.decode_steps,
+        ),
+        counter(
+            "qwen2vl_decode_batch_sequences_total",
+            "Sequences summed over the decode steps (divided by the steps: the mean batch).",
+            stats.decode_batch_sequences,
+        ),
+        counter(
+            "qwen2vl_decode_steps_during_prefill_total",
+            "Decode steps run while a new request's vision tower or prefill was part-way done.",
+            stats.decode_steps_during_prefill,
+        ),
+    ]
 }
 
 #[cfg(test)]
