@@ -147,31 +147,10 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
     if args.new_tokens == 0 {
         return Err(CliError::Usage("--new-tokens must be at least 1".into()));
     }
-    let threads = args
-        .model
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let load_before = load_average();
-
     // The image first: a missing file should fail before the model loads.
-    let image = if args.no_image {
-        None
-    } else if let Some(p) = &args.image {
-        let bytes = std::fs::read(p)
-            .map_err(|e| CliError::Usage(format!("cannot read --image {}: {e}", p.display())))?;
-        Some((ImageSource::Bytes(bytes), p.display().to_string()))
-    } else {
-        let (w, h) = args.image_size;
-        let img = synthetic_image(w, h);
-        let mut png = Vec::new();
-        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-            .map_err(|e| CliError::Failed(format!("cannot encode the synthetic image: {e}")))?;
-        Some((ImageSource::Bytes(png), format!("synthetic {w}x{h}")))
-    };
-
+    let image = bench_image(&args)?;
     let pipeline = args.model.load()?;
-    let load_ms = pipeline.load_ms();
-
     let mut parts = Vec::new();
     if let Some((src, _)) = &image {
         parts.push(ContentPart::Image(ImagePart::new(src.clone())));
@@ -180,10 +159,59 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
     let mut request = GenerateRequest::new(vec![Message::parts(Role::User, parts)])
         .with_max_new_tokens(args.new_tokens);
     request.ignore_eos = true;
+    let (runs, per_run_peak) = timed_runs(&args, &pipeline, &request)?;
+    let report = Report {
+        threads: args
+            .model
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        image_name: image.map(|(_, name)| name),
+        load_ms: pipeline.load_ms(),
+        load_before,
+        load_after: load_average(),
+        per_run_peak,
+        runs,
+    };
+    if args.json {
+        println!("{}", report.json(&args));
+    } else {
+        print!("{}", report.table(&args));
+    }
+    Ok(())
+}
 
+/// The benchmark's image as bytes with a name for the report: `--image`'s file, a synthetic
+/// PNG of `--image-size`, or none with `--no-image`.
+fn bench_image(args: &BenchArgs) -> Result<Option<(ImageSource, String)>, CliError> {
+    if args.no_image {
+        return Ok(None);
+    }
+    if let Some(p) = &args.image {
+        let bytes = std::fs::read(p)
+            .map_err(|e| CliError::Usage(format!("cannot read --image {}: {e}", p.display())))?;
+        return Ok(Some((ImageSource::Bytes(bytes), p.display().to_string())));
+    }
+    let (w, h) = args.image_size;
+    let mut png = Vec::new();
+    synthetic_image(w, h)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| CliError::Failed(format!("cannot encode the synthetic image: {e}")))?;
+    Ok(Some((
+        ImageSource::Bytes(png),
+        format!("synthetic {w}x{h}"),
+    )))
+}
+
+/// The warm-up runs, then the timed ones: each timed run's answer with its peak RSS, and
+/// whether that peak is the run's own (the kernel could reset the counter between runs).
+fn timed_runs(
+    args: &BenchArgs,
+    pipeline: &qwen2vl::pipeline::Pipeline,
+    request: &GenerateRequest,
+) -> Result<(Vec<(Generation, Option<u64>)>, bool), CliError> {
     let quiet = args.model.quiet || args.json;
     let total = args.warmup + args.runs;
-    let mut gens: Vec<(Generation, Option<u64>)> = Vec::with_capacity(args.runs);
+    let mut gens = Vec::with_capacity(args.runs);
     let can_reset = reset_peak_rss();
     for i in 0..total {
         if !quiet {
@@ -194,7 +222,7 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
         if can_reset {
             reset_peak_rss();
         }
-        let gen = pipeline.generate(&request, &mut |_| {})?;
+        let gen = pipeline.generate(request, &mut |_| {})?;
         if i >= args.warmup {
             gens.push((gen, peak_rss_bytes()));
         }
@@ -202,121 +230,154 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
     if !quiet {
         eprintln!("\r{:30}", "");
     }
-    let load_after = load_average();
+    Ok((gens, can_reset))
+}
 
-    let figures = |f: &dyn Fn(&Generation) -> f64| -> Stat {
-        Stat::of(&gens.iter().map(|(g, _)| f(g)).collect::<Vec<_>>())
-    };
-    let first = &gens[0].0;
-    let prompt_tokens = first.usage.prompt_tokens;
-    let vision = figures(&|g| g.timings.vision_ms);
-    let prefill = figures(&|g| g.timings.prefill_ms);
-    let prefill_tps = figures(&|g| prompt_tokens as f64 / (g.timings.prefill_ms / 1e3));
-    let ttft = figures(&|g| g.timings.ttft_ms);
-    let decode_tps = figures(&|g| g.timings.decode_tokens_per_s);
-    let peaks: Vec<f64> = gens
-        .iter()
-        .filter_map(|(_, p)| p.map(|b| b as f64 / (1u64 << 20) as f64))
-        .collect();
-    let peak = (!peaks.is_empty()).then(|| Stat::of(&peaks));
-    let same_ids = gens.iter().all(|(g, _)| g.token_ids == first.token_ids);
-    let image_info = first.images.first();
+/// What a benchmark measured: the timed runs (at least one) and the machine around them.
+struct Report {
+    threads: usize,
+    image_name: Option<String>,
+    load_ms: f64,
+    load_before: Option<[f64; 3]>,
+    load_after: Option<[f64; 3]>,
+    /// Whether each run's peak RSS is its own, not the process's so far.
+    per_run_peak: bool,
+    runs: Vec<(Generation, Option<u64>)>,
+}
 
-    if args.json {
-        let value = json!({
+impl Report {
+    fn first(&self) -> &Generation {
+        &self.runs[0].0
+    }
+
+    fn stat(&self, f: impl Fn(&Generation) -> f64) -> Stat {
+        Stat::of(&self.runs.iter().map(|(g, _)| f(g)).collect::<Vec<_>>())
+    }
+
+    fn prefill_tps(&self) -> Stat {
+        let n = self.first().usage.prompt_tokens as f64;
+        self.stat(|g| n / (g.timings.prefill_ms / 1e3))
+    }
+
+    fn peak_mib(&self) -> Option<Stat> {
+        let peaks: Vec<f64> = self
+            .runs
+            .iter()
+            .filter_map(|(_, p)| p.map(|b| b as f64 / (1u64 << 20) as f64))
+            .collect();
+        (!peaks.is_empty()).then(|| Stat::of(&peaks))
+    }
+
+    fn same_ids(&self) -> bool {
+        let first = &self.first().token_ids;
+        self.runs.iter().all(|(g, _)| &g.token_ids == first)
+    }
+
+    /// The `--json` object.
+    fn json(&self, args: &BenchArgs) -> serde_json::Value {
+        let first = self.first();
+        json!({
             "engine": "qwen2vl",
             "version": env!("CARGO_PKG_VERSION"),
             "model": args.model.model,
             "dtype": args.model.dtype,
-            "threads": threads,
-            "image": image.as_ref().map(|(_, name)| name),
-            "image_info": image_info,
-            "prompt_tokens": prompt_tokens,
+            "threads": self.threads,
+            "image": self.image_name,
+            "image_info": first.images.first(),
+            "prompt_tokens": first.usage.prompt_tokens,
             "image_tokens": first.usage.prompt_image_tokens,
             "new_tokens": first.usage.completion_tokens,
             "warmup": args.warmup,
             "runs": args.runs,
-            "load_ms": load_ms,
-            "vision_ms": image.is_some().then_some(vision),
-            "prefill_ms": prefill,
-            "prefill_tokens_per_s": prefill_tps,
-            "ttft_ms": ttft,
-            "decode_tokens_per_s": decode_tps,
-            "peak_rss_mib": peak,
-            "peak_rss_per_run": can_reset,
+            "load_ms": self.load_ms,
+            "vision_ms": self.image_name.is_some().then(|| self.stat(|g| g.timings.vision_ms)),
+            "prefill_ms": self.stat(|g| g.timings.prefill_ms),
+            "prefill_tokens_per_s": self.prefill_tps(),
+            "ttft_ms": self.stat(|g| g.timings.ttft_ms),
+            "decode_tokens_per_s": self.stat(|g| g.timings.decode_tokens_per_s),
+            "peak_rss_mib": self.peak_mib(),
+            "peak_rss_per_run": self.per_run_peak,
             "token_ids": first.token_ids,
-            "token_ids_same_every_run": same_ids,
-            "load_average_before": load_before,
-            "load_average_after": load_after,
-        });
-        println!("{value}");
-        return Ok(());
+            "token_ids_same_every_run": self.same_ids(),
+            "load_average_before": self.load_before,
+            "load_average_after": self.load_after,
+        })
     }
 
-    let mut out = String::new();
-    let img_desc = match (&image, image_info) {
-        (Some((_, name)), Some(info)) => format!(
-            "{name} → {}x{} ({} image tokens)",
-            info.resized_hw.1, info.resized_hw.0, info.tokens
-        ),
-        _ => "none".to_string(),
-    };
-    out.push_str(&format!(
-        "model {} ({}, {threads} threads)\nimage {img_desc}\nprompt {prompt_tokens} tokens, {} new tokens (EOS ignored), {} warm-up + {} timed runs\n",
-        args.model.model, args.model.dtype, args.new_tokens, args.warmup, args.runs
-    ));
-    out.push_str(&format!("load              {:>10.1} s\n", load_ms / 1e3));
-    out.push_str(&format!(
-        "{:<18}{:>10} {:>10} {:>10}\n",
-        "", "median", "min", "max"
-    ));
-    let mut row = |name: &str, s: Stat, prec: usize| {
+    /// The human-readable table.
+    fn table(&self, args: &BenchArgs) -> String {
+        let first = self.first();
+        let img_desc = match (&self.image_name, first.images.first()) {
+            (Some(name), Some(info)) => format!(
+                "{name} → {}x{} ({} image tokens)",
+                info.resized_hw.1, info.resized_hw.0, info.tokens
+            ),
+            _ => "none".to_string(),
+        };
+        let mut out = format!(
+            "model {} ({}, {} threads)\nimage {img_desc}\nprompt {} tokens, {} new tokens (EOS ignored), {} warm-up + {} timed runs\n",
+            args.model.model,
+            args.model.dtype,
+            self.threads,
+            first.usage.prompt_tokens,
+            args.new_tokens,
+            args.warmup,
+            args.runs
+        );
         out.push_str(&format!(
-            "{name:<18}{:>10.prec$} {:>10.prec$} {:>10.prec$}\n",
-            s.median, s.min, s.max
+            "load              {:>10.1} s\n",
+            self.load_ms / 1e3
         ));
-    };
-    if image.is_some() {
-        row("vision ms", vision, 1);
-    }
-    row("prefill ms", prefill, 1);
-    row("prefill tok/s", prefill_tps, 1);
-    row("TTFT ms", ttft, 1);
-    row("decode tok/s", decode_tps, 2);
-    if let Some(p) = peak {
+        out.push_str(&format!(
+            "{:<18}{:>10} {:>10} {:>10}\n",
+            "", "median", "min", "max"
+        ));
+        let mut row = |name: &str, s: Stat, prec: usize| {
+            out.push_str(&format!(
+                "{name:<18}{:>10.prec$} {:>10.prec$} {:>10.prec$}\n",
+                s.median, s.min, s.max
+            ));
+        };
+        if self.image_name.is_some() {
+            row("vision ms", self.stat(|g| g.timings.vision_ms), 1);
+        }
+        row("prefill ms", self.stat(|g| g.timings.prefill_ms), 1);
+        row("prefill tok/s", self.prefill_tps(), 1);
+        row("TTFT ms", self.stat(|g| g.timings.ttft_ms), 1);
         row(
-            if can_reset {
+            "decode tok/s",
+            self.stat(|g| g.timings.decode_tokens_per_s),
+            2,
+        );
+        if let Some(p) = self.peak_mib() {
+            let name = if self.per_run_peak {
                 "peak RSS MiB"
             } else {
                 "peak RSS MiB*"
-            },
-            p,
-            0,
-        );
-        if !can_reset {
-            out.push_str("* process peak so far (this kernel cannot reset it per run)\n");
+            };
+            row(name, p, 0);
+            if !self.per_run_peak {
+                out.push_str("* process peak so far (this kernel cannot reset it per run)\n");
+            }
         }
-    }
-    let fmt_load = |l: Option<[f64; 3]>| {
-        l.map_or("unknown".to_string(), |l| {
-            format!("{:.2} {:.2} {:.2}", l[0], l[1], l[2])
-        })
-    };
-    out.push_str(&format!(
-        "load average      before {} · after {}\n",
-        fmt_load(load_before),
-        fmt_load(load_after)
-    ));
-    out.push_str(&format!(
-        "token ids         {}\n",
-        if same_ids {
+        let fmt_load = |l: Option<[f64; 3]>| {
+            l.map_or("unknown".to_string(), |l| {
+                format!("{:.2} {:.2} {:.2}", l[0], l[1], l[2])
+            })
+        };
+        out.push_str(&format!(
+            "load average      before {} · after {}\n",
+            fmt_load(self.load_before),
+            fmt_load(self.load_after)
+        ));
+        let ids = if self.same_ids() {
             "the same in every run"
         } else {
             "DIFFER between runs"
-        }
-    ));
-    print!("{out}");
-    Ok(())
+        };
+        out.push_str(&format!("token ids         {ids}\n"));
+        out
+    }
 }
 
 #[cfg(test)]

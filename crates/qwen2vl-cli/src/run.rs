@@ -63,50 +63,23 @@ pub struct RunArgs {
 
 /// Runs `qwen2vl run`.
 pub fn main(args: RunArgs) -> Result<(), CliError> {
-    let prompt = args.prompt.or(args.prompt_arg).ok_or_else(|| {
-        CliError::Usage("no prompt given: pass it as an argument or with --prompt".into())
-    })?;
+    let prompt = args
+        .prompt
+        .clone()
+        .or(args.prompt_arg.clone())
+        .ok_or_else(|| {
+            CliError::Usage("no prompt given: pass it as an argument or with --prompt".into())
+        })?;
     // Checked before loading the model: a bad output path should not cost a load.
     let draw = match &args.draw_boxes {
         Some(path) => Some(DrawTarget::prepare(path, !args.images.is_empty())?),
         None => None,
     };
     let pipeline = args.model.load()?;
-    let mut request = GenerateRequest::from_media(
-        args.system.as_deref(),
-        &args.images,
-        &args.videos,
-        &args.media.options(),
-        &prompt,
-    )
-    .with_sampling(args.sampling.params(&pipeline))
-    .with_max_new_tokens(args.sampling.max_new_tokens)
-    .with_top_logprobs(if args.json { args.top_logprobs } else { 0 });
-    request.add_vision_id = args.media.add_vision_id;
-    request.fetch = args.media.fetch();
+    let mut request = build_request(&args, &pipeline, &prompt);
+    request.cancel = Some(install_ctrl_c()?);
     let json = args.json;
-    // The terminal gets the markup-free text of GroundingStream, so it needs the markers.
-    request.stream_grounding_markup = !json;
     let test_answer = test_answer();
-    let stdout = std::io::stdout();
-    let print = |text: &str| {
-        if !text.is_empty() {
-            let mut out = stdout.lock();
-            let _ = out.write_all(text.as_bytes());
-            let _ = out.flush();
-        }
-    };
-    // Ctrl-C stops the answer after the current token: what was written stays, `--json`
-    // still prints the partial result (finish_reason "cancelled"), and the exit code is 130.
-    // A second Ctrl-C (e.g. during a long vision pass, before any token) ends the process at
-    // once; the shutdown action is registered first so it sees the flag before it is set.
-    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sigint = signal_hook::consts::SIGINT;
-    signal_hook::flag::register_conditional_shutdown(sigint, 130, cancel.clone())
-        .and_then(|_| signal_hook::flag::register(sigint, cancel.clone()))
-        .map_err(|e| CliError::Failed(format!("cannot install the Ctrl-C handler: {e}")))?;
-    request.cancel = Some(cancel);
-    request.ignore_eos = args.ignore_eos;
     let mut stream = GroundingStream::new();
     let mut gen = pipeline.generate(&request, &mut |piece: &str| {
         if !json && test_answer.is_none() {
@@ -134,30 +107,11 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
         .map(|g| pixel_shapes(g, image_size))
         .unwrap_or_default();
     if json {
-        let mut value = serde_json::to_value(&gen).map_err(|e| CliError::Failed(e.to_string()))?;
-        value["timings"]["load_ms"] = serde_json::json!(pipeline.load_ms());
-        if let (Some(_), Some((width, height))) = (&gen.grounding, image_size) {
-            value["grounding"]["pixels"] = serde_json::json!({
-                "image": gen.images.len() - 1,
-                "width": width,
-                "height": height,
-                "shapes": shapes,
-            });
-        }
-        println!("{value}");
+        print_json(&gen, pipeline.load_ms(), image_size, &shapes)?;
     } else {
-        let (tail, _) = stream.finish();
-        print(&tail);
+        print(&stream.finish().0);
         println!();
-        if !shapes.is_empty() {
-            println!();
-            if image_size.is_none() {
-                println!("(no image in the request: coordinates are the model's, 0-1000)");
-            }
-            for s in &shapes {
-                println!("{}", shape_line(s));
-            }
-        }
+        print_shapes(&shapes, image_size.is_some());
     }
     if let Some(target) = draw {
         let mut img = load_last_image(&args.images, &request)?;
@@ -174,6 +128,89 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
         return Err(CliError::Interrupted);
     }
     Ok(())
+}
+
+/// The request `run`'s flags describe: one user turn of the images, the videos and `prompt`.
+fn build_request(
+    args: &RunArgs,
+    pipeline: &qwen2vl::pipeline::Pipeline,
+    prompt: &str,
+) -> GenerateRequest {
+    let mut request = GenerateRequest::from_media(
+        args.system.as_deref(),
+        &args.images,
+        &args.videos,
+        &args.media.options(),
+        prompt,
+    )
+    .with_sampling(args.sampling.params(pipeline))
+    .with_max_new_tokens(args.sampling.max_new_tokens)
+    .with_top_logprobs(if args.json { args.top_logprobs } else { 0 });
+    request.add_vision_id = args.media.add_vision_id;
+    request.fetch = args.media.fetch();
+    // The terminal gets the markup-free text of GroundingStream, so it needs the markers.
+    request.stream_grounding_markup = !args.json;
+    request.ignore_eos = args.ignore_eos;
+    request
+}
+
+/// Ctrl-C stops the answer after the current token: what was written stays, `--json` still
+/// prints the partial result (finish_reason "cancelled"), and the exit code is 130. A second
+/// Ctrl-C (e.g. during a long vision pass, before any token) ends the process at once; the
+/// shutdown action is registered first so it sees the flag before it is set. Returns the
+/// flag to put in the request.
+fn install_ctrl_c() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, CliError> {
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sigint = signal_hook::consts::SIGINT;
+    signal_hook::flag::register_conditional_shutdown(sigint, 130, cancel.clone())
+        .and_then(|_| signal_hook::flag::register(sigint, cancel.clone()))
+        .map_err(|e| CliError::Failed(format!("cannot install the Ctrl-C handler: {e}")))?;
+    Ok(cancel)
+}
+
+/// Writes a piece of the answer to stdout at once (unbuffered, so it streams).
+fn print(text: &str) {
+    if !text.is_empty() {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
+    }
+}
+
+/// `--json`: the answer as one object, with the load time and the shapes in pixels of the
+/// last image (`image_size` as `(width, height)`).
+fn print_json(
+    gen: &Generation,
+    load_ms: f64,
+    image_size: Option<(u32, u32)>,
+    shapes: &[PixelShape],
+) -> Result<(), CliError> {
+    let mut value = serde_json::to_value(gen).map_err(|e| CliError::Failed(e.to_string()))?;
+    value["timings"]["load_ms"] = serde_json::json!(load_ms);
+    if let (Some(_), Some((width, height))) = (&gen.grounding, image_size) {
+        value["grounding"]["pixels"] = serde_json::json!({
+            "image": gen.images.len() - 1,
+            "width": width,
+            "height": height,
+            "shapes": shapes,
+        });
+    }
+    println!("{value}");
+    Ok(())
+}
+
+/// After the streamed text: one line per box or quad, numbered as the markers in the text.
+fn print_shapes(shapes: &[PixelShape], have_image: bool) {
+    if shapes.is_empty() {
+        return;
+    }
+    println!();
+    if !have_image {
+        println!("(no image in the request: coordinates are the model's, 0-1000)");
+    }
+    for s in shapes {
+        println!("{}", shape_line(s));
+    }
 }
 
 /// The shapes in pixels of the image (`(width, height)`), or in the model's coordinates

@@ -177,17 +177,7 @@ fn check_flags(args: &ServeArgs, api_key: &Option<String>) -> Result<(), CliErro
 
 /// Loads the model, binds and serves until Ctrl-C or SIGTERM (then drains and exits 0).
 pub fn main(args: ServeArgs) -> Result<(), CliError> {
-    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
-        .parse()
-        .or_else(|_| {
-            use std::net::ToSocketAddrs;
-            (args.host.as_str(), args.port)
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or(())
-        })
-        .map_err(|_| CliError::Usage(format!("--host {} is not an address", args.host)))?;
+    let addr = bind_address(&args)?;
     if let Some(d) = &args.allowed_media_dir {
         if !d.is_dir() {
             return Err(CliError::Usage(format!(
@@ -201,45 +191,9 @@ pub fn main(args: ServeArgs) -> Result<(), CliError> {
         .clone()
         .or_else(|| std::env::var("QWEN2VL_API_KEY").ok());
     check_flags(&args, &api_key)?;
-    let config = ServerConfig {
-        model_name: args
-            .served_model_name
-            .clone()
-            .unwrap_or_else(|| served_name(&args.model.model)),
-        api_key,
-        cors_origin: args.cors_origin.clone(),
-        allow_remote_media: args.allow_remote_media,
-        allowed_media_dir: args.allowed_media_dir.clone(),
-        limits: Limits {
-            max_body_bytes: args.max_body_bytes,
-            max_images: args.max_images,
-            max_videos: args.max_videos,
-            max_image_pixels: Some(args.max_image_pixels),
-            max_video_frames: args.max_video_frames,
-            max_n: args.max_n.max(1),
-            default_max_tokens: args.default_max_tokens.max(1),
-            max_media_bytes: args.max_media_bytes,
-            fetch_timeout: Duration::from_secs(args.fetch_timeout.max(1)),
-        },
-        allowed_hosts: (!args.allowed_hosts.is_empty()).then(|| args.allowed_hosts.clone()),
-        header_read_timeout: Duration::from_secs(args.header_read_timeout),
-        body_read_timeout: Duration::from_secs(args.body_read_timeout),
-        max_connections: args.max_connections,
-        shutdown_grace: Duration::from_secs(args.shutdown_grace),
-        health_stall_after: Duration::from_secs(args.health_stall_after),
-    };
+    let config = server_config(&args, api_key);
     let pipeline = Arc::new(args.model.load()?);
-    let backend = qwen2vl_server::backend::start_with(
-        pipeline,
-        qwen2vl::engine::EngineConfig {
-            max_running: args.max_running.max(1),
-            max_queue: args.max_queue,
-            kv_budget_tokens: args.kv_budget,
-            prefill_slice_ms: args.prefill_slice_ms,
-            preprocess_threads: args.preprocess_threads,
-            preprocess_timeout: Duration::from_secs(args.preprocess_timeout),
-        },
-    );
+    let backend = qwen2vl_server::backend::start_with(pipeline, engine_config(&args));
     #[cfg(debug_assertions)]
     let backend = scripted::wrap(backend);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -272,6 +226,64 @@ pub fn main(args: ServeArgs) -> Result<(), CliError> {
             .await
             .map_err(CliError::Failed)
     })
+}
+
+/// `--host`:`--port` as a socket address (an IP literal, or a name that resolves).
+fn bind_address(args: &ServeArgs) -> Result<SocketAddr, CliError> {
+    format!("{}:{}", args.host, args.port)
+        .parse()
+        .or_else(|_| {
+            use std::net::ToSocketAddrs;
+            (args.host.as_str(), args.port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or(())
+        })
+        .map_err(|_| CliError::Usage(format!("--host {} is not an address", args.host)))
+}
+
+/// The server's settings from the flags (already checked by [`check_flags`]).
+fn server_config(args: &ServeArgs, api_key: Option<String>) -> ServerConfig {
+    ServerConfig {
+        model_name: args
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| served_name(&args.model.model)),
+        api_key,
+        cors_origin: args.cors_origin.clone(),
+        allow_remote_media: args.allow_remote_media,
+        allowed_media_dir: args.allowed_media_dir.clone(),
+        limits: Limits {
+            max_body_bytes: args.max_body_bytes,
+            max_images: args.max_images,
+            max_videos: args.max_videos,
+            max_image_pixels: Some(args.max_image_pixels),
+            max_video_frames: args.max_video_frames,
+            max_n: args.max_n.max(1),
+            default_max_tokens: args.default_max_tokens.max(1),
+            max_media_bytes: args.max_media_bytes,
+            fetch_timeout: Duration::from_secs(args.fetch_timeout.max(1)),
+        },
+        allowed_hosts: (!args.allowed_hosts.is_empty()).then(|| args.allowed_hosts.clone()),
+        header_read_timeout: Duration::from_secs(args.header_read_timeout),
+        body_read_timeout: Duration::from_secs(args.body_read_timeout),
+        max_connections: args.max_connections,
+        shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        health_stall_after: Duration::from_secs(args.health_stall_after),
+    }
+}
+
+/// The engine's scheduling settings from the flags.
+fn engine_config(args: &ServeArgs) -> qwen2vl::engine::EngineConfig {
+    qwen2vl::engine::EngineConfig {
+        max_running: args.max_running.max(1),
+        max_queue: args.max_queue,
+        kv_budget_tokens: args.kv_budget,
+        prefill_slice_ms: args.prefill_slice_ms,
+        preprocess_threads: args.preprocess_threads,
+        preprocess_timeout: Duration::from_secs(args.preprocess_timeout),
+    }
 }
 
 /// Ctrl-C and, on Unix, SIGTERM.

@@ -137,75 +137,33 @@ pub fn mrope_position_ids(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     ];
-    let (mut next_image, mut next_video) = (0usize, 0usize);
+    let mut images = GridQueue::new("image", image_grids);
+    let mut videos = GridQueue::new("video", video_grids);
     // The id the next text token gets: max(all ids so far) + 1.
     let mut next: i64 = 0;
     let mut i = 0;
     while i < n {
         let tok = input_ids[i];
-        let grid = if tok == tokens.image_pad {
-            let g = image_grids.get(next_image).ok_or_else(|| {
-                Error::bad_input(
-                    format!(
-                        "the prompt has more images than the {} given",
-                        image_grids.len()
-                    ),
-                    "one <|image_pad|> run per image",
-                )
-            })?;
-            next_image += 1;
-            Some(("image", *g))
+        let queue = if tok == tokens.image_pad {
+            &mut images
         } else if tok == tokens.video_pad {
-            let g = video_grids.get(next_video).ok_or_else(|| {
-                Error::bad_input(
-                    format!(
-                        "the prompt has more videos than the {} given",
-                        video_grids.len()
-                    ),
-                    "one <|video_pad|> run per video",
-                )
-            })?;
-            next_video += 1;
-            Some(("video", *g))
+            &mut videos
         } else {
-            None
+            for d in &mut ids {
+                d.push(next);
+            }
+            next += 1;
+            i += 1;
+            continue;
         };
-        match grid {
-            None => {
-                for d in &mut ids {
-                    d.push(next);
-                }
-                next += 1;
-                i += 1;
-            }
-            Some((kind, [t, h, w])) => {
-                let (gh, gw) = (h / merge, w / merge);
-                let count = t * gh * gw;
-                let run = input_ids[i..].iter().take_while(|&&x| x == tok).count();
-                if run != count {
-                    return Err(Error::bad_input(
-                        format!(
-                            "an {kind} with grid ({t}, {h}, {w}) needs {count} pad tokens, the prompt has {run}"
-                        ),
-                        "as many pad tokens as merged vision tokens",
-                    ));
-                }
-                let start = next;
-                for ft in 0..t {
-                    for r in 0..gh {
-                        for c in 0..gw {
-                            ids[0].push(start + ft as i64);
-                            ids[1].push(start + r as i64);
-                            ids[2].push(start + c as i64);
-                        }
-                    }
-                }
-                let max_extent = t.max(gh).max(gw) as i64;
-                next = start + max_extent;
-                i += count;
-            }
-        }
+        let grid = queue.take()?;
+        let run = input_ids[i..].iter().take_while(|&&x| x == tok).count();
+        let count = push_vision_block(&mut ids, next, grid, merge, run, queue.kind)?;
+        let [t, h, w] = grid;
+        next += t.max(h / merge).max(w / merge) as i64;
+        i += count;
     }
+    let (next_image, next_video) = (images.next, videos.next);
     if next_image != image_grids.len() || next_video != video_grids.len() {
         return Err(Error::bad_input(
             format!(
@@ -220,6 +178,73 @@ pub fn mrope_position_ids(
     }
     let rope_delta = next - n as i64;
     Ok(MropePositions { ids, rope_delta })
+}
+
+/// The grids of one kind of vision item, consumed in prompt order.
+struct GridQueue<'a> {
+    kind: &'static str,
+    grids: &'a [[usize; 3]],
+    next: usize,
+}
+
+impl<'a> GridQueue<'a> {
+    fn new(kind: &'static str, grids: &'a [[usize; 3]]) -> Self {
+        GridQueue {
+            kind,
+            grids,
+            next: 0,
+        }
+    }
+
+    /// The next item's grid; an error when the prompt has more placeholders than grids.
+    fn take(&mut self) -> Result<[usize; 3]> {
+        let kind = self.kind;
+        let g = self.grids.get(self.next).ok_or_else(|| {
+            Error::bad_input(
+                format!(
+                    "the prompt has more {kind}s than the {} given",
+                    self.grids.len()
+                ),
+                format!("one <|{kind}_pad|> run per {kind}"),
+            )
+        })?;
+        self.next += 1;
+        Ok(*g)
+    }
+}
+
+/// Appends the ids of one vision item of grid `(t, h, w)` starting at `start`: `t = start +
+/// frame`, `h = start + row`, `w = start + col` in merged units. `run` is the number of pad
+/// tokens the prompt has there; it must equal the item's merged token count, which is
+/// returned.
+fn push_vision_block(
+    ids: &mut [Vec<i64>; 3],
+    start: i64,
+    [t, h, w]: [usize; 3],
+    merge: usize,
+    run: usize,
+    kind: &str,
+) -> Result<usize> {
+    let (gh, gw) = (h / merge, w / merge);
+    let count = t * gh * gw;
+    if run != count {
+        return Err(Error::bad_input(
+            format!(
+                "an {kind} with grid ({t}, {h}, {w}) needs {count} pad tokens, the prompt has {run}"
+            ),
+            "as many pad tokens as merged vision tokens",
+        ));
+    }
+    for ft in 0..t {
+        for r in 0..gh {
+            for c in 0..gw {
+                ids[0].push(start + ft as i64);
+                ids[1].push(start + r as i64);
+                ids[2].push(start + c as i64);
+            }
+        }
+    }
+    Ok(count)
 }
 
 #[cfg(test)]

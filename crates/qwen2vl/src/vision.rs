@@ -74,15 +74,9 @@ impl VisionAttention {
         sin: &Tensor,
         segments: &[(usize, usize)],
     ) -> Result<Tensor> {
-        let (n, _) = x.dims2()?;
         let (h, hd) = (self.num_heads, self.head_dim);
-        // (n, 3*embed) → (n, 3, heads, hd); q, k, v each (1, n, heads, hd).
-        let qkv = self.qkv.forward(x)?.reshape((n, 3, h, hd))?;
-        let q = qkv.narrow(1, 0, 1)?.reshape((1, n, h, hd))?.contiguous()?;
-        let k = qkv.narrow(1, 1, 1)?.reshape((1, n, h, hd))?.contiguous()?;
-        let v = qkv.narrow(1, 2, 1)?.reshape((n, h, hd))?;
-        let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?.squeeze(0)?;
-        let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?.squeeze(0)?;
+        // q, k, v each (n, heads, hd), q and k roped.
+        let (q, k, v) = self.qkv_rows(x, cos, sin)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outs = Vec::with_capacity(segments.len());
         for &(start, len) in segments {
@@ -107,6 +101,7 @@ impl VisionAttention {
     fn qkv_rows(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (c, _) = x.dims2()?;
         let (h, hd) = (self.num_heads, self.head_dim);
+        // (c, 3*embed) → (c, 3, heads, hd); q, k, v each (1, c, heads, hd).
         let qkv = self.qkv.forward(x)?.reshape((c, 3, h, hd))?;
         let q = qkv.narrow(1, 0, 1)?.reshape((1, c, h, hd))?.contiguous()?;
         let k = qkv.narrow(1, 1, 1)?.reshape((1, c, h, hd))?.contiguous()?;
