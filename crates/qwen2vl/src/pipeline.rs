@@ -14,10 +14,7 @@ use crate::error::{Error, Result};
 use crate::generation::sampler::SamplingParams;
 use crate::generation::sequence::{PrefillTimings, PromptInfo, Sequence};
 use crate::generation::stop::{FinishReason, StopCriteria};
-// The request and answer types live in `generation`; re-exported here while callers move.
-pub use crate::generation::{
-    GenerateRequest, Generation, MediaOptions, Timings, TokenLogprob, TopLogprob, Usage,
-};
+use crate::generation::{GenerateRequest, Generation};
 use crate::inputs::ModelInputs;
 use crate::kv_cache::KvCache;
 use crate::model::Qwen2VL;
