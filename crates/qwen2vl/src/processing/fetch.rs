@@ -285,7 +285,9 @@ fn fetch_uri<'a>(s: &str, opts: &FetchOptions, base_dir: Option<&Path>) -> Resul
     }
 }
 
-fn resolve(p: &Path, base_dir: Option<&Path>) -> PathBuf {
+/// A local path as given, or joined to `base_dir` when relative and a base is given: how
+/// image and video paths (and `file://` paths) are found.
+pub(crate) fn resolve(p: &Path, base_dir: Option<&Path>) -> PathBuf {
     match base_dir {
         Some(base) if p.is_relative() => base.join(p),
         _ => p.to_path_buf(),
@@ -741,13 +743,7 @@ pub fn is_public_ip(ip: std::net::IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn bad<T: std::fmt::Debug>(r: Result<T>) -> (String, String) {
-        match r {
-            Err(Error::BadInput { what, allowed, .. }) => (what, allowed),
-            other => panic!("expected BadInput, got {other:?}"),
-        }
-    }
+    use crate::processing::test_util::bad;
 
     #[test]
     fn public_ips() {

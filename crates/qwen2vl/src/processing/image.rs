@@ -16,7 +16,7 @@
 //!    one megapixel with the default config), then rescale, normalize and patchify.
 //!
 //! [`preprocess_image`] reproduces both stages; [`patchify`] is the last step on its own, for
-//! videos.
+//! videos. The two `smart_resize`s are in [`super::sizes`] (re-exported here).
 
 use std::io::Cursor;
 use std::path::Path;
@@ -27,14 +27,10 @@ use crate::config::PreprocessorConfig;
 use crate::ops::resize::resize_bicubic;
 use crate::{Error, Result};
 
-/// qwen-vl-utils `IMAGE_FACTOR`: sides become multiples of this (= patch 14 · merge 2).
-pub const IMAGE_FACTOR: usize = 28;
-/// qwen-vl-utils `MIN_PIXELS`, `fetch_image`'s default lower bound on the pixel count.
-pub const MIN_PIXELS: u64 = 4 * 28 * 28;
-/// qwen-vl-utils `MAX_PIXELS`, `fetch_image`'s default upper bound on the pixel count.
-pub const MAX_PIXELS: u64 = 16384 * 28 * 28;
-/// Largest allowed `max(h, w) / min(h, w)` (qwen-vl-utils `MAX_RATIO`, transformers' 200).
-pub const MAX_RATIO: usize = 200;
+// The size rules live in `sizes.rs`; re-exported here, where callers look for an image's.
+pub use crate::processing::sizes::{
+    smart_resize, smart_resize_transformers, IMAGE_FACTOR, MAX_PIXELS, MAX_RATIO, MIN_PIXELS,
+};
 /// Largest image side [`decode_image`] accepts.
 pub const MAX_DECODE_SIDE: u32 = 16384;
 /// Largest pixel count [`decode_image`] accepts: Pillow's decompression-bomb error threshold
@@ -46,162 +42,6 @@ pub const MAX_DECODE_ALLOC: u64 = 1 << 30;
 pub const MAX_FILE_BYTES: u64 = 512 << 20;
 
 const SUPPORTED: &str = "png, jpeg, webp, gif, bmp, tiff";
-
-// ---------------------------------------------------------------------------------------------
-// smart_resize
-// ---------------------------------------------------------------------------------------------
-
-/// Python's `round(n / factor) * factor` (round half to even, on the `f64` quotient).
-fn round_by_factor(n: usize, factor: usize) -> usize {
-    (n as f64 / factor as f64).round_ties_even() as usize * factor
-}
-
-/// Python's `math.floor(x / factor) * factor`.
-fn floor_by_factor(x: f64, factor: usize) -> usize {
-    (x / factor as f64).floor() as usize * factor
-}
-
-/// Python's `math.ceil(x / factor) * factor`.
-fn ceil_by_factor(x: f64, factor: usize) -> usize {
-    (x / factor as f64).ceil() as usize * factor
-}
-
-fn check_size_and_ratio(height: usize, width: usize, factor: usize) -> Result<()> {
-    if factor == 0 {
-        return Err(Error::bad_input(
-            "the preprocessor's patch_size * merge_size is 0",
-            "a positive patch_size and merge_size",
-        ));
-    }
-    if height == 0 || width == 0 {
-        return Err(Error::bad_input(
-            format!("image is {width}x{height} pixels"),
-            "a width and height of at least 1 pixel",
-        ));
-    }
-    let (long, short) = (height.max(width), height.min(width));
-    // Python: max(h, w) / min(h, w) > 200, in float; the same as this integer test for any
-    // size an image can have.
-    if long as f64 / short as f64 > MAX_RATIO as f64 {
-        return Err(Error::bad_input(
-            format!(
-                "image is {width}x{height} pixels, aspect ratio {:.1}",
-                long as f64 / short as f64
-            ),
-            format!("an aspect ratio (long side / short side) of at most {MAX_RATIO}"),
-        ));
-    }
-    Ok(())
-}
-
-/// The `(h_bar, w_bar)` after the pixel-budget step shared by both `smart_resize`s.
-fn fit_budget(
-    height: usize,
-    width: usize,
-    factor: usize,
-    (mut h_bar, mut w_bar): (usize, usize),
-    min_pixels: u64,
-    max_pixels: u64,
-) -> Result<(usize, usize)> {
-    let area = (height as u128 * width as u128) as f64;
-    let bar = h_bar as u128 * w_bar as u128;
-    if bar > max_pixels as u128 {
-        if max_pixels == 0 {
-            return Err(Error::bad_input(
-                "max_pixels is 0",
-                "max_pixels of at least 1",
-            ));
-        }
-        let beta = (area / max_pixels as f64).sqrt();
-        h_bar = floor_by_factor(height as f64 / beta, factor);
-        w_bar = floor_by_factor(width as f64 / beta, factor);
-    } else if bar < min_pixels as u128 {
-        let beta = (min_pixels as f64 / area).sqrt();
-        h_bar = ceil_by_factor(height as f64 * beta, factor);
-        w_bar = ceil_by_factor(width as f64 * beta, factor);
-    }
-    if h_bar == 0 || w_bar == 0 {
-        // The reference computes a 0 side here and then fails in `Image.resize`.
-        return Err(Error::bad_input(
-            format!(
-                "image is {width}x{height} pixels; within max_pixels {max_pixels} it would be \
-                 resized to {w_bar}x{h_bar}"
-            ),
-            format!(
-                "a max_pixels large enough for a side of at least {factor} (here at least {})",
-                fit_floor_min(height, width, factor)
-            ),
-        ));
-    }
-    Ok((h_bar, w_bar))
-}
-
-/// The smallest budget keeping the short side at `factor` (for error messages only).
-fn fit_floor_min(height: usize, width: usize, factor: usize) -> u64 {
-    let (long, short) = (height.max(width) as u64, height.min(width) as u64);
-    (factor as u64 * factor as u64 * long).div_ceil(short)
-}
-
-/// qwen-vl-utils 0.0.8 `smart_resize`: the `(height, width)` an image of `height x width` is
-/// resized to, both multiples of `factor`, the pixel count within `[min_pixels, max_pixels]`
-/// (as close as the rounding allows), the aspect ratio kept as far as possible.
-///
-/// Each side is first rounded to the nearest multiple of `factor` (half to even, as Python's
-/// `round`), at least `factor`. If that exceeds `max_pixels`, both sides are scaled by
-/// `beta = sqrt(h*w / max_pixels)` and floored to multiples of `factor`; if it is below
-/// `min_pixels`, scaled by `sqrt(min_pixels / (h*w))` and ceiled.
-///
-/// Errors (bad input): a zero side; `max(h, w) / min(h, w) > 200`; a budget so small that a
-/// side would become 0 (the reference fails later, in `Image.resize`).
-pub fn smart_resize(
-    height: usize,
-    width: usize,
-    factor: usize,
-    min_pixels: u64,
-    max_pixels: u64,
-) -> Result<(usize, usize)> {
-    check_size_and_ratio(height, width, factor)?;
-    let h_bar = factor.max(round_by_factor(height, factor));
-    let w_bar = factor.max(round_by_factor(width, factor));
-    fit_budget(
-        height,
-        width,
-        factor,
-        (h_bar, w_bar),
-        min_pixels,
-        max_pixels,
-    )
-}
-
-/// transformers 4.49 `models/qwen2_vl/image_processing_qwen2_vl.py::smart_resize`: as
-/// [`smart_resize`] but a side shorter than `factor` is an error (instead of being rounded up
-/// to `factor`), and the first rounding has no lower bound. Used by the processor stage of
-/// [`preprocess_image`], on images `fetch_image` already resized.
-pub fn smart_resize_transformers(
-    height: usize,
-    width: usize,
-    factor: usize,
-    min_pixels: u64,
-    max_pixels: u64,
-) -> Result<(usize, usize)> {
-    if factor > 0 && height > 0 && width > 0 && (height < factor || width < factor) {
-        return Err(Error::bad_input(
-            format!("image is {width}x{height} pixels, a side is shorter than {factor}"),
-            format!("a width and height of at least {factor} pixels"),
-        ));
-    }
-    check_size_and_ratio(height, width, factor)?;
-    let h_bar = round_by_factor(height, factor);
-    let w_bar = round_by_factor(width, factor);
-    fit_budget(
-        height,
-        width,
-        factor,
-        (h_bar, w_bar),
-        min_pixels,
-        max_pixels,
-    )
-}
 
 // ---------------------------------------------------------------------------------------------
 // Decoding
@@ -775,112 +615,9 @@ pub fn patchify(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fixture_dir() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/resize")
-    }
-
-    fn cases() -> serde_json::Value {
-        let p = fixture_dir().join("cases.json");
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
-    }
-
-    fn is_bad_input(r: &Result<impl std::fmt::Debug>) -> bool {
-        matches!(r, Err(Error::BadInput { .. }))
-    }
-
-    fn bad(r: Result<impl std::fmt::Debug>) -> (String, String) {
-        match r {
-            Err(Error::BadInput { what, allowed, .. }) => (what, allowed),
-            other => panic!("expected BadInput, got {other:?}"),
-        }
-    }
-
-    /// The table `make_resize_fixtures.py` computed with qwen-vl-utils 0.0.8's and
-    /// transformers 4.49's `smart_resize` (a result with a 0 side is an error here).
-    #[test]
-    fn smart_resize_matches_python_table() {
-        let c = cases();
-        let rows = c["smart_resize"].as_array().unwrap();
-        assert!(rows.len() > 100);
-        let mut n = 0;
-        for r in rows {
-            let g = |k: &str| r[k].as_u64().unwrap();
-            let (h, w, f) = (
-                g("height") as usize,
-                g("width") as usize,
-                g("factor") as usize,
-            );
-            let (mn, mx) = (g("min_pixels"), g("max_pixels"));
-            for (col, got) in [
-                ("qwen_vl_utils", smart_resize(h, w, f, mn, mx)),
-                ("transformers", smart_resize_transformers(h, w, f, mn, mx)),
-            ] {
-                let want = &r[col];
-                let want: Option<(usize, usize)> = want
-                    .as_array()
-                    .map(|a| {
-                        (
-                            a[0].as_u64().unwrap() as usize,
-                            a[1].as_u64().unwrap() as usize,
-                        )
-                    })
-                    .filter(|&(a, b)| a > 0 && b > 0);
-                match (want, &got) {
-                    (Some(want), Ok(got)) => assert_eq!(*got, want, "{col} {h}x{w} [{mn}, {mx}]"),
-                    (None, Err(Error::BadInput { .. })) => {}
-                    _ => panic!(
-                        "{col} {h}x{w} [{mn}, {mx}]: python {:?}, rust {got:?}",
-                        r[col]
-                    ),
-                }
-                n += 1;
-            }
-        }
-        println!("{n} smart_resize results agree");
-    }
-
-    #[test]
-    fn smart_resize_rounds_half_to_even() {
-        // 42/28 = 1.5 -> 2, 70/28 = 2.5 -> 2, 98/28 = 3.5 -> 4.
-        let s = |h, w| smart_resize(h, w, 28, 0, u64::MAX).unwrap();
-        assert_eq!(s(42, 70), (56, 56));
-        assert_eq!(s(98, 98), (112, 112));
-        assert_eq!(s(14, 14), (28, 28));
-        assert_eq!(s(480, 640), (476, 644));
-    }
-
-    #[test]
-    fn smart_resize_ratio_and_zero_errors() {
-        // 1093 / 5 = 218.6 > 200.
-        let (what, allowed) = bad(smart_resize(5, 1093, 28, MIN_PIXELS, MAX_PIXELS));
-        assert!(what.contains("1093x5"), "{what}");
-        assert!(allowed.contains("200"), "{allowed}");
-        assert!(is_bad_input(&smart_resize(
-            1093, 5, 28, MIN_PIXELS, MAX_PIXELS
-        )));
-        // Exactly 200 is allowed.
-        assert_eq!(
-            smart_resize(5, 1000, 28, MIN_PIXELS, MAX_PIXELS).unwrap(),
-            (28, 1008)
-        );
-        assert!(smart_resize(1000, 5, 28, MIN_PIXELS, MAX_PIXELS).is_ok());
-        let (what, _) = bad(smart_resize(0, 10, 28, MIN_PIXELS, MAX_PIXELS));
-        assert!(what.contains("10x0"), "{what}");
-        assert!(is_bad_input(&smart_resize(
-            10, 0, 28, MIN_PIXELS, MAX_PIXELS
-        )));
-        // transformers refuses a side below the factor.
-        assert!(is_bad_input(&smart_resize_transformers(
-            27,
-            100,
-            28,
-            0,
-            u64::MAX
-        )));
-        // A budget that floors a side to 0.
-        assert!(is_bad_input(&smart_resize(28, 5600, 28, 0, 28 * 28 * 100)));
-    }
+    use crate::processing::test_util::{
+        bad, is_bad_input, resize_cases as cases, resize_fixture_dir as fixture_dir,
+    };
 
     #[test]
     fn absurd_pixel_budget_is_refused_not_allocated() {

@@ -1,7 +1,8 @@
 //! Videos → `pixel_values_videos`: decoding (FFmpeg, feature `video`, in `decode.rs`), frame
 //! sampling, resizing, rescale/normalize and the patch layout. This file holds the sources
-//! (paths, `data:` URIs, downloads), the reference's sampling and size rules, frame lists and
-//! the processor stage; `decode.rs` the FFmpeg reader in its two passes.
+//! (paths, `data:` URIs, downloads), the reference's sampling rules and per-frame pixel
+//! budget, frame lists and the processor stage; `decode.rs` the FFmpeg reader in its two
+//! passes; the `smart_resize` rules themselves are in [`super::sizes`], shared with images.
 //!
 //! Reference: qwen-vl-utils 0.0.8 `vision_process.fetch_video` (torchvision backend:
 //! `_read_video_torchvision`, `smart_nframes`) followed by transformers 4.49
@@ -29,19 +30,24 @@
 //!    to it when that differs, rescale, normalize, and [`patchify`] with two consecutive frames
 //!    per temporal patch.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use image::RgbImage;
 
 use crate::config::PreprocessorConfig;
 use crate::ops::resize::resize_bicubic;
-use crate::processing::fetch::{FetchOptions, Interrupt};
+use crate::processing::fetch::{resolve, FetchOptions, Interrupt};
 use crate::processing::image::{
-    decode_image, image_dimensions, patchify, rescale_normalize, smart_resize,
-    smart_resize_transformers, vision_tokens, MAX_PIXELS, MAX_RATIO, MIN_PIXELS,
+    decode_image, image_dimensions, patchify, rescale_normalize, vision_tokens,
 };
 use crate::processing::messages::{ImageSource, Location, VideoPart, VideoSource};
+use crate::processing::sizes::{
+    round_by_factor, smart_resize, smart_resize_transformers, MAX_PIXELS, MIN_PIXELS,
+};
 use crate::{Error, Result};
+
+// The frame size rule lives in `sizes.rs` with the image ones; re-exported at its old path.
+pub use crate::processing::sizes::{smart_resize_f64, MAX_FRAME_PIXELS};
 
 /// qwen-vl-utils `VIDEO_MIN_PIXELS`: default lower bound on pixels per frame.
 pub const VIDEO_MIN_PIXELS: u64 = 128 * 28 * 28;
@@ -57,8 +63,6 @@ pub const FPS: f64 = 2.0;
 pub const FPS_MIN_FRAMES: usize = 4;
 /// qwen-vl-utils `FPS_MAX_FRAMES`.
 pub const FPS_MAX_FRAMES: usize = 768;
-/// Largest frame (in pixels) a video frame may be resized to.
-pub const MAX_FRAME_PIXELS: u64 = 16384 * 28 * 28;
 
 #[cfg_attr(not(feature = "video"), allow(dead_code))]
 const VIDEO_KINDS: &str = "a video file FFmpeg decodes (mp4, webm, mkv, mov, avi, gif)";
@@ -85,11 +89,6 @@ pub struct PreprocessedVideo {
 // ---------------------------------------------------------------------------------------------
 // Sampling
 // ---------------------------------------------------------------------------------------------
-
-/// Python's `round(x / factor) * factor` (half to even).
-fn round_by_factor(x: f64, factor: usize) -> usize {
-    ((x / factor as f64).round_ties_even() * factor as f64).max(0.0) as usize
-}
 
 /// qwen-vl-utils 0.0.8 `smart_nframes`: how many frames to sample from `total_frames` frames at
 /// `video_fps`. `nframes` (rounded to even) wins; otherwise `total / video_fps * fps` clamped to
@@ -171,59 +170,6 @@ pub fn frame_indices(total: usize, n: usize) -> Vec<usize> {
         .collect()
 }
 
-/// qwen-vl-utils' `smart_resize` with a float `max_pixels` (fetch_video's computed budget can
-/// be fractional: `total_pixels / nframes * 2`).
-pub fn smart_resize_f64(
-    height: usize,
-    width: usize,
-    factor: usize,
-    min_pixels: f64,
-    max_pixels: f64,
-) -> Result<(usize, usize)> {
-    if height == 0 || width == 0 || factor == 0 {
-        return Err(Error::bad_input(
-            format!("video frames are {width}x{height} pixels"),
-            "frames of at least 1x1 pixel",
-        ));
-    }
-    let (long, short) = (height.max(width) as f64, height.min(width) as f64);
-    if long / short > MAX_RATIO as f64 {
-        return Err(Error::bad_input(
-            format!(
-                "video frames are {width}x{height} pixels, aspect ratio {:.1}",
-                long / short
-            ),
-            format!("an aspect ratio (long side / short side) of at most {MAX_RATIO}"),
-        ));
-    }
-    let f = factor as f64;
-    let mut h_bar = factor.max(round_by_factor(height as f64, factor));
-    let mut w_bar = factor.max(round_by_factor(width as f64, factor));
-    let area = height as f64 * width as f64;
-    if (h_bar * w_bar) as f64 > max_pixels {
-        let beta = (area / max_pixels).sqrt();
-        h_bar = ((height as f64 / beta / f).floor() * f) as usize;
-        w_bar = ((width as f64 / beta / f).floor() * f) as usize;
-    } else if ((h_bar * w_bar) as f64) < min_pixels {
-        let beta = (min_pixels / area).sqrt();
-        h_bar = ((height as f64 * beta / f).ceil() * f) as usize;
-        w_bar = ((width as f64 * beta / f).ceil() * f) as usize;
-    }
-    if h_bar == 0 || w_bar == 0 || (h_bar as u128 * w_bar as u128) > MAX_FRAME_PIXELS as u128 {
-        return Err(Error::bad_input(
-            format!(
-                "video frames of {width}x{height} would be resized to {w_bar}x{h_bar} \
-                 (min_pixels {min_pixels}, max_pixels {max_pixels})"
-            ),
-            format!(
-                "min_pixels / max_pixels giving frames of at least {factor}x{factor} and at \
-                 most {MAX_FRAME_PIXELS} pixels"
-            ),
-        ));
-    }
-    Ok((h_bar, w_bar))
-}
-
 /// The `(height, width)` `fetch_video` resizes file frames of `height x width` to, for
 /// `nframes` sampled frames.
 pub fn video_frame_size(
@@ -248,28 +194,6 @@ pub fn video_frame_size(
 // ---------------------------------------------------------------------------------------------
 // Entry point
 // ---------------------------------------------------------------------------------------------
-
-fn resolve(s: &str, base_dir: Option<&Path>, what: &str) -> Result<PathBuf> {
-    match Location::parse(s) {
-        Location::Path(p) => {
-            if p.is_empty() {
-                return Err(Error::bad_input(
-                    format!("{what} path is empty"),
-                    "a path to a local file",
-                ));
-            }
-            let p = Path::new(p);
-            Ok(match base_dir {
-                Some(b) if p.is_relative() => b.join(p),
-                _ => p.to_path_buf(),
-            })
-        }
-        Location::Http(_) | Location::Data { .. } => Err(Error::bad_input(
-            format!("{what} is not a local path"),
-            "a local path or file:// URL",
-        )),
-    }
-}
 
 /// A video's bytes, opened once and read again for each pass of the decoder.
 ///
@@ -455,7 +379,16 @@ fn spool_file() -> Result<std::fs::File> {
 /// [`FetchOptions::allow_remote`]; timeout and [`FetchOptions::max_video_bytes`] apply).
 fn locate_video(s: &str, fetch: &FetchOptions, base_dir: Option<&Path>) -> Result<VideoInput> {
     match Location::parse(s) {
-        Location::Path(_) => VideoInput::open_file(&resolve(s, base_dir, "video")?),
+        Location::Path(p) => {
+            if p.is_empty() {
+                return Err(Error::bad_input(
+                    "video path is empty",
+                    "a path to a local file",
+                ));
+            }
+            // As an image path, but a `file://` path's %-escapes are not tried.
+            VideoInput::open_file(&resolve(Path::new(p), base_dir))
+        }
         Location::Data {
             base64, payload, ..
         } => {
@@ -759,6 +692,8 @@ mod decode;
 mod tests {
     use super::*;
     use crate::ops::resize_torch::resize_bicubic_aa;
+    use crate::processing::test_util::bad;
+    use std::path::PathBuf;
 
     fn dir() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/video")
@@ -770,13 +705,6 @@ mod tests {
                 .join("../../tests/fixtures/tiny-qwen2vl/preprocessor_config.json"),
         )
         .unwrap()
-    }
-
-    fn bad(r: Result<impl std::fmt::Debug>) -> (String, String) {
-        match r {
-            Err(Error::BadInput { what, allowed, .. }) => (what, allowed),
-            other => panic!("expected BadInput, got {other:?}"),
-        }
     }
 
     fn part_from(options: &serde_json::Value) -> VideoPart {

@@ -1,0 +1,29 @@
+//! Helpers the unit tests of the processing modules share.
+
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// Whether `r` is a bad-input error.
+pub(crate) fn is_bad_input(r: &Result<impl std::fmt::Debug>) -> bool {
+    matches!(r, Err(Error::BadInput { .. }))
+}
+
+/// The `what` and `allowed` of a bad-input error; panics on anything else.
+pub(crate) fn bad(r: Result<impl std::fmt::Debug>) -> (String, String) {
+    match r {
+        Err(Error::BadInput { what, allowed, .. }) => (what, allowed),
+        other => panic!("expected BadInput, got {other:?}"),
+    }
+}
+
+/// `tests/fixtures/resize`, written by `tools/reference/make_resize_fixtures.py`.
+pub(crate) fn resize_fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/resize")
+}
+
+/// That directory's `cases.json`.
+pub(crate) fn resize_cases() -> serde_json::Value {
+    let p = resize_fixture_dir().join("cases.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
