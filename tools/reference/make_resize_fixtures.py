@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/resize/: what Pillow 13.0's bicubic resize, qwen-vl-utils 0.0.8's and
 transformers 4.49's smart_resize, and the whole image preprocessing (fetch_image +
-Qwen2VLImageProcessor) compute, for the Rust tests in crates/qwen2vl/src/ops/resize.rs and
-crates/qwen2vl/src/processing/image.rs.
+Qwen2VLImageProcessor) compute, for the Rust tests in crates/qwen2vl/src/ops/resize.rs,
+crates/qwen2vl/src/processing/sizes.rs (smart_resize) and crates/qwen2vl/src/processing/image.rs
+(preprocessing).
 
 Run with the pinned reference environment (tools/reference/requirements.txt):
 
