@@ -1,7 +1,7 @@
 //! The API over real HTTP on 127.0.0.1 with the tiny fixture model.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Read;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,32 +13,17 @@ use qwen2vl_server::{Limits, ServerConfig};
 use serde_json::{json, Value};
 
 mod common;
-use common::{fixtures, pipeline, start_engine, start_with, Resp};
+use common::{
+    data_uri, fixtures, pipeline, read_response, send_raw, start_engine, start_with, user,
+    user_with, video_tokens, Resp,
+};
 
 fn start(config: ServerConfig) -> SocketAddr {
     start_engine(4, 16, config)
 }
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(120)))
-        .build()
-        .into()
-}
-
-fn finish(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Resp {
-    let mut r = r.unwrap();
-    let headers = r
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
-        .collect();
-    Resp {
-        status: r.status().as_u16(),
-        headers,
-        body: r.body_mut().read_to_string().unwrap_or_default(),
-    }
+    common::agent(Duration::from_secs(120))
 }
 
 fn post_raw(addr: SocketAddr, body: &str, headers: &[(&str, &str)]) -> Resp {
@@ -48,7 +33,7 @@ fn post_raw(addr: SocketAddr, body: &str, headers: &[(&str, &str)]) -> Resp {
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    finish(req.send(body))
+    read_response(req.send(body))
 }
 
 fn post(addr: SocketAddr, body: &Value) -> Resp {
@@ -60,11 +45,7 @@ fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Resp {
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    finish(req.call())
-}
-
-fn user(text: &str) -> Value {
-    json!([{"role": "user", "content": text}])
+    read_response(req.call())
 }
 
 fn greedy(messages: Value, max_tokens: usize) -> Value {
@@ -84,26 +65,25 @@ fn sse_events(body: &str) -> Vec<String> {
         .collect()
 }
 
-/// The concatenated `delta.content` of a streamed answer's chunks (first choice).
-fn streamed_content(body: &str) -> String {
+/// The chunks of a streamed answer (its events but the last, `[DONE]`), as JSON.
+fn sse_chunks(body: &str) -> Vec<Value> {
     sse_events(body)
         .iter()
         .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
+/// The concatenated `delta.content` of a streamed answer's chunks (first choice).
+fn streamed_content(body: &str) -> String {
+    sse_chunks(body)
+        .into_iter()
         .filter_map(|c| {
             c["choices"][0]["delta"]["content"]
                 .as_str()
                 .map(String::from)
         })
         .collect()
-}
-
-fn data_uri(path: &str) -> String {
-    let bytes = std::fs::read(fixtures().join(path)).unwrap();
-    format!(
-        "data:image/png;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    )
 }
 
 #[test]
@@ -497,11 +477,7 @@ fn stop_strings_cut_every_choice_streamed_or_not() {
 
     body["stream"] = json!(true);
     let r = post(addr, &body);
-    let chunks: Vec<Value> = sse_events(&r.body)
-        .iter()
-        .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = sse_chunks(&r.body);
     for i in 0..2 {
         let mine: Vec<&Value> = chunks
             .iter()
@@ -655,7 +631,7 @@ fn cors_only_when_configured() {
     );
     assert_eq!(r.header("access-control-allow-origin"), None);
     // A preflight is answered without the key.
-    let r = finish(
+    let r = read_response(
         agent()
             .options(format!("http://{on}/v1/chat/completions"))
             .header("origin", "http://example.test")
@@ -718,15 +694,8 @@ fn queue_full_is_429_with_retry_after() {
 #[test]
 fn a_client_that_disconnects_mid_stream_is_cancelled() {
     let addr = start(ServerConfig::default());
-    let body = json!({"messages": user("Go on forever"), "max_tokens": 20000, "temperature": 0, "stream": true})
-        .to_string();
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let body = json!({"messages": user("Go on forever"), "max_tokens": 20000, "temperature": 0, "stream": true});
+    let mut s = send_raw(addr, &body);
     let mut buf = [0u8; 4096];
     let n = s.read(&mut buf).unwrap();
     let head = String::from_utf8_lossy(&buf[..n]).to_string();
@@ -757,7 +726,7 @@ fn local_files_only_inside_the_allowed_directory() {
         post(
             addr,
             &greedy(
-                json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}]),
+                user_with(json!({"type": "image_url", "image_url": {"url": url}})),
                 1,
             ),
         )
@@ -911,11 +880,7 @@ fn tool_calls_come_back_as_tool_calls() {
     // call comes in the finish chunk.
     let mut sbody = body.clone();
     sbody["stream"] = json!(true);
-    let chunks: Vec<Value> = sse_events(&post(addr, &sbody).body)
-        .iter()
-        .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = sse_chunks(&post(addr, &sbody).body);
     let text: String = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
@@ -1052,11 +1017,7 @@ fn streamed_n_choices_each_finish() {
                       "stream_options": {"include_usage": true}});
     let r = post(addr, &body);
     assert_eq!(r.status, 200, "{}", r.body);
-    let chunks: Vec<Value> = sse_events(&r.body)
-        .iter()
-        .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = sse_chunks(&r.body);
     for i in 0..2 {
         let mine: Vec<&Value> = chunks
             .iter()
@@ -1086,15 +1047,8 @@ fn streamed_n_choices_each_finish() {
 #[test]
 fn a_client_that_disconnects_while_waiting_for_a_whole_answer_is_cancelled() {
     let addr = start(ServerConfig::default());
-    let body = json!({"messages": user("Go on forever"), "max_tokens": 20000, "temperature": 0})
-        .to_string();
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let body = json!({"messages": user("Go on forever"), "max_tokens": 20000, "temperature": 0});
+    let s = send_raw(addr, &body);
     // Wait until it runs, then hang up.
     let t0 = Instant::now();
     while !get(addr, "/metrics", &[])
@@ -1181,17 +1135,7 @@ fn a_video_url_as_a_data_uri_with_nframes() {
     );
     let ask = |nframes: usize| {
         let part = json!({"type": "video_url", "video_url": {"url": url}, "nframes": nframes, "max_pixels": 28 * 28 * 16});
-        let r = post(
-            addr,
-            &greedy(
-                json!([{"role": "user", "content": [part, {"type": "text", "text": "?"}]}]),
-                1,
-            ),
-        );
-        assert_eq!(r.status, 200, "{}", r.body);
-        r.json()["usage"]["prompt_tokens_details"]["video_tokens"]
-            .as_u64()
-            .unwrap()
+        video_tokens(&post(addr, &greedy(user_with(part), 1)))
     };
     let four = ask(4);
     let eight = ask(8);

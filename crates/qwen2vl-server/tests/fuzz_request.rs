@@ -152,18 +152,21 @@ impl Setup {
         }
     }
 
+    /// `request::parse` with greedy defaults, a context of [`CONTEXT`] tokens and this
+    /// setup's limits and policy.
+    fn parse(&self, body: &[u8]) -> Result<ChatRequest, ApiError> {
+        parse(
+            body,
+            SamplingParams::greedy(),
+            CONTEXT,
+            &self.limits,
+            &self.policy,
+        )
+    }
+
     /// Parses `body` (catching a panic, which fails with the body) and checks the answer.
     fn check(&self, b: &Budget, body: &[u8]) -> Result<(), String> {
-        let r = catch_unwind(AssertUnwindSafe(|| {
-            parse(
-                body,
-                SamplingParams::greedy(),
-                CONTEXT,
-                &self.limits,
-                &self.policy,
-            )
-        }))
-        .unwrap_or_else(|p| {
+        let r = catch_unwind(AssertUnwindSafe(|| self.parse(body))).unwrap_or_else(|p| {
             let msg = p
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
@@ -658,15 +661,7 @@ fn generated_requests_are_accepted_within_limits_or_refused() {
     let done = b.run_prop(&request(), |v| {
         let body = serde_json::to_vec(&v).unwrap();
         setup.check(&b, &body).map_err(TestCaseError::fail)?;
-        if parse(
-            &body,
-            SamplingParams::greedy(),
-            CONTEXT,
-            &setup.limits,
-            &setup.policy,
-        )
-        .is_ok()
-        {
+        if setup.parse(&body).is_ok() {
             ok.set(ok.get() + 1);
         }
         Ok(())
@@ -803,13 +798,7 @@ fn mutated_request_bodies_are_accepted_within_limits_or_refused() {
     let setup = Setup::new("request-mutated");
     let seeds = seed_bodies();
     for s in &seeds {
-        let r = parse(
-            s,
-            SamplingParams::greedy(),
-            CONTEXT,
-            &setup.limits,
-            &setup.policy,
-        );
+        let r = setup.parse(s);
         assert!(r.is_ok(), "seed refused: {:?}\n{}", r.err(), show(s));
         setup.check(&b, s).unwrap();
     }
@@ -824,15 +813,7 @@ fn mutated_request_bodies_are_accepted_within_limits_or_refused() {
         if let Err(m) = setup.check(&b, &body) {
             panic!("fuzz {} (seed {:#x}): {m}", b.name, b.seed);
         }
-        if parse(
-            &body,
-            SamplingParams::greedy(),
-            CONTEXT,
-            &setup.limits,
-            &setup.policy,
-        )
-        .is_ok()
-        {
+        if setup.parse(&body).is_ok() {
             ok += 1;
         }
         done += 1;
@@ -862,28 +843,16 @@ fn media_in_tool_results_is_refused_not_dropped() {
     let params = ["messages[1].content[1]", "messages[1].content[0]"];
     for (body, param) in bodies.iter().zip(params) {
         let body = serde_json::to_vec(body).unwrap();
-        let e = parse(
-            &body,
-            SamplingParams::greedy(),
-            CONTEXT,
-            &setup.limits,
-            &setup.policy,
-        )
-        .expect_err("media in a tool turn must be refused");
+        let e = setup
+            .parse(&body)
+            .expect_err("media in a tool turn must be refused");
         assert_eq!(e.status, 400);
         assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
     }
     // The same image in a user turn is accepted and counted once.
     let ok =
         json!({"messages": [{"role": "user", "content": [image, {"type": "text", "text": "?"}]}]});
-    let r = parse(
-        &serde_json::to_vec(&ok).unwrap(),
-        SamplingParams::greedy(),
-        CONTEXT,
-        &setup.limits,
-        &setup.policy,
-    )
-    .unwrap();
+    let r = setup.parse(&serde_json::to_vec(&ok).unwrap()).unwrap();
     assert_eq!(r.image_params, ["messages[0].content[0]"]);
     let _ = std::fs::remove_dir_all(&setup.dir);
 }

@@ -3,7 +3,7 @@
 //! while it is prefilled, a client that hangs up during that prefill frees the engine at
 //! once, and `/health` says when the engine is stuck.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -15,18 +15,14 @@ use qwen2vl_server::ServerConfig;
 use serde_json::{json, Value};
 
 mod common;
-use common::{fixtures, pipeline, start_engine, start_with};
+use common::{fixtures, pipeline, send_raw, start_engine, start_with};
 
 /// Vision tokens of the large image: 4096 tokens, one frame of 16,384 patches (seconds of
 /// vision tower on the tiny model, whose context is 32,768 tokens).
 const BIG_TOKENS: u64 = 4096;
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(300)))
-        .build()
-        .into()
+    common::agent(Duration::from_secs(300))
 }
 
 /// Status and body of a POST to `/v1/chat/completions`.
@@ -49,19 +45,6 @@ fn get(addr: SocketAddr, path: &str) -> (u16, String) {
         .expect("get");
     let status = r.status().as_u16();
     (status, r.body_mut().read_to_string().unwrap_or_default())
-}
-
-/// Writes a chat request on a raw connection (the caller reads or drops it).
-fn send_raw(addr: SocketAddr, body: &Value) -> TcpStream {
-    let body = body.to_string();
-    let mut s = TcpStream::connect(addr).expect("connect");
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    s
 }
 
 /// The big image request: the fixture's 20x20 PNG with a per-item `min_pixels` of

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 mod common;
-use common::{start_engine, Resp};
+use common::{data_uri, start_engine, user, user_with, video_tokens, Resp};
 use qwen2vl_server::ServerConfig;
 
 fn start(config: ServerConfig) -> SocketAddr {
@@ -92,10 +92,6 @@ fn post(addr: SocketAddr, body: &Value) -> Resp {
     )
 }
 
-fn user(text: &str) -> Value {
-    json!([{"role": "user", "content": text}])
-}
-
 fn greedy(messages: Value, max_tokens: usize) -> Value {
     json!({"messages": messages, "max_tokens": max_tokens, "temperature": 0})
 }
@@ -173,19 +169,7 @@ fn a_video_gets_the_reference_frame_budget_not_the_image_cap() {
         base64::engine::general_purpose::STANDARD.encode(gif(8, 1000))
     );
     let addr = start(ServerConfig::default());
-    let ask = |part: Value| {
-        let r = post(
-            addr,
-            &greedy(
-                json!([{"role": "user", "content": [part, {"type": "text", "text": "?"}]}]),
-                1,
-            ),
-        );
-        assert_eq!(r.status, 200, "{}", r.body);
-        r.json()["usage"]["prompt_tokens_details"]["video_tokens"]
-            .as_u64()
-            .unwrap()
-    };
+    let ask = |part: Value| video_tokens(&post(addr, &with_part(part)));
     let served = ask(json!({"type": "video_url", "video_url": {"url": url}}));
     let part = VideoPart::new(url.as_str());
     let reference = library_video_tokens(Message::parts(
@@ -472,20 +456,9 @@ fn method_not_allowed_has_an_openai_error_body() {
     assert_eq!(r.header("allow"), Some("POST"));
 }
 
-fn data_uri(path: &str) -> String {
-    use base64::Engine as _;
-    let bytes = std::fs::read(common::fixtures().join(path)).unwrap();
-    format!(
-        "data:image/png;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    )
-}
-
+/// A greedy one-token request: `part`, then the question "?".
 fn with_part(part: Value) -> Value {
-    greedy(
-        json!([{"role": "user", "content": [part, {"type": "text", "text": "?"}]}]),
-        1,
-    )
+    greedy(user_with(part), 1)
 }
 
 #[test]

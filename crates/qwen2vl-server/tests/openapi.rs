@@ -11,11 +11,7 @@ mod common;
 #[test]
 fn served_document_lists_operations_the_server_answers() {
     let addr = common::start_engine(2, 4, ServerConfig::default());
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(120)))
-        .build()
-        .into();
+    let agent = common::agent(Duration::from_secs(120));
     let mut r = agent
         .get(&format!("http://{addr}/openapi.json"))
         .call()
@@ -167,11 +163,7 @@ fn documented_examples_get_answers_that_match_the_document() {
     assert!(conforms(&doc, &schema("ErrorResponse"), &wrong, "").is_err());
 
     let addr = common::start_engine(2, 4, ServerConfig::default());
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(120)))
-        .build()
-        .into();
+    let agent = common::agent(Duration::from_secs(120));
     let url = format!("http://{addr}/v1/chat/completions");
     let post = |body: &Value| {
         let mut r = agent

@@ -8,46 +8,18 @@ use qwen2vl_server::page::{ASSETS, CONTENT_SECURITY_POLICY};
 use qwen2vl_server::ServerConfig;
 
 mod common;
+use common::Resp;
 
 fn start(config: ServerConfig) -> SocketAddr {
     common::start_engine(2, 4, config)
 }
 
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Resp {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into();
-    let mut req = agent.get(format!("http://{addr}{path}"));
+    let mut req = common::agent(Duration::from_secs(60)).get(format!("http://{addr}{path}"));
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let mut r = req.call().unwrap();
-    Resp {
-        status: r.status().as_u16(),
-        headers: r
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
-            .collect(),
-        body: r.body_mut().read_to_string().unwrap_or_default(),
-    }
+    common::read_response(req.call())
 }
 
 /// The values of `attr="..."` in `html`.

@@ -93,14 +93,8 @@ fn check_image(
     limits: &Limits,
     policy: &MediaPolicy,
 ) -> Result<(), ApiError> {
-    check_pixels(
-        param,
-        img.min_pixels,
-        img.max_pixels,
-        img.resized_height,
-        img.resized_width,
-        limits,
-    )?;
+    let resized = img.resized_height.zip(img.resized_width);
+    check_pixels(param, [img.min_pixels, img.max_pixels], resized, limits)?;
     if img.max_pixels.is_none() {
         img.max_pixels = limits.max_image_pixels;
     }
@@ -118,14 +112,8 @@ fn check_video(
     limits: &Limits,
     policy: &MediaPolicy,
 ) -> Result<(), ApiError> {
-    check_pixels(
-        param,
-        v.min_pixels,
-        v.max_pixels,
-        v.resized_height,
-        v.resized_width,
-        limits,
-    )?;
+    let resized = v.resized_height.zip(v.resized_width);
+    check_pixels(param, [v.min_pixels, v.max_pixels], resized, limits)?;
     // A video item without max_pixels keeps the reference's default, which is not the image
     // one: frames of a video file get qwen-vl-utils' per-frame video budget (at most
     // VIDEO_MAX_PIXELS, less for many frames, see `video_frame_size`), a list of frames the
@@ -175,14 +163,12 @@ fn check_video(
     Ok(())
 }
 
-/// `min_pixels`, `max_pixels` and `resized_height` x `resized_width` of one image or video
-/// against the server's cap on pixels per image or frame.
+/// `[min_pixels, max_pixels]` and `resized_height` x `resized_width` (both given) of one
+/// image or video against the server's cap on pixels per image or frame.
 fn check_pixels(
     param: &str,
-    min: Option<u64>,
-    max: Option<u64>,
-    h: Option<usize>,
-    w: Option<usize>,
+    [min, max]: [Option<u64>; 2],
+    resized: Option<(usize, usize)>,
     limits: &Limits,
 ) -> Result<(), ApiError> {
     let Some(limit) = limits.max_image_pixels else {
@@ -200,7 +186,7 @@ fn check_pixels(
     if let Some(v) = max.filter(|&v| v > limit) {
         return Err(over("max_pixels", v));
     }
-    if let (Some(h), Some(w)) = (h, w) {
+    if let Some((h, w)) = resized {
         let px = (h as u64).saturating_mul(w as u64);
         if px > limit {
             return Err(over("resized_height", px));
