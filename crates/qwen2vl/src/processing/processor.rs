@@ -125,26 +125,67 @@ impl Processor {
             self.template
                 .render(messages, opts.add_generation_prompt, opts.add_vision_id)?;
         let ids = self.tokenizer.encode_prompt(&rendered)?;
+        let budget = self.budget_after_text(&ids, opts.max_prompt_tokens)?;
+        let (planned, budget) = self.plan_images(messages, opts, budget)?;
+        let (pixel_values, images) = self.decode_images(planned, opts)?;
+        let (pixel_values_videos, videos) = self.process_videos(messages, opts, budget)?;
+        let input_ids = self.expand_pads(ids, &images, &videos)?;
+        let image_grid_thw: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
+        let video_grid_thw: Vec<[usize; 3]> = videos.iter().map(|v| v.grid_thw).collect();
+        let positions = rope::mrope_position_ids(
+            &input_ids,
+            self.tokens,
+            &image_grid_thw,
+            &video_grid_thw,
+            self.merge,
+        )?;
+        Ok(ModelInputs {
+            prompt: rendered.text,
+            input_ids,
+            pixel_values,
+            image_grid_thw,
+            images,
+            pixel_values_videos,
+            video_grid_thw,
+            videos,
+            positions,
+        })
+    }
+
+    /// The vision tokens the context leaves once the text's `ids` (pads not counted) are in
+    /// (`None`: no limit); a text over `max_prompt_tokens` alone is refused.
+    fn budget_after_text(
+        &self,
+        ids: &[u32],
+        max_prompt_tokens: Option<usize>,
+    ) -> Result<Option<usize>> {
         let pads = ids
             .iter()
             .filter(|&&id| id == self.tokens.image_pad || id == self.tokens.video_pad)
             .count();
         let text_tokens = ids.len() - pads;
-        let mut budget = match opts.max_prompt_tokens {
-            Some(max) if text_tokens > max => {
-                return Err(Error::bad_input(
-                    format!("the prompt's text is {text_tokens} tokens long"),
-                    format!(
-                        "at most {max} tokens (the model's context of {} tokens less one)",
-                        max.saturating_add(1)
-                    ),
-                ))
-            }
-            Some(max) => Some(max - text_tokens),
-            None => None,
-        };
-        // Every image's bytes and planned tokens (headers only), so the request's whole image
-        // load is checked before the first one is decoded and resized.
+        match max_prompt_tokens {
+            Some(max) if text_tokens > max => Err(Error::bad_input(
+                format!("the prompt's text is {text_tokens} tokens long"),
+                format!(
+                    "at most {max} tokens (the model's context of {} tokens less one)",
+                    max.saturating_add(1)
+                ),
+            )),
+            Some(max) => Ok(Some(max - text_tokens)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every image's bytes and planned tokens (headers only), so the request's whole image
+    /// load is checked against `budget` before the first one is decoded and resized. Returns
+    /// the plans (with their message index) and what the budget leaves for the videos.
+    fn plan_images<'m>(
+        &self,
+        messages: &'m [Message],
+        opts: &ProcessOptions,
+        budget: Option<usize>,
+    ) -> Result<(Vec<Planned<'m>>, Option<usize>)> {
         let mut planned = Vec::new();
         let mut image_tokens_total = 0usize;
         for (mi, m) in messages.iter().enumerate() {
@@ -156,22 +197,7 @@ impl Processor {
                 image_tokens_total += plan.tokens;
                 if let Some(b) = budget.filter(|&b| image_tokens_total > b) {
                     return Err(name_item(
-                        Error::bad_input(
-                            format!(
-                                "{} image would become {} vision tokens ({}x{} pixels), {} \
-                                 for the images up to it",
-                                plan.original,
-                                plan.tokens,
-                                plan.size.1,
-                                plan.size.0,
-                                image_tokens_total
-                            ),
-                            format!(
-                                "at most {b} vision tokens for the images and videos (what the \
-                                 model's context leaves for the prompt): lower min_pixels, \
-                                 max_pixels or resized_height/width, or send fewer images"
-                            ),
-                        ),
+                        over_image_budget(&plan, image_tokens_total, b),
                         n,
                         mi + 1,
                     ));
@@ -179,7 +205,16 @@ impl Processor {
                 planned.push((mi, part, plan));
             }
         }
-        budget = budget.map(|b| b - image_tokens_total);
+        Ok((planned, budget.map(|b| b - image_tokens_total)))
+    }
+
+    /// Decodes and preprocesses the planned images, in order: their `pixel_values`, one
+    /// after the other, and what each became.
+    fn decode_images(
+        &self,
+        planned: Vec<Planned<'_>>,
+        opts: &ProcessOptions,
+    ) -> Result<(Vec<f32>, Vec<ImageInfo>)> {
         let mut pixel_values = Vec::new();
         let mut images = Vec::new();
         for (n, (mi, part, plan)) in planned.into_iter().enumerate() {
@@ -195,6 +230,18 @@ impl Processor {
                 tokens: t * gh * gw / (self.merge * self.merge),
             });
         }
+        Ok((pixel_values, images))
+    }
+
+    /// Reads, samples and preprocesses every video in order, each within what `budget` still
+    /// leaves (checked by the video reader from headers before decoding): their
+    /// `pixel_values_videos` and what each became.
+    fn process_videos(
+        &self,
+        messages: &[Message],
+        opts: &ProcessOptions,
+        mut budget: Option<usize>,
+    ) -> Result<(Vec<f32>, Vec<VideoInfo>)> {
         let mut pixel_values_videos = Vec::new();
         let mut videos = Vec::new();
         for (mi, m) in messages.iter().enumerate() {
@@ -221,8 +268,18 @@ impl Processor {
                 });
             }
         }
-        // Each `<|image_pad|>` / `<|video_pad|>` the template wrote becomes one pad per merged
-        // vision token of its item.
+        Ok((pixel_values_videos, videos))
+    }
+
+    /// The prompt's ids with each `<|image_pad|>` / `<|video_pad|>` the template wrote
+    /// repeated once per merged vision token of its item; the template must place every item
+    /// exactly once.
+    fn expand_pads(
+        &self,
+        ids: Vec<u32>,
+        images: &[ImageInfo],
+        videos: &[VideoInfo],
+    ) -> Result<Vec<u32>> {
         let image_tokens: Vec<usize> = images.iter().map(|i| i.tokens).collect();
         let video_tokens: Vec<usize> = videos.iter().map(|v| v.tokens).collect();
         let mut input_ids = Vec::with_capacity(
@@ -259,26 +316,7 @@ impl Processor {
                 "a chat template that places every image and video",
             ));
         }
-        let image_grid_thw: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
-        let video_grid_thw: Vec<[usize; 3]> = videos.iter().map(|v| v.grid_thw).collect();
-        let positions = rope::mrope_position_ids(
-            &input_ids,
-            self.tokens,
-            &image_grid_thw,
-            &video_grid_thw,
-            self.merge,
-        )?;
-        Ok(ModelInputs {
-            prompt: rendered.text,
-            input_ids,
-            pixel_values,
-            image_grid_thw,
-            images,
-            pixel_values_videos,
-            video_grid_thw,
-            videos,
-            positions,
-        })
+        Ok(input_ids)
     }
 
     /// Reads one image's bytes (any
@@ -329,6 +367,24 @@ impl Processor {
         debug_assert_eq!(pre.resized_hw, plan.size, "planned and real sizes agree");
         Ok(((img.height() as usize, img.width() as usize), pre))
     }
+}
+
+/// A planned image with the index of its message and its part.
+type Planned<'m> = (usize, &'m ImagePart, PlannedImage<'m>);
+
+/// The error for an image that takes the images' vision tokens to `total`, over `budget`.
+fn over_image_budget(plan: &PlannedImage<'_>, total: usize, budget: usize) -> Error {
+    Error::bad_input(
+        format!(
+            "{} image would become {} vision tokens ({}x{} pixels), {} for the images up to it",
+            plan.original, plan.tokens, plan.size.1, plan.size.0, total
+        ),
+        format!(
+            "at most {budget} vision tokens for the images and videos (what the model's context \
+             leaves for the prompt): lower min_pixels, max_pixels or resized_height/width, or \
+             send fewer images"
+        ),
+    )
 }
 
 /// An image read but not decoded: its bytes and what it will become.
