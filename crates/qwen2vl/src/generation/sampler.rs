@@ -252,23 +252,7 @@ impl Sampler {
         let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let k = self.params.top_k;
         let mut probs: Vec<(u32, f64)> = if k > 0 && k < n {
-            // 3. Top-k: the candidates are every token >= the k-th largest score (ties kept).
-            let vals = &mut self.vals;
-            vals.clear();
-            vals.extend_from_slice(scores);
-            let (_, kth, _) = vals.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-            let kth = *kth;
-            let mut probs: Vec<(u32, f64)> = scores
-                .iter()
-                .enumerate()
-                .filter(|(_, &s)| s >= kth && s > f32::NEG_INFINITY)
-                .map(|(i, &s)| (i as u32, f64::from(exp_f32(s - m))))
-                .collect();
-            let z: f64 = probs.iter().map(|p| p.1).sum();
-            for p in probs.iter_mut() {
-                p.1 /= z;
-            }
-            probs
+            top_k_probs(scores, &mut self.vals, k, m)
         } else {
             // Softmax over the whole vocabulary (-inf → 0), in place.
             for s in scores.iter_mut() {
@@ -277,19 +261,7 @@ impl Sampler {
             let z = sum_f32(scores);
             if self.params.top_p >= 1.0 {
                 // 5. Draw straight from the weights.
-                let mut u = self.rng.random::<f64>() * z;
-                let mut last = 0u32;
-                for (i, &w) in scores.iter().enumerate() {
-                    let w = f64::from(w);
-                    if w > 0.0 {
-                        if u < w {
-                            return i as u32;
-                        }
-                        u -= w;
-                        last = i as u32;
-                    }
-                }
-                return last;
+                return draw_from_weights(scores, z, self.rng.random::<f64>());
             }
             scores
                 .iter()
@@ -306,22 +278,66 @@ impl Sampler {
             probs.truncate(kept);
         }
         // 5. Draw.
-        let total: f64 = probs.iter().map(|p| p.1).sum();
-        let mut u = self.rng.random::<f64>() * total;
-        for &(id, p) in &probs {
-            if u < p {
-                return id;
-            }
-            u -= p;
-        }
-        // Rounding left u >= the sum: take the last token with non-zero probability.
-        probs
-            .iter()
-            .rev()
-            .find(|p| p.1 > 0.0)
-            .or(probs.last())
-            .map_or(0, |p| p.0)
+        draw(&probs, self.rng.random::<f64>())
     }
+}
+
+/// 3. Top-k: the candidates are every token >= the k-th largest score (ties kept), with their
+/// softmax probabilities among themselves (`m` is the largest score). `vals` is scratch.
+fn top_k_probs(scores: &[f32], vals: &mut Vec<f32>, k: usize, m: f32) -> Vec<(u32, f64)> {
+    vals.clear();
+    vals.extend_from_slice(scores);
+    let (_, kth, _) = vals.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    let kth = *kth;
+    let mut probs: Vec<(u32, f64)> = scores
+        .iter()
+        .enumerate()
+        .filter(|(_, &s)| s >= kth && s > f32::NEG_INFINITY)
+        .map(|(i, &s)| (i as u32, f64::from(exp_f32(s - m))))
+        .collect();
+    let z: f64 = probs.iter().map(|p| p.1).sum();
+    for p in probs.iter_mut() {
+        p.1 /= z;
+    }
+    probs
+}
+
+/// Draws an index from unnormalised `weights` summing to `z`, with `r` uniform in [0, 1):
+/// the first index where the running sum passes `r * z`; rounding past the end takes the
+/// last index with a non-zero weight.
+fn draw_from_weights(weights: &[f32], z: f64, r: f64) -> u32 {
+    let mut u = r * z;
+    let mut last = 0u32;
+    for (i, &w) in weights.iter().enumerate() {
+        let w = f64::from(w);
+        if w > 0.0 {
+            if u < w {
+                return i as u32;
+            }
+            u -= w;
+            last = i as u32;
+        }
+    }
+    last
+}
+
+/// Draws a token from `(id, probability)` pairs with `r` uniform in [0, 1), scaled by their
+/// total; rounding past the end takes the last token with non-zero probability.
+fn draw(probs: &[(u32, f64)], r: f64) -> u32 {
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    let mut u = r * total;
+    for &(id, p) in probs {
+        if u < p {
+            return id;
+        }
+        u -= p;
+    }
+    probs
+        .iter()
+        .rev()
+        .find(|p| p.1 > 0.0)
+        .or(probs.last())
+        .map_or(0, |p| p.0)
 }
 
 /// Sorts the most probable tokens to the front (descending, ties by lower id) far enough to

@@ -137,90 +137,122 @@ impl<'m> PrefillJob<'m> {
         }
         let t = Instant::now();
         self.units += 1;
-        if let Some(text) = &mut self.text {
-            let model = self.model;
-            let layers = model.text.num_layers();
-            if text.next < layers {
-                let pass = match &mut text.pass {
-                    Some(p) => p,
-                    None => text.pass.insert(model.text.begin_layer(
-                        text.next,
-                        &text.x,
-                        &text.cos,
-                        &text.sin,
-                        cache,
-                        self.vision_rows,
-                    )?),
-                };
-                if pass.step(cache)? {
-                    if let Some(pass) = text.pass.take() {
-                        text.x = pass.finish(cache)?;
-                    }
-                    text.next += 1;
-                }
-            }
-            if text.next == layers {
-                cache.advance(text.x.dim(1)?);
-                let last = TextModel::last_position(&text.x)?;
-                self.logits = Some(model.text.logits(&last)?.squeeze(0)?);
-                self.text = None;
-            }
+        if self.text.is_some() {
+            self.text_unit(cache)?;
             self.prefill_ms += ms(t);
             return Ok(self.logits.is_some());
         }
-        if let Some((video, pass)) = &mut self.pass {
-            let video = *video;
-            if pass.step()? {
-                let Some((_, pass)) = self.pass.take() else {
-                    return Err(Error::Weights("the vision pass disappeared".into()));
-                };
-                let out = pass.finish()?;
-                if video {
-                    self.videos.push(out);
-                } else {
-                    self.images.push(out);
-                }
-            }
+        if self.pass.is_some() {
+            self.vision_unit()?;
             self.vision_ms += ms(t);
         } else if let Some(p) = self.todo.pop_front() {
-            let pixels = if p.video {
-                &inputs.pixel_values_videos
-            } else {
-                &inputs.pixel_values
-            };
-            let rows = pixels.get(p.rows.clone()).ok_or_else(|| {
-                Error::bad_input(
-                    "the inputs changed during the prefill",
-                    "the same inputs at every step",
-                )
-            })?;
-            let pv = self.model.patch_tensor(rows)?;
-            let pass = self
-                .model
-                .vision
-                .begin_with_rows(&pv, &p.grids, self.vision_rows)?;
-            self.pass = Some((p.video, pass));
+            self.start_vision_pass(p, inputs)?;
             self.vision_ms += ms(t);
         } else {
-            let image = cat(std::mem::take(&mut self.images))?;
-            let video = cat(std::mem::take(&mut self.videos))?;
-            let (x, cos, sin) = self.model.prefill_inputs(
-                &inputs.input_ids,
-                &inputs.positions,
-                image.as_ref(),
-                video.as_ref(),
-                cache,
-            )?;
-            self.text = Some(TextStage {
-                x,
-                cos,
-                sin,
-                next: 0,
-                pass: None,
-            });
+            self.start_text(inputs, cache)?;
             self.prefill_ms += ms(t);
         }
         Ok(false)
+    }
+
+    /// One unit of the decoder layer in progress (starting it if needed); after the last
+    /// layer, the logits of the last position.
+    fn text_unit(&mut self, cache: &mut KvCache) -> Result<()> {
+        let model = self.model;
+        let Some(text) = &mut self.text else {
+            return Err(Error::Internal("no decoder stage to step".into()));
+        };
+        let layers = model.text.num_layers();
+        if text.next < layers {
+            let pass = match &mut text.pass {
+                Some(p) => p,
+                None => text.pass.insert(model.text.begin_layer(
+                    text.next,
+                    &text.x,
+                    &text.cos,
+                    &text.sin,
+                    cache,
+                    self.vision_rows,
+                )?),
+            };
+            if pass.step(cache)? {
+                if let Some(pass) = text.pass.take() {
+                    text.x = pass.finish(cache)?;
+                }
+                text.next += 1;
+            }
+        }
+        if text.next == layers {
+            cache.advance(text.x.dim(1)?);
+            let last = TextModel::last_position(&text.x)?;
+            self.logits = Some(model.text.logits(&last)?.squeeze(0)?);
+            self.text = None;
+        }
+        Ok(())
+    }
+
+    /// One unit of the vision pass in progress; when it completes, its embeddings join the
+    /// images' or the videos'.
+    fn vision_unit(&mut self) -> Result<()> {
+        let Some((_, pass)) = &mut self.pass else {
+            return Err(Error::Internal("no vision pass to step".into()));
+        };
+        if pass.step()? {
+            let Some((video, pass)) = self.pass.take() else {
+                return Err(Error::Internal("the vision pass disappeared".into()));
+            };
+            let out = pass.finish()?;
+            if video {
+                self.videos.push(out);
+            } else {
+                self.images.push(out);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the vision pass of `p`'s rows of pixels.
+    fn start_vision_pass(&mut self, p: Pending, inputs: &ModelInputs) -> Result<()> {
+        let pixels = if p.video {
+            &inputs.pixel_values_videos
+        } else {
+            &inputs.pixel_values
+        };
+        let rows = pixels.get(p.rows.clone()).ok_or_else(|| {
+            Error::bad_input(
+                "the inputs changed during the prefill",
+                "the same inputs at every step",
+            )
+        })?;
+        let pv = self.model.patch_tensor(rows)?;
+        let pass = self
+            .model
+            .vision
+            .begin_with_rows(&pv, &p.grids, self.vision_rows)?;
+        self.pass = Some((p.video, pass));
+        Ok(())
+    }
+
+    /// Embeds the prompt with the vision rows scattered in, and its rope tables: the decoder
+    /// stage starts.
+    fn start_text(&mut self, inputs: &ModelInputs, cache: &mut KvCache) -> Result<()> {
+        let image = cat(std::mem::take(&mut self.images))?;
+        let video = cat(std::mem::take(&mut self.videos))?;
+        let (x, cos, sin) = self.model.prefill_inputs(
+            &inputs.input_ids,
+            &inputs.positions,
+            image.as_ref(),
+            video.as_ref(),
+            cache,
+        )?;
+        self.text = Some(TextStage {
+            x,
+            cos,
+            sin,
+            next: 0,
+            pass: None,
+        });
+        Ok(())
     }
 
     /// Runs units until the prefill is complete (`true`) or `deadline` has passed after at
