@@ -432,41 +432,21 @@ pub fn http_download(
     kind: &str,
     out: &mut dyn std::io::Write,
 ) -> Result<u64> {
-    let name = shorten(url);
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(opts.timeout))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let secs = opts.timeout.as_secs_f64();
-    let timed_out = || {
-        Error::bad_input(
-            format!("{kind} URL {name} timed out after {secs} s"),
-            format!("a URL that answers within {secs} s"),
-        )
+    let d = Download {
+        kind,
+        name: shorten(url),
+        secs: opts.timeout.as_secs_f64(),
+        max_bytes,
     };
-    let too_big = |what: String| {
-        Error::bad_input(
-            what,
-            format!(
-                "{kind}s of at most {max_bytes} bytes ({} MiB)",
-                max_bytes >> 20
-            ),
-        )
-    };
-    let fail = |e: ureq::Error| -> Error {
-        match e {
-            ureq::Error::Timeout(_) => timed_out(),
-            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => timed_out(),
-            other => Error::bad_input(
-                format!("{kind} URL {name} could not be fetched: {other}"),
-                format!("a reachable http(s) URL of an {kind}"),
-            ),
-        }
-    };
+    let (name, fail) = (&d.name, |e: ureq::Error| d.failed(e));
     let mut resp = if opts.refuse_private_hosts {
         get_public_only(url, opts, kind, &fail)?
     } else {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(opts.timeout))
+            .http_status_as_error(false)
+            .build()
+            .into();
         agent.get(url).call().map_err(fail)?
     };
     let status = resp.status();
@@ -478,48 +458,10 @@ pub fn http_download(
     }
     if let Some(len) = resp.body().content_length() {
         if len > max_bytes {
-            return Err(too_big(format!(
-                "{kind} URL {name} is {len} bytes (Content-Length)"
-            )));
+            return Err(d.too_big(format!("{kind} URL {name} is {len} bytes (Content-Length)")));
         }
     }
-    // One byte over the cap is read so an oversized body is told apart from one that fits.
-    let mut reader = resp.body_mut().as_reader().take(max_bytes + 1);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        opts.interrupt
-            .check(&format!("downloading {kind} URL {name}"))?;
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(timed_out()),
-            Err(e) => {
-                // ureq reports its own errors (timeouts included) wrapped in io::Error.
-                return Err(
-                    match e.into_inner().map(|inner| inner.downcast::<ureq::Error>()) {
-                        Some(Ok(ue)) => fail(*ue),
-                        Some(Err(other)) => Error::bad_input(
-                            format!("{kind} URL {name} could not be read: {other}"),
-                            format!("a reachable http(s) URL of an {kind}"),
-                        ),
-                        None => Error::bad_input(
-                            format!("{kind} URL {name} could not be read"),
-                            format!("a reachable http(s) URL of an {kind}"),
-                        ),
-                    },
-                );
-            }
-        };
-        total += n as u64;
-        if total > max_bytes {
-            return Err(too_big(format!(
-                "{kind} URL {name} sent more than {max_bytes} bytes"
-            )));
-        }
-        out.write_all(&buf[..n]).map_err(Error::Io)?;
-    }
+    let total = d.copy_body(resp.body_mut().as_reader(), out, &opts.interrupt)?;
     if total == 0 {
         return Err(Error::bad_input(
             format!("{kind} URL {name} sent an empty body"),
@@ -527,6 +469,101 @@ pub fn http_download(
         ));
     }
     Ok(total)
+}
+
+/// One download, for its errors: what it fetches (`kind`, the shortened URL), its timeout in
+/// seconds and its size cap.
+struct Download<'a> {
+    kind: &'a str,
+    name: String,
+    secs: f64,
+    max_bytes: u64,
+}
+
+impl Download<'_> {
+    /// Streams the body into `out` (the job's [`Interrupt`] checked before every read),
+    /// refusing more than `max_bytes`; returns the byte count.
+    fn copy_body(
+        &self,
+        body: impl Read,
+        out: &mut dyn std::io::Write,
+        interrupt: &Interrupt,
+    ) -> Result<u64> {
+        let (kind, name, max_bytes) = (self.kind, &self.name, self.max_bytes);
+        // One byte over the cap is read so an oversized body is told apart from one that fits.
+        let mut reader = body.take(max_bytes + 1);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            interrupt.check(&format!("downloading {kind} URL {name}"))?;
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.read_failed(e)),
+            };
+            total += n as u64;
+            if total > max_bytes {
+                return Err(self.too_big(format!(
+                    "{kind} URL {name} sent more than {max_bytes} bytes"
+                )));
+            }
+            out.write_all(&buf[..n]).map_err(Error::Io)?;
+        }
+        Ok(total)
+    }
+
+    fn timed_out(&self) -> Error {
+        let (kind, name, secs) = (self.kind, &self.name, self.secs);
+        Error::bad_input(
+            format!("{kind} URL {name} timed out after {secs} s"),
+            format!("a URL that answers within {secs} s"),
+        )
+    }
+
+    fn too_big(&self, what: String) -> Error {
+        let (kind, max_bytes) = (self.kind, self.max_bytes);
+        Error::bad_input(
+            what,
+            format!(
+                "{kind}s of at most {max_bytes} bytes ({} MiB)",
+                max_bytes >> 20
+            ),
+        )
+    }
+
+    /// A request that failed (connecting, sending, the headers).
+    fn failed(&self, e: ureq::Error) -> Error {
+        let (kind, name) = (self.kind, &self.name);
+        match e {
+            ureq::Error::Timeout(_) => self.timed_out(),
+            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => self.timed_out(),
+            other => Error::bad_input(
+                format!("{kind} URL {name} could not be fetched: {other}"),
+                format!("a reachable http(s) URL of an {kind}"),
+            ),
+        }
+    }
+
+    /// A body read that failed: ureq reports its own errors (timeouts included) wrapped in
+    /// `io::Error`.
+    fn read_failed(&self, e: std::io::Error) -> Error {
+        let (kind, name) = (self.kind, &self.name);
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            return self.timed_out();
+        }
+        match e.into_inner().map(|inner| inner.downcast::<ureq::Error>()) {
+            Some(Ok(ue)) => self.failed(*ue),
+            Some(Err(other)) => Error::bad_input(
+                format!("{kind} URL {name} could not be read: {other}"),
+                format!("a reachable http(s) URL of an {kind}"),
+            ),
+            None => Error::bad_input(
+                format!("{kind} URL {name} could not be read"),
+                format!("a reachable http(s) URL of an {kind}"),
+            ),
+        }
+    }
 }
 
 /// Most redirects followed by hand when [`FetchOptions::refuse_private_hosts`] is on.
@@ -745,6 +782,10 @@ mod tests {
     use super::*;
     use crate::processing::test_util::bad;
 
+    fn uri(s: impl Into<String>) -> ImageSource {
+        ImageSource::Uri(s.into())
+    }
+
     #[test]
     fn public_ips() {
         let public = |s: &str| is_public_ip(s.parse().unwrap());
@@ -872,25 +913,17 @@ mod tests {
             ..Default::default()
         };
         assert!(bad(fetch(&b, &small, None)).0.contains("3 bytes"));
-        let d = ImageSource::Uri("data:image/png;base64,aGVsbG8=".into());
+        let d = uri("data:image/png;base64,aGVsbG8=");
         let f = fetch(&d, &o, None).unwrap();
         assert_eq!(&*f.bytes, b"hello");
         assert_eq!(f.origin, "data: URI (5 bytes)");
-        let (what, _) = bad(fetch(
-            &ImageSource::Uri("data:image/png;base64,".into()),
-            &o,
-            None,
-        ));
+        let (what, _) = bad(fetch(&uri("data:image/png;base64,"), &o, None));
         assert!(what.contains("empty payload"), "{what}");
-        let (what, allowed) = bad(fetch(
-            &ImageSource::Uri("https://example.com/cat.png".into()),
-            &o,
-            None,
-        ));
+        let (what, allowed) = bad(fetch(&uri("https://example.com/cat.png"), &o, None));
         assert!(what.contains("https://example.com/cat.png"), "{what}");
         assert!(what.contains("disabled"), "{what}");
         assert!(allowed.contains("allow_remote"), "{allowed}");
-        let (what, _) = bad(fetch(&ImageSource::Uri(String::new()), &o, None));
+        let (what, _) = bad(fetch(&uri(""), &o, None));
         assert!(what.contains("empty"), "{what}");
     }
 
@@ -906,34 +939,26 @@ mod tests {
             format!("file://{abs}"),
             format!("file://{}", abs.replace(' ', "%20")),
         ] {
-            let src = ImageSource::Uri(s.clone());
+            let src = uri(s.clone());
             let f = fetch(&src, &o, None).unwrap();
             assert_eq!(&*f.bytes, b"xyz", "{s}");
         }
         // Relative to base_dir, with and without file://.
         for s in ["a b.bin", "file://a b.bin"] {
-            let src = ImageSource::Uri(s.into());
+            let src = uri(s);
             let f = fetch(&src, &o, Some(&dir)).unwrap();
             assert_eq!(&*f.bytes, b"xyz", "{s}");
         }
-        let (what, _) = bad(fetch(
-            &ImageSource::Uri("file:///nonexistent/q/pic.png".into()),
-            &o,
-            None,
-        ));
+        let (what, _) = bad(fetch(&uri("file:///nonexistent/q/pic.png"), &o, None));
         assert!(what.contains("/nonexistent/q/pic.png"), "{what}");
         assert!(what.contains("does not exist"), "{what}");
-        let (what, _) = bad(fetch(
-            &ImageSource::Uri(dir.display().to_string()),
-            &o,
-            None,
-        ));
+        let (what, _) = bad(fetch(&uri(dir.display().to_string()), &o, None));
         assert!(what.contains("not a file"), "{what}");
         let tiny = FetchOptions {
             max_bytes: 2,
             ..Default::default()
         };
-        let (what, allowed) = bad(fetch(&ImageSource::Uri(abs), &tiny, None));
+        let (what, allowed) = bad(fetch(&uri(abs), &tiny, None));
         assert!(what.contains("3 bytes"), "{what}");
         assert!(allowed.contains("at most 2 bytes"), "{allowed}");
         std::fs::remove_dir_all(&dir).unwrap();

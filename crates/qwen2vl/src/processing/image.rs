@@ -63,6 +63,21 @@ fn too_large(w: u32, h: u32) -> Error {
     )
 }
 
+/// Refuses a size a header declares over [`MAX_DECODE_SIDE`] / [`MAX_DECODE_PIXELS`], or with
+/// a zero side, before anything is allocated for its pixels.
+fn check_header_size(w: u32, h: u32) -> Result<()> {
+    if w > MAX_DECODE_SIDE || h > MAX_DECODE_SIDE || w as u64 * h as u64 > MAX_DECODE_PIXELS {
+        return Err(too_large(w, h));
+    }
+    if w == 0 || h == 0 {
+        return Err(Error::bad_input(
+            format!("image is {w}x{h} pixels"),
+            "a width and height of at least 1 pixel",
+        ));
+    }
+    Ok(())
+}
+
 /// The error for an image crate failure while reading a `format` file.
 fn decode_error(format: ImageFormat, e: image::ImageError) -> Error {
     match e {
@@ -111,15 +126,7 @@ fn probe(bytes: &[u8]) -> Result<(ImageFormat, u32, u32)> {
     let (w, h) = reader
         .into_dimensions()
         .map_err(|e| decode_error(format, e))?;
-    if w > MAX_DECODE_SIDE || h > MAX_DECODE_SIDE || w as u64 * h as u64 > MAX_DECODE_PIXELS {
-        return Err(too_large(w, h));
-    }
-    if w == 0 || h == 0 {
-        return Err(Error::bad_input(
-            format!("image is {w}x{h} pixels"),
-            "a width and height of at least 1 pixel",
-        ));
-    }
+    check_header_size(w, h)?;
     Ok((format, w, h))
 }
 
@@ -168,7 +175,7 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
 /// progressive, grayscale and CMYK files when linked against Debian's libjpeg-turbo 2.1.5.
 #[cfg(feature = "libjpeg")]
 mod libjpeg {
-    use super::{too_large, MAX_DECODE_PIXELS, MAX_DECODE_SIDE};
+    use super::check_header_size;
     use crate::{Error, Result};
     use image::RgbImage;
     use std::os::raw::{c_char, c_int, c_uint};
@@ -229,15 +236,7 @@ mod libjpeg {
         if rc != 0 {
             return Err(corrupt(&msg));
         }
-        if w > MAX_DECODE_SIDE || h > MAX_DECODE_SIDE || w as u64 * h as u64 > MAX_DECODE_PIXELS {
-            return Err(too_large(w, h));
-        }
-        if w == 0 || h == 0 {
-            return Err(Error::bad_input(
-                format!("image is {w}x{h} pixels"),
-                "a width and height of at least 1 pixel",
-            ));
-        }
+        check_header_size(w, h)?;
         let n = w as usize * h as usize;
         let mut px = vec![0u8; n * comps as usize];
         // SAFETY: `px` holds exactly `out_len` bytes; see above.
@@ -616,7 +615,8 @@ pub fn patchify(
 mod tests {
     use super::*;
     use crate::processing::test_util::{
-        bad, is_bad_input, resize_cases as cases, resize_fixture_dir as fixture_dir,
+        bad, is_bad_input, max_abs_diff, resize_cases as cases, resize_fixture_dir as fixture_dir,
+        usizes,
     };
 
     #[test]
@@ -805,12 +805,7 @@ mod tests {
                 item["max_pixels"].as_u64(),
             )
             .unwrap();
-            let grid: Vec<usize> = case["grid_thw"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as usize)
-                .collect();
+            let grid = usizes(&case["grid_thw"]);
             assert_eq!(out.grid_thw.to_vec(), grid, "{}", case["name"]);
             let bytes = std::fs::read(dir.join(case["pixel_values"].as_str().unwrap())).unwrap();
             let want: Vec<f32> = bytes
@@ -823,12 +818,7 @@ mod tests {
                 (shape[0].as_u64().unwrap() * shape[1].as_u64().unwrap()) as usize
             );
             assert_eq!(out.pixel_values.len(), want.len());
-            let d = out
-                .pixel_values
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let d = max_abs_diff(&out.pixel_values, &want);
             println!(
                 "{}: grid {:?}, resized {:?}, pixel_values max abs diff {d:e}",
                 case["name"], out.grid_thw, out.resized_hw

@@ -27,3 +27,20 @@ pub(crate) fn resize_cases() -> serde_json::Value {
     let p = resize_fixture_dir().join("cases.json");
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
+
+/// A JSON array of whole numbers (a fixture's indices, grid or size).
+pub(crate) fn usizes(v: &serde_json::Value) -> Vec<usize> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect()
+}
+
+/// The largest `|a - b|` over two equally long runs of values.
+pub(crate) fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+}

@@ -692,7 +692,7 @@ mod decode;
 mod tests {
     use super::*;
     use crate::ops::resize_torch::resize_bicubic_aa;
-    use crate::processing::test_util::bad;
+    use crate::processing::test_util::{bad, max_abs_diff, usizes};
     use std::path::PathBuf;
 
     fn dir() -> PathBuf {
@@ -835,24 +835,9 @@ mod tests {
             let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
             let got =
                 preprocess_video(&part, &cfg, &FetchOptions::default(), Some(&dir())).unwrap();
-            let want_idx: Vec<usize> = case["frame_indices"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as usize)
-                .collect();
-            let want_grid: Vec<usize> = case["grid_thw"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as usize)
-                .collect();
-            let want_hw: Vec<usize> = case["resized_hw"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as usize)
-                .collect();
+            let want_idx = usizes(&case["frame_indices"]);
+            let want_grid = usizes(&case["grid_thw"]);
+            let want_hw = usizes(&case["resized_hw"]);
             assert_eq!(got.grid_thw.to_vec(), want_grid, "{name}: grid");
             assert_eq!(
                 vec![got.resized_hw.0, got.resized_hw.1],
@@ -925,12 +910,7 @@ mod tests {
             let mut worst_pv = f32::NAN;
             if st.tensor("pixel_values_videos").is_ok() {
                 let want = f32s(&st, "pixel_values_videos");
-                worst_pv = got
-                    .pixel_values
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                worst_pv = max_abs_diff(&got.pixel_values, &want);
             }
             eprintln!(
                 "{name}: decode mismatches {} (max {}), resize mismatches {} of {} (max {}), \
@@ -973,12 +953,7 @@ mod tests {
             let mut part = VideoPart::new(dir().join(file).to_string_lossy().to_string());
             part.nframes = Some(4);
             let (frames, idx, fps) = decode_sampled_frames(&dir().join(file), &part).unwrap();
-            let want_idx: Vec<usize> = f["frame_indices"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as usize)
-                .collect();
+            let want_idx = usizes(&f["frame_indices"]);
             assert_eq!(idx, want_idx, "{file}");
             let want_fps =
                 4.0 / f["total_frames"].as_f64().unwrap() * f["video_fps"].as_f64().unwrap();
