@@ -257,7 +257,7 @@ impl LayerPass<'_> {
         let x = self.x.narrow(0, rows.start, rows.len())?;
         if attend {
             let (Some(q), Some((k, v))) = (&self.q, &self.kv) else {
-                return Err(Error::Weights("layer pass: attention before q/k/v".into()));
+                return Err(Error::Internal("layer pass: attention before q/k/v".into()));
             };
             let q = q.narrow(0, rows.start, rows.len())?;
             let out = self.layer.attend_rows(&x, &q, k, v, self.past, &rows)?;
@@ -277,7 +277,7 @@ impl LayerPass<'_> {
             let [q, k, v] = std::mem::take(&mut self.qkv_parts).map(cat_rows);
             let (k, v) = (k?.transpose(0, 1)?, v?.transpose(0, 1)?); // (kv, T, hd)
             if cache.len() != self.past {
-                return Err(Error::Weights(
+                return Err(Error::Internal(
                     "layer pass: the cache changed during the pass".into(),
                 ));
             }
@@ -303,14 +303,14 @@ impl LayerPass<'_> {
         while !self.step(cache)? {}
         self.result
             .take()
-            .ok_or_else(|| Error::Weights("layer pass ended without output".into()))
+            .ok_or_else(|| Error::Internal("layer pass ended without output".into()))
     }
 }
 
 /// Row parts joined (one part as is).
 fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
     match parts.len() {
-        0 => Err(Error::Weights("layer pass: no rows".into())),
+        0 => Err(Error::Internal("layer pass: no rows".into())),
         1 => Ok(parts.pop().expect("one part")),
         _ => Ok(Tensor::cat(&parts, 0)?),
     }
@@ -404,7 +404,7 @@ impl TextModel {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         if caches.len() != b {
-            return Err(Error::Weights(format!(
+            return Err(Error::Internal(format!(
                 "{} caches for a batch of {b}",
                 caches.len()
             )));
@@ -445,7 +445,7 @@ impl TextModel {
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor> {
         let l = self.layers.get(layer).ok_or_else(|| {
-            Error::Weights(format!(
+            Error::Internal(format!(
                 "decoder layer {layer} of {} does not exist",
                 self.layers.len()
             ))
@@ -476,14 +476,14 @@ impl TextModel {
         rows: Option<usize>,
     ) -> Result<LayerPass<'_>> {
         let l = self.layers.get(layer).ok_or_else(|| {
-            Error::Weights(format!(
+            Error::Internal(format!(
                 "decoder layer {layer} of {} does not exist",
                 self.layers.len()
             ))
         })?;
         let (b, t, _) = x.dims3()?;
         if b != 1 || cos.dims3()?.0 != 1 || sin.dims3()?.0 != 1 {
-            return Err(Error::Weights(format!(
+            return Err(Error::Internal(format!(
                 "a layer pass runs one sequence, not {b}"
             )));
         }

@@ -565,7 +565,7 @@ impl VisionPass<'_> {
     pub fn finish(mut self) -> Result<Tensor> {
         while !self.step()? {}
         self.out.take().ok_or_else(|| {
-            Error::Weights("the vision pass ended without the merger's output".into())
+            Error::Internal("the vision pass ended without the merger's output".into())
         })
     }
 
@@ -667,7 +667,7 @@ fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
 
 /// A pass used out of order (not reachable through the public API).
 fn stage_error(what: &str) -> Error {
-    Error::Weights(format!("vision pass: {what} missing at this stage"))
+    Error::Internal(format!("vision pass: {what} missing at this stage"))
 }
 
 impl PatchEmbed {

@@ -416,7 +416,7 @@ impl Qwen2VL {
     ) -> Result<Tensor> {
         let b = tokens.len();
         if rope_deltas.len() != b || caches.len() != b {
-            return Err(Error::Weights(format!(
+            return Err(Error::Internal(format!(
                 "decode batch mismatch: {b} tokens, {} deltas, {} caches",
                 rope_deltas.len(),
                 caches.len()

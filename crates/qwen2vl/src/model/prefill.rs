@@ -283,7 +283,7 @@ impl<'m> PrefillJob<'m> {
     pub fn finish(self) -> Result<(Tensor, f64, f64)> {
         match self.logits {
             Some(l) => Ok((l, self.vision_ms, self.prefill_ms)),
-            None => Err(Error::Weights(
+            None => Err(Error::Internal(
                 "the prefill was taken before it was complete".into(),
             )),
         }

@@ -139,7 +139,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
 fn cpu(s: &candle_core::Storage) -> Result<&CpuStorage> {
     match s {
         candle_core::Storage::Cpu(c) => Ok(c),
-        _ => Err(crate::Error::Weights(
+        _ => Err(crate::Error::Internal(
             "layer_norm fast path needs CPU storage".into(),
         )),
     }
