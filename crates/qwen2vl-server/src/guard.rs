@@ -136,79 +136,88 @@ fn is_json(content_type: &HeaderValue) -> bool {
 /// and reads the body within the server's body deadline (408 beyond) and size limit (413
 /// beyond) before the handler sees it.
 pub async fn json_body(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    match req.headers().get(header::CONTENT_TYPE) {
-        Some(ct) if is_json(ct) => {}
-        other => {
-            let got = match other {
-                Some(v) => format!("Content-Type {:?}", v.to_str().unwrap_or("(not text)")),
-                None => "no Content-Type".to_string(),
-            };
-            return ApiError::client(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!(
-                    "the request body must be JSON; got {got}; allowed: Content-Type: \
-                     application/json (optionally with ; charset=utf-8)"
-                ),
-            )
-            .into_response();
-        }
+    if let Err(e) = check_json_type(req.headers().get(header::CONTENT_TYPE)) {
+        return e.into_response();
     }
-    let limit = st.config.limits.max_body_bytes;
-    let too_large = || {
-        ApiError::client(
+    let (parts, body) = req.into_parts();
+    let limits = &st.config.limits;
+    match read_body(body, limits.max_body_bytes, st.config.body_read_timeout).await {
+        Ok(bytes) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The 415 for a body that is not declared JSON.
+fn check_json_type(content_type: Option<&HeaderValue>) -> Result<(), ApiError> {
+    let got = match content_type {
+        Some(ct) if is_json(ct) => return Ok(()),
+        Some(v) => format!("Content-Type {:?}", v.to_str().unwrap_or("(not text)")),
+        None => "no Content-Type".to_string(),
+    };
+    Err(ApiError::client(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        format!(
+            "the request body must be JSON; got {got}; allowed: Content-Type: \
+             application/json (optionally with ; charset=utf-8)"
+        ),
+    ))
+}
+
+/// Why a body was not read.
+enum BodyError {
+    /// Over the limit (the 413).
+    TooLarge,
+    /// The connection failed while reading it.
+    Read(String),
+}
+
+/// The whole body, within `limit` bytes and `deadline`.
+async fn read_body(body: Body, limit: usize, deadline: Duration) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(deadline, read_within(body, limit)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(BodyError::TooLarge)) => Err(ApiError::client(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("the request body is too large; allowed: at most {limit} bytes"),
-        )
-        .into_response()
-    };
-    let (parts, body) = req.into_parts();
-    let deadline = st.config.body_read_timeout;
-    let read = async {
-        let mut stream = body.into_data_stream();
-        let mut buf: Vec<u8> = Vec::new();
-        let mut over = 0usize;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| Some(e.to_string()))?;
-            if over > 0 || buf.len() + chunk.len() > limit {
-                // Over the limit: the rest is read and dropped (a little of it, so that the
-                // client, still writing, gets to read the 413 rather than a reset).
-                over += chunk.len();
-                if over > DRAIN_AFTER_LIMIT {
-                    break;
-                }
-                continue;
+        )),
+        Ok(Err(BodyError::Read(e))) => Err(ApiError::client(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the request body: {e}"),
+        )),
+        Err(_) => Err(ApiError::client(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body was not received within {}; allowed: a whole body \
+                 within the server's --body-read-timeout",
+                secs(deadline)
+            ),
+        )),
+    }
+}
+
+/// Reads the body; past `limit` bytes the rest is read and dropped (a little of it, so that
+/// the client, still writing, gets to read the 413 rather than a reset).
+async fn read_within(body: Body, limit: usize) -> Result<Bytes, BodyError> {
+    let mut stream = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut over = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| BodyError::Read(e.to_string()))?;
+        if over > 0 || buf.len() + chunk.len() > limit {
+            over += chunk.len();
+            if over > DRAIN_AFTER_LIMIT {
+                break;
             }
-            buf.extend_from_slice(&chunk);
+            continue;
         }
-        if over > 0 {
-            return Err(None::<String>);
-        }
-        Ok(Bytes::from(buf))
-    };
-    let bytes = match tokio::time::timeout(deadline, read).await {
-        Ok(Ok(b)) => b,
-        Ok(Err(None)) => return too_large(),
-        Ok(Err(Some(e))) => {
-            return ApiError::client(
-                StatusCode::BAD_REQUEST,
-                format!("cannot read the request body: {e}"),
-            )
-            .into_response()
-        }
-        Err(_) => {
-            return ApiError::client(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "the request body was not received within {}; allowed: a whole body \
-                     within the server's --body-read-timeout",
-                    secs(deadline)
-                ),
-            )
-            .into_response()
-        }
-    };
-    next.run(Request::from_parts(parts, Body::from(bytes)))
-        .await
+        buf.extend_from_slice(&chunk);
+    }
+    if over > 0 {
+        return Err(BodyError::TooLarge);
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn secs(d: Duration) -> String {

@@ -386,6 +386,16 @@ fn special_tokens_typed_by_a_user_stay_text() {
     assert!(with_specials > base + 15, "{base} vs {with_specials}");
 }
 
+/// The greedy answer (16 tokens at most) to the prompt of the stop-string tests, which pick
+/// their stop strings from it.
+fn stop_test_answer(addr: SocketAddr) -> String {
+    let full = post(addr, &greedy(user("Stop test"), 16)).json();
+    full["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 #[test]
 fn logprobs_n_seed_and_stop() {
     let addr = start(ServerConfig::default());
@@ -422,11 +432,7 @@ fn logprobs_n_seed_and_stop() {
     assert_eq!(again["choices"], v["choices"]);
 
     // A stop string cuts the answer before it.
-    let full = post(addr, &greedy(user("Stop test"), 16)).json();
-    let text = full["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let text = stop_test_answer(addr);
     let chars: Vec<char> = text.chars().collect();
     if chars.len() >= 6 {
         let stop: String = chars[3..5].iter().collect();
@@ -452,11 +458,7 @@ fn logprobs_n_seed_and_stop() {
 #[test]
 fn stop_strings_cut_every_choice_streamed_or_not() {
     let addr = start(ServerConfig::default());
-    let full = post(addr, &greedy(user("Stop test"), 16)).json();
-    let text = full["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let text = stop_test_answer(addr);
     let chars: Vec<char> = text.chars().collect();
     assert!(chars.len() >= 8, "the answer is too short: {text:?}");
     // A stop string of several characters (spanning tokens), and one that never occurs.
