@@ -1,5 +1,5 @@
 //! `GET /openapi.json`: the OpenAPI 3.0 document of this API (`openapi.json` beside this
-//! file, compiled in). It describes what the handlers do: the request fields `request.rs`
+//! file, compiled in). It describes what the handlers do: the request fields `request/`
 //! reads, the response types of `openai.rs`, the SSE stream of `chat.rs` and the error shape
 //! of `error.rs`, with every status a route answers. Schema-driven fuzzing
 //! (`tools/e2e/schemathesis_test.sh`) checks the running server against it.
