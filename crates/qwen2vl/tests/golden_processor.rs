@@ -39,36 +39,13 @@ fn processor_matches_reference() {
             case.grids("image_grid_thw"),
             "case {name}: grids"
         );
-        if case.has("pixel_values") {
-            let want = case.f32s("pixel_values");
-            let d = common::max_abs_diff(&inputs.pixel_values, &want);
-            println!(
-                "{name}: pixel_values max abs diff {d:e} over {} values",
-                want.len()
-            );
-            assert!(d <= 1e-5, "case {name}: pixel_values max abs diff {d}");
-        } else {
-            assert!(inputs.pixel_values.is_empty());
-        }
+        check_pixels(&case, "pixel_values", &inputs.pixel_values);
         assert_eq!(
             inputs.video_grid_thw,
             case.grids("video_grid_thw"),
             "case {name}: video grids"
         );
-        if case.has("pixel_values_videos") {
-            let want = case.f32s("pixel_values_videos");
-            let d = common::max_abs_diff(&inputs.pixel_values_videos, &want);
-            println!(
-                "{name}: pixel_values_videos max abs diff {d:e} over {} values",
-                want.len()
-            );
-            assert!(
-                d <= 1e-5,
-                "case {name}: pixel_values_videos max abs diff {d}"
-            );
-        } else {
-            assert!(inputs.pixel_values_videos.is_empty());
-        }
+        check_pixels(&case, "pixel_values_videos", &inputs.pixel_values_videos);
         if case.has("resized_hw") {
             let hw: Vec<(usize, usize)> = case
                 .i64s("resized_hw")
@@ -87,6 +64,22 @@ fn processor_matches_reference() {
                 "case {name}: positions"
             );
         }
+    }
+}
+
+/// `got` against the case's tensor `key` within 1e-5, or empty when the case has none.
+fn check_pixels(case: &common::Case, key: &str, got: &[f32]) {
+    let name = &case.name;
+    if case.has(key) {
+        let want = case.f32s(key);
+        let d = common::max_abs_diff(got, &want);
+        println!(
+            "{name}: {key} max abs diff {d:e} over {} values",
+            want.len()
+        );
+        assert!(d <= 1e-5, "case {name}: {key} max abs diff {d}");
+    } else {
+        assert!(got.is_empty(), "case {name}: {key} should be empty");
     }
 }
 

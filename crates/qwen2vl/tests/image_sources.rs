@@ -6,8 +6,7 @@ mod common;
 
 use common::{bad_input as bad, tiny_processor as processor};
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -32,48 +31,27 @@ fn one_image(source: ImageSource) -> Vec<Message> {
     ])]
 }
 
-/// A loopback HTTP/1.1 server on its own thread: `/img.png` → `body`, `/empty` → 200 with no
-/// body, `/big` → a Content-Length of 1 GiB, anything else → 404. Serves `n` connections.
+/// A loopback HTTP/1.1 server ([`common::serve_http`]): `/img.png` → `body`, `/empty` → 200
+/// with no body, `/big` → a Content-Length of 1 GiB, anything else → 404. Serves `n`
+/// connections.
 fn serve(body: Vec<u8>, n: usize) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(n) {
-            let Ok(mut s) = stream else { continue };
-            let _ = answer(&mut s, &body);
-        }
-    });
-    format!("http://{addr}")
-}
-
-fn answer(s: &mut TcpStream, body: &[u8]) -> std::io::Result<()> {
-    let mut req = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-        let k = s.read(&mut buf)?;
-        if k == 0 {
-            return Ok(());
-        }
-        req.extend_from_slice(&buf[..k]);
-    }
-    let line = String::from_utf8_lossy(&req);
-    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-    let (status, headers, payload): (&str, String, &[u8]) = match path.as_str() {
+    common::serve_http(n, move |path| match path {
         "/img.png" => (
             "200 OK",
             format!(
                 "Content-Type: image/png\r\nContent-Length: {}\r\n",
                 body.len()
             ),
-            body,
+            body.clone(),
         ),
-        "/empty" => ("200 OK", "Content-Length: 0\r\n".into(), &[]),
-        "/big" => ("200 OK", format!("Content-Length: {}\r\n", 1u64 << 30), &[]),
-        _ => ("404 Not Found", "Content-Length: 0\r\n".into(), &[]),
-    };
-    write!(s, "HTTP/1.1 {status}\r\n{headers}Connection: close\r\n\r\n")?;
-    s.write_all(payload)?;
-    s.flush()
+        "/empty" => ("200 OK", "Content-Length: 0\r\n".into(), vec![]),
+        "/big" => (
+            "200 OK",
+            format!("Content-Length: {}\r\n", 1u64 << 30),
+            vec![],
+        ),
+        _ => ("404 Not Found", "Content-Length: 0\r\n".into(), vec![]),
+    })
 }
 
 #[test]

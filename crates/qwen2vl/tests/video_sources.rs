@@ -7,8 +7,6 @@ mod common;
 
 use common::{bad_input as bad, tiny_processor as processor};
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::path::PathBuf;
 
 use base64::Engine as _;
@@ -39,39 +37,19 @@ fn remote() -> ProcessOptions {
     }
 }
 
-/// A loopback HTTP/1.1 server: `/clip.mp4` (any query) → `body`, anything else → 404.
-/// Serves `n` connections.
+/// A loopback HTTP/1.1 server ([`common::serve_http`]): `/clip.mp4` (any query) → `body`,
+/// anything else → 404. Serves `n` connections.
 fn serve(body: Vec<u8>, n: usize) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(n) {
-            let Ok(mut s) = stream else { continue };
-            let mut req = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => req.extend_from_slice(&buf[..k]),
-                }
-            }
-            let line = String::from_utf8_lossy(&req).into_owned();
-            let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-            let ok = path.split('?').next() == Some("/clip.mp4");
-            let (status, payload): (&str, &[u8]) = if ok {
-                ("200 OK", &body)
-            } else {
-                ("404 Not Found", &[])
-            };
-            let _ = write!(
-                s,
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                payload.len()
-            );
-            let _ = s.write_all(payload);
-        }
-    });
-    format!("http://{addr}")
+    common::serve_http(n, move |path| {
+        let ok = path.split('?').next() == Some("/clip.mp4");
+        let payload = if ok { body.clone() } else { vec![] };
+        let status = if ok { "200 OK" } else { "404 Not Found" };
+        (
+            status,
+            format!("Content-Length: {}\r\n", payload.len()),
+            payload,
+        )
+    })
 }
 
 /// Our temporary video files still on disk.

@@ -196,3 +196,46 @@ impl ReferencePrompt {
         (logits, cache)
     }
 }
+
+/// A loopback HTTP/1.1 server on its own thread, for `n` connections: each request's path
+/// (query included) goes to `route`, which gives the status (`"200 OK"`), header lines (each
+/// ending in `\r\n`) and the body; every answer closes its connection. Returns
+/// `http://127.0.0.1:PORT`.
+pub fn serve_http<F>(n: usize, route: F) -> String
+where
+    F: Fn(&str) -> (&'static str, String, Vec<u8>) + Send + 'static,
+{
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(n) {
+            let Ok(mut s) = stream else { continue };
+            let _ = answer_http(&mut s, &route);
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Reads one request's head and writes `route`'s answer (nothing when the client hangs up
+/// first).
+fn answer_http<F>(s: &mut std::net::TcpStream, route: &F) -> std::io::Result<()>
+where
+    F: Fn(&str) -> (&'static str, String, Vec<u8>),
+{
+    use std::io::{Read, Write};
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        let k = s.read(&mut buf)?;
+        if k == 0 {
+            return Ok(());
+        }
+        req.extend_from_slice(&buf[..k]);
+    }
+    let line = String::from_utf8_lossy(&req);
+    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let (status, headers, body) = route(path);
+    write!(s, "HTTP/1.1 {status}\r\n{headers}Connection: close\r\n\r\n")?;
+    s.write_all(&body)?;
+    s.flush()
+}
