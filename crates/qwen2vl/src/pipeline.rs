@@ -250,7 +250,7 @@ impl Pipeline {
     ) -> Result<Generation> {
         self.validate_request(req)?;
         let start = Instant::now();
-        let inputs = self.prepare(req)?;
+        let mut inputs = self.prepare(req)?;
         let preprocess_ms = ms(start);
         let n = inputs.input_ids.len();
         let max_new = self.max_new_for(n, req.max_new_tokens)?;
@@ -282,15 +282,8 @@ impl Pipeline {
                 )?
                 .squeeze(0)?;
         }
-        let prompt = PromptInfo {
-            prompt_tokens: n,
-            image_tokens: inputs.image_tokens(),
-            video_tokens: inputs.video_tokens(),
-            images: inputs.images,
-            videos: inputs.videos,
-        };
         Ok(seq.into_generation(
-            prompt,
+            PromptInfo::take_from(&mut inputs),
             start,
             PrefillTimings {
                 preprocess_ms,

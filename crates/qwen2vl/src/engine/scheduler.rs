@@ -579,14 +579,8 @@ impl<'p> Scheduler<'p> {
                 return;
             }
         };
-        let inputs = prepared.inputs;
-        let prompt = PromptInfo {
-            prompt_tokens: inputs.input_ids.len(),
-            image_tokens: inputs.image_tokens(),
-            video_tokens: inputs.video_tokens(),
-            images: inputs.images,
-            videos: inputs.videos,
-        };
+        let mut inputs = prepared.inputs;
+        let prompt = PromptInfo::take_from(&mut inputs);
         {
             let mut st = self.shared.lock();
             st.stats.prompt_tokens_total += prompt.prompt_tokens as u64;

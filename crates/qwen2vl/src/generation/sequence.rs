@@ -14,7 +14,7 @@ use crate::generation::answer::{Generation, Timings, TokenLogprob, TopLogprob, U
 use crate::generation::detok::IncrementalDecoder;
 use crate::generation::sampler::{Sampler, SamplingParams};
 use crate::generation::stop::{FinishReason, StopCriteria, StopReason, StopStringFilter};
-use crate::inputs::{ImageInfo, VideoInfo};
+use crate::inputs::{ImageInfo, ModelInputs, VideoInfo};
 use crate::processing::tokenizer::Qwen2Tokenizer;
 
 /// What one [`Sequence::push_logits`] produced.
@@ -46,6 +46,20 @@ pub struct PromptInfo {
     pub images: Vec<ImageInfo>,
     /// Per-video details.
     pub videos: Vec<VideoInfo>,
+}
+
+impl PromptInfo {
+    /// What the answer reports about the prompt of `inputs` (which give up their image and
+    /// video details; their tensors stay).
+    pub fn take_from(inputs: &mut ModelInputs) -> Self {
+        PromptInfo {
+            prompt_tokens: inputs.input_ids.len(),
+            image_tokens: inputs.image_tokens(),
+            video_tokens: inputs.video_tokens(),
+            images: std::mem::take(&mut inputs.images),
+            videos: std::mem::take(&mut inputs.videos),
+        }
+    }
 }
 
 /// Milliseconds spent before the first token (the parts a sequence does not see itself).
