@@ -227,23 +227,7 @@ fn fetch_uri<'a>(s: &str, opts: &FetchOptions, base_dir: Option<&Path>) -> Resul
     }
     match Location::parse(s) {
         Location::Path(p) => {
-            let is_file_url = s.len() > p.len();
-            let path = resolve(Path::new(p), base_dir);
-            let path = if is_file_url && !path.exists() && p.contains('%') {
-                // file:///tmp/a%20b.png: the reference strips the scheme only; an escaped
-                // path is tried when the literal one does not exist.
-                match percent_decode(p)
-                    .ok()
-                    .and_then(|b| String::from_utf8(b).ok())
-                {
-                    Some(d) if resolve(Path::new(&d), base_dir).exists() => {
-                        resolve(Path::new(&d), base_dir)
-                    }
-                    _ => path,
-                }
-            } else {
-                path
-            };
+            let path = image_path(p, s.len() > p.len(), base_dir);
             let bytes = read_file(&path, opts.max_bytes)?;
             Ok(Fetched {
                 bytes: Cow::Owned(bytes),
@@ -282,6 +266,24 @@ fn fetch_uri<'a>(s: &str, opts: &FetchOptions, base_dir: Option<&Path>) -> Resul
                 origin: shorten(url),
             })
         }
+    }
+}
+
+/// Where an image source's path `p` (the whole source, or what follows `file://` when
+/// `is_file_url`) is: [`resolve`]d, and for a `file://` URL whose literal path does not exist,
+/// its %-escapes decoded when that path exists (the reference strips the scheme only, so
+/// `file:///tmp/a%20b.png` would fail there).
+fn image_path(p: &str, is_file_url: bool, base_dir: Option<&Path>) -> PathBuf {
+    let path = resolve(Path::new(p), base_dir);
+    if !is_file_url || path.exists() || !p.contains('%') {
+        return path;
+    }
+    match percent_decode(p)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+    {
+        Some(d) if resolve(Path::new(&d), base_dir).exists() => resolve(Path::new(&d), base_dir),
+        _ => path,
     }
 }
 
