@@ -282,8 +282,8 @@ impl Sampler {
     }
 }
 
-/// 3. Top-k: the candidates are every token >= the k-th largest score (ties kept), with their
-/// softmax probabilities among themselves (`m` is the largest score). `vals` is scratch.
+/// Step 3, top-k: the candidates are every token >= the k-th largest score (ties kept), with
+/// their softmax probabilities among themselves (`m` is the largest score). `vals` is scratch.
 fn top_k_probs(scores: &[f32], vals: &mut Vec<f32>, k: usize, m: f32) -> Vec<(u32, f64)> {
     vals.clear();
     vals.extend_from_slice(scores);
