@@ -27,6 +27,8 @@ use crate::config::PreprocessorConfig;
 use crate::ops::resize::resize_bicubic;
 use crate::{Error, Result};
 
+use crate::processing::sizes::{fetch_image_size, processor_size};
+
 // The size rules live in `sizes.rs`; re-exported here, where callers look for an image's.
 pub use crate::processing::sizes::{
     smart_resize, smart_resize_transformers, IMAGE_FACTOR, MAX_PIXELS, MAX_RATIO, MIN_PIXELS,
@@ -387,15 +389,7 @@ pub fn preprocess_image(
     max_pixels: Option<u64>,
 ) -> Result<PreprocessedImage> {
     let (h, w) = (img.height() as usize, img.width() as usize);
-    // qwen-vl-utils uses its IMAGE_FACTOR (28); the config's factor is the same number for
-    // every Qwen2-VL checkpoint and keeps this consistent with the grid below.
-    let (rh, rw) = smart_resize(
-        h,
-        w,
-        cfg.factor(),
-        min_pixels.unwrap_or(MIN_PIXELS),
-        max_pixels.unwrap_or(MAX_PIXELS),
-    )?;
+    let (rh, rw) = fetch_image_size(h, w, cfg.factor(), min_pixels, max_pixels, None)?;
     let fetched = resize_to(img, rh, rw)?;
     process_fetched(&fetched, cfg)
 }
@@ -409,13 +403,9 @@ pub fn preprocess_image_with_size(
     resized_height: usize,
     resized_width: usize,
 ) -> Result<PreprocessedImage> {
-    let (rh, rw) = smart_resize(
-        resized_height,
-        resized_width,
-        cfg.factor(),
-        MIN_PIXELS,
-        MAX_PIXELS,
-    )?;
+    let (h, w) = (img.height() as usize, img.width() as usize);
+    let resized = Some((resized_height, resized_width));
+    let (rh, rw) = fetch_image_size(h, w, cfg.factor(), None, None, resized)?;
     let fetched = resize_to(img, rh, rw)?;
     process_fetched(&fetched, cfg)
 }
@@ -432,21 +422,8 @@ pub fn planned_image_size(
     max_pixels: Option<u64>,
     resized: Option<(usize, usize)>,
 ) -> Result<(usize, usize)> {
-    let (rh, rw) = match resized {
-        Some((rh, rw)) => smart_resize(rh, rw, cfg.factor(), MIN_PIXELS, MAX_PIXELS)?,
-        None => smart_resize(
-            height,
-            width,
-            cfg.factor(),
-            min_pixels.unwrap_or(MIN_PIXELS),
-            max_pixels.unwrap_or(MAX_PIXELS),
-        )?,
-    };
-    if cfg.do_resize {
-        smart_resize_transformers(rh, rw, cfg.factor(), cfg.min_pixels, cfg.max_pixels)
-    } else {
-        Ok((rh, rw))
-    }
+    let (rh, rw) = fetch_image_size(height, width, cfg.factor(), min_pixels, max_pixels, resized)?;
+    processor_size(rh, rw, cfg)
 }
 
 /// Merged vision tokens of `grid_t` temporal patches of `height x width` pixels:
@@ -464,17 +441,13 @@ pub fn vision_tokens(
 
 /// `Qwen2VLImageProcessor._preprocess` on one image `fetch_image` returned.
 fn process_fetched(img: &RgbImage, cfg: &PreprocessorConfig) -> Result<PreprocessedImage> {
-    let (mut h, mut w) = (img.height() as usize, img.width() as usize);
-    let resized;
-    let img = if cfg.do_resize {
-        let (rh, rw) =
-            smart_resize_transformers(h, w, cfg.factor(), cfg.min_pixels, cfg.max_pixels)?;
-        resized = resize_to(img, rh, rw)?;
-        (h, w) = (rh, rw);
-        &resized
+    let (h, w) = processor_size(img.height() as usize, img.width() as usize, cfg)?;
+    let resized = if cfg.do_resize {
+        Some(resize_to(img, h, w)?)
     } else {
-        img
+        None
     };
+    let img = resized.as_ref().unwrap_or(img);
     let planes = rescale_normalize(img, cfg);
     let (pixel_values, grid_thw) = patchify(
         &[&planes],

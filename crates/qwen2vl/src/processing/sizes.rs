@@ -22,9 +22,14 @@
 //!   (`total_pixels / nframes * 2`), so the bounds are compared as floats; the result is also
 //!   capped at [`MAX_FRAME_PIXELS`], and errors speak of video frames (a `max_pixels` of 0 is
 //!   refused as a frame size of 0, not by name).
+//!
+//! Around them, the two stages an image goes through: [`fetch_image_size`] (qwen-vl-utils'
+//! `fetch_image`: the item's `resized_height` / `resized_width` or pixel bounds) and
+//! [`processor_size`] (transformers' processor, with the preprocessor config's bounds).
 
 use std::fmt;
 
+use crate::config::PreprocessorConfig;
 use crate::{Error, Result};
 
 /// qwen-vl-utils `IMAGE_FACTOR`: sides become multiples of this (= patch 14 · merge 2).
@@ -193,6 +198,49 @@ pub fn smart_resize_f64(
         Bound::Fractional(min_pixels),
         Bound::Fractional(max_pixels),
     )
+}
+
+/// qwen-vl-utils 0.0.8 `fetch_image`'s size for an image (or a frame of a frame list) of
+/// `height x width`: with both `resized` sides, [`smart_resize`] of those with the default
+/// budget, whatever the image's own size (the item's `min_pixels` / `max_pixels` are then
+/// ignored, and one side alone is ignored); otherwise [`smart_resize`] of the image's size with
+/// the item's `min_pixels` / `max_pixels` (`None`: [`MIN_PIXELS`] / [`MAX_PIXELS`]).
+///
+/// qwen-vl-utils uses its `IMAGE_FACTOR` (28) for `factor`; the callers pass the config's,
+/// the same number for every Qwen2-VL checkpoint and consistent with the patch grid.
+pub fn fetch_image_size(
+    height: usize,
+    width: usize,
+    factor: usize,
+    min_pixels: Option<u64>,
+    max_pixels: Option<u64>,
+    resized: Option<(usize, usize)>,
+) -> Result<(usize, usize)> {
+    match resized {
+        Some((rh, rw)) => smart_resize(rh, rw, factor, MIN_PIXELS, MAX_PIXELS),
+        None => smart_resize(
+            height,
+            width,
+            factor,
+            min_pixels.unwrap_or(MIN_PIXELS),
+            max_pixels.unwrap_or(MAX_PIXELS),
+        ),
+    }
+}
+
+/// The size `Qwen2VLImageProcessor` gives an image or video frames of `height x width`
+/// (already sized by qwen-vl-utils): [`smart_resize_transformers`] with the config's
+/// `min_pixels` / `max_pixels` when `do_resize`, else unchanged.
+pub fn processor_size(
+    height: usize,
+    width: usize,
+    cfg: &PreprocessorConfig,
+) -> Result<(usize, usize)> {
+    if cfg.do_resize {
+        smart_resize_transformers(height, width, cfg.factor(), cfg.min_pixels, cfg.max_pixels)
+    } else {
+        Ok((height, width))
+    }
 }
 
 /// The one `smart_resize` rule, with `variant`'s details and errors.

@@ -41,9 +41,7 @@ use crate::processing::image::{
     decode_image, image_dimensions, patchify, rescale_normalize, vision_tokens,
 };
 use crate::processing::messages::{ImageSource, Location, VideoPart, VideoSource};
-use crate::processing::sizes::{
-    round_by_factor, smart_resize, smart_resize_transformers, MAX_PIXELS, MIN_PIXELS,
-};
+use crate::processing::sizes::{fetch_image_size, processor_size, round_by_factor};
 use crate::{Error, Result};
 
 // The frame size rule lives in `sizes.rs` with the image ones; re-exported at its old path.
@@ -179,8 +177,9 @@ pub fn video_frame_size(
     nframes: usize,
     factor: usize,
 ) -> Result<(usize, usize)> {
-    if let (Some(rh), Some(rw)) = (part.resized_height, part.resized_width) {
-        return smart_resize(rh, rw, factor, MIN_PIXELS, MAX_PIXELS);
+    if let Some(resized) = part.resized_height.zip(part.resized_width) {
+        // As `fetch_image` does.
+        return fetch_image_size(height, width, factor, None, None, Some(resized));
     }
     let min_pixels = part.min_pixels.unwrap_or(VIDEO_MIN_PIXELS) as f64;
     let total_pixels = part.total_pixels.unwrap_or(VIDEO_TOTAL_PIXELS) as f64;
@@ -503,25 +502,17 @@ fn fetch_frame_list(
         let (w, h) = image_dimensions(&fetched.bytes)
             .map_err(|e| e.prefixed(&fetched.origin))
             .map_err(tag)?;
-        let (rh, rw) = if let (Some(rh), Some(rw)) = (part.resized_height, part.resized_width) {
-            smart_resize(rh, rw, cfg.factor(), MIN_PIXELS, MAX_PIXELS)
-        } else {
-            smart_resize(
-                h as usize,
-                w as usize,
-                cfg.factor(),
-                part.min_pixels.unwrap_or(MIN_PIXELS),
-                part.max_pixels.unwrap_or(MAX_PIXELS),
-            )
-        }
+        let (rh, rw) = fetch_image_size(
+            h as usize,
+            w as usize,
+            cfg.factor(),
+            part.min_pixels,
+            part.max_pixels,
+            part.resized_height.zip(part.resized_width),
+        )
         .map_err(tag)?;
         if i == 0 {
-            let (fh, fw) = if cfg.do_resize {
-                smart_resize_transformers(rh, rw, cfg.factor(), cfg.min_pixels, cfg.max_pixels)
-                    .map_err(tag)?
-            } else {
-                (rh, rw)
-            };
+            let (fh, fw) = processor_size(rh, rw, cfg).map_err(tag)?;
             let grid_t = list.len().div_ceil(cfg.temporal_patch_size.max(1));
             check_token_budget(
                 vision_tokens(cfg, grid_t, fh, fw),
@@ -564,10 +555,7 @@ fn process_frames(frames: Vec<RgbImage>, cfg: &PreprocessorConfig) -> Result<Pro
     let first = frames
         .first()
         .ok_or_else(|| Error::bad_input("video has no frames", "at least one frame"))?;
-    let (mut h, mut w) = (first.height() as usize, first.width() as usize);
-    if cfg.do_resize {
-        (h, w) = smart_resize_transformers(h, w, cfg.factor(), cfg.min_pixels, cfg.max_pixels)?;
-    }
+    let (h, w) = processor_size(first.height() as usize, first.width() as usize, cfg)?;
     // One temporal patch at a time: the rows of the whole video are those of its temporal
     // patches in order (grid_t is the outermost axis of patchify's layout), so only one
     // chunk of f32 planes exists at once beside the output. A short last chunk is padded by
@@ -658,10 +646,8 @@ pub fn planned_video_tokens(
     width: usize,
     nframes: usize,
 ) -> Result<usize> {
-    let (mut h, mut w) = video_frame_size(part, height, width, nframes, cfg.factor())?;
-    if cfg.do_resize {
-        (h, w) = smart_resize_transformers(h, w, cfg.factor(), cfg.min_pixels, cfg.max_pixels)?;
-    }
+    let (h, w) = video_frame_size(part, height, width, nframes, cfg.factor())?;
+    let (h, w) = processor_size(h, w, cfg)?;
     Ok(vision_tokens(
         cfg,
         nframes.div_ceil(cfg.temporal_patch_size.max(1)),
