@@ -357,22 +357,38 @@ pub struct PreprocessedImage {
 /// memory); the same bound as [`MAX_DECODE_PIXELS`].
 pub const MAX_RESIZED_PIXELS: u64 = MAX_DECODE_PIXELS;
 
-/// Resize with Pillow's BICUBIC (a copy when the size already matches).
+/// Resize with Pillow's BICUBIC (a copy when the size already matches), up to
+/// [`MAX_RESIZED_PIXELS`].
 fn resize_to(img: &RgbImage, height: usize, width: usize) -> Result<RgbImage> {
-    if (img.height() as usize, img.width() as usize) == (height, width) {
-        return Ok(img.clone());
-    }
-    let fits = (height as u128 * width as u128) <= MAX_RESIZED_PIXELS as u128;
-    match (u32::try_from(width), u32::try_from(height)) {
-        (Ok(w), Ok(h)) if fits => resize_bicubic(img, w, h),
-        _ => Err(Error::bad_input(
+    pillow_resize_within(img, height, width, MAX_RESIZED_PIXELS, || {
+        Error::bad_input(
             format!(
                 "image of {}x{} pixels would be resized to {width}x{height} (min_pixels / max_pixels)",
                 img.width(),
                 img.height()
             ),
             format!("a resized size of at most {MAX_RESIZED_PIXELS} pixels"),
-        )),
+        )
+    })
+}
+
+/// Resize to `height x width` with Pillow's BICUBIC (a copy when the size already matches);
+/// a target over `max_pixels` (or with a side past `u32`) is `refused()`. Images and the
+/// frames of frame lists are resized with it.
+pub(crate) fn pillow_resize_within(
+    img: &RgbImage,
+    height: usize,
+    width: usize,
+    max_pixels: u64,
+    refused: impl FnOnce() -> Error,
+) -> Result<RgbImage> {
+    if (img.height() as usize, img.width() as usize) == (height, width) {
+        return Ok(img.clone());
+    }
+    let fits = (height as u128 * width as u128) <= max_pixels as u128;
+    match (u32::try_from(width), u32::try_from(height)) {
+        (Ok(w), Ok(h)) if fits => resize_bicubic(img, w, h),
+        _ => Err(refused()),
     }
 }
 

@@ -35,10 +35,10 @@ use std::path::Path;
 use image::RgbImage;
 
 use crate::config::PreprocessorConfig;
-use crate::ops::resize::resize_bicubic;
 use crate::processing::fetch::{resolve, FetchOptions, Interrupt};
 use crate::processing::image::{
-    decode_image, image_dimensions, patchify, rescale_normalize, vision_tokens,
+    decode_image, image_dimensions, patchify, pillow_resize_within, rescale_normalize,
+    vision_tokens,
 };
 use crate::processing::messages::{ImageSource, Location, VideoPart, VideoSource};
 use crate::processing::sizes::{fetch_image_size, processor_size, round_by_factor};
@@ -534,17 +534,14 @@ fn fetch_frame_list(
     Ok((frames, idx))
 }
 
+/// Pillow's BICUBIC resize of a frame, up to [`MAX_FRAME_PIXELS`].
 fn pillow_resize(img: &RgbImage, h: usize, w: usize) -> Result<RgbImage> {
-    if (img.height() as usize, img.width() as usize) == (h, w) {
-        return Ok(img.clone());
-    }
-    if (h as u128 * w as u128) > MAX_FRAME_PIXELS as u128 {
-        return Err(Error::bad_input(
+    pillow_resize_within(img, h, w, MAX_FRAME_PIXELS, || {
+        Error::bad_input(
             format!("frame would be resized to {w}x{h}"),
             format!("frames of at most {MAX_FRAME_PIXELS} pixels"),
-        ));
-    }
-    resize_bicubic(img, w as u32, h as u32)
+        )
+    })
 }
 
 /// `(pixel_values, grid_thw, (height, width))`.
