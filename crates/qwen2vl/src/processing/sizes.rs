@@ -14,8 +14,9 @@
 //! The three public forms are that one rule with the details in which its callers differ
 //! (a private `Variant`):
 //!
-//! - [`smart_resize`] (qwen-vl-utils, images and frame lists): a rounded side is at least
-//!   `factor`; the bounds are whole pixel counts, compared exactly.
+//! - [`smart_resize`] (qwen-vl-utils: images, frame lists, and videos given
+//!   `resized_height` / `resized_width`): a rounded side is at least `factor`; the bounds are
+//!   whole pixel counts, compared exactly.
 //! - [`smart_resize_transformers`] (transformers): a side shorter than `factor` is an error
 //!   (the reference raises), and the first rounding has no lower bound.
 //! - [`smart_resize_f64`] (qwen-vl-utils in `fetch_video`): `max_pixels` may be fractional
@@ -45,7 +46,7 @@ pub const MAX_FRAME_PIXELS: u64 = 16384 * 28 * 28;
 
 /// qwen-vl-utils `round_by_factor`: Python's `round(x / factor) * factor` (round half to even,
 /// on the `f64` quotient); below 0 is 0. Sizes pass `n as f64`, which is exact for any size
-/// that can be resized.
+/// that can be resized; `smart_nframes` rounds its fractional frame counts with it.
 pub(crate) fn round_by_factor(x: f64, factor: usize) -> usize {
     ((x / factor as f64).round_ties_even() * factor as f64).max(0.0) as usize
 }
