@@ -17,13 +17,10 @@
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use base64::Engine as _;
 use proptest::prelude::*;
-use proptest::test_runner::{
-    Config, RngAlgorithm, TestCaseError, TestCaseResult, TestRng, TestRunner,
-};
+use proptest::test_runner::{RngAlgorithm, TestCaseError, TestRng};
 use qwen2vl::generation::sampler::SamplingParams;
 use qwen2vl::processing::messages::{Content, ContentPart, ImageSource, Location, VideoSource};
 use qwen2vl_server::request::{parse, ChatRequest, MediaPolicy};
@@ -33,85 +30,9 @@ use serde_json::{json, Map, Value};
 /// The context length the requests are checked against.
 const CONTEXT: usize = 4096;
 
-fn env_f64(key: &str) -> Option<f64> {
-    std::env::var(key).ok().and_then(|v| v.trim().parse().ok())
-}
-
-/// How long and how many cases one target runs, and its seed.
-struct Budget {
-    name: &'static str,
-    secs: f64,
-    cases: u64,
-    seed: u64,
-    start: Instant,
-}
-
-impl Budget {
-    fn new(name: &'static str, default_cases: u64) -> Budget {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in name.bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        }
-        let base = std::env::var("QWEN2VL_FUZZ_SEED")
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or(0x05ee_d2b1);
-        Budget {
-            name,
-            secs: env_f64("QWEN2VL_FUZZ_SECS").unwrap_or(3.0),
-            cases: env_f64("QWEN2VL_FUZZ_CASES")
-                .map(|c| c as u64)
-                .unwrap_or(default_cases),
-            seed: base ^ h,
-            start: Instant::now(),
-        }
-    }
-
-    fn more(&self, done: u64) -> bool {
-        done < self.cases && self.start.elapsed().as_secs_f64() < self.secs
-    }
-
-    /// Runs `test` on values of `strategy` in rounds of up to 256 cases (each a proptest run
-    /// with its own seed, so a failure is shrunk and reported with its input) until the budget
-    /// is spent; returns the number of cases.
-    fn run_prop<S: Strategy>(
-        &self,
-        strategy: &S,
-        test: impl Fn(S::Value) -> TestCaseResult,
-    ) -> u64 {
-        let mut done = 0u64;
-        let mut round = 0u64;
-        while self.more(done) {
-            let chunk = (self.cases - done).min(256) as u32;
-            let mut config = Config::with_cases(chunk);
-            config.failure_persistence = None;
-            config.max_shrink_time = 20_000;
-            let mut seed = [0u8; 32];
-            seed[..8].copy_from_slice(&self.seed.to_le_bytes());
-            seed[8..16].copy_from_slice(&round.to_le_bytes());
-            let mut runner =
-                TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &seed));
-            if let Err(e) = runner.run(strategy, &test) {
-                panic!(
-                    "fuzz {}: {e} (seed {:#x}, round {round})",
-                    self.name, self.seed
-                );
-            }
-            done += u64::from(chunk);
-            round += 1;
-        }
-        done
-    }
-
-    fn report(&self, done: u64, extra: &str) {
-        eprintln!(
-            "fuzz {}: {done} cases in {:.1} s (seed {:#x}){extra}",
-            self.name,
-            self.start.elapsed().as_secs_f64(),
-            self.seed
-        );
-    }
-}
+#[path = "../../qwen2vl/tests/common/fuzz_budget.rs"]
+mod fuzz_budget;
+use fuzz_budget::Budget;
 
 /// The body as text for a message, cut to 400 characters.
 fn show(body: &[u8]) -> String {
@@ -655,7 +576,7 @@ fn request() -> BoxedStrategy<Value> {
 /// naming an existing field; none panics.
 #[test]
 fn generated_requests_are_accepted_within_limits_or_refused() {
-    let b = Budget::new("request_json", 1_000_000);
+    let b = Budget::new("request_json", 1_000_000, 1.0);
     let setup = Setup::new("request-json");
     let ok = Cell::new(0u64);
     let done = b.run_prop(&request(), |v| {
@@ -794,7 +715,7 @@ fn mutate_json(rng: &mut TestRng, body: &mut Vec<u8>) {
 /// themselves are accepted.
 #[test]
 fn mutated_request_bodies_are_accepted_within_limits_or_refused() {
-    let b = Budget::new("request_mutated", 1_000_000);
+    let b = Budget::new("request_mutated", 1_000_000, 1.0);
     let setup = Setup::new("request-mutated");
     let seeds = seed_bodies();
     for s in &seeds {
