@@ -36,28 +36,36 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// `qwen2vl chat --model <tiny> --max-new-tokens 8 --temperature 0 -q <args>` with `script`
-/// on stdin (a pipe, so not a terminal); asserts exit 0 and no panic.
-fn chat(args: &[&str], script: &str) -> Output {
-    let cache = scratch("cache");
-    let model = tiny();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen2vl"))
-        .args(["chat", "--model", &model, "--max-new-tokens", "8"])
-        .args(["--temperature", "0", "-q"])
-        .args(args)
-        .env("XDG_CACHE_HOME", &cache)
+/// `qwen2vl chat --model <tiny> --max-new-tokens 8 --temperature 0 <args>`.
+fn chat_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwen2vl"));
+    cmd.args(["chat", "--model", &tiny(), "--max-new-tokens", "8"])
+        .args(["--temperature", "0"])
+        .args(args);
+    cmd
+}
+
+/// Runs `cmd` with `script` on a piped stdin (closed after it) and captures its output.
+fn run_piped(cmd: &mut Command, script: &[u8]) -> Output {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("binary runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    child.stdin.take().unwrap().write_all(script).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `qwen2vl chat --model <tiny> --max-new-tokens 8 --temperature 0 -q <args>` with `script`
+/// on stdin (a pipe, so not a terminal); asserts exit 0 and no panic.
+fn chat(args: &[&str], script: &str) -> Output {
+    let o = run_piped(
+        chat_command(&["-q"])
+            .args(args)
+            .env("XDG_CACHE_HOME", scratch("cache")),
+        script.as_bytes(),
+    );
     let err = stderr(&o);
     assert!(o.status.success(), "chat failed: {err}");
     assert!(!err.contains("panicked"), "panic: {err}");
@@ -112,24 +120,11 @@ fn two_turns_use_the_history() {
 #[test]
 fn quiet_off_keeps_stdout_to_the_answers() {
     // Without -q the status lines go to stderr; stdout is the same answers.
-    let model = tiny();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen2vl"))
-        .args(["chat", "--model", &model, "--max-new-tokens", "8"])
-        .args(["--temperature", "0"])
-        .env("XDG_CACHE_HOME", scratch("quiet-off"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let script = format!("/image {}\nWhat is it?\n/reset\n", wide_png());
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = run_piped(
+        chat_command(&[]).env("XDG_CACHE_HOME", scratch("quiet-off")),
+        script.as_bytes(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("(image attached"), "{}", stderr(&o));
     assert!(
@@ -212,24 +207,12 @@ fn save_then_load_resumes() {
     assert!(out1.starts_with(&format!("{answer1}\n")), "{out1:?}");
 
     // Resumed from another directory, the same turn gets the same answer.
-    let model = tiny();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen2vl"))
-        .args(["chat", "--model", &model, "--max-new-tokens", "8"])
-        .args(["--temperature", "0", "-q", "--load", &file_s])
-        .current_dir(&dir)
-        .env("XDG_CACHE_HOME", &dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"What colour?\n")
-        .unwrap();
-    let resumed = child.wait_with_output().unwrap();
+    let resumed = run_piped(
+        chat_command(&["-q", "--load", &file_s])
+            .current_dir(&dir)
+            .env("XDG_CACHE_HOME", &dir),
+        b"What colour?\n",
+    );
     assert!(resumed.status.success(), "{}", stderr(&resumed));
     let out2 = stdout(&resumed);
     assert_eq!(format!("{answer1}\n{out2}"), out1);
@@ -243,7 +226,7 @@ fn save_then_load_resumes() {
     let bad = dir.join("bad.json");
     std::fs::write(&bad, "{\"messages\": 3}").unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_qwen2vl"))
-        .args(["chat", "--model", &model, "-q", "--load"])
+        .args(["chat", "--model", &tiny(), "-q", "--load"])
         .arg(&bad)
         .stdin(Stdio::null())
         .output()

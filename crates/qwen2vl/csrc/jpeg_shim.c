@@ -35,18 +35,25 @@ static void shim_emit_message(j_common_ptr cinfo, int level) {
     if (level < 0) cinfo->err->num_warnings++;
 }
 
+/* Zeroes `cinfo` and routes libjpeg's errors and warnings to `err` (message into `msg`). */
+static void shim_init(struct jpeg_decompress_struct *cinfo, struct shim_err *err, char *msg,
+                      size_t msg_len) {
+    memset(cinfo, 0, sizeof *cinfo);
+    cinfo->err = jpeg_std_error(&err->pub);
+    err->pub.error_exit = shim_error_exit;
+    err->pub.emit_message = shim_emit_message;
+    err->msg = msg;
+    err->msg_len = msg_len;
+}
+
 /* Reads the header. Returns 0 and sets width, height and components (1, 3 or 4 of the output),
  * or 1 with a message. */
 int qwen2vl_jpeg_header(const unsigned char *data, size_t len, unsigned *width,
                         unsigned *height, int *components, char *msg, size_t msg_len) {
     struct jpeg_decompress_struct cinfo;
     struct shim_err err;
-    memset(&cinfo, 0, sizeof cinfo);
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = shim_error_exit;
-    err.pub.emit_message = shim_emit_message;
-    err.msg = msg;
-    err.msg_len = msg_len;
+    shim_init(&cinfo, &err, msg, msg_len);
+    /* setjmp must run in this frame: error_exit jumps back here. */
     if (setjmp(err.jump)) {
         jpeg_destroy_decompress(&cinfo);
         return 1;
@@ -67,12 +74,8 @@ int qwen2vl_jpeg_decode(const unsigned char *data, size_t len, unsigned char *ou
                         size_t out_len, char *msg, size_t msg_len) {
     struct jpeg_decompress_struct cinfo;
     struct shim_err err;
-    memset(&cinfo, 0, sizeof cinfo);
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = shim_error_exit;
-    err.pub.emit_message = shim_emit_message;
-    err.msg = msg;
-    err.msg_len = msg_len;
+    shim_init(&cinfo, &err, msg, msg_len);
+    /* setjmp must run in this frame: error_exit jumps back here. */
     if (setjmp(err.jump)) {
         jpeg_destroy_decompress(&cinfo);
         return 1;
