@@ -1,0 +1,101 @@
+//! Activation rows quantized to 8 bits, once per product, in the form the kernels of one
+//! weight format read: ggml's scheme (`quantize_row_q8_0` / `q8_K`), written here.
+//!
+//! - For Q8_0 weights: one f32 scale per 32 values (the same granularity as the weights, as
+//!   llama.cpp does, so Q8_0 stays close to f16).
+//! - For the K formats: one f32 scale per 256 values, and the sum of every 16 quantized
+//!   values (Q4_K's mins and Q6_K's offset of 32 are applied through these sums instead of per
+//!   value).
+//!
+//! Values are `round(x / d)` with `d = max|x| / 127`, so every `q` is in `-127..=127`: the
+//! kernels' sign tricks rely on `-128` never occurring.
+
+use super::format::QType;
+
+/// `rows` activation rows of `k` values, quantized for weights of type `t`.
+#[derive(Debug, Clone)]
+pub struct QActs {
+    /// The weight format these are for.
+    pub t: QType,
+    /// Rows.
+    pub rows: usize,
+    /// Values per row (a multiple of the format's block length).
+    pub k: usize,
+    /// `rows × k` values in row order.
+    pub q: Vec<i8>,
+    /// One scale per block of the activation (32 values for Q8_0, 256 for the K formats):
+    /// `rows × k / block`.
+    pub d: Vec<f32>,
+    /// K formats: the sum of every 16 values, `rows × k / 16`; empty for Q8_0.
+    pub sums: Vec<i32>,
+}
+
+impl QActs {
+    /// Quantizes `x: (rows, k)` (row-major) for weights of type `t`.
+    pub fn quantize(t: QType, x: &[f32], rows: usize, k: usize) -> QActs {
+        let block = t.block_len();
+        let blocks = rows * k / block;
+        let mut q = vec![0i8; rows * k];
+        let mut d = vec![0f32; blocks];
+        let k_format = t != QType::Q8_0;
+        let mut sums = vec![0i32; if k_format { rows * k / 16 } else { 0 }];
+        for (b, (xs, qs)) in x[..rows * k]
+            .chunks_exact(block)
+            .zip(q.chunks_exact_mut(block))
+            .enumerate()
+        {
+            let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            d[b] = scale;
+            for (o, &v) in qs.iter_mut().zip(xs) {
+                *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            }
+            if k_format {
+                for (g, s) in qs.chunks_exact(16).enumerate() {
+                    sums[b * 16 + g] = s.iter().map(|&v| i32::from(v)).sum();
+                }
+            }
+        }
+        QActs {
+            t,
+            rows,
+            k,
+            q,
+            d,
+            sums,
+        }
+    }
+
+    /// Row `r`'s view.
+    pub fn row(&self, r: usize) -> ActRow<'_> {
+        let per_block = self.k / self.t.block_len();
+        let groups = if self.sums.is_empty() { 0 } else { self.k / 16 };
+        ActRow {
+            q: &self.q[r * self.k..(r + 1) * self.k],
+            d: &self.d[r * per_block..(r + 1) * per_block],
+            sums: &self.sums[r * groups..(r + 1) * groups],
+        }
+    }
+
+    /// The dequantized values `(rows, k)` (for the oracle).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let block = self.t.block_len();
+        self.q
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| f32::from(v) * self.d[i / block])
+            .collect()
+    }
+}
+
+/// One quantized activation row.
+#[derive(Debug, Clone, Copy)]
+pub struct ActRow<'a> {
+    /// `k` values.
+    pub q: &'a [i8],
+    /// One scale per block.
+    pub d: &'a [f32],
+    /// K formats: one sum per 16 values.
+    pub sums: &'a [i32],
+}
