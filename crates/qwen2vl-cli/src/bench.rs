@@ -202,13 +202,16 @@ fn bench_image(args: &BenchArgs) -> Result<Option<(ImageSource, String)>, CliErr
     )))
 }
 
+/// One timed run: its answer and its peak RSS in bytes, when the kernel reports it.
+type TimedRun = (Generation, Option<u64>);
+
 /// The warm-up runs, then the timed ones: each timed run's answer with its peak RSS, and
 /// whether that peak is the run's own (the kernel could reset the counter between runs).
 fn timed_runs(
     args: &BenchArgs,
     pipeline: &qwen2vl::pipeline::Pipeline,
     request: &GenerateRequest,
-) -> Result<(Vec<(Generation, Option<u64>)>, bool), CliError> {
+) -> Result<(Vec<TimedRun>, bool), CliError> {
     let quiet = args.model.quiet || args.json;
     let total = args.warmup + args.runs;
     let mut gens = Vec::with_capacity(args.runs);
@@ -242,7 +245,7 @@ struct Report {
     load_after: Option<[f64; 3]>,
     /// Whether each run's peak RSS is its own, not the process's so far.
     per_run_peak: bool,
-    runs: Vec<(Generation, Option<u64>)>,
+    runs: Vec<TimedRun>,
 }
 
 impl Report {
