@@ -31,6 +31,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod generation;
+pub mod gguf;
 pub mod grounding;
 pub mod processing;
 

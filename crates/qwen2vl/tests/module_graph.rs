@@ -291,6 +291,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "error",
             "config",
             "weights",
+            "gguf",
             "ops",
             "rope",
             "inputs",
