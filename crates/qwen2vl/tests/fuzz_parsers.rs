@@ -1,11 +1,12 @@
 //! Property and mutation fuzzing of the parsers that read untrusted bytes (issue 10): data
 //! URIs, image headers and decoding, video container probing, the chat template's inputs, the
-//! grounding parser and safetensors headers. None may panic: each answers a value or an error,
-//! and every answer is checked against a property that holds for all inputs.
+//! grounding parser, safetensors headers and GGUF files (issue 12). None may panic: each
+//! answers a value or an error, and every answer is checked against a property that holds for
+//! all inputs.
 //!
 //! Generated inputs come from `proptest` strategies (strings, markup, conversations) and from a
 //! byte mutator seeded with the real fixtures (`tests/fixtures/images`, `tests/fixtures/video`,
-//! the tiny model's safetensors). Every target is bounded in cases *and* in time, so CI runs the
+//! the tiny model's safetensors, `tests/fixtures/gguf`). Every target is bounded in cases *and* in time, so CI runs the
 //! whole file in well under a minute in the debug test profile:
 //!
 //! - `QWEN2VL_FUZZ_SECS`: seconds per target (default 3; the video target gets twice that);
@@ -34,6 +35,7 @@ use base64::Engine as _;
 use candle_core::{DType, Device};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
+use qwen2vl::gguf::{GgmlType, GgufFile, GgufWriter};
 use qwen2vl::grounding::{Grounding, GroundingStream, MARKERS};
 use qwen2vl::processing::fetch::{decode_data_payload, fetch, FetchOptions};
 use qwen2vl::processing::image::{
@@ -1049,6 +1051,159 @@ fn safetensors_headers_survive_mutation() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     b.report(done, &format!(", {loaded} loaded"));
+    assert!(done > 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GGUF files.
+// ---------------------------------------------------------------------------------------------
+
+/// The seeds of the GGUF target: gguf-py's two fixture files and one of our writer's with a
+/// key of every type and several tensor types at alignment 64.
+fn gguf_seeds() -> Vec<Vec<u8>> {
+    let dir = common::fixtures().join("gguf");
+    let mut seeds = vec![
+        std::fs::read(dir.join("tiny.gguf")).unwrap(),
+        std::fs::read(dir.join("align64.gguf")).unwrap(),
+    ];
+    let mut w = GgufWriter::with_alignment(64).unwrap();
+    w.add("general.architecture", "qwen2vl").unwrap();
+    w.add("u8", 1u8).unwrap();
+    w.add("i16", -2i16).unwrap();
+    w.add("u64", 3u64).unwrap();
+    w.add("f64", 4.5f64).unwrap();
+    w.add("bool", true).unwrap();
+    w.add("tokens", vec!["a", "", "ĠĊ", "<|im_end|>"]).unwrap();
+    w.add("bools", vec![true, false]).unwrap();
+    w.add("i64s", vec![-1i64, 1]).unwrap();
+    w.add("u16s", vec![7u16]).unwrap();
+    let plan = [
+        ("x", GgmlType::Q8_0, vec![32u64, 2]),
+        ("y", GgmlType::F16, vec![3, 1, 2]),
+        ("z", GgmlType::Q4_K, vec![256]),
+    ];
+    for (name, t, ne) in &plan {
+        w.add_tensor(name, *t, ne).unwrap();
+    }
+    let mut s = w.begin(Vec::new()).unwrap();
+    while let Some((name, n)) = s.next_tensor() {
+        let name = name.to_string();
+        s.write_tensor(&name, &vec![0x5a; n as usize]).unwrap();
+    }
+    seeds.push(s.finish().unwrap());
+    seeds
+}
+
+/// Where a seed holds a small little-endian u64 (a count, a length, a dimension or an
+/// offset): the fields a length splice targets.
+fn u64_fields(b: &[u8]) -> Vec<usize> {
+    (0..b.len().saturating_sub(7))
+        .filter(|&i| u64::from_le_bytes(b[i..i + 8].try_into().unwrap()) < 1 << 20)
+        .collect()
+}
+
+/// Mutated GGUF files (byte edits, truncation, splicing, and counts, lengths, dimensions and
+/// offsets set to boundary values): `GgufFile::from_bytes` answers an error or a file whose
+/// every tensor lies aligned inside it, disjoint from the others, and reads back with its
+/// stated length (or an error for an unknown type); never a panic, and never more than a
+/// small multiple of the file's size held at once, whatever the header claims.
+#[test]
+fn gguf_files_survive_mutation() {
+    let b = Budget::new("gguf", 1_000_000, 1.0);
+    let seeds = gguf_seeds();
+    let fields: Vec<Vec<usize>> = seeds.iter().map(|s| u64_fields(s)).collect();
+    for s in &seeds {
+        GgufFile::from_bytes(s.clone()).unwrap();
+    }
+    let mut rng = b.rng();
+    let (mut done, mut parsed, mut max_ratio) = (0u64, 0u64, 0f64);
+    while b.more(done) {
+        let k = rng.random_range(0..seeds.len());
+        let mut data = seeds[k].clone();
+        if rng.random_bool(0.5) {
+            // Splice a length: one of the seed's small u64 fields set to a boundary value.
+            let f = &fields[k];
+            for _ in 0..rng.random_range(1..=2) {
+                let i = f[rng.random_range(0..f.len())];
+                let old = u64::from_le_bytes(data[i..i + 8].try_into().unwrap());
+                let len = data.len() as u64;
+                let v = match rng.random_range(0..8) {
+                    0 => old.wrapping_add(rng.random_range(1..64)),
+                    1 => old.wrapping_sub(rng.random_range(1..64)),
+                    2 => 1 << rng.random_range(20..64),
+                    3 => u64::MAX - rng.random_range(0..64),
+                    4 => len + rng.random_range(0..64),
+                    5 => 0,
+                    6 => old.wrapping_mul(2),
+                    _ => rng.random_range(0..len.max(1)),
+                };
+                data[i..i + 8].copy_from_slice(&v.to_le_bytes());
+            }
+            if rng.random_bool(0.3) {
+                mutate(&mut rng, &mut data, &seeds);
+            }
+        } else {
+            mutate(&mut rng, &mut data, &seeds);
+        }
+        let len = data.len() as u64;
+        let input = data.clone();
+        let describe = || hex_head(&input);
+        guard(&b, describe, Some(&input), || {
+            let (r, peak) = peak_bytes(|| GgufFile::from_bytes(data));
+            assert!(
+                peak <= 8 * len + (64 << 10),
+                "parsing a {len}-byte file held {peak} bytes at once"
+            );
+            if len >= 1024 {
+                max_ratio = max_ratio.max(peak as f64 / len as f64);
+            }
+            let f = match r {
+                Ok(f) => f,
+                Err(qwen2vl::Error::Weights(m)) => {
+                    assert!(m.starts_with("GGUF file"), "{m}");
+                    return;
+                }
+                Err(e) => panic!("not a Weights error: {e}"),
+            };
+            parsed += 1;
+            assert!(matches!(f.version(), 2 | 3));
+            assert!(f.alignment().is_power_of_two());
+            let mut spans = Vec::new();
+            for t in f.tensors() {
+                assert!((1..=4).contains(&t.ne().len()) && t.ne().iter().all(|&d| d >= 1));
+                assert_eq!(t.offset() % f.alignment(), 0, "{}", t.name());
+                assert_eq!(f.tensor(t.name()), Some(t));
+                match (f.tensor_bytes(t.name()), t.byte_len()) {
+                    (Ok(bytes), Some(n)) => {
+                        assert_eq!(bytes.len() as u64, n);
+                        let start = bytes.as_ptr() as usize - f.bytes().as_ptr() as usize;
+                        assert_eq!(start as u64, f.data_start() + t.offset());
+                        spans.push((start, start + bytes.len()));
+                    }
+                    (Err(_), None) => {}
+                    (r, n) => panic!("tensor {}: {:?} with byte_len {n:?}", t.name(), r.err()),
+                }
+            }
+            spans.sort_unstable();
+            assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "overlap");
+            for (key, _) in f.metadata() {
+                assert!(f.get(key).is_some());
+                let _ = (f.get_u32(key), f.get_str(key), f.get_str_array(key));
+                let _ = (
+                    f.get_f32_array(key),
+                    f.get_i32_array(key),
+                    f.get_bool_opt(key),
+                );
+            }
+        });
+        done += 1;
+    }
+    b.report(
+        done,
+        &format!(
+            ", {parsed} parsed, peak at most {max_ratio:.2}x the file (files of 1 KiB and more)"
+        ),
+    );
     assert!(done > 0);
 }
 

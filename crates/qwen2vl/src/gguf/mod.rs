@@ -310,7 +310,7 @@ impl GgmlType {
                 known_type_names()
             ));
         };
-        if ne[0] % block != 0 {
+        if !ne[0].is_multiple_of(block) {
             return Err(format!(
                 "ne[0] = {} is not a multiple of the {} block size {block}; allowed: rows of whole blocks",
                 ne[0],

@@ -754,7 +754,7 @@ fn read_tensor_info(
     };
     let at = c.pos;
     let offset = c.u64(&|| format!("the data offset of tensor '{name}'"))?;
-    if offset % alignment != 0 {
+    if !offset.is_multiple_of(alignment) {
         return Err(format!(
             "tensor '{name}' has data offset {offset} (byte {at}), not a multiple of the alignment {alignment}; allowed: aligned offsets"
         ));
