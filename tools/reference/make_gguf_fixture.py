@@ -20,7 +20,11 @@ numpy 2.4.6):
     /tmp/ggufvenv/bin/python tools/reference/make_gguf_fixture.py
 
 `--check FILE` reads a GGUF written by our writer with gguf-py's GGUFReader and prints its
-keys and tensors (the hand cross-check of the writer; CI has no Python).
+keys and tensors (the hand cross-check of the writer; CI has no Python):
+    mkdir -p /tmp/ggufdump
+    QWEN2VL_GGUF_DUMP_DIR=/tmp/ggufdump cargo test -p qwen2vl --test gguf round_trips
+    for f in /tmp/ggufdump/*.gguf; do python tools/reference/make_gguf_fixture.py --check $f; done
+(tools/reference/gguf_llamacpp_check.cpp does the same with llama.cpp's C reader.)
 """
 
 import argparse

@@ -6,8 +6,8 @@
 //!
 //! Generated inputs come from `proptest` strategies (strings, markup, conversations) and from a
 //! byte mutator seeded with the real fixtures (`tests/fixtures/images`, `tests/fixtures/video`,
-//! the tiny model's safetensors, `tests/fixtures/gguf`). Every target is bounded in cases *and* in time, so CI runs the
-//! whole file in well under a minute in the debug test profile:
+//! the tiny model's safetensors, `tests/fixtures/gguf`). Every target is bounded in cases *and*
+//! in time, so CI runs the whole file in well under a minute in the debug test profile:
 //!
 //! - `QWEN2VL_FUZZ_SECS`: seconds per target (default 3; the video target gets twice that);
 //! - `QWEN2VL_FUZZ_CASES`: most cases per target (default: each target's own, see the tests);

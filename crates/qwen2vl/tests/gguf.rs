@@ -298,6 +298,11 @@ fn every_metadata_type_and_tensor_type_round_trips() {
             s.write_tensor(name, d).unwrap();
         }
         let bytes = s.finish().unwrap();
+        // For the hand cross-check with gguf-py and llama.cpp (see the script's `--check`).
+        if let Some(dir) = std::env::var_os("QWEN2VL_GGUF_DUMP_DIR") {
+            let path = PathBuf::from(dir).join(format!("ours-align{alignment}.gguf"));
+            std::fs::write(path, &bytes).unwrap();
+        }
         let f = GgufFile::from_bytes(bytes).unwrap();
         assert_eq!(f.version(), 3);
         assert_eq!(f.alignment(), u64::from(alignment));
