@@ -8,8 +8,9 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use qwen2vl::generation::sampler::SamplingParams;
 use qwen2vl::generation::MediaOptions;
-use qwen2vl::pipeline::{DTypeChoice, Pipeline};
-use qwen2vl::weights::{LoadProgress, ProgressFn};
+use qwen2vl::ops::quant::plan::QuantScheme;
+use qwen2vl::pipeline::{DTypeChoice, LoadOptions, Pipeline};
+use qwen2vl::weights::LoadProgress;
 
 use crate::error::CliError;
 
@@ -23,6 +24,15 @@ pub struct ModelArgs {
     /// Compute dtype: f32 (default on CPU), f16, bf16 or f64.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Quantize the language model's weights as they load: q8_0 (8.5 bits a weight, close to
+    /// f16), q6_k (6.6), q4_k_m (about 4.9: llama.cpp's mix of q4_k and q6_k) or q4_k (4.5).
+    /// Fewer bits decode faster and take less memory, at some accuracy (README: "Quantized
+    /// weights").
+    #[arg(long, value_name = "FORMAT")]
+    pub quant: Option<String>,
+    /// Quantize the vision tower too (default: it keeps --dtype), same formats as --quant.
+    #[arg(long, value_name = "FORMAT")]
+    pub vision_quant: Option<String>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -36,13 +46,20 @@ impl ModelArgs {
     /// hub if needed) and loads the pipeline.
     pub fn load(&self) -> Result<Pipeline, CliError> {
         set_threads(self.threads)?;
-        let dtype: DTypeChoice = self
-            .dtype
-            .parse()
-            .map_err(|e: qwen2vl::Error| CliError::Usage(e.to_string()))?;
+        let usage = |e: qwen2vl::Error| CliError::Usage(e.to_string());
+        let dtype: DTypeChoice = self.dtype.parse().map_err(usage)?;
+        let scheme = |s: &Option<String>| -> Result<Option<QuantScheme>, CliError> {
+            s.as_deref().map(str::parse).transpose().map_err(usage)
+        };
+        let mut options = LoadOptions {
+            dtype,
+            quant: scheme(&self.quant)?,
+            vision_quant: scheme(&self.vision_quant)?,
+            progress: None,
+        };
         let dir = crate::hub::resolve_model(&self.model, self.quiet)?;
         if self.quiet || !std::io::stderr().is_terminal() {
-            return Ok(Pipeline::load(&dir, dtype)?);
+            return Ok(Pipeline::load_with(&dir, &options)?);
         }
         let style = ProgressStyle::with_template(
             "loading weights [{wide_bar}] {bytes}/{total_bytes} ({eta})",
@@ -51,13 +68,13 @@ impl ModelArgs {
         .progress_chars("=> ");
         let bar = ProgressBar::new(0).with_style(style);
         let shown = bar.clone();
-        let progress: ProgressFn = Arc::new(move |p: LoadProgress| {
+        options.progress = Some(Arc::new(move |p: LoadProgress| {
             if shown.length() != Some(p.bytes_total) {
                 shown.set_length(p.bytes_total);
             }
             shown.set_position(p.bytes_done);
-        });
-        let loaded = Pipeline::load_with_progress(&dir, dtype, progress);
+        }));
+        let loaded = Pipeline::load_with(&dir, &options);
         bar.finish_and_clear();
         Ok(loaded?)
     }

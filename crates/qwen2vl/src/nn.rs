@@ -1,16 +1,39 @@
 //! Small building blocks shared by both towers, loaded by checkpoint name.
 
-use candle_core::{Module, Tensor};
+use std::sync::Arc;
 
-use crate::error::Result;
+use candle_core::{DType, Module, Tensor};
+
+use crate::error::{Error, Result};
+use crate::ops::quant::QMatrix;
 use crate::weights::Weights;
 
 /// `y = x W^T + b` with `W: (out, in)`; `x: (..., in)` → `(..., out)`.
+///
+/// Float weights are candle tensors; weights the load's quantization plan names
+/// (`--quant`, [`Weights::quant_for`]) are quantized blocks ([`QMatrix`]) with an f32 bias.
 #[derive(Debug, Clone)]
-pub struct Linear(candle_nn::Linear);
+pub enum Linear {
+    /// Float weights.
+    Dense(candle_nn::Linear),
+    /// Quantized weights.
+    Quant(QLinear),
+}
+
+/// A linear layer with quantized weights.
+#[derive(Debug, Clone)]
+pub struct QLinear {
+    /// `(out, in)`, shared with the embeddings when they are tied.
+    pub weight: Arc<QMatrix>,
+    /// `(out,)` in f32.
+    pub bias: Option<Vec<f32>>,
+    /// Where inputs and outputs live.
+    pub device: candle_core::Device,
+}
 
 impl Linear {
-    /// Loads `{prefix}.weight` `(out, in)` and, when `bias`, `{prefix}.bias` `(out,)`.
+    /// Loads `{prefix}.weight` `(out, in)` and, when `bias`, `{prefix}.bias` `(out,)`;
+    /// quantized when the load's plan says so.
     pub fn load(
         w: &Weights,
         prefix: &str,
@@ -18,35 +41,70 @@ impl Linear {
         out_dim: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = w.get(&format!("{prefix}.weight"), (out_dim, in_dim))?;
+        let name = format!("{prefix}.weight");
         let bias = if bias {
             Some(w.get(&format!("{prefix}.bias"), out_dim)?)
         } else {
             None
         };
-        Ok(Linear(candle_nn::Linear::new(weight, bias)))
+        if let Some(t) = w.quant_for(&name, in_dim) {
+            let weight = w.get_quantized(&name, out_dim, in_dim, t)?;
+            let bias = match bias {
+                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                None => None,
+            };
+            return Ok(Linear::Quant(QLinear {
+                weight: Arc::new(weight),
+                bias,
+                device: w.device().clone(),
+            }));
+        }
+        let weight = w.get(&name, (out_dim, in_dim))?;
+        Ok(Linear::Dense(candle_nn::Linear::new(weight, bias)))
     }
 
     /// From an existing weight `(out, in)` (tied embeddings).
     pub fn from_weight(weight: Tensor) -> Self {
-        Linear(candle_nn::Linear::new(weight, None))
+        Linear::Dense(candle_nn::Linear::new(weight, None))
     }
 
     /// Device of the weight.
     pub fn device(&self) -> &candle_core::Device {
-        self.0.weight().device()
+        match self {
+            Linear::Dense(l) => l.weight().device(),
+            Linear::Quant(q) => &q.device,
+        }
     }
 
     /// `x: (..., in)` → `(..., out)`.
     ///
     /// A few rows on the CPU (decode: one per running sequence) take our small-batch kernel
     /// [`crate::ops::gemv`] (each weight row read once for all rows, and a row's result
-    /// independent of the batch it sits in); everything else candle's matmul.
+    /// independent of the batch it sits in); other float products candle's matmul; quantized
+    /// weights [`QMatrix::matmul`] (in f32, the result in `x`'s dtype).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = crate::ops::gemv::linear(x, self.0.weight(), self.0.bias())? {
-            return Ok(y);
+        match self {
+            Linear::Dense(l) => {
+                if let Some(y) = crate::ops::gemv::linear(x, l.weight(), l.bias())? {
+                    return Ok(y);
+                }
+                Ok(l.forward(x)?)
+            }
+            Linear::Quant(q) => {
+                let (n, k) = q.weight.dims();
+                let mut dims = x.dims().to_vec();
+                if dims.last() != Some(&k) {
+                    return Err(Error::Internal(format!(
+                        "a quantized ({n}, {k}) layer got input {dims:?}"
+                    )));
+                }
+                let m = x.elem_count() / k;
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let y = q.weight.matmul(&xs, m, q.bias.as_deref())?;
+                *dims.last_mut().expect("rank >= 1") = n;
+                Ok(Tensor::from_vec(y, dims, &q.device)?.to_dtype(x.dtype())?)
+            }
         }
-        Ok(self.0.forward(x)?)
     }
 }
 

@@ -18,7 +18,31 @@ use crate::generation::{GenerateRequest, Generation};
 use crate::inputs::ModelInputs;
 use crate::kv_cache::KvCache;
 use crate::model::Qwen2VL;
+use crate::ops::quant::plan::QuantScheme;
 use crate::processing::processor::{ProcessOptions, Processor};
+
+/// How [`Pipeline::load_with`] loads a checkpoint.
+#[derive(Clone, Default)]
+pub struct LoadOptions {
+    /// Compute dtype of the float weights and activations.
+    pub dtype: DTypeChoice,
+    /// Quantize the decoder's matrices and embeddings as they load (`--quant`).
+    pub quant: Option<QuantScheme>,
+    /// Quantize the vision tower's matrices too (`--vision-quant`).
+    pub vision_quant: Option<QuantScheme>,
+    /// Told after every tensor read.
+    pub progress: Option<crate::weights::ProgressFn>,
+}
+
+impl std::fmt::Debug for LoadOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadOptions")
+            .field("dtype", &self.dtype)
+            .field("quant", &self.quant)
+            .field("vision_quant", &self.vision_quant)
+            .finish()
+    }
+}
 
 /// Compute dtype chosen by the user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -96,7 +120,14 @@ impl Pipeline {
         dtype: DTypeChoice,
         progress: crate::weights::ProgressFn,
     ) -> Result<Self> {
-        Self::load_inner(dir, dtype, &Device::Cpu, Some(progress))
+        Self::load_with(
+            dir,
+            &LoadOptions {
+                dtype,
+                progress: Some(progress),
+                ..LoadOptions::default()
+            },
+        )
     }
 
     fn load_inner(
@@ -105,13 +136,37 @@ impl Pipeline {
         device: &Device,
         progress: Option<crate::weights::ProgressFn>,
     ) -> Result<Self> {
+        Self::load_on_with(
+            dir,
+            device,
+            &LoadOptions {
+                dtype,
+                progress,
+                ..LoadOptions::default()
+            },
+        )
+    }
+
+    /// Loads everything on the CPU as `options` say (dtype, quantization, progress).
+    pub fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        Self::load_on_with(dir, &Device::Cpu, options)
+    }
+
+    fn load_on_with(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Self> {
         let start = Instant::now();
         // The cheap parts first, so a broken tokenizer or template is reported before
         // gigabytes of weights are read.
         crate::model::check_model_dir(dir)?;
         let config = crate::config::Qwen2VLConfig::from_file(&dir.join("config.json"))?;
         let processor = Processor::from_dir(dir, &config)?;
-        let (model, _report) = Qwen2VL::load_with_progress(dir, dtype.dtype(), device, progress)?;
+        let (model, _report) = Qwen2VL::load_quantized(
+            dir,
+            options.dtype.dtype(),
+            device,
+            options.progress.clone(),
+            options.quant,
+            options.vision_quant,
+        )?;
         let gen_path = dir.join("generation_config.json");
         let generation = if gen_path.is_file() {
             GenerationConfig::from_file(&gen_path)?

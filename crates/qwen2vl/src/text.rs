@@ -316,10 +316,74 @@ fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
     }
 }
 
+/// The token embeddings `(vocab, hidden)`: float, or quantized rows dequantized on lookup
+/// (then shared with a tied LM head, so the largest matrix of a small model is stored once).
+#[derive(Debug, Clone)]
+struct Embeddings {
+    table: EmbeddingTable,
+    /// The compute dtype lookups return.
+    dtype: DType,
+    device: candle_core::Device,
+}
+
+#[derive(Debug, Clone)]
+enum EmbeddingTable {
+    Dense(Tensor),
+    Quant(std::sync::Arc<crate::ops::quant::QMatrix>),
+}
+
+impl Embeddings {
+    fn load(w: &Weights, cfg: &TextConfig) -> Result<Self> {
+        let name = "model.embed_tokens.weight";
+        let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
+        let table = match w.quant_for(name, hidden) {
+            Some(t) => EmbeddingTable::Quant(std::sync::Arc::new(
+                w.get_quantized(name, vocab, hidden, t)?,
+            )),
+            None => EmbeddingTable::Dense(w.get(name, (vocab, hidden))?),
+        };
+        Ok(Embeddings {
+            table,
+            dtype: w.dtype(),
+            device: w.device().clone(),
+        })
+    }
+
+    /// The tied LM head over the same table.
+    fn as_linear(&self) -> Linear {
+        match &self.table {
+            EmbeddingTable::Dense(t) => Linear::from_weight(t.clone()),
+            EmbeddingTable::Quant(q) => Linear::Quant(crate::nn::QLinear {
+                weight: q.clone(),
+                bias: None,
+                device: self.device.clone(),
+            }),
+        }
+    }
+
+    /// `ids` (checked against the vocabulary) → `(n, hidden)`.
+    fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
+        match &self.table {
+            EmbeddingTable::Dense(t) => {
+                let idx = Tensor::from_slice(ids, ids.len(), &self.device)?;
+                Ok(t.index_select(&idx, 0)?)
+            }
+            EmbeddingTable::Quant(q) => {
+                let k = q.dims().1;
+                let mut out = vec![0f32; ids.len() * k];
+                for (row, &id) in out.chunks_exact_mut(k).zip(ids) {
+                    q.dequantize_row(id as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), k), &self.device)?.to_dtype(self.dtype)?)
+            }
+        }
+    }
+}
+
 /// Embeddings, decoder layers, final norm and LM head.
 #[derive(Debug, Clone)]
 pub struct TextModel {
-    embed_tokens: Tensor,
+    embed_tokens: Embeddings,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -349,10 +413,7 @@ impl TextModel {
                 cfg.head_dim() / 2
             )));
         }
-        let embed_tokens = w.get(
-            "model.embed_tokens.weight",
-            (cfg.vocab_size, cfg.hidden_size),
-        )?;
+        let embed_tokens = Embeddings::load(w, cfg)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(w, i, cfg))
             .collect::<Result<_>>()?;
@@ -361,7 +422,7 @@ impl TextModel {
         let lm_head = if !cfg.tie_word_embeddings || w.contains("lm_head.weight") {
             Linear::load(w, "lm_head", cfg.hidden_size, cfg.vocab_size, false)?
         } else {
-            Linear::from_weight(embed_tokens.clone())
+            embed_tokens.as_linear()
         };
         Ok(TextModel {
             embed_tokens,
@@ -386,8 +447,7 @@ impl TextModel {
                 format!("ids below {vocab}"),
             ));
         }
-        let idx = Tensor::from_slice(ids, ids.len(), self.embed_tokens.device())?;
-        Ok(self.embed_tokens.index_select(&idx, 0)?)
+        self.embed_tokens.lookup(ids)
     }
 
     /// Runs the decoder layers: `x: (B, T, hidden)`, `cos/sin: (B, T, head_dim/2)`, one cache
@@ -558,8 +618,8 @@ impl TextModel {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim(),
             capacity,
-            self.embed_tokens.dtype(),
-            self.embed_tokens.device(),
+            self.embed_tokens.dtype,
+            &self.embed_tokens.device,
         )
     }
 }

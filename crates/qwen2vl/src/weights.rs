@@ -20,6 +20,8 @@ use memmap2::Mmap;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::ops::quant::plan::QuantPlan;
+use crate::ops::quant::{QMatrix, QType};
 
 /// One tensor's place in the mapped files.
 #[derive(Debug, Clone)]
@@ -60,6 +62,8 @@ pub struct Weights {
     progress: Option<ProgressFn>,
     /// (bytes, tensors) read so far, for `progress`.
     done: Mutex<(u64, usize)>,
+    /// Which matrices are quantized as they load (`--quant`), when set.
+    quant: Option<QuantPlan>,
 }
 
 impl std::fmt::Debug for Weights {
@@ -161,12 +165,32 @@ impl Weights {
             device: device.clone(),
             progress: None,
             done: Mutex::new((0, 0)),
+            quant: None,
         })
     }
 
     /// Reports progress to `f` after every tensor read from now on.
     pub fn set_progress(&mut self, f: ProgressFn) {
         self.progress = Some(f);
+    }
+
+    /// Quantizes the matrices `plan` names as they load (see [`Weights::quant_for`]).
+    pub fn set_quant(&mut self, plan: QuantPlan) {
+        self.quant = Some(plan);
+    }
+
+    /// The format matrix `name` with rows of `k` values is to be quantized to, if any.
+    pub fn quant_for(&self, name: &str, k: usize) -> Option<QType> {
+        self.quant.as_ref()?.type_for(name, k)
+    }
+
+    /// Reads matrix `name` `(n, k)` and quantizes it to `t` (rows on all threads); the float
+    /// copy is dropped before this returns.
+    pub fn get_quantized(&self, name: &str, n: usize, k: usize, t: QType) -> Result<QMatrix> {
+        let w = self.get(name, (n, k))?.to_dtype(DType::F32)?;
+        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        drop(w);
+        QMatrix::quantize(t, &values, n, k).map_err(|e| Error::Weights(format!("{name}: {e}")))
     }
 
     /// Where loading stands: everything read so far out of the whole checkpoint.

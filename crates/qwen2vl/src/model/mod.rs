@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::Qwen2VLConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
+use crate::ops::quant::plan::{QuantPlan, QuantScheme};
 use crate::rope::{self, MropePositions, VisionTokens};
 use crate::text::TextModel;
 use crate::vision::VisionTransformer;
@@ -97,12 +98,39 @@ impl Qwen2VL {
         device: &Device,
         progress: Option<crate::weights::ProgressFn>,
     ) -> Result<(Self, LoadReport)> {
+        Self::load_quantized(dir, dtype, device, progress, None, None)
+    }
+
+    /// [`Qwen2VL::load_with_progress`], quantizing the decoder's matrices (and embeddings)
+    /// to `text` and the vision tower's to `vision` as they load (see
+    /// [`crate::ops::quant::plan`]); `None` keeps them in `dtype`.
+    pub fn load_quantized(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        progress: Option<crate::weights::ProgressFn>,
+        text: Option<QuantScheme>,
+        vision: Option<QuantScheme>,
+    ) -> Result<(Self, LoadReport)> {
         check_model_dir(dir)?;
         let start = Instant::now();
         let config = Qwen2VLConfig::from_file(&dir.join("config.json"))?;
         let mut weights = Weights::from_dir(dir, dtype, device)?;
         if let Some(f) = &progress {
             weights.set_progress(f.clone());
+        }
+        if text.is_some() || vision.is_some() {
+            if !device.is_cpu() {
+                return Err(Error::bad_input(
+                    "quantized weights run on the CPU only",
+                    "--quant without a GPU device, or float weights on the GPU",
+                ));
+            }
+            weights.set_quant(QuantPlan {
+                text,
+                vision,
+                layers: config.text.num_hidden_layers,
+            });
         }
         let model = Self::from_weights(&config, &weights)?;
         if let Some(f) = &progress {

@@ -252,9 +252,9 @@ fn quantize_q6k_block(x: &[f32], blk: &mut [u8]) {
         let sc = round_away(iscale * s).clamp(-128, 127);
         blk[192 + g] = sc as i8 as u8;
         let dg = d * sc as f32;
-        for e in 16 * g..16 * g + 16 {
+        for (e, &v) in x.iter().enumerate().skip(16 * g).take(16) {
             let q = if dg != 0.0 {
-                round_away(x[e] / dg).clamp(-32, 31)
+                round_away(v / dg).clamp(-32, 31)
             } else {
                 0
             };

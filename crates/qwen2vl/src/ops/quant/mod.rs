@@ -18,6 +18,7 @@
 pub mod act;
 pub mod format;
 pub mod kernels;
+pub mod plan;
 
 use rayon::prelude::*;
 
@@ -169,7 +170,7 @@ impl QMatrix {
 }
 
 fn check_shape(t: QType, n: usize, k: usize) -> Result<()> {
-    if k == 0 || n == 0 || k % t.block_len() != 0 {
+    if k == 0 || n == 0 || !k.is_multiple_of(t.block_len()) {
         return Err(Error::Weights(format!(
             "a ({n}, {k}) matrix cannot be stored as {t}: rows must be a non-zero multiple of \
              {} values",
