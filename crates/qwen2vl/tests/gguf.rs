@@ -793,3 +793,61 @@ fn a_file_whose_data_section_starts_past_the_end() {
         has(&err_of(b), &["truncated: the data section starts at byte"]);
     }
 }
+
+/// A header the size of the real Qwen2-VL text GGUF's (151,936 tokens, 151,387 merges, 338
+/// tensor descriptions) reads, with every array intact. (How long it takes is a benchmark
+/// matter; `--nocapture` prints it.)
+#[test]
+fn a_qwen_sized_header_reads() {
+    let tokens: Vec<String> = (0..151_936).map(|i| format!("Ġtok{i}")).collect();
+    let merges: Vec<String> = (0..151_387).map(|i| format!("Ġt ok{i}")).collect();
+    let types: Vec<i32> = (0..151_936)
+        .map(|i| 1 + 2 * i32::from(i >= 151_643))
+        .collect();
+    let mut w = GgufWriter::new();
+    w.add("general.architecture", "qwen2vl").unwrap();
+    w.add("tokenizer.ggml.tokens", tokens.clone()).unwrap();
+    w.add("tokenizer.ggml.merges", merges.clone()).unwrap();
+    w.add("tokenizer.ggml.token_type", types.clone()).unwrap();
+    let names: Vec<String> = (0..28)
+        .flat_map(|l| {
+            [
+                "attn_norm.weight",
+                "attn_q.weight",
+                "attn_q.bias",
+                "attn_k.weight",
+                "attn_k.bias",
+                "attn_v.weight",
+                "attn_v.bias",
+                "attn_output.weight",
+                "ffn_norm.weight",
+                "ffn_gate.weight",
+                "ffn_up.weight",
+                "ffn_down.weight",
+            ]
+            .map(|t| format!("blk.{l}.{t}"))
+        })
+        .chain(["token_embd.weight".into(), "output_norm.weight".into()])
+        .collect();
+    for n in &names {
+        w.add_tensor(n, GgmlType::Q8_0, &[32]).unwrap();
+    }
+    let mut s = w.begin(Vec::new()).unwrap();
+    for n in &names {
+        s.write_tensor(n, &[0; 34]).unwrap();
+    }
+    let bytes = s.finish().unwrap();
+    let start = std::time::Instant::now();
+    let f = GgufFile::from_bytes(bytes).unwrap();
+    eprintln!(
+        "a {}-byte header with {} tensors read in {:?}",
+        f.data_start(),
+        f.tensors().len(),
+        start.elapsed()
+    );
+    assert_eq!(f.get_str_array("tokenizer.ggml.tokens").unwrap(), tokens);
+    assert_eq!(f.get_str_array("tokenizer.ggml.merges").unwrap(), merges);
+    assert_eq!(f.get_i32_array("tokenizer.ggml.token_type").unwrap(), types);
+    assert_eq!(f.tensors().len(), 338);
+    assert_eq!(f.tensor_bytes("blk.27.ffn_down.weight").unwrap().len(), 34);
+}

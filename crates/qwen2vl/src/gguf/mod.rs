@@ -431,7 +431,7 @@ impl ValueType {
         }
     }
 
-    /// "u8", "str", "arr", … (llama.cpp's `gguf_type_name`, with "str" for strings).
+    /// "u8", "i32", "f32", "bool", "string", "array", … for messages.
     pub fn name(self) -> &'static str {
         use ValueType::*;
         match self {

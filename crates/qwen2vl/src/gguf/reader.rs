@@ -126,7 +126,7 @@ macro_rules! getters {
         $(#[$doc])*
         ///
         /// An error names the key and the expected type when the key is missing or holds
-        /// another type.
+        /// another type (values are not converted between types, as in llama.cpp's loader).
         pub fn $get(&self, key: &str) -> Result<$t> {
             self.$opt(key)?.ok_or_else(|| self.missing(key, $what))
         }
@@ -252,14 +252,14 @@ impl GgufFile {
 
     fn missing(&self, key: &str, what: &str) -> Error {
         Error::Weights(format!(
-            "GGUF file {}: key '{key}' is missing; expected a {what}",
+            "GGUF file {}: key '{key}' is missing; expected a value of type {what}",
             self.origin
         ))
     }
 
     fn wrong_type(&self, key: &str, found: &MetaValue, what: &str) -> Error {
         Error::Weights(format!(
-            "GGUF file {}: key '{key}' is a {}; expected a {what}",
+            "GGUF file {}: key '{key}' has type {}; expected type {what}",
             self.origin,
             found.type_description()
         ))
@@ -354,7 +354,8 @@ impl GgufFile {
         self.bytes_of(t)
     }
 
-    /// The bytes of `t` (a tensor of this file), borrowed from the file.
+    /// The bytes of `t` (a tensor of this file, from [`GgufFile::tensors`]), borrowed from
+    /// the file.
     pub fn bytes_of(&self, t: &TensorInfo) -> Result<&[u8]> {
         let Some(len) = t.byte_len else {
             return Err(Error::Weights(format!(
@@ -365,11 +366,19 @@ impl GgufFile {
                 super::known_type_names()
             )));
         };
-        // In bounds: checked at parse (data_start + offset + len <= file length).
-        let start = (self.header.data_start + t.offset) as usize;
-        self.bytes()
-            .get(start..start + len as usize)
-            .ok_or_else(|| Error::Internal(format!("GGUF tensor '{}' out of bounds", t.name)))
+        // In bounds for this file's tensors (checked at parse: data start + offset + length
+        // <= file length); a `TensorInfo` of another file may not be.
+        let start = self.header.data_start.checked_add(t.offset);
+        let end = start.and_then(|s| s.checked_add(len));
+        match (start, end) {
+            (Some(s), Some(e)) if e <= self.bytes().len() as u64 => {
+                Ok(&self.bytes()[s as usize..e as usize])
+            }
+            _ => Err(Error::Internal(format!(
+                "GGUF file {}: tensor '{}' is not one of this file's (its bytes lie outside it)",
+                self.origin, t.name
+            ))),
+        }
     }
 }
 
@@ -852,19 +861,22 @@ mod tests {
         let f = GgufFile::from_bytes(small()).unwrap();
         let e = f.get_u32("qwen2vl.context_length").unwrap_err().to_string();
         assert!(
-            e.contains("'qwen2vl.context_length' is missing; expected a u32"),
+            e.contains("'qwen2vl.context_length' is missing; expected a value of type u32"),
             "{e}"
         );
         let e = f.get_f32("qwen2vl.block_count").unwrap_err().to_string();
         assert!(
-            e.contains("'qwen2vl.block_count' is a u32; expected a f32"),
+            e.contains("'qwen2vl.block_count' has type u32; expected type f32"),
             "{e}"
         );
         let e = f
             .get_str_array("general.architecture")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("is a string; expected a array of string"), "{e}");
+        assert!(
+            e.contains("has type string; expected type array of string"),
+            "{e}"
+        );
         assert_eq!(f.get_u32_opt("nope").unwrap(), None);
         assert!(f.get_u32_opt("general.architecture").is_err());
         let e = f.tensor_bytes("c").unwrap_err().to_string();
