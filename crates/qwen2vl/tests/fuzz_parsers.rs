@@ -1207,6 +1207,38 @@ fn gguf_files_survive_mutation() {
     assert!(done > 0);
 }
 
+/// In a large file a count bounded only by the bytes left is still huge: the reader reserves
+/// at most 65,536 entries for it, so what it holds follows what it reads. (A 16 MiB file of
+/// zeros claiming 2^20 keys, 1.3 million strings or 2^19 tensors: each fails on its first
+/// entry, having held a few MiB at most rather than a table for the claimed count.)
+#[test]
+fn gguf_claimed_counts_reserve_little_in_a_large_file() {
+    let header = |n_tensors: u64, n_kv: u64| {
+        let mut b = b"GGUF".to_vec();
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&n_tensors.to_le_bytes());
+        b.extend_from_slice(&n_kv.to_le_bytes());
+        b
+    };
+    let mut array = header(0, 1);
+    array.extend_from_slice(&1u64.to_le_bytes());
+    array.push(b'k');
+    array.extend_from_slice(&9u32.to_le_bytes()); // an array
+    array.extend_from_slice(&8u32.to_le_bytes()); // of strings
+    array.extend_from_slice(&1_300_000u64.to_le_bytes());
+    array.extend_from_slice(&(1u64 << 40).to_le_bytes()); // whose first is absurdly long
+    for (what, mut file) in [
+        ("keys", header(0, 1 << 20)),
+        ("tensors", header(1 << 19, 0)),
+        ("strings", array),
+    ] {
+        file.resize(16 << 20, 0);
+        let (r, peak) = peak_bytes(|| GgufFile::from_bytes(file));
+        assert!(r.is_err(), "{what}");
+        assert!(peak < 8 << 20, "{what}: held {peak} bytes at once");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Video container probing.
 // ---------------------------------------------------------------------------------------------

@@ -489,8 +489,9 @@ fn parse(data: &[u8]) -> std::result::Result<Header, String> {
         ));
     }
 
-    // Key-value pairs. The capacity is bounded by the check above.
-    let mut metadata: Vec<(String, MetaValue)> = Vec::with_capacity(n_kv as usize);
+    // Key-value pairs. The count is bounded by the bytes left, but in a multi-gigabyte file
+    // that bound is large: reserve little and let the table grow with the entries read.
+    let mut metadata: Vec<(String, MetaValue)> = Vec::with_capacity(reserve(n_kv));
     for i in 0..n_kv {
         let at = c.pos;
         let key = c.str(&|| format!("key {i}"))?;
@@ -533,7 +534,7 @@ fn parse(data: &[u8]) -> std::result::Result<Header, String> {
             left / MIN_TENSOR_BYTES
         ));
     }
-    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors as usize);
+    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(reserve(n_tensors));
     for i in 0..n_tensors {
         tensors.push(read_tensor_info(&mut c, i, alignment)?);
     }
@@ -571,6 +572,13 @@ fn parse(data: &[u8]) -> std::result::Result<Header, String> {
         tensors,
         tensor_index,
     })
+}
+
+/// How many entries to reserve for a table whose count the file claims: at most 65,536, so
+/// memory follows the entries actually read (a count only bounded by the bytes left may still
+/// be hundreds of millions in a large file) while a real vocabulary grows in a few steps.
+fn reserve(claimed: u64) -> usize {
+    claimed.min(1 << 16) as usize
 }
 
 fn bad_magic(magic: &[u8]) -> String {
@@ -648,8 +656,8 @@ fn read_value(c: &mut Cursor<'_>, i: u64, key: &str) -> std::result::Result<Meta
     let what = || format!("the elements of array '{key}'");
     Ok(MetaValue::Array(match et {
         ValueType::Str => {
-            // Bounded: n * 8 <= the bytes left.
-            let mut v = Vec::with_capacity(n as usize);
+            // n * 8 <= the bytes left; still reserve little (see `reserve`).
+            let mut v = Vec::with_capacity(reserve(n));
             for j in 0..n {
                 v.push(
                     c.str(&|| format!("element {j} of array '{key}'"))?
