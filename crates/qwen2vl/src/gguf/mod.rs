@@ -51,7 +51,9 @@
 //! - magic `GGUF`; version 2 or 3 (1 is refused by llama.cpp too; a version whose low 16
 //!   bits are zero is reported as a big-endian file, which only little-endian readers meet);
 //! - the tensor and key-value counts are bounded by the bytes left: `count × the smallest
-//!   encoding of one entry ≤ remaining`, checked before any table is allocated;
+//!   encoding of one entry ≤ remaining`, checked before any table is allocated; and since
+//!   that bound is still large in a multi-gigabyte file, a table reserves at most 65,536
+//!   entries up front and grows with the entries actually read;
 //! - every string and array length is checked against the bytes left (and against
 //!   llama.cpp's 2^30 limits) before anything is allocated; strings must be UTF-8;
 //! - array elements are scalars or strings: an array of arrays is refused (llama.cpp refuses
@@ -66,7 +68,13 @@
 //!   (`data start + offset + byte length ≤ file length`), and no two tensors overlap.
 //!   llama.cpp additionally requires the tensors to be packed in table order
 //!   (`offset == sum of the padded sizes before it`); this reader accepts any order, since
-//!   the three checks above are what makes reading safe.
+//!   the three checks above are what makes reading safe. The data section starts at the end
+//!   of the header rounded up to the alignment (when there are tensors), as in llama.cpp;
+//!   the padding after the last tensor is not required.
+//!
+//! Stricter than llama.cpp (which accepts them): invalid UTF-8 in keys, names and strings, a
+//! zero dimension, a tensor with no dimensions, an empty tensor name. Looser: unknown tensor
+//! types (below) and tensors out of table order.
 //!
 //! A tensor of a type id this module does not know ([`GgmlType::Unknown`]) does not fail the
 //! file (an unused tensor in a new format should not stop a load): its offset is checked, and
