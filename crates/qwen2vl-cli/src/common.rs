@@ -17,10 +17,15 @@ use crate::error::CliError;
 /// The model a command runs, where it comes from, and how it computes.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A local model directory (config.json, *.safetensors, tokenizer.json, ...) or a Hugging
-    /// Face repo id, optionally with a revision: Qwen/Qwen2-VL-2B-Instruct@main.
+    /// A local model directory (config.json, *.safetensors, tokenizer.json, ...), a Hugging
+    /// Face repo id, optionally with a revision (Qwen/Qwen2-VL-2B-Instruct@main), or a
+    /// llama.cpp GGUF text model (model.gguf: f16, bf16, q8_0, q4_k_m, ...).
     #[arg(long, default_value = crate::hub::DEFAULT_MODEL)]
     pub model: String,
+    /// The vision projector of a GGUF model (mmproj-*.gguf, from llama.cpp's converter);
+    /// without it a GGUF model answers text only.
+    #[arg(long, value_name = "PATH")]
+    pub mmproj: Option<std::path::PathBuf>,
     /// Compute dtype: f32 (default on CPU), f16, bf16 or f64.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
@@ -56,8 +61,9 @@ impl ModelArgs {
             quant: scheme(&self.quant)?,
             vision_quant: scheme(&self.vision_quant)?,
             progress: None,
+            mmproj: self.mmproj.clone(),
         };
-        let dir = crate::hub::resolve_model(&self.model, self.quiet)?;
+        let dir = self.resolve()?;
         if self.quiet || !std::io::stderr().is_terminal() {
             return Ok(Pipeline::load_with(&dir, &options)?);
         }
@@ -77,6 +83,40 @@ impl ModelArgs {
         let loaded = Pipeline::load_with(&dir, &options);
         bar.finish_and_clear();
         Ok(loaded?)
+    }
+}
+
+impl ModelArgs {
+    /// `--model` as a path: a GGUF file as it is, else a directory or hub repo (downloaded
+    /// if needed). `--mmproj` must name a file and goes with a GGUF model only.
+    fn resolve(&self) -> Result<std::path::PathBuf, CliError> {
+        let path = std::path::PathBuf::from(&self.model);
+        let gguf = qwen2vl::pipeline::is_gguf_path(&path);
+        if let Some(m) = &self.mmproj {
+            if !gguf {
+                return Err(CliError::Usage(format!(
+                    "--mmproj {} goes with a GGUF text model (--model model.gguf); {} is not one",
+                    m.display(),
+                    self.model
+                )));
+            }
+            if !m.is_file() {
+                return Err(CliError::Usage(format!(
+                    "--mmproj {}: no such file",
+                    m.display()
+                )));
+            }
+        }
+        if gguf {
+            if !path.is_file() {
+                return Err(CliError::Usage(format!(
+                    "GGUF model {} not found",
+                    self.model
+                )));
+            }
+            return Ok(path);
+        }
+        crate::hub::resolve_model(&self.model, self.quiet)
     }
 }
 

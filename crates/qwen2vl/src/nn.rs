@@ -33,7 +33,8 @@ pub struct QLinear {
 
 impl Linear {
     /// Loads `{prefix}.weight` `(out, in)` and, when `bias`, `{prefix}.bias` `(out,)`;
-    /// quantized when the load's plan says so.
+    /// quantized when the checkpoint stores it quantized (a GGUF's q8_0/q4_K/q6_K, kept as
+    /// stored) or the load's plan says so.
     pub fn load(
         w: &Weights,
         prefix: &str,
@@ -47,8 +48,14 @@ impl Linear {
         } else {
             None
         };
-        if let Some(t) = w.quant_for(&name, in_dim) {
-            let weight = w.get_quantized(&name, out_dim, in_dim, t)?;
+        let quantized = match w.stored_quant(&name, out_dim, in_dim)? {
+            Some(q) => Some(q),
+            None => match w.quant_for(&name, in_dim) {
+                Some(t) => Some(w.get_quantized(&name, out_dim, in_dim, t)?),
+                None => None,
+            },
+        };
+        if let Some(weight) = quantized {
             let bias = match bias {
                 Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
                 None => None,

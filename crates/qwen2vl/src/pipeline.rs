@@ -3,7 +3,7 @@
 //! This is the single-sequence path the CLI uses; the batching engine (many sequences per
 //! decode step) builds on the same [`Qwen2VL`] prefill/decode calls.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
 
@@ -32,6 +32,9 @@ pub struct LoadOptions {
     pub vision_quant: Option<QuantScheme>,
     /// Told after every tensor read.
     pub progress: Option<crate::weights::ProgressFn>,
+    /// The vision projector (`mmproj-*.gguf`) of a GGUF model; without it a GGUF model is
+    /// text-only. Refused for a Hugging Face directory.
+    pub mmproj: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for LoadOptions {
@@ -40,6 +43,7 @@ impl std::fmt::Debug for LoadOptions {
             .field("dtype", &self.dtype)
             .field("quant", &self.quant)
             .field("vision_quant", &self.vision_quant)
+            .field("mmproj", &self.mmproj)
             .finish()
     }
 }
@@ -148,11 +152,27 @@ impl Pipeline {
     }
 
     /// Loads everything on the CPU as `options` say (dtype, quantization, progress).
+    ///
+    /// `dir` is a Hugging Face–format model directory, or a llama.cpp GGUF text model
+    /// (`*.gguf`, with its vision projector in [`LoadOptions::mmproj`]): config, tokenizer,
+    /// chat template and image normalisation then come from the GGUF metadata.
     pub fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
         Self::load_on_with(dir, &Device::Cpu, options)
     }
 
     fn load_on_with(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Self> {
+        if is_gguf_path(dir) {
+            return Self::load_gguf(dir, device, options);
+        }
+        if let Some(m) = &options.mmproj {
+            return Err(Error::bad_input(
+                format!(
+                    "--mmproj {} was given with a model directory; a directory holds its own vision tower",
+                    m.display()
+                ),
+                "--mmproj only with a GGUF text model (--model model.gguf)",
+            ));
+        }
         let start = Instant::now();
         // The cheap parts first, so a broken tokenizer or template is reported before
         // gigabytes of weights are read.
@@ -173,6 +193,31 @@ impl Pipeline {
         } else {
             GenerationConfig::default()
         };
+        Ok(Pipeline {
+            model,
+            processor,
+            generation,
+            load_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Loads llama.cpp GGUF files (see [`Pipeline::load_with`]).
+    fn load_gguf(path: &Path, device: &Device, options: &LoadOptions) -> Result<Self> {
+        let start = Instant::now();
+        let gguf = std::sync::Arc::new(crate::gguf::model::GgufModel::open(
+            path,
+            options.mmproj.as_deref(),
+        )?);
+        let processor = Processor::from_gguf(&gguf)?;
+        let generation = gguf.generation()?;
+        let (model, _report) = Qwen2VL::load_gguf(
+            gguf,
+            options.dtype.dtype(),
+            device,
+            options.progress.clone(),
+            options.quant,
+            options.vision_quant,
+        )?;
         Ok(Pipeline {
             model,
             processor,
@@ -351,4 +396,24 @@ impl Pipeline {
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Whether `path` names a GGUF file: a file ending in `.gguf`, or any file starting with
+/// the GGUF magic.
+pub fn is_gguf_path(path: &Path) -> bool {
+    if !path.is_file() {
+        return path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    }
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        return true;
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok_and(|()| magic == crate::gguf::MAGIC)
 }

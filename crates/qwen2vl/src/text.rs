@@ -336,11 +336,15 @@ impl Embeddings {
     fn load(w: &Weights, cfg: &TextConfig) -> Result<Self> {
         let name = "model.embed_tokens.weight";
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
-        let table = match w.quant_for(name, hidden) {
-            Some(t) => EmbeddingTable::Quant(std::sync::Arc::new(
+        let table = match (
+            w.stored_quant(name, vocab, hidden)?,
+            w.quant_for(name, hidden),
+        ) {
+            (Some(q), _) => EmbeddingTable::Quant(std::sync::Arc::new(q)),
+            (None, Some(t)) => EmbeddingTable::Quant(std::sync::Arc::new(
                 w.get_quantized(name, vocab, hidden, t)?,
             )),
-            None => EmbeddingTable::Dense(w.get(name, (vocab, hidden))?),
+            (None, None) => EmbeddingTable::Dense(w.get(name, (vocab, hidden))?),
         };
         Ok(Embeddings {
             table,

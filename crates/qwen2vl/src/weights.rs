@@ -9,17 +9,24 @@
 //! `visual.blocks.0.attn.qkv.weight`, `lm_head.weight`). Checkpoints written by transformers ≥ 4.52
 //! use `model.language_model.*` and `model.visual.*` instead; [`Weights::get`] tries both.
 //! Every name handed out is recorded, so the loader can report tensors the model never used.
+//!
+//! A second backend serves the same names out of llama.cpp's GGUF files
+//! ([`Weights::from_gguf`], the name map in [`crate::gguf::model`]): float tensors are converted
+//! like safetensors ones, and quantized matrices are handed out as they are stored
+//! ([`Weights::stored_quant`]), never widened and requantized.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use memmap2::Mmap;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::gguf::model::{dequantize_legacy, qtype_of, GgufModel, Part, Source};
+use crate::gguf::GgmlType;
 use crate::ops::quant::plan::QuantPlan;
 use crate::ops::quant::{QMatrix, QType};
 
@@ -64,6 +71,8 @@ pub struct Weights {
     done: Mutex<(u64, usize)>,
     /// Which matrices are quantized as they load (`--quant`), when set.
     quant: Option<QuantPlan>,
+    /// The GGUF files tensors come from instead of `maps` (then empty), when set.
+    gguf: Option<Arc<GgufModel>>,
 }
 
 impl std::fmt::Debug for Weights {
@@ -166,7 +175,217 @@ impl Weights {
             progress: None,
             done: Mutex::new((0, 0)),
             quant: None,
+            gguf: None,
         })
+    }
+
+    /// Serves the tensors of llama.cpp GGUF files under their Hugging Face names (see
+    /// [`crate::gguf::model`] for the map).
+    pub fn from_gguf(model: Arc<GgufModel>, dtype: DType, device: &Device) -> Self {
+        Weights {
+            maps: Vec::new(),
+            index: HashMap::new(),
+            used: Mutex::new(BTreeSet::new()),
+            dtype,
+            device: device.clone(),
+            progress: None,
+            done: Mutex::new((0, 0)),
+            quant: None,
+            gguf: Some(model),
+        }
+    }
+
+    /// The GGUF files, when the weights come from them.
+    pub fn gguf(&self) -> Option<&GgufModel> {
+        self.gguf.as_deref()
+    }
+
+    /// Whether the checkpoint has a vision tower (a GGUF text model without its `mmproj`
+    /// has none).
+    pub fn has_vision(&self) -> bool {
+        self.gguf.as_ref().is_none_or(|g| g.has_vision())
+    }
+
+    /// Matrix `name` `(n, k)` as it is stored, when the checkpoint stores it quantized in a
+    /// format the kernels run (a GGUF's q8_0, q4_K or q6_K): no float copy is made. `None`
+    /// for float tensors (and for a stack of differently quantized parts, which [`Weights::get`]
+    /// widens).
+    pub fn stored_quant(&self, name: &str, n: usize, k: usize) -> Result<Option<QMatrix>> {
+        let Some(model) = self.gguf.as_deref() else {
+            return Ok(None);
+        };
+        let Some(src) = model.locate(name) else {
+            return Ok(None);
+        };
+        let (part, names) = src.tensors();
+        let Some(file) = model.file(part) else {
+            return Ok(None);
+        };
+        let mut infos = Vec::with_capacity(names.len());
+        for n in &names {
+            infos.push(file.tensor_info(n)?);
+        }
+        let Some(t) = qtype_of(infos[0].ggml_type()) else {
+            return Ok(None);
+        };
+        if infos.iter().any(|i| qtype_of(i.ggml_type()) != Some(t))
+            || matches!(src, Source::Frames(..))
+        {
+            return Ok(None);
+        }
+        let rb = t.row_bytes(k);
+        let mut data = Vec::new();
+        for &info in &infos {
+            let ne = info.ne();
+            if ne[0] as usize != k {
+                return Err(Error::Weights(format!(
+                    "tensor {} (for {name}) has rows of {} values, expected {k}",
+                    info.name(),
+                    ne[0]
+                )));
+            }
+            let bytes = file.bytes_of(info)?;
+            match src {
+                Source::RowSlice(_, _, r) => {
+                    let slice = bytes.get(r.start * rb..r.end * rb).ok_or_else(|| {
+                        Error::Weights(format!(
+                            "tensor {} has no rows {r:?} for {name}",
+                            info.name()
+                        ))
+                    })?;
+                    data.extend_from_slice(slice);
+                }
+                _ => data.extend_from_slice(bytes),
+            }
+            self.record(info.name(), bytes.len() as u64);
+            file.release(bytes);
+        }
+        if data.len() != n * rb {
+            return Err(Error::Weights(format!(
+                "tensor {name} ({}) holds {} rows of {k}, expected {n}",
+                names.join(" + "),
+                data.len() / rb.max(1)
+            )));
+        }
+        QMatrix::from_bytes(t, n, k, data)
+            .map(Some)
+            .map_err(|e| Error::Weights(format!("{name}: {e}")))
+    }
+
+    /// Notes that stored tensor `stored` (`bytes` long) was read, and reports progress.
+    fn record(&self, stored: &str, bytes: u64) {
+        if let Ok(mut used) = self.used.lock() {
+            used.insert(stored.to_string());
+        }
+        if let Some(f) = &self.progress {
+            if let Ok(mut done) = self.done.lock() {
+                done.0 += bytes;
+                done.1 += 1;
+            }
+            f(self.progress());
+        }
+    }
+
+    /// One GGUF tensor in the compute dtype, in PyTorch order.
+    fn gguf_tensor(&self, model: &GgufModel, part: Part, name: &str) -> Result<Tensor> {
+        let file = model
+            .file(part)
+            .ok_or_else(|| Error::Weights(format!("no vision projector for tensor {name}")))?;
+        let info = file.tensor_info(name)?;
+        let bytes = file.bytes_of(info)?;
+        let shape = Shape::from(info.shape());
+        let fail = |e: String| Error::Weights(format!("GGUF tensor {name}: {e}"));
+        let float = |d: StDtype| convert(d, bytes, &shape, self.dtype, &self.device).map_err(fail);
+        let t = match info.ggml_type() {
+            GgmlType::F32 => float(StDtype::F32)?,
+            GgmlType::F16 => float(StDtype::F16)?,
+            GgmlType::BF16 => float(StDtype::BF16)?,
+            ty => {
+                let k = info.ne()[0] as usize;
+                let n = shape.elem_count() / k.max(1);
+                let values = match qtype_of(ty) {
+                    Some(q) => QMatrix::from_bytes(q, n, k, bytes.to_vec())?.dequantize(),
+                    None => {
+                        let mut out = vec![0f32; n * k];
+                        dequantize_legacy(ty, bytes, &mut out).map_err(fail)?;
+                        out
+                    }
+                };
+                Tensor::from_vec(values, shape.clone(), &self.device)?.to_dtype(self.dtype)?
+            }
+        };
+        self.record(name, bytes.len() as u64);
+        file.release(bytes);
+        Ok(t)
+    }
+
+    /// [`Weights::get`] from the GGUF files.
+    fn get_gguf(&self, model: &GgufModel, name: &str, shape: &Shape) -> Result<Tensor> {
+        let src = model.locate(name).ok_or_else(|| {
+            let wanted = match model.index_entry(name) {
+                Some(s) => {
+                    let (part, names) = s.tensors();
+                    let file = match part {
+                        Part::Text => "the text model",
+                        Part::Vision if model.has_vision() => "the vision projector (mmproj)",
+                        Part::Vision => {
+                            return Error::Weights(format!(
+                                "missing tensor {name}: this model was loaded without its vision projector (--mmproj)"
+                            ))
+                        }
+                    };
+                    format!(" (GGUF tensor {} in {file})", names.join(" + "))
+                }
+                None => String::new(),
+            };
+            Error::Weights(format!(
+                "missing tensor {name}{wanted}, expected shape {shape:?}"
+            ))
+        })?;
+        let t = match src {
+            Source::One(p, n) => self.gguf_tensor(model, *p, n)?,
+            Source::Rows(p, names) => {
+                let parts = names
+                    .iter()
+                    .map(|n| self.gguf_tensor(model, *p, n))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 0)?
+            }
+            Source::RowSlice(p, n, r) => {
+                let whole = self.gguf_tensor(model, *p, n)?;
+                if whole.dim(0)? < r.end {
+                    return Err(Error::Weights(format!(
+                        "GGUF tensor {n} has {} rows; {name} needs rows {r:?}",
+                        whole.dim(0)?
+                    )));
+                }
+                whole.narrow(0, r.start, r.len())?.contiguous()?
+            }
+            Source::Frames(p, a, b) => {
+                let (a, b) = (
+                    self.gguf_tensor(model, *p, a)?,
+                    self.gguf_tensor(model, *p, b)?,
+                );
+                if a.rank() != 4 || a.dims() != b.dims() {
+                    return Err(Error::Weights(format!(
+                        "the patch kernels for {name} have shapes {:?} and {:?}; expected two (embed, channels, patch, patch)",
+                        a.dims(),
+                        b.dims()
+                    )));
+                }
+                Tensor::stack(&[a, b], 2)?
+            }
+        };
+        if t.dims() != shape.dims() {
+            let (_, names) = src.tensors();
+            return Err(Error::Weights(format!(
+                "tensor {name} (GGUF {}) has shape {:?}, expected {:?}",
+                names.join(" + "),
+                t.dims(),
+                shape.dims()
+            )));
+        }
+        Ok(t)
     }
 
     /// Reports progress to `f` after every tensor read from now on.
@@ -196,12 +415,20 @@ impl Weights {
     /// Where loading stands: everything read so far out of the whole checkpoint.
     pub fn progress(&self) -> LoadProgress {
         let (bytes, tensors) = self.done.lock().map(|d| *d).unwrap_or_default();
-        let bytes_total = self.index.values().map(|e| e.bytes.len() as u64).sum();
+        let (bytes_total, count) = match &self.gguf {
+            Some(g) => g.tensors().fold((0, 0), |(b, n), (_, t)| {
+                (b + t.byte_len().unwrap_or(0), n + 1)
+            }),
+            None => (
+                self.index.values().map(|e| e.bytes.len() as u64).sum(),
+                self.index.len(),
+            ),
+        };
         LoadProgress {
             bytes_done: bytes.min(bytes_total),
             bytes_total,
-            tensors_done: tensors.min(self.index.len()),
-            tensors_total: self.index.len(),
+            tensors_done: tensors.min(count),
+            tensors_total: count,
         }
     }
 
@@ -215,9 +442,12 @@ impl Weights {
         &self.device
     }
 
-    /// All tensor names in the checkpoint.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.index.keys().map(|s| s.as_str())
+    /// All tensor names in the checkpoint (the GGUF names for GGUF files).
+    pub fn names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        match &self.gguf {
+            Some(g) => Box::new(g.tensors().map(|(_, t)| t.name())),
+            None => Box::new(self.index.keys().map(|s| s.as_str())),
+        }
     }
 
     /// Resolves an original-style name to the name stored in this checkpoint.
@@ -237,7 +467,10 @@ impl Weights {
 
     /// Whether the checkpoint holds `name` (under either naming).
     pub fn contains(&self, name: &str) -> bool {
-        self.resolve(name).is_some()
+        match &self.gguf {
+            Some(g) => g.locate(name).is_some(),
+            None => self.resolve(name).is_some(),
+        }
     }
 
     /// Reads tensor `name`, checks it has `shape`, and converts it to the compute dtype.
@@ -245,6 +478,9 @@ impl Weights {
     /// A missing tensor or a different shape is an error naming the tensor and both shapes.
     pub fn get<S: Into<Shape>>(&self, name: &str, shape: S) -> Result<Tensor> {
         let shape: Shape = shape.into();
+        if let Some(g) = &self.gguf {
+            return self.get_gguf(g, name, &shape);
+        }
         let stored = self.resolve(name).ok_or_else(|| {
             Error::Weights(format!("missing tensor {name} (expected shape {shape:?})"))
         })?;
@@ -261,16 +497,7 @@ impl Weights {
         let t = convert(entry.dtype, data, &shape, self.dtype, &self.device)
             .map_err(|e| Error::Weights(format!("tensor {stored}: {e}")))?;
         release_pages(mmap, data);
-        if let Ok(mut used) = self.used.lock() {
-            used.insert(stored);
-        }
-        if let Some(f) = &self.progress {
-            if let Ok(mut done) = self.done.lock() {
-                done.0 += data.len() as u64;
-                done.1 += 1;
-            }
-            f(self.progress());
-        }
+        self.record(&stored, data.len() as u64);
         Ok(t)
     }
 
@@ -278,10 +505,9 @@ impl Weights {
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.lock().map(|u| u.clone()).unwrap_or_default();
         let mut v: Vec<String> = self
-            .index
-            .keys()
+            .names()
             .filter(|k| !used.contains(*k))
-            .cloned()
+            .map(str::to_string)
             .collect();
         v.sort();
         v

@@ -578,7 +578,10 @@ fn a_prefill_in_units_gives_the_one_shot_logits() {
     let mut job = m.prefill_job_with_rows(&inputs, Some(1)).expect("job");
     let (_, total) = job.progress();
     let cfg = m.config();
-    let pass = m.vision().pass_units(&inputs.image_grid_thw, Some(1));
+    let pass = m
+        .vision()
+        .unwrap()
+        .pass_units(&inputs.image_grid_thw, Some(1));
     let layer = m.text().layer_units(n, 0, Some(1));
     assert_eq!(
         total,
@@ -599,7 +602,7 @@ fn a_prefill_in_units_gives_the_one_shot_logits() {
         inputs.pixel_values.len() / cfg.vision.patch_dim()
     );
     assert!(
-        pass > m.vision().pass_units(&inputs.image_grid_thw, None),
+        pass > m.vision().unwrap().pass_units(&inputs.image_grid_thw, None),
         "the default cut is coarser"
     );
     let mut cache2 = m.new_cache(n + 4).expect("cache");

@@ -91,6 +91,7 @@
 //! llama.cpp's own writer does (in order, each padded), so llama.cpp, gguf-py and this reader
 //! all accept its output.
 
+pub mod model;
 mod reader;
 mod writer;
 

@@ -65,6 +65,14 @@ pub fn check_model_dir(dir: &Path) -> Result<()> {
     })
 }
 
+/// The error for images or videos given to a model loaded without its vision tower.
+pub fn no_vision() -> Error {
+    Error::bad_input(
+        "this model was loaded without its vision projector (--mmproj), so it cannot read images or videos",
+        "text-only messages, or load the model with --mmproj",
+    )
+}
+
 /// What loading reported.
 #[derive(Debug, Clone, Default)]
 pub struct LoadReport {
@@ -78,7 +86,8 @@ pub struct LoadReport {
 #[derive(Debug, Clone)]
 pub struct Qwen2VL {
     config: Qwen2VLConfig,
-    vision: VisionTransformer,
+    /// `None` for a GGUF text model loaded without its vision projector.
+    vision: Option<VisionTransformer>,
     text: TextModel,
     device: Device,
     dtype: DType,
@@ -115,7 +124,55 @@ impl Qwen2VL {
         check_model_dir(dir)?;
         let start = Instant::now();
         let config = Qwen2VLConfig::from_file(&dir.join("config.json"))?;
-        let mut weights = Weights::from_dir(dir, dtype, device)?;
+        let weights = Weights::from_dir(dir, dtype, device)?;
+        Self::load_weights(config, weights, start, progress, text, vision)
+    }
+
+    /// Loads llama.cpp's GGUF files of a Qwen2-VL model (see [`crate::gguf::model`]): the
+    /// text model and, for images and videos, its vision projector. The tensors stored
+    /// quantized stay so; `text`/`vision` quantize the float ones as they load, and are
+    /// refused for a file that is already quantized.
+    pub fn load_gguf(
+        model: std::sync::Arc<crate::gguf::model::GgufModel>,
+        dtype: DType,
+        device: &Device,
+        progress: Option<crate::weights::ProgressFn>,
+        text: Option<QuantScheme>,
+        vision: Option<QuantScheme>,
+    ) -> Result<(Self, LoadReport)> {
+        let start = Instant::now();
+        if let Some(q) = text.or(vision) {
+            if let Some((name, t)) = model.first_quantized() {
+                return Err(Error::bad_input(
+                    format!(
+                        "--quant {q} was given for a GGUF file that is already quantized (tensor {name} is {t})"
+                    ),
+                    "--quant with a float (f32/f16/bf16) GGUF or a safetensors checkpoint; a quantized GGUF runs as it is stored",
+                ));
+            }
+        }
+        if !device.is_cpu() {
+            if let Some((name, t)) = model.first_quantized() {
+                return Err(Error::bad_input(
+                    format!("tensor {name} is {t}; quantized weights run on the CPU only"),
+                    "a float GGUF on the GPU, or the CPU",
+                ));
+            }
+        }
+        let config = model.config().clone();
+        let weights = Weights::from_gguf(model, dtype, device);
+        Self::load_weights(config, weights, start, progress, text, vision)
+    }
+
+    fn load_weights(
+        config: Qwen2VLConfig,
+        mut weights: Weights,
+        start: Instant,
+        progress: Option<crate::weights::ProgressFn>,
+        text: Option<QuantScheme>,
+        vision: Option<QuantScheme>,
+    ) -> Result<(Self, LoadReport)> {
+        let device = weights.device().clone();
         if let Some(f) = &progress {
             weights.set_progress(f.clone());
         }
@@ -162,9 +219,14 @@ impl Qwen2VL {
                 config.vision.hidden_size, config.text.hidden_size
             )));
         }
+        let vision = if w.has_vision() {
+            Some(VisionTransformer::load(w, &config.vision)?)
+        } else {
+            None
+        };
         Ok(Qwen2VL {
             config: config.clone(),
-            vision: VisionTransformer::load(w, &config.vision)?,
+            vision,
             text: TextModel::load(w, &config.text)?,
             device: w.device().clone(),
             dtype: w.dtype(),
@@ -191,9 +253,15 @@ impl Qwen2VL {
         &self.text
     }
 
-    /// The vision tower.
-    pub fn vision(&self) -> &VisionTransformer {
-        &self.vision
+    /// The vision tower, or an error when the model was loaded without one (a GGUF text
+    /// model without `--mmproj`).
+    pub fn vision(&self) -> Result<&VisionTransformer> {
+        self.vision.as_ref().ok_or_else(no_vision)
+    }
+
+    /// Whether the model has its vision tower.
+    pub fn has_vision(&self) -> bool {
+        self.vision.is_some()
     }
 
     /// Pad-token ids used for M-RoPE and scattering.
@@ -230,7 +298,7 @@ impl Qwen2VL {
         let mut outs = Vec::new();
         for (chunk, rows) in self.vision_chunks(pixel_values, grids, max_chunk_patches)? {
             let pv = self.patch_tensor(&pixel_values[rows])?;
-            outs.push(self.vision.forward(&pv, &chunk)?);
+            outs.push(self.vision()?.forward(&pv, &chunk)?);
         }
         match outs.len() {
             0 => Err(Error::bad_input(
@@ -250,6 +318,9 @@ impl Qwen2VL {
         grids: &[[usize; 3]],
         max_chunk_patches: usize,
     ) -> Result<Vec<VisionChunk>> {
+        if !grids.is_empty() && self.vision.is_none() {
+            return Err(no_vision());
+        }
         let dim = self.config.vision.patch_dim();
         if !pixel_values.len().is_multiple_of(dim) {
             return Err(Error::bad_input(

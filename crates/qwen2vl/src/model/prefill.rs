@@ -105,8 +105,8 @@ impl Qwen2VL {
         // each decoder layer.
         let vision_units: usize = todo
             .iter()
-            .map(|p| 1 + self.vision.pass_units(&p.grids, vision_rows))
-            .sum();
+            .map(|p| Ok(1 + self.vision()?.pass_units(&p.grids, vision_rows)))
+            .sum::<Result<usize>>()?;
         let layer_units = self
             .text
             .layer_units(inputs.input_ids.len(), 0, vision_rows);
@@ -227,7 +227,7 @@ impl<'m> PrefillJob<'m> {
         let pv = self.model.patch_tensor(rows)?;
         let pass = self
             .model
-            .vision
+            .vision()?
             .begin_with_rows(&pv, &p.grids, self.vision_rows)?;
         self.pass = Some((p.video, pass));
         Ok(())

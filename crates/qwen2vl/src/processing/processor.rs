@@ -93,6 +93,21 @@ impl Processor {
         })
     }
 
+    /// The tokenizer, chat template and image preprocessing stored in GGUF files.
+    pub fn from_gguf(model: &crate::gguf::model::GgufModel) -> Result<Self> {
+        let config = model.config();
+        Ok(Processor {
+            tokenizer: Qwen2Tokenizer::from_gguf(model)?,
+            template: ChatTemplate::from_gguf(model.chat_template()?, model.special_tokens()?)?,
+            preprocessor: model.preprocessor()?,
+            tokens: VisionTokens {
+                image_pad: config.image_token_id,
+                video_pad: config.video_token_id,
+            },
+            merge: config.vision.spatial_merge_size,
+        })
+    }
+
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Qwen2Tokenizer {
         &self.tokenizer

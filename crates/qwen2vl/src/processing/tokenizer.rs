@@ -126,6 +126,22 @@ impl Qwen2Tokenizer {
         Ok(tok)
     }
 
+    /// The tokenizer of a GGUF model (`tokenizer.ggml.*`, rebuilt as a `tokenizer.json` by
+    /// [`crate::gguf::model::GgufModel::tokenizer_json`]): the same ids as the
+    /// `tokenizer.json` it was converted from.
+    pub fn from_gguf(model: &crate::gguf::model::GgufModel) -> Result<Self> {
+        let json = model.tokenizer_json()?;
+        Self::from_json_str(&json).map_err(|e| match e {
+            Error::Tokenizer(m) => Error::Tokenizer(format!(
+                "the tokenizer in {}: {m}",
+                model
+                    .file(crate::gguf::model::Part::Text)
+                    .map_or("the GGUF file", |f| f.origin())
+            )),
+            other => other,
+        })
+    }
+
     /// Loads a `tokenizer.json` file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Model {

@@ -57,6 +57,8 @@ pub enum TemplateSource {
     Builtin,
     /// Given as a string by the caller.
     Custom,
+    /// `tokenizer.chat_template` of a GGUF file.
+    Gguf,
 }
 
 /// A prompt rendered by the chat template.
@@ -129,6 +131,21 @@ impl ChatTemplate {
     /// Compiles a template with the Jinja environment transformers 4.49 uses.
     pub fn from_source(source: impl Into<String>) -> Result<Self> {
         Self::compile(source.into(), TemplateSource::Custom, Map::new())
+    }
+
+    /// The template of a GGUF file (`tokenizer.chat_template`), or the built-in one when the
+    /// file has none, with the special-token strings the file names (`bos_token`, …).
+    pub fn from_gguf(source: Option<&str>, special_tokens: Map<String, Json>) -> Result<Self> {
+        let mut tokens = default_special_tokens();
+        tokens.extend(special_tokens);
+        match source {
+            Some(src) => Self::compile(src.to_string(), TemplateSource::Gguf, tokens),
+            None => Self::compile(
+                QWEN2_VL_CHAT_TEMPLATE.to_string(),
+                TemplateSource::Builtin,
+                tokens,
+            ),
+        }
     }
 
     /// The built-in official Qwen2-VL template.

@@ -1,0 +1,729 @@
+//! A Qwen2-VL checkpoint in llama.cpp's GGUF files: the text model (`general.architecture =
+//! "qwen2vl"`) and, optionally, the vision projector (`mmproj`, `general.architecture =
+//! "clip"`, `clip.projector_type = "qwen2vl_merger"`), as `convert_hf_to_gguf.py` writes them
+//! (and `llama-quantize` requantizes them).
+//!
+//! [`GgufModel`] reads everything the engine needs out of the two files: the config
+//! ([`GgufModel::config`], from the `qwen2vl.*` and `clip.vision.*` keys), the tokenizer
+//! ([`GgufModel::tokenizer_json`]: a `tokenizer.json` rebuilt from `tokenizer.ggml.*`), the
+//! chat template, the image normalisation and the sampling defaults; and it maps every
+//! tensor name the model asks for (the Hugging Face names, as [`crate::weights::Weights`]
+//! serves them) to the GGUF tensors that hold it ([`GgufModel::locate`]):
+//!
+//! | Hugging Face name | GGUF |
+//! |---|---|
+//! | `model.embed_tokens.weight` | `token_embd.weight` |
+//! | `model.layers.N.input_layernorm` / `post_attention_layernorm` | `blk.N.attn_norm` / `ffn_norm` |
+//! | `model.layers.N.self_attn.{q,k,v}_proj` | `blk.N.attn_{q,k,v}`, or rows of a fused `blk.N.attn_qkv` |
+//! | `model.layers.N.self_attn.o_proj` | `blk.N.attn_output` |
+//! | `model.layers.N.mlp.{gate,up,down}_proj` | `blk.N.ffn_{gate,up,down}` |
+//! | `model.norm` / `lm_head` | `output_norm` / `output` (absent when tied) |
+//! | `visual.patch_embed.proj.weight` `(embed, 3, 2, p, p)` | `v.patch_embd.weight` (frame 0) and `v.patch_embd.weight.1` (frame 1), each `(embed, 3, p, p)` |
+//! | `visual.blocks.N.norm1` / `norm2` | `v.blk.N.ln1` / `ln2` |
+//! | `visual.blocks.N.attn.qkv` | `v.blk.N.attn_q`, `attn_k`, `attn_v` stacked as rows |
+//! | `visual.blocks.N.attn.proj` | `v.blk.N.attn_out` |
+//! | `visual.blocks.N.mlp.fc1` / `fc2` | `v.blk.N.ffn_up` / `ffn_down` |
+//! | `visual.merger.ln_q` / `mlp.0` / `mlp.2` | `v.post_ln` / `mm.0` / `mm.2` |
+//!
+//! A GGUF matrix with `ne = [in, out]` has the bytes of the row-major `(out, in)` PyTorch
+//! matrix, so nothing is transposed; row slices and row stacks are byte ranges.
+//!
+//! Tensor types: f32, f16 and bf16 are converted to the compute dtype; q8_0, q4_K and q6_K
+//! stay quantized ([`crate::ops::quant::QMatrix`], read as they are); q4_0, q4_1, q5_0 and
+//! q5_1 (which `llama-quantize` uses as fallbacks for rows that are not a multiple of 256)
+//! are widened to float at load, since they are rare and small. Any other type is refused
+//! when the file is opened, naming the tensor and its type.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+
+use serde_json::{json, Value as Json};
+
+use super::{GgmlType, GgufFile, TensorInfo};
+use crate::config::{
+    GenerationConfig, OneOrMany, PreprocessorConfig, Qwen2VLConfig, RopeScaling, TextConfig,
+    VisionConfig,
+};
+use crate::error::{Error, Result};
+use crate::ops::quant::QType;
+
+/// The text model's architecture name.
+pub const TEXT_ARCH: &str = "qwen2vl";
+/// The projector type of Qwen2-VL's vision mmproj.
+pub const PROJECTOR: &str = "qwen2vl_merger";
+
+/// Which of the two files a tensor is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Part {
+    /// The text model.
+    Text,
+    /// The vision projector.
+    Vision,
+}
+
+/// Where a Hugging Face tensor's data lives in the GGUF files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// One tensor, as it is.
+    One(Part, String),
+    /// Several tensors stacked along the first (row) dimension (a vision `qkv`).
+    Rows(Part, Vec<String>),
+    /// A range of rows of one tensor (q, k or v of a fused `attn_qkv`).
+    RowSlice(Part, String, Range<usize>),
+    /// The two temporal frames of the patch kernel, stacked at dimension 2.
+    Frames(Part, String, String),
+}
+
+impl Source {
+    /// The part and the GGUF tensor names it reads.
+    pub fn tensors(&self) -> (Part, Vec<&str>) {
+        match self {
+            Source::One(p, n) | Source::RowSlice(p, n, _) => (*p, vec![n.as_str()]),
+            Source::Rows(p, v) => (*p, v.iter().map(String::as_str).collect()),
+            Source::Frames(p, a, b) => (*p, vec![a.as_str(), b.as_str()]),
+        }
+    }
+}
+
+/// The GGUF files of one Qwen2-VL model.
+pub struct GgufModel {
+    text: GgufFile,
+    vision: Option<GgufFile>,
+    config: Qwen2VLConfig,
+    /// Hugging Face name → where it lives.
+    index: HashMap<String, Source>,
+}
+
+impl std::fmt::Debug for GgufModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufModel")
+            .field("text", &self.text)
+            .field("vision", &self.vision)
+            .finish()
+    }
+}
+
+/// The type a GGUF tensor is kept in as [`crate::ops::quant::QMatrix`], if it is one.
+pub fn qtype_of(t: GgmlType) -> Option<QType> {
+    match t {
+        GgmlType::Q8_0 => Some(QType::Q8_0),
+        GgmlType::Q4_K => Some(QType::Q4K),
+        GgmlType::Q6_K => Some(QType::Q6K),
+        _ => None,
+    }
+}
+
+/// Whether tensors of type `t` can be loaded (as float, quantized, or widened to float).
+pub fn is_supported(t: GgmlType) -> bool {
+    matches!(
+        t,
+        GgmlType::F32
+            | GgmlType::F16
+            | GgmlType::BF16
+            | GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+    ) || qtype_of(t).is_some()
+}
+
+/// The supported types, for messages.
+pub const SUPPORTED_TYPES: &str = "f32, f16, bf16 (converted to the compute dtype), q8_0, q4_K, q6_K (kept quantized), q4_0, q4_1, q5_0, q5_1 (widened to float at load)";
+
+fn err(file: &GgufFile, m: impl std::fmt::Display) -> Error {
+    Error::Weights(format!("GGUF file {}: {m}", file.origin()))
+}
+
+fn u(file: &GgufFile, key: &str) -> Result<usize> {
+    Ok(file.get_u32(key)? as usize)
+}
+
+impl GgufModel {
+    /// Opens the text model at `text` and the vision projector at `mmproj` (if any), checks
+    /// their architectures, keys and tensor types, and derives the config.
+    pub fn open(text: &Path, mmproj: Option<&Path>) -> Result<GgufModel> {
+        let text = GgufFile::open(text)?;
+        let vision = mmproj.map(GgufFile::open).transpose()?;
+        Self::from_files(text, vision)
+    }
+
+    /// [`GgufModel::open`] for files already read.
+    pub fn from_files(text: GgufFile, vision: Option<GgufFile>) -> Result<GgufModel> {
+        let arch = text.get_str("general.architecture")?;
+        if arch == "clip" {
+            return Err(err(
+                &text,
+                "this is a vision projector (general.architecture is 'clip'); pass it with --mmproj and the text model with --model",
+            ));
+        }
+        if arch != TEXT_ARCH {
+            return Err(err(
+                &text,
+                format!("general.architecture is '{arch}'; allowed: {TEXT_ARCH} (Qwen2-VL)"),
+            ));
+        }
+        if let Some(v) = &vision {
+            let arch = v.get_str("general.architecture")?;
+            if arch != "clip" {
+                return Err(err(
+                    v,
+                    format!("general.architecture is '{arch}'; allowed: clip (a vision projector, mmproj)"),
+                ));
+            }
+            let proj = v.get_str("clip.projector_type")?;
+            if proj != PROJECTOR {
+                return Err(err(
+                    v,
+                    format!("clip.projector_type is '{proj}'; allowed: {PROJECTOR} (Qwen2-VL)"),
+                ));
+            }
+            if v.get_bool_opt("clip.has_vision_encoder")? == Some(false) {
+                return Err(err(v, "clip.has_vision_encoder is false"));
+            }
+            if v.get_bool_opt("clip.use_silu")? == Some(true) {
+                return Err(err(
+                    v,
+                    "clip.use_silu is true; allowed: quick_gelu or gelu vision MLPs",
+                ));
+            }
+        }
+        for f in std::iter::once(&text).chain(vision.as_ref()) {
+            for t in f.tensors() {
+                if !is_supported(t.ggml_type()) {
+                    return Err(err(
+                        f,
+                        format!(
+                            "tensor '{}' has type {}, which qwen2vl cannot run; supported: {SUPPORTED_TYPES}",
+                            t.name(),
+                            t.ggml_type()
+                        ),
+                    ));
+                }
+            }
+        }
+        let config = build_config(&text, vision.as_ref())?;
+        let index = build_index(&config, &text, vision.is_some());
+        Ok(GgufModel {
+            text,
+            vision,
+            config,
+            index,
+        })
+    }
+
+    /// The file of `part` (`None` for the vision part of a text-only model).
+    pub fn file(&self, part: Part) -> Option<&GgufFile> {
+        match part {
+            Part::Text => Some(&self.text),
+            Part::Vision => self.vision.as_ref(),
+        }
+    }
+
+    /// Whether the vision projector was given.
+    pub fn has_vision(&self) -> bool {
+        self.vision.is_some()
+    }
+
+    /// The config derived from the metadata.
+    pub fn config(&self) -> &Qwen2VLConfig {
+        &self.config
+    }
+
+    /// Where the Hugging Face tensor `name` lives, if the files hold it.
+    pub fn locate(&self, name: &str) -> Option<&Source> {
+        let s = self.index.get(name)?;
+        let (part, names) = s.tensors();
+        let f = self.file(part)?;
+        names.iter().all(|n| f.tensor(n).is_some()).then_some(s)
+    }
+
+    /// Where the Hugging Face tensor `name` would live (whether or not the files hold it).
+    pub fn index_entry(&self, name: &str) -> Option<&Source> {
+        self.index.get(name)
+    }
+
+    /// Every tensor of both files, with its part.
+    pub fn tensors(&self) -> impl Iterator<Item = (Part, &TensorInfo)> {
+        self.text.tensors().iter().map(|t| (Part::Text, t)).chain(
+            self.vision
+                .iter()
+                .flat_map(|v| v.tensors().iter().map(|t| (Part::Vision, t))),
+        )
+    }
+
+    /// The first tensor stored in a quantized type, if any (`--quant` is refused then).
+    pub fn first_quantized(&self) -> Option<(&str, GgmlType)> {
+        self.tensors()
+            .map(|(_, t)| t)
+            .find(|t| {
+                !matches!(
+                    t.ggml_type(),
+                    GgmlType::F32 | GgmlType::F16 | GgmlType::BF16
+                )
+            })
+            .map(|t| (t.name(), t.ggml_type()))
+    }
+
+    /// A `tokenizer.json` equivalent to the one the GGUF was converted from: the BPE
+    /// vocabulary (`tokenizer.ggml.tokens` of type normal), the merges, the added tokens
+    /// (types control and user-defined; control ones are `special`), and Qwen2's normalizer
+    /// (NFC), pre-tokenizer (its split regex, then byte-level) and decoder.
+    pub fn tokenizer_json(&self) -> Result<String> {
+        let f = &self.text;
+        let model = f.get_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(err(
+                f,
+                format!("tokenizer.ggml.model is '{model}'; allowed: gpt2 (byte-level BPE)"),
+            ));
+        }
+        if let Some(pre) = f.get_str_opt("tokenizer.ggml.pre")? {
+            if pre != "qwen2" {
+                return Err(err(
+                    f,
+                    format!("tokenizer.ggml.pre is '{pre}'; allowed: qwen2"),
+                ));
+            }
+        }
+        let tokens = f.get_str_array("tokenizer.ggml.tokens")?;
+        let types = f.get_i32_array_opt("tokenizer.ggml.token_type")?;
+        if let Some(t) = types {
+            if t.len() != tokens.len() {
+                return Err(err(
+                    f,
+                    format!(
+                        "tokenizer.ggml.token_type has {} entries for {} tokens",
+                        t.len(),
+                        tokens.len()
+                    ),
+                ));
+            }
+        }
+        let merges = f.get_str_array("tokenizer.ggml.merges")?;
+        let mut vocab = serde_json::Map::with_capacity(tokens.len());
+        let mut added = Vec::new();
+        for (id, tok) in tokens.iter().enumerate() {
+            // 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+            match types.map_or(1, |t| t[id]) {
+                3 | 4 => added.push(json!({
+                    "id": id, "content": tok, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false,
+                    "special": types.map_or(1, |t| t[id]) == 3,
+                })),
+                5 => {}
+                _ => {
+                    vocab.insert(tok.clone(), json!(id));
+                }
+            }
+        }
+        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
+        let tj = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": {"type": "NFC"},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_PRE_REGEX}, "behavior": "Isolated", "invert": false},
+                byte_level.clone(),
+            ]},
+            "post_processor": byte_level.clone(),
+            "decoder": byte_level,
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": false,
+                "byte_fallback": false, "vocab": vocab, "merges": merges,
+            },
+        });
+        serde_json::to_string(&tj).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// The chat template (`tokenizer.chat_template`), if the file has one.
+    pub fn chat_template(&self) -> Result<Option<&str>> {
+        self.text.get_str_opt("tokenizer.chat_template")
+    }
+
+    /// The template's special-token strings (`bos_token`, `eos_token`, `pad_token`) from the
+    /// ids in `tokenizer.ggml.*_token_id`.
+    pub fn special_tokens(&self) -> Result<serde_json::Map<String, Json>> {
+        let f = &self.text;
+        let tokens = f.get_str_array("tokenizer.ggml.tokens")?;
+        let mut m = serde_json::Map::new();
+        for (key, name) in [
+            ("tokenizer.ggml.bos_token_id", "bos_token"),
+            ("tokenizer.ggml.eos_token_id", "eos_token"),
+            ("tokenizer.ggml.padding_token_id", "pad_token"),
+        ] {
+            if let Some(id) = f.get_u32_opt(key)? {
+                if let Some(t) = tokens.get(id as usize) {
+                    m.insert(name.into(), json!(t));
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// Image preprocessing: Qwen2-VL's defaults (min/max pixels, patch 14, merge 2, temporal
+    /// 2) with the mean and std of `clip.vision.image_mean` / `image_std` and the patch size
+    /// of the projector.
+    pub fn preprocessor(&self) -> Result<PreprocessorConfig> {
+        let mut p = PreprocessorConfig::default();
+        if let Some(v) = &self.vision {
+            for (key, slot) in [
+                ("clip.vision.image_mean", &mut p.image_mean),
+                ("clip.vision.image_std", &mut p.image_std),
+            ] {
+                if let Some(a) = v.get_f32_array_opt(key)? {
+                    *slot = a
+                        .try_into()
+                        .map_err(|_| err(v, format!("{key} has {} values; expected 3", a.len())))?;
+                }
+            }
+            p.patch_size = self.config.vision.patch_size;
+            p.merge_size = self.config.vision.spatial_merge_size;
+            p.temporal_patch_size = self.config.vision.temporal_patch_size;
+        }
+        Ok(p)
+    }
+
+    /// Sampling defaults from `general.sampling.*` (written by the converter from
+    /// `generation_config.json`) and the token ids of `tokenizer.ggml.*`.
+    pub fn generation(&self) -> Result<GenerationConfig> {
+        let f = &self.text;
+        let mut g = GenerationConfig {
+            bos_token_id: f.get_u32_opt("tokenizer.ggml.bos_token_id")?,
+            eos_token_id: f
+                .get_u32_opt("tokenizer.ggml.eos_token_id")?
+                .map(OneOrMany::One),
+            pad_token_id: f.get_u32_opt("tokenizer.ggml.padding_token_id")?,
+            ..GenerationConfig::default()
+        };
+        let temp = f.get_f32_opt("general.sampling.temp")?;
+        let top_k = f.get_i32_opt("general.sampling.top_k")?;
+        let top_p = f.get_f32_opt("general.sampling.top_p")?;
+        if let Some(t) = temp {
+            g.temperature = f64::from(t);
+            g.do_sample = t > 0.0;
+        }
+        if let Some(k) = top_k {
+            g.top_k = usize::try_from(k).ok();
+        }
+        if let Some(p) = top_p {
+            g.top_p = f64::from(p);
+        }
+        if let Some(r) = f.get_f32_opt("general.sampling.penalty_repeat")? {
+            g.repetition_penalty = f64::from(r);
+        }
+        Ok(g)
+    }
+}
+
+/// Qwen2's pre-tokenizer split (its `tokenizer.json`; llama.cpp's `LLAMA_VOCAB_PRE_TYPE_QWEN2`).
+const QWEN2_PRE_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLConfig> {
+    let a = |k: &str| format!("{TEXT_ARCH}.{k}");
+    let hidden = u(text, &a("embedding_length"))?;
+    let heads = u(text, &a("attention.head_count"))?;
+    let kv = u(text, &a("attention.head_count_kv"))?;
+    let tokens = text.get_str_array("tokenizer.ggml.tokens")?;
+    let embd = text.tensor_info("token_embd.weight")?;
+    let vocab = tokens.len();
+    if embd.shape() != [vocab, hidden] {
+        return Err(err(
+            text,
+            format!(
+                "token_embd.weight has shape {:?}; expected [{vocab}, {hidden}] ({vocab} tokens, embedding_length {hidden})",
+                embd.shape()
+            ),
+        ));
+    }
+    let sections = text.get_i32_array(&a("rope.dimension_sections"))?;
+    if sections.len() < 3 || sections[..3].iter().any(|&s| s < 0) {
+        return Err(err(
+            text,
+            format!(
+                "{} is {sections:?}; expected at least 3 non-negative sections",
+                a("rope.dimension_sections")
+            ),
+        ));
+    }
+    let id = |s: &str| -> Result<u32> {
+        tokens
+            .iter()
+            .position(|t| t == s)
+            .map(|i| i as u32)
+            .ok_or_else(|| {
+                err(
+                    text,
+                    format!("the vocabulary has no {s} token; this is not a Qwen2-VL tokenizer"),
+                )
+            })
+    };
+    // The strings of processing::tokenizer's constants (gguf sits below processing).
+    const VISION_START: &str = "<|vision_start|>";
+    const VISION_END: &str = "<|vision_end|>";
+    const IMAGE_PAD: &str = "<|image_pad|>";
+    const VIDEO_PAD: &str = "<|video_pad|>";
+    let t = TextConfig {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: u(text, &a("feed_forward_length"))?,
+        num_hidden_layers: u(text, &a("block_count"))?,
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        hidden_act: "silu".into(),
+        max_position_embeddings: u(text, &a("context_length"))?,
+        rms_norm_eps: f64::from(text.get_f32(&a("attention.layer_norm_rms_epsilon"))?),
+        rope_theta: f64::from(text.get_f32(&a("rope.freq_base"))?),
+        rope_scaling: Some(RopeScaling {
+            kind: Some("mrope".into()),
+            rope_type: None,
+            mrope_section: sections[..3].iter().map(|&s| s as usize).collect(),
+        }),
+        tie_word_embeddings: text.tensor("output.weight").is_none(),
+        use_sliding_window: false,
+        bos_token_id: text.get_u32_opt("tokenizer.ggml.bos_token_id")?,
+        eos_token_id: text.get_u32_opt("tokenizer.ggml.eos_token_id")?,
+    };
+    if heads == 0 || kv == 0 || !hidden.is_multiple_of(heads) || t.max_position_embeddings < 2 {
+        return Err(err(
+            text,
+            format!(
+                "embedding_length {hidden}, head_count {heads}, head_count_kv {kv}, context_length {}: not a valid Qwen2 decoder",
+                t.max_position_embeddings
+            ),
+        ));
+    }
+    let vision = match vision {
+        None => VisionConfig {
+            hidden_size: hidden,
+            ..VisionConfig::default()
+        },
+        Some(v) => {
+            let embed = u(v, "clip.vision.embedding_length")?;
+            let up = v.tensor_info("v.blk.0.ffn_up.weight")?;
+            // clip.vision.feed_forward_length is the text width for Qwen2-VL (a converter
+            // quirk); the MLP width is the first block's fc1 rows.
+            let mlp = up.shape()[0];
+            let patch = v.tensor_info("v.patch_embd.weight")?;
+            let chans = patch.shape().get(1).copied().unwrap_or(3);
+            let cfg = VisionConfig {
+                depth: u(v, "clip.vision.block_count")?,
+                embed_dim: embed,
+                hidden_size: u(v, "clip.vision.projection_dim")?,
+                hidden_act: if v.get_bool_opt("clip.use_gelu")? == Some(true) {
+                    "gelu".into()
+                } else {
+                    "quick_gelu".into()
+                },
+                mlp_ratio: mlp as f64 / embed.max(1) as f64,
+                num_heads: u(v, "clip.vision.attention.head_count")?,
+                in_chans: chans,
+                patch_size: u(v, "clip.vision.patch_size")?,
+                spatial_merge_size: match v.get_u32_opt("clip.vision.spatial_merge_size")? {
+                    Some(m) => m as usize,
+                    None => 2,
+                },
+                temporal_patch_size: 2,
+            };
+            if cfg.num_heads == 0
+                || !cfg.embed_dim.is_multiple_of(cfg.num_heads)
+                || cfg.mlp_hidden_dim() != mlp
+                || cfg.spatial_merge_size == 0
+            {
+                return Err(err(
+                    v,
+                    format!(
+                        "embedding_length {embed}, head_count {}, MLP width {mlp}, merge {}: not a valid Qwen2-VL vision tower",
+                        cfg.num_heads, cfg.spatial_merge_size
+                    ),
+                ));
+            }
+            if cfg.hidden_size != hidden {
+                return Err(err(
+                    v,
+                    format!(
+                        "clip.vision.projection_dim is {} but the text model's embedding_length is {hidden}: this projector belongs to another model",
+                        cfg.hidden_size
+                    ),
+                ));
+            }
+            cfg
+        }
+    };
+    Ok(Qwen2VLConfig {
+        text: t,
+        vision,
+        vision_start_token_id: id(VISION_START)?,
+        vision_end_token_id: id(VISION_END)?,
+        vision_token_id: id("<|vision_pad|>").unwrap_or(151654),
+        image_token_id: id(IMAGE_PAD)?,
+        video_token_id: id(VIDEO_PAD)?,
+        torch_dtype: None,
+    })
+}
+
+fn build_index(cfg: &Qwen2VLConfig, text: &GgufFile, vision: bool) -> HashMap<String, Source> {
+    use Part::{Text, Vision};
+    let mut m = HashMap::new();
+    let one = |p: Part, s: String| Source::One(p, s);
+    m.insert(
+        "model.embed_tokens.weight".into(),
+        one(Text, "token_embd.weight".into()),
+    );
+    m.insert("lm_head.weight".into(), one(Text, "output.weight".into()));
+    m.insert(
+        "model.norm.weight".into(),
+        one(Text, "output_norm.weight".into()),
+    );
+    let t = &cfg.text;
+    let (q_rows, kv_rows) = (
+        t.num_attention_heads * t.head_dim(),
+        t.num_key_value_heads * t.head_dim(),
+    );
+    for i in 0..t.num_hidden_layers {
+        let hf = format!("model.layers.{i}");
+        let g = format!("blk.{i}");
+        m.insert(
+            format!("{hf}.input_layernorm.weight"),
+            one(Text, format!("{g}.attn_norm.weight")),
+        );
+        m.insert(
+            format!("{hf}.post_attention_layernorm.weight"),
+            one(Text, format!("{g}.ffn_norm.weight")),
+        );
+        for suffix in ["weight", "bias"] {
+            let fused = format!("{g}.attn_qkv.{suffix}");
+            let has_fused = text.tensor(&fused).is_some()
+                && text.tensor(&format!("{g}.attn_q.{suffix}")).is_none();
+            for (p, r) in [
+                ("q", 0..q_rows),
+                ("k", q_rows..q_rows + kv_rows),
+                ("v", q_rows + kv_rows..q_rows + 2 * kv_rows),
+            ] {
+                let src = if has_fused {
+                    Source::RowSlice(Text, fused.clone(), r)
+                } else {
+                    one(Text, format!("{g}.attn_{p}.{suffix}"))
+                };
+                m.insert(format!("{hf}.self_attn.{p}_proj.{suffix}"), src);
+            }
+        }
+        m.insert(
+            format!("{hf}.self_attn.o_proj.weight"),
+            one(Text, format!("{g}.attn_output.weight")),
+        );
+        for (h, gg) in [("gate", "gate"), ("up", "up"), ("down", "down")] {
+            m.insert(
+                format!("{hf}.mlp.{h}_proj.weight"),
+                one(Text, format!("{g}.ffn_{gg}.weight")),
+            );
+        }
+    }
+    if !vision {
+        return m;
+    }
+    m.insert(
+        "visual.patch_embed.proj.weight".into(),
+        Source::Frames(
+            Vision,
+            "v.patch_embd.weight".into(),
+            "v.patch_embd.weight.1".into(),
+        ),
+    );
+    for suffix in ["weight", "bias"] {
+        for i in 0..cfg.vision.depth {
+            let hf = format!("visual.blocks.{i}");
+            let g = format!("v.blk.{i}");
+            for (h, gg) in [
+                ("norm1", "ln1"),
+                ("norm2", "ln2"),
+                ("attn.proj", "attn_out"),
+                ("mlp.fc1", "ffn_up"),
+                ("mlp.fc2", "ffn_down"),
+            ] {
+                m.insert(
+                    format!("{hf}.{h}.{suffix}"),
+                    one(Vision, format!("{g}.{gg}.{suffix}")),
+                );
+            }
+            m.insert(
+                format!("{hf}.attn.qkv.{suffix}"),
+                Source::Rows(
+                    Vision,
+                    ["q", "k", "v"]
+                        .iter()
+                        .map(|p| format!("{g}.attn_{p}.{suffix}"))
+                        .collect(),
+                ),
+            );
+        }
+        for (h, gg) in [("ln_q", "v.post_ln"), ("mlp.0", "mm.0"), ("mlp.2", "mm.2")] {
+            m.insert(
+                format!("visual.merger.{h}.{suffix}"),
+                one(Vision, format!("{gg}.{suffix}")),
+            );
+        }
+    }
+    m
+}
+
+/// Widens one row of a legacy block format (q4_0, q4_1, q5_0, q5_1) to f32, as ggml's
+/// `dequantize_row_*` do. `out.len()` is a multiple of 32 and `bytes` holds its blocks.
+pub fn dequantize_legacy(
+    t: GgmlType,
+    bytes: &[u8],
+    out: &mut [f32],
+) -> std::result::Result<(), String> {
+    let f16 = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+    let size = t
+        .type_size()
+        .ok_or_else(|| format!("type {t} has no known size"))? as usize;
+    if bytes.len() != out.len() / 32 * size || !out.len().is_multiple_of(32) {
+        return Err(format!(
+            "{} bytes of {t} for {} values",
+            bytes.len(),
+            out.len()
+        ));
+    }
+    for (b, y) in bytes.chunks_exact(size).zip(out.chunks_exact_mut(32)) {
+        let d = f16(b, 0);
+        match t {
+            GgmlType::Q4_0 => {
+                for j in 0..16 {
+                    y[j] = (f32::from(b[2 + j] & 0x0f) - 8.0) * d;
+                    y[j + 16] = (f32::from(b[2 + j] >> 4) - 8.0) * d;
+                }
+            }
+            GgmlType::Q4_1 => {
+                let m = f16(b, 2);
+                for j in 0..16 {
+                    y[j] = f32::from(b[4 + j] & 0x0f) * d + m;
+                    y[j + 16] = f32::from(b[4 + j] >> 4) * d + m;
+                }
+            }
+            GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                let (m, qh_at) = if t == GgmlType::Q5_1 {
+                    (f16(b, 2), 4)
+                } else {
+                    (0.0, 2)
+                };
+                let qh = u32::from_le_bytes([b[qh_at], b[qh_at + 1], b[qh_at + 2], b[qh_at + 3]]);
+                let qs = &b[qh_at + 4..qh_at + 20];
+                let offset = if t == GgmlType::Q5_0 { 16.0 } else { 0.0 };
+                for j in 0..16 {
+                    let h0 = ((qh >> j) << 4) & 0x10;
+                    let h1 = (qh >> (j + 12)) & 0x10;
+                    let x0 = (u32::from(qs[j] & 0x0f) | h0) as f32 - offset;
+                    let x1 = (u32::from(qs[j] >> 4) | h1) as f32 - offset;
+                    y[j] = x0 * d + m;
+                    y[j + 16] = x1 * d + m;
+                }
+            }
+            other => return Err(format!("type {other} is not a legacy block format")),
+        }
+    }
+    Ok(())
+}
