@@ -403,17 +403,17 @@ impl GgufModel {
         let top_k = f.get_i32_opt("general.sampling.top_k")?;
         let top_p = f.get_f32_opt("general.sampling.top_p")?;
         if let Some(t) = temp {
-            g.temperature = f64::from(t);
+            g.temperature = widen(t);
             g.do_sample = t > 0.0;
         }
         if let Some(k) = top_k {
             g.top_k = usize::try_from(k).ok();
         }
         if let Some(p) = top_p {
-            g.top_p = f64::from(p);
+            g.top_p = widen(p);
         }
         if let Some(r) = f.get_f32_opt("general.sampling.penalty_repeat")? {
-            g.repetition_penalty = f64::from(r);
+            g.repetition_penalty = widen(r);
         }
         Ok(g)
     }
@@ -421,6 +421,12 @@ impl GgufModel {
 
 /// Qwen2's pre-tokenizer split (its `tokenizer.json`; llama.cpp's `LLAMA_VOCAB_PRE_TYPE_QWEN2`).
 const QWEN2_PRE_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// An f32 key as the f64 it was written from (the shortest decimal that reads back as the
+/// same f32: 1e-6 stays 1e-6, not 9.99999997e-7).
+fn widen(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
 
 fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLConfig> {
     let a = |k: &str| format!("{TEXT_ARCH}.{k}");
@@ -475,8 +481,8 @@ fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLCon
         num_key_value_heads: kv,
         hidden_act: "silu".into(),
         max_position_embeddings: u(text, &a("context_length"))?,
-        rms_norm_eps: f64::from(text.get_f32(&a("attention.layer_norm_rms_epsilon"))?),
-        rope_theta: f64::from(text.get_f32(&a("rope.freq_base"))?),
+        rms_norm_eps: widen(text.get_f32(&a("attention.layer_norm_rms_epsilon"))?),
+        rope_theta: widen(text.get_f32(&a("rope.freq_base"))?),
         rope_scaling: Some(RopeScaling {
             kind: Some("mrope".into()),
             rope_type: None,

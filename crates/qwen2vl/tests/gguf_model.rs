@@ -1,0 +1,983 @@
+//! Loading llama.cpp's GGUF files of Qwen2-VL (`--model model.gguf --mmproj mmproj.gguf`).
+//!
+//! The text GGUFs of the tiny fixture are ~25 MB (f16) and ~16 MB (q8_0) — the 151,936-row
+//! embedding and the tokenizer's 152k tokens and 151k merges — too big to commit. So the
+//! tests write them from the safetensors fixture with the engine's own GGUF writer, in the
+//! layout of llama.cpp's converter (`convert_hf_to_gguf.py`, commit 0c1e570), and hold that
+//! layout to what the converter wrote: `tests/fixtures/gguf/llamacpp-tiny-qwen2vl.json` lists
+//! every key (type, value or length) and tensor (type, `ne`) of the converter's three files,
+//! and the converter's own vision projector (`mmproj-tiny-qwen2vl-f16.gguf`, 0.5 MB) is
+//! committed and used as it is. `tools/reference/make_gguf_models.py` regenerates both; with
+//! `QWEN2VL_LLAMACPP_GGUF_DIR` set to its output directory, the converter's text files are
+//! checked byte for byte against ours and loaded too.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use qwen2vl::generation::sampler::SamplingParams;
+use qwen2vl::generation::GenerateRequest;
+use qwen2vl::gguf::{GgmlType, GgufFile, GgufWriter, MetaArray, MetaValue};
+use qwen2vl::ops::quant::plan::QuantScheme;
+use qwen2vl::ops::quant::{QMatrix, QType};
+use qwen2vl::pipeline::{DTypeChoice, LoadOptions, Pipeline};
+use qwen2vl::processing::tokenizer::Qwen2Tokenizer;
+use serde_json::Value as Json;
+
+fn tiny() -> PathBuf {
+    common::fixtures().join("tiny-qwen2vl")
+}
+
+fn gguf_fixtures() -> PathBuf {
+    common::fixtures().join("gguf")
+}
+
+/// llama.cpp's vision projector of the tiny model (committed).
+fn mmproj() -> PathBuf {
+    gguf_fixtures().join("mmproj-tiny-qwen2vl-f16.gguf")
+}
+
+fn tmp_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qwen2vl-gguf-model-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Checkpoint name → (shape, values in f32).
+type Checkpoint = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// The safetensors fixture's tensors in f32, PyTorch order.
+fn checkpoint() -> &'static Checkpoint {
+    static T: OnceLock<Checkpoint> = OnceLock::new();
+    T.get_or_init(|| {
+        let bytes = std::fs::read(tiny().join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensors()
+            .into_iter()
+            .map(|(name, v)| {
+                assert_eq!(v.dtype(), safetensors::Dtype::BF16, "{name}");
+                let vals = v
+                    .data()
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect();
+                (name, (v.shape().to_vec(), vals))
+            })
+            .collect()
+    })
+}
+
+fn json(path: &Path) -> Json {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// How the text file is written.
+#[derive(Clone, Copy, PartialEq)]
+enum OutType {
+    F16,
+    Q8_0,
+}
+
+#[derive(Clone)]
+struct TextOptions {
+    out: OutType,
+    /// `blk.N.attn_qkv` instead of q, k, v (the converter's `--fuse-qkv`).
+    fuse_qkv: bool,
+    arch: &'static str,
+    /// Tensors left out.
+    drop: Vec<&'static str>,
+    /// A tensor stored in another type: (name, type, bytes).
+    retype: Option<(&'static str, GgmlType, Vec<u8>)>,
+}
+
+impl Default for TextOptions {
+    fn default() -> Self {
+        TextOptions {
+            out: OutType::F16,
+            fuse_qkv: false,
+            arch: "qwen2vl",
+            drop: Vec::new(),
+            retype: None,
+        }
+    }
+}
+
+/// One tensor to write: name, type, `ne`, bytes.
+type Planned = (String, GgmlType, Vec<u64>, Vec<u8>);
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn f16_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter()
+        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+        .collect()
+}
+
+/// The converter's dtype rule: 1-D tensors, norms and biases in F32, matrices in the outtype.
+fn plan(name: &str, shape: &[usize], vals: &[f32], out: OutType, force_f16: bool) -> Planned {
+    let ne: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
+    let float = shape.len() < 2 || name.ends_with("_norm.weight") || !name.ends_with(".weight");
+    if float && !force_f16 {
+        return (name.into(), GgmlType::F32, ne, f32_bytes(vals));
+    }
+    match out {
+        OutType::Q8_0 if !force_f16 => {
+            let k = shape[shape.len() - 1];
+            let n = vals.len() / k;
+            let q = QMatrix::quantize(QType::Q8_0, vals, n, k).unwrap();
+            (name.into(), GgmlType::Q8_0, ne, q.bytes().to_vec())
+        }
+        _ => (name.into(), GgmlType::F16, ne, f16_bytes(vals)),
+    }
+}
+
+fn write(path: &Path, meta: Vec<(&str, MetaValue)>, tensors: Vec<Planned>) {
+    let mut w = GgufWriter::new();
+    for (k, v) in meta {
+        w.add(k, v).unwrap();
+    }
+    for (name, t, ne, _) in &tensors {
+        w.add_tensor(name, *t, ne).unwrap();
+    }
+    let file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut s = w.begin(file).unwrap();
+    for (name, _, _, data) in &tensors {
+        s.write_tensor(name, data).unwrap();
+    }
+    s.finish().unwrap();
+}
+
+/// The `general.*` keys the converter writes (sampling defaults from generation_config.json).
+fn general(arch: &str, file_type: u32, size: &str, kind: &str) -> Vec<(&'static str, MetaValue)> {
+    let g = json(&tiny().join("generation_config.json"));
+    let f = |k: &str| g[k].as_f64().unwrap() as f32;
+    vec![
+        ("general.architecture", arch.into()),
+        ("general.type", kind.into()),
+        ("general.name", "Tiny Qwen2Vl".into()),
+        ("general.size_label", size.into()),
+        ("general.file_type", file_type.into()),
+        ("general.quantization_version", 2u32.into()),
+        (
+            "general.sampling.top_k",
+            (g["top_k"].as_i64().unwrap() as i32).into(),
+        ),
+        ("general.sampling.top_p", f("top_p").into()),
+        ("general.sampling.temp", f("temperature").into()),
+        (
+            "general.sampling.penalty_repeat",
+            f("repetition_penalty").into(),
+        ),
+    ]
+}
+
+/// The text model in the converter's layout (names, types, keys; see the manifest test).
+fn write_text(path: &Path, o: &TextOptions) {
+    let cfg = json(&tiny().join("config.json"));
+    let tok = json(&tiny().join("tokenizer.json"));
+    let u = |k: &str| cfg[k].as_u64().unwrap() as u32;
+    let vocab_size = u("vocab_size") as usize;
+    let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
+    let mut types = vec![5i32; vocab_size];
+    for (t, id) in tok["model"]["vocab"].as_object().unwrap() {
+        let id = id.as_u64().unwrap() as usize;
+        tokens[id] = t.clone();
+        types[id] = 1;
+    }
+    for a in tok["added_tokens"].as_array().unwrap() {
+        let id = a["id"].as_u64().unwrap() as usize;
+        tokens[id] = a["content"].as_str().unwrap().to_string();
+        types[id] = if a["special"].as_bool().unwrap() {
+            3
+        } else {
+            4
+        };
+    }
+    let merges: Vec<String> = tok["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| match m {
+            Json::String(s) => s.clone(),
+            Json::Array(p) => format!("{} {}", p[0].as_str().unwrap(), p[1].as_str().unwrap()),
+            _ => panic!("merge {m}"),
+        })
+        .collect();
+    let template = json(&tiny().join("chat_template.json"))["chat_template"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sections: Vec<i32> = cfg["rope_scaling"]["mrope_section"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap() as i32)
+        .chain([0])
+        .collect();
+    let file_type = if o.out == OutType::F16 { 1u32 } else { 7 };
+    let mut meta = general(o.arch, file_type, "10M", "model");
+    let a = |k: &str| -> &'static str { Box::leak(format!("{}.{k}", o.arch).into_boxed_str()) };
+    meta.extend([
+        (a("block_count"), u("num_hidden_layers").into()),
+        (a("context_length"), u("max_position_embeddings").into()),
+        (a("embedding_length"), u("hidden_size").into()),
+        (a("feed_forward_length"), u("intermediate_size").into()),
+        (a("attention.head_count"), u("num_attention_heads").into()),
+        (
+            a("attention.head_count_kv"),
+            u("num_key_value_heads").into(),
+        ),
+        (
+            a("rope.freq_base"),
+            (cfg["rope_theta"].as_f64().unwrap() as f32).into(),
+        ),
+        (
+            a("attention.layer_norm_rms_epsilon"),
+            (cfg["rms_norm_eps"].as_f64().unwrap() as f32).into(),
+        ),
+        (a("rope.dimension_sections"), sections.into()),
+        ("tokenizer.ggml.model", "gpt2".into()),
+        ("tokenizer.ggml.pre", "qwen2".into()),
+        (
+            "tokenizer.ggml.tokens",
+            MetaValue::Array(MetaArray::Str(tokens)),
+        ),
+        ("tokenizer.ggml.token_type", types.into()),
+        (
+            "tokenizer.ggml.merges",
+            MetaValue::Array(MetaArray::Str(merges)),
+        ),
+        ("tokenizer.ggml.eos_token_id", 151645u32.into()),
+        ("tokenizer.ggml.padding_token_id", 151643u32.into()),
+        ("tokenizer.ggml.bos_token_id", 151643u32.into()),
+        ("tokenizer.ggml.add_bos_token", false.into()),
+        ("tokenizer.ggml.add_eos_token", false.into()),
+        ("tokenizer.chat_template", template.into()),
+    ]);
+    let ck = checkpoint();
+    let mut tensors = Vec::new();
+    let add = |t: &mut Vec<Planned>, hf: &str, gg: String| {
+        let (shape, vals) = &ck[hf];
+        t.push(plan(&gg, shape, vals, o.out, false));
+    };
+    add(
+        &mut tensors,
+        "model.embed_tokens.weight",
+        "token_embd.weight".into(),
+    );
+    add(
+        &mut tensors,
+        "model.norm.weight",
+        "output_norm.weight".into(),
+    );
+    for i in 0..u("num_hidden_layers") {
+        let (hf, g) = (format!("model.layers.{i}"), format!("blk.{i}"));
+        add(
+            &mut tensors,
+            &format!("{hf}.input_layernorm.weight"),
+            format!("{g}.attn_norm.weight"),
+        );
+        add(
+            &mut tensors,
+            &format!("{hf}.post_attention_layernorm.weight"),
+            format!("{g}.ffn_norm.weight"),
+        );
+        add(
+            &mut tensors,
+            &format!("{hf}.self_attn.o_proj.weight"),
+            format!("{g}.attn_output.weight"),
+        );
+        for p in ["gate", "up", "down"] {
+            add(
+                &mut tensors,
+                &format!("{hf}.mlp.{p}_proj.weight"),
+                format!("{g}.ffn_{p}.weight"),
+            );
+        }
+        for s in ["weight", "bias"] {
+            if o.fuse_qkv {
+                let parts: Vec<&(Vec<usize>, Vec<f32>)> = ["q", "k", "v"]
+                    .iter()
+                    .map(|p| &ck[&format!("{hf}.self_attn.{p}_proj.{s}")])
+                    .collect();
+                let rows: usize = parts.iter().map(|p| p.0[0]).sum();
+                let mut shape = parts[0].0.clone();
+                shape[0] = rows;
+                let vals: Vec<f32> = parts.iter().flat_map(|p| p.1.iter().copied()).collect();
+                tensors.push(plan(
+                    &format!("{g}.attn_qkv.{s}"),
+                    &shape,
+                    &vals,
+                    o.out,
+                    false,
+                ));
+            } else {
+                for p in ["q", "k", "v"] {
+                    add(
+                        &mut tensors,
+                        &format!("{hf}.self_attn.{p}_proj.{s}"),
+                        format!("{g}.attn_{p}.{s}"),
+                    );
+                }
+            }
+        }
+    }
+    tensors.retain(|t| !o.drop.contains(&t.0.as_str()));
+    if let Some((name, t, bytes)) = &o.retype {
+        let slot = tensors.iter_mut().find(|x| x.0 == *name).unwrap();
+        slot.1 = *t;
+        slot.3 = bytes.clone();
+    }
+    write(path, meta, tensors);
+}
+
+/// The vision projector in the converter's layout (f16).
+fn write_mmproj(path: &Path) {
+    let cfg = json(&tiny().join("config.json"));
+    let v = &cfg["vision_config"];
+    let pre = json(&tiny().join("preprocessor_config.json"));
+    let u = |x: &Json| x.as_u64().unwrap() as u32;
+    let arr = |x: &Json| -> Vec<f32> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|y| y.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let mut meta = general("clip", 1, "258K", "mmproj");
+    meta.extend([
+        ("clip.has_vision_encoder", true.into()),
+        ("clip.vision.image_size", 560u32.into()),
+        ("clip.vision.patch_size", u(&v["patch_size"]).into()),
+        ("clip.vision.embedding_length", u(&v["embed_dim"]).into()),
+        // The converter's value: vision_config.hidden_size (the text width), not the MLP's.
+        (
+            "clip.vision.feed_forward_length",
+            u(&v["hidden_size"]).into(),
+        ),
+        ("clip.vision.projection_dim", u(&cfg["hidden_size"]).into()),
+        ("clip.vision.block_count", u(&v["depth"]).into()),
+        (
+            "clip.vision.attention.head_count",
+            u(&v["num_heads"]).into(),
+        ),
+        ("clip.vision.image_mean", arr(&pre["image_mean"]).into()),
+        ("clip.vision.image_std", arr(&pre["image_std"]).into()),
+        ("clip.projector_type", "qwen2vl_merger".into()),
+        (
+            "clip.vision.attention.layer_norm_epsilon",
+            (cfg["rms_norm_eps"].as_f64().unwrap() as f32).into(),
+        ),
+    ]);
+    let ck = checkpoint();
+    let mut tensors = Vec::new();
+    let mut add = |name: &str, shape: &[usize], vals: &[f32], force_f16: bool| {
+        tensors.push(plan(name, shape, vals, OutType::F16, force_f16));
+    };
+    for i in 0..u(&v["depth"]) {
+        let (hf, g) = (format!("visual.blocks.{i}"), format!("v.blk.{i}"));
+        for s in ["weight", "bias"] {
+            for (h, gg) in [
+                ("norm1", "ln1"),
+                ("norm2", "ln2"),
+                ("attn.proj", "attn_out"),
+                ("mlp.fc1", "ffn_up"),
+                ("mlp.fc2", "ffn_down"),
+            ] {
+                let (shape, vals) = &ck[&format!("{hf}.{h}.{s}")];
+                add(&format!("{g}.{gg}.{s}"), shape, vals, false);
+            }
+            let (shape, vals) = &ck[&format!("{hf}.attn.qkv.{s}")];
+            let c = shape[0] / 3;
+            let per: usize = vals.len() / 3;
+            let mut sh = shape.clone();
+            sh[0] = c;
+            for (j, p) in ["q", "k", "v"].iter().enumerate() {
+                add(
+                    &format!("{g}.attn_{p}.{s}"),
+                    &sh,
+                    &vals[j * per..(j + 1) * per],
+                    false,
+                );
+            }
+        }
+    }
+    for s in ["weight", "bias"] {
+        for (h, gg) in [("ln_q", "v.post_ln"), ("mlp.0", "mm.0"), ("mlp.2", "mm.2")] {
+            let (shape, vals) = &ck[&format!("visual.merger.{h}.{s}")];
+            add(&format!("{gg}.{s}"), shape, vals, false);
+        }
+    }
+    // Conv3d (embed, 3, 2, p, p) → two (embed, 3, p, p) kernels, forced to f16.
+    let (shape, vals) = &ck["visual.patch_embed.proj.weight"];
+    let (e, c, t, p) = (shape[0], shape[1], shape[2], shape[3]);
+    for frame in 0..t {
+        let mut k = Vec::with_capacity(e * c * p * p);
+        for ei in 0..e {
+            for ci in 0..c {
+                let at = ((ei * c + ci) * t + frame) * p * p;
+                k.extend_from_slice(&vals[at..at + p * p]);
+            }
+        }
+        let name = if frame == 0 {
+            "v.patch_embd.weight".to_string()
+        } else {
+            format!("v.patch_embd.weight.{frame}")
+        };
+        add(&name, &[e, c, p, p], &k, true);
+    }
+    write(path, meta, tensors);
+}
+
+/// The f16 and q8_0 text files and our mmproj, written once per test binary.
+struct Files {
+    f16: PathBuf,
+    q8_0: PathBuf,
+    mmproj: PathBuf,
+}
+
+fn files() -> &'static Files {
+    static F: OnceLock<Files> = OnceLock::new();
+    F.get_or_init(|| {
+        let d = tmp_dir();
+        let f = Files {
+            f16: d.join("tiny-qwen2vl-f16.gguf"),
+            q8_0: d.join("tiny-qwen2vl-q8_0.gguf"),
+            mmproj: d.join("mmproj-tiny-qwen2vl-f16.gguf"),
+        };
+        write_text(&f.f16, &TextOptions::default());
+        write_text(
+            &f.q8_0,
+            &TextOptions {
+                out: OutType::Q8_0,
+                ..TextOptions::default()
+            },
+        );
+        write_mmproj(&f.mmproj);
+        f
+    })
+}
+
+/// "UINT32", "ARRAY/STRING", … as gguf-py names them (the manifest's spelling).
+fn type_name(v: &MetaValue) -> String {
+    let scalar = |v: &MetaValue| match v {
+        MetaValue::U8(_) => "UINT8",
+        MetaValue::I8(_) => "INT8",
+        MetaValue::U16(_) => "UINT16",
+        MetaValue::I16(_) => "INT16",
+        MetaValue::U32(_) => "UINT32",
+        MetaValue::I32(_) => "INT32",
+        MetaValue::U64(_) => "UINT64",
+        MetaValue::I64(_) => "INT64",
+        MetaValue::F32(_) => "FLOAT32",
+        MetaValue::F64(_) => "FLOAT64",
+        MetaValue::Bool(_) => "BOOL",
+        MetaValue::Str(_) => "STRING",
+        MetaValue::Array(_) => "ARRAY",
+    };
+    match v {
+        MetaValue::Array(a) => {
+            let elem = match a {
+                MetaArray::Str(_) => "STRING",
+                MetaArray::I32(_) => "INT32",
+                MetaArray::F32(_) => "FLOAT32",
+                MetaArray::U32(_) => "UINT32",
+                _ => "OTHER",
+            };
+            format!("ARRAY/{elem}")
+        }
+        v => scalar(v).to_string(),
+    }
+}
+
+/// A metadata value as the manifest writes it (long arrays and strings by length only).
+fn same_value(ours: &MetaValue, theirs: &Json) -> bool {
+    if let Some(len) = theirs.get("len") {
+        let n = match ours {
+            MetaValue::Array(a) => a.len(),
+            MetaValue::Str(s) => s.len(),
+            _ => return false,
+        };
+        return len.as_u64() == Some(n as u64);
+    }
+    match ours {
+        MetaValue::F32(x) => theirs.as_f64().map(|t| t as f32) == Some(*x),
+        MetaValue::Array(MetaArray::F32(v)) => {
+            let t: Vec<f32> = theirs
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            &t == v
+        }
+        MetaValue::Array(MetaArray::I32(v)) => {
+            theirs
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap() as i32)
+                .collect::<Vec<_>>()
+                == *v
+        }
+        MetaValue::Str(s) => theirs.as_str() == Some(s),
+        MetaValue::Bool(b) => theirs.as_bool() == Some(*b),
+        v => v.as_integer().map(|i| i as i64) == theirs.as_i64(),
+    }
+}
+
+fn check_against_manifest(ours: &GgufFile, theirs: &Json) {
+    let what = ours.origin().to_string();
+    let meta = theirs["metadata"].as_object().unwrap();
+    let mut keys: Vec<&str> = ours.metadata().map(|(k, _)| k).collect();
+    keys.sort();
+    let mut want: Vec<&str> = meta.keys().map(String::as_str).collect();
+    want.sort();
+    assert_eq!(keys, want, "{what}: metadata keys");
+    for (k, v) in ours.metadata() {
+        let t = &meta[k];
+        assert_eq!(
+            type_name(v),
+            t["type"].as_str().unwrap(),
+            "{what}: type of {k}"
+        );
+        assert!(
+            same_value(v, &t["value"]),
+            "{what}: {k} = {v:?}, llama.cpp: {}",
+            t["value"]
+        );
+    }
+    let tensors = theirs["tensors"].as_object().unwrap();
+    assert_eq!(ours.tensors().len(), tensors.len(), "{what}: tensor count");
+    for t in ours.tensors() {
+        let m = tensors
+            .get(t.name())
+            .unwrap_or_else(|| panic!("{what}: llama.cpp has no tensor {}", t.name()));
+        let ty = m["type"].as_str().unwrap().to_ascii_lowercase();
+        assert_eq!(
+            t.ggml_type().name().to_ascii_lowercase(),
+            ty,
+            "{what}: {}",
+            t.name()
+        );
+        let ne: Vec<u64> = m["ne"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        assert_eq!(t.ne(), ne.as_slice(), "{what}: ne of {}", t.name());
+    }
+}
+
+/// Our writer's files have the keys, types and tensors llama.cpp's converter wrote, and our
+/// vision projector is the converter's byte for byte (tensor data and metadata values).
+#[test]
+fn the_layout_is_the_llama_cpp_converters() {
+    let manifest = json(&gguf_fixtures().join("llamacpp-tiny-qwen2vl.json"));
+    let f = files();
+    for (path, name) in [
+        (&f.f16, "tiny-qwen2vl-f16.gguf"),
+        (&f.q8_0, "tiny-qwen2vl-q8_0.gguf"),
+        (&f.mmproj, "mmproj-tiny-qwen2vl-f16.gguf"),
+    ] {
+        check_against_manifest(&GgufFile::open(path).unwrap(), &manifest["files"][name]);
+    }
+    let ours = GgufFile::open(&f.mmproj).unwrap();
+    let theirs = GgufFile::open(&mmproj()).unwrap();
+    for t in theirs.tensors() {
+        assert_eq!(
+            ours.tensor_bytes(t.name()).unwrap(),
+            theirs.bytes_of(t).unwrap(),
+            "mmproj tensor {}",
+            t.name()
+        );
+    }
+    for (k, v) in theirs.metadata() {
+        assert_eq!(ours.get(k), Some(v), "mmproj key {k}");
+    }
+}
+
+/// With the converter's own text files (tools/reference/make_gguf_models.py's output
+/// directory in QWEN2VL_LLAMACPP_GGUF_DIR): every tensor and key of our f16 file equals
+/// theirs, and their q8_0 file gives the same tokens as ours.
+#[test]
+fn llama_cpp_text_files_when_given() {
+    let Some(dir) = std::env::var_os("QWEN2VL_LLAMACPP_GGUF_DIR").map(PathBuf::from) else {
+        eprintln!("QWEN2VL_LLAMACPP_GGUF_DIR not set; the converter's text files are not checked");
+        return;
+    };
+    let f = files();
+    for (ours, name) in [
+        (&f.f16, "tiny-qwen2vl-f16.gguf"),
+        (&f.q8_0, "tiny-qwen2vl-q8_0.gguf"),
+    ] {
+        let ours = GgufFile::open(ours).unwrap();
+        let theirs = GgufFile::open(&dir.join(name)).unwrap();
+        let mut differ = Vec::new();
+        for t in theirs.tensors() {
+            if ours.tensor_bytes(t.name()).unwrap() != theirs.bytes_of(t).unwrap() {
+                differ.push(t.name().to_string());
+            }
+        }
+        for (k, v) in theirs.metadata() {
+            assert_eq!(ours.get(k), Some(v), "{name}: key {k}");
+        }
+        eprintln!("{name}: tensors whose bytes differ from llama.cpp's: {differ:?}");
+        if name.contains("f16") {
+            assert!(differ.is_empty(), "{name}: {differ:?}");
+        }
+        let a = greedy(
+            &load(&dir.join(name), Some(&mmproj()), DTypeChoice::F32, None),
+            true,
+        );
+        let b = greedy(
+            &load(name_path(f, name), Some(&mmproj()), DTypeChoice::F32, None),
+            true,
+        );
+        assert_eq!(a, b, "{name}");
+    }
+}
+
+fn name_path<'a>(f: &'a Files, name: &str) -> &'a Path {
+    if name.contains("q8_0") {
+        &f.q8_0
+    } else {
+        &f.f16
+    }
+}
+
+fn load(
+    model: &Path,
+    mmproj: Option<&Path>,
+    dtype: DTypeChoice,
+    quant: Option<QuantScheme>,
+) -> Pipeline {
+    Pipeline::load_with(
+        model,
+        &LoadOptions {
+            dtype,
+            quant,
+            mmproj: mmproj.map(Path::to_path_buf),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+fn request(image: bool) -> GenerateRequest {
+    let images = if image {
+        vec![common::fixtures().join("images/photo640.png")]
+    } else {
+        vec![]
+    };
+    GenerateRequest::from_prompt(None, &images, "Describe this, please: ünïcødé 你好")
+        .with_sampling(SamplingParams::greedy())
+        .with_max_new_tokens(12)
+}
+
+fn greedy(p: &Pipeline, image: bool) -> Vec<u32> {
+    p.generate(&request(image), &mut |_| {}).unwrap().token_ids
+}
+
+/// Every position's logits of the prompt (with the image), in f32.
+fn prompt_logits(p: &Pipeline) -> Vec<Vec<f32>> {
+    let inputs = p.prepare(&request(true)).unwrap();
+    let m = p.model();
+    let img = m
+        .encode_vision(&inputs.pixel_values, &inputs.image_grid_thw)
+        .unwrap();
+    let mut cache = m.new_cache(inputs.input_ids.len()).unwrap();
+    let h = m
+        .prefill_hidden(
+            &inputs.input_ids,
+            &inputs.positions,
+            Some(&img),
+            None,
+            &mut cache,
+            None,
+        )
+        .unwrap();
+    let l: Tensor = m.text().logits(&h.squeeze(0).unwrap()).unwrap();
+    l.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap()
+}
+
+/// The f16 GGUF pair gives the safetensors model's answer in f16: the same greedy tokens
+/// (text and image prompts) and the same logits (f16 weights are the bf16 ones exactly, so
+/// within f16 rounding; in fact identical).
+#[test]
+fn f16_gguf_matches_the_safetensors_model_in_f16() {
+    let f = files();
+    let st = load(&tiny(), None, DTypeChoice::F16, None);
+    let gg = load(&f.f16, Some(&mmproj()), DTypeChoice::F16, None);
+    assert_eq!(gg.model().config(), &{
+        let mut c = st.model().config().clone();
+        c.torch_dtype = None;
+        c
+    });
+    for image in [false, true] {
+        let (a, b) = (greedy(&st, image), greedy(&gg, image));
+        assert_eq!(a, b, "image: {image}");
+        assert_eq!(a.len(), 12);
+    }
+    let (a, b) = (prompt_logits(&st), prompt_logits(&gg));
+    let max = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let scale = a.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+    eprintln!("f16 GGUF vs safetensors f16: max |Δlogit| {max} (max |logit| {scale})");
+    assert!(max <= 1e-2 * scale.max(1.0), "max |Δlogit| {max}");
+    // Our own mmproj (written from the safetensors) is interchangeable with llama.cpp's.
+    let ours = load(&f.f16, Some(&f.mmproj), DTypeChoice::F16, None);
+    assert_eq!(greedy(&ours, true), greedy(&gg, true));
+}
+
+/// A q8_0 GGUF keeps its blocks (no requantization) and answers as `--quant q8_0` of the
+/// safetensors model does (the same Q8_0 blocks, so the same tokens); `--quant` on it is
+/// refused, and a float GGUF with `--quant` is quantized as it loads.
+#[test]
+fn q8_0_gguf_matches_quant_q8_0() {
+    let f = files();
+    let st = load(&tiny(), None, DTypeChoice::F32, Some(QuantScheme::Q8_0));
+    let gg = load(&f.q8_0, Some(&mmproj()), DTypeChoice::F32, None);
+    for image in [false, true] {
+        assert_eq!(greedy(&st, image), greedy(&gg, image), "image: {image}");
+    }
+    let requant = load(
+        &f.f16,
+        Some(&mmproj()),
+        DTypeChoice::F32,
+        Some(QuantScheme::Q8_0),
+    );
+    assert_eq!(greedy(&requant, false).len(), 12);
+    let e = Pipeline::load_with(
+        &f.q8_0,
+        &LoadOptions {
+            quant: Some(QuantScheme::Q4KM),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("already quantized") && e.contains("token_embd.weight is q8_0"),
+        "{e}"
+    );
+}
+
+/// The tokenizer rebuilt from `tokenizer.ggml.*` gives tokenizer.json's ids and text.
+#[test]
+fn gguf_tokenizer_matches_tokenizer_json() {
+    let f = files();
+    let model = qwen2vl::gguf::model::GgufModel::open(&f.f16, None).unwrap();
+    let ours = Qwen2Tokenizer::from_gguf(&model).unwrap();
+    let reference = Qwen2Tokenizer::from_dir(&tiny()).unwrap();
+    assert_eq!(ours.special_ids(), reference.special_ids());
+    assert_eq!(ours.vocab_size(), reference.vocab_size());
+    for s in [
+        "Hello, world!",
+        "  leading spaces and\ttabs\n\nnewlines\r\n",
+        "ünïcødé, 你好世界, こんにちは, Привет, 🤖🚀 emoji",
+        "<|im_start|>user\nWhat is in <|vision_start|><|image_pad|><|vision_end|>?<|im_end|>",
+        "numbers 1234567890 3.14159 and code: fn main() { println!(\"x\"); }",
+        "<|endoftext|><|box_start|>(1,2),(3,4)<|box_end|>",
+        "I'm sure it's the DON'T-case we'll test",
+    ] {
+        let a = reference.encode_plain(s).unwrap();
+        assert_eq!(ours.encode_plain(s).unwrap(), a, "{s:?}");
+        assert_eq!(
+            ours.encode_literal(s).unwrap(),
+            reference.encode_literal(s).unwrap(),
+            "{s:?}"
+        );
+        assert_eq!(
+            ours.decode(&a, false).unwrap(),
+            reference.decode(&a, false).unwrap()
+        );
+    }
+    let p = qwen2vl::processing::processor::Processor::from_gguf(&model).unwrap();
+    assert_eq!(
+        p.template().source(),
+        json(&tiny().join("chat_template.json"))["chat_template"]
+            .as_str()
+            .unwrap()
+    );
+}
+
+/// A fused `attn_qkv` (the converter's `--fuse-qkv`) gives the same answer as split q/k/v.
+#[test]
+fn fused_qkv_is_split_into_q_k_v() {
+    let path = tmp_dir().join("fused.gguf");
+    write_text(
+        &path,
+        &TextOptions {
+            fuse_qkv: true,
+            ..TextOptions::default()
+        },
+    );
+    let a = greedy(&load(&path, None, DTypeChoice::F32, None), false);
+    let b = greedy(&load(&files().f16, None, DTypeChoice::F32, None), false);
+    assert_eq!(a, b);
+}
+
+/// A text model without `--mmproj` answers text and refuses images with a clear error.
+#[test]
+fn text_only_gguf_refuses_images() {
+    let p = load(&files().f16, None, DTypeChoice::F32, None);
+    assert!(!p.model().has_vision());
+    assert_eq!(greedy(&p, false).len(), 12);
+    let e = p
+        .generate(&request(true), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("loaded without its vision projector (--mmproj)"),
+        "{e}"
+    );
+}
+
+fn load_err(path: &Path, mmproj: Option<&Path>) -> String {
+    Pipeline::load_with(
+        path,
+        &LoadOptions {
+            mmproj: mmproj.map(Path::to_path_buf),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap_err()
+    .to_string()
+}
+
+/// Wrong architectures, a missing tensor, an unsupported tensor type and a projector of
+/// another model are errors that name what is wrong.
+#[test]
+fn bad_files_are_named_errors() {
+    let d = tmp_dir();
+    let llama = d.join("llama.gguf");
+    write_text(
+        &llama,
+        &TextOptions {
+            arch: "llama",
+            ..TextOptions::default()
+        },
+    );
+    let e = load_err(&llama, None);
+    assert!(
+        e.contains("general.architecture is 'llama'; allowed: qwen2vl"),
+        "{e}"
+    );
+    let e = load_err(&mmproj(), None);
+    assert!(e.contains("this is a vision projector"), "{e}");
+    let e = load_err(&files().f16, Some(&files().f16));
+    assert!(
+        e.contains("general.architecture is 'qwen2vl'; allowed: clip"),
+        "{e}"
+    );
+
+    let missing = d.join("missing.gguf");
+    write_text(
+        &missing,
+        &TextOptions {
+            drop: vec!["blk.1.ffn_down.weight"],
+            ..TextOptions::default()
+        },
+    );
+    let e = load_err(&missing, None);
+    assert!(
+        e.contains("missing tensor model.layers.1.mlp.down_proj.weight")
+            && e.contains("blk.1.ffn_down.weight"),
+        "{e}"
+    );
+
+    // An iq4_nl tensor (a type with no kernel here; rows of 64 fit its 32-value blocks):
+    // refused when the file opens, before any weight is read.
+    let iq4 = d.join("iq4_nl.gguf");
+    write_text(
+        &iq4,
+        &TextOptions {
+            retype: Some((
+                "blk.0.ffn_gate.weight",
+                GgmlType::IQ4_NL,
+                vec![0u8; 128 * 2 * 18],
+            )),
+            ..TextOptions::default()
+        },
+    );
+    let e = load_err(&iq4, None);
+    assert!(
+        e.contains("tensor 'blk.0.ffn_gate.weight' has type iq4_nl, which qwen2vl cannot run"),
+        "{e}"
+    );
+}
+
+/// q5_0 and q4_0 tensors (llama-quantize's fallbacks for rows that are not a multiple of
+/// 256) are widened to float at load and give the values ggml's dequantizer gives.
+#[test]
+fn legacy_block_types_are_widened() {
+    // One q5_0 block: d = 0.5, high bits set for elements 0 and 17, low nibbles 0..15.
+    let mut b = vec![0u8; 22];
+    b[..2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
+    b[2..6].copy_from_slice(&(1u32 | (1 << 17)).to_le_bytes());
+    for j in 0..16 {
+        b[6 + j] = (j as u8) | (((15 - j) as u8) << 4);
+    }
+    let mut out = vec![0f32; 32];
+    qwen2vl::gguf::model::dequantize_legacy(GgmlType::Q5_0, &b, &mut out).unwrap();
+    assert_eq!(out[0], (16.0 - 16.0) * 0.5);
+    assert_eq!(out[1], (1.0 - 16.0) * 0.5);
+    assert_eq!(out[16], (15.0 - 16.0) * 0.5);
+    assert_eq!(out[17], (14.0 + 16.0 - 16.0) * 0.5);
+
+    // A model whose ffn_down of layer 0 is stored in q4_0: loads, and answers.
+    let k = 128;
+    let (shape, vals) = &checkpoint()["model.layers.0.mlp.down_proj.weight"];
+    assert_eq!(shape[1], k);
+    let mut q = Vec::new();
+    let mut widened = Vec::new();
+    for blk in vals.chunks_exact(32) {
+        let amax = blk
+            .iter()
+            .fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
+        let d = amax / -8.0;
+        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+        let dh = half::f16::from_f32(d);
+        q.extend_from_slice(&dh.to_le_bytes());
+        let code = |x: f32| ((x * id + 8.5) as i32).clamp(0, 15) as u8;
+        let mut qs = [0u8; 16];
+        for j in 0..16 {
+            qs[j] = code(blk[j]) | (code(blk[j + 16]) << 4);
+        }
+        q.extend_from_slice(&qs);
+        for j in 0..32 {
+            let c = if j < 16 { qs[j] & 15 } else { qs[j - 16] >> 4 };
+            widened.push((f32::from(c) - 8.0) * dh.to_f32());
+        }
+    }
+    let path = tmp_dir().join("q4_0.gguf");
+    write_text(
+        &path,
+        &TextOptions {
+            retype: Some(("blk.0.ffn_down.weight", GgmlType::Q4_0, q)),
+            ..TextOptions::default()
+        },
+    );
+    let p = load(&path, None, DTypeChoice::F32, None);
+    assert_eq!(greedy(&p, false).len(), 12);
+    let w = qwen2vl::weights::Weights::from_gguf(
+        std::sync::Arc::new(qwen2vl::gguf::model::GgufModel::open(&path, None).unwrap()),
+        DType::F32,
+        &Device::Cpu,
+    );
+    let t = w
+        .get("model.layers.0.mlp.down_proj.weight", (shape[0], k))
+        .unwrap();
+    assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), widened);
+}
