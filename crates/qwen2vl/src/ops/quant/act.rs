@@ -7,8 +7,8 @@
 //!   values (Q4_K's mins and Q6_K's offset of 32 are applied through these sums instead of per
 //!   value).
 //!
-//! Values are `round(x / d)` with `d = max|x| / 127`, so every `q` is in `-127..=127`: the
-//! kernels' sign tricks rely on `-128` never occurring.
+//! Values are `round(x / d)` with `d = max|x| / 127` (ties to even), so every `q` is in
+//! `-127..=127`: the kernels' sign tricks rely on `-128` never occurring.
 
 use super::format::QType;
 
@@ -26,8 +26,9 @@ pub struct QActs {
     /// One scale per block of the activation (32 values for Q8_0, 256 for the K formats):
     /// `rows × k / block`.
     pub d: Vec<f32>,
-    /// K formats: the sum of every 16 values, `rows × k / 16`; empty for Q8_0.
-    pub sums: Vec<i32>,
+    /// K formats: the sum of every 16 values (at most 16 × 127, so an i16), `rows × k / 16`;
+    /// empty for Q8_0.
+    pub sums: Vec<i16>,
 }
 
 impl QActs {
@@ -38,7 +39,7 @@ impl QActs {
         let mut q = vec![0i8; rows * k];
         let mut d = vec![0f32; blocks];
         let k_format = t != QType::Q8_0;
-        let mut sums = vec![0i32; if k_format { rows * k / 16 } else { 0 }];
+        let mut sums = vec![0i16; if k_format { rows * k / 16 } else { 0 }];
         for (b, (xs, qs)) in x[..rows * k]
             .chunks_exact(block)
             .zip(q.chunks_exact_mut(block))
@@ -49,11 +50,11 @@ impl QActs {
             let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             d[b] = scale;
             for (o, &v) in qs.iter_mut().zip(xs) {
-                *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                *o = super::format::nearest(v * inv).clamp(-127, 127) as i8;
             }
             if k_format {
                 for (g, s) in qs.chunks_exact(16).enumerate() {
-                    sums[b * 16 + g] = s.iter().map(|&v| i32::from(v)).sum();
+                    sums[b * 16 + g] = s.iter().map(|&v| i16::from(v)).sum();
                 }
             }
         }
@@ -97,5 +98,5 @@ pub struct ActRow<'a> {
     /// One scale per block.
     pub d: &'a [f32],
     /// K formats: one sum per 16 values.
-    pub sums: &'a [i32],
+    pub sums: &'a [i16],
 }

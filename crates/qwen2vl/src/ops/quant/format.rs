@@ -17,7 +17,8 @@
 //!   with bits 4-5; `+96` the high nibble of `ql[64n + 32 + l]` with bits 6-7. Scale
 //!   `e / 16`.
 //!
-//! The quantizers are written here (not ggml's code): Q8_0 rounds to the nearest of 255 levels
+//! The quantizers are written here (not ggml's code), rounding to nearest (ties to even, see
+//! [`nearest`]): Q8_0 rounds to the nearest of 255 levels
 //! of the block's largest magnitude; the K formats pick each sub-block's scale (and Q4_K's
 //! min) by a small search minimising the squared error weighted by `x²`, then quantize the
 //! sub-block scales to the super-block's 6 or 8 bits and requantize every value with the
@@ -83,10 +84,13 @@ fn put_f16(b: &mut [u8], at: usize, v: f32) {
     b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
 }
 
-/// Python-style `round` is not what ggml uses: it rounds half away from zero (`roundf`).
-#[inline]
-fn round_away(x: f32) -> i32 {
-    x.round() as i32
+/// The nearest integer to `x` (ties to even), for `|x| < 2^22`: adding 1.5 · 2^23 leaves no
+/// fraction bits, so the float addition itself rounds. A few instructions, where `f32::round`
+/// is a library call on baseline x86-64; quantizing a 2B model calls it billions of times.
+#[inline(always)]
+pub(crate) fn nearest(x: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    ((x + MAGIC) - MAGIC) as i32
 }
 
 /// The eight 6-bit scales and eight 6-bit mins of a Q4_K block from its 12 scale bytes, as
@@ -118,6 +122,31 @@ fn pack_q4k_scales(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
         s[j + 8] = (sc[j + 4] & 0x0f) | ((m[j + 4] & 0x0f) << 4);
     }
     s
+}
+
+/// [`nearest`] as a float (for `|x| < 2^22`): vectorises where the integer form does not.
+#[inline(always)]
+fn nearest_f(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
+}
+
+/// `(Σ w·l, Σ w·l², Σ w·l·x)` over the levels `l = clamp(nearest(iscale · (x − shift)), lo, hi)`,
+/// in eight-lane partial sums so the compiler vectorises it (the lanes are added in a fixed
+/// order, so the result does not depend on the machine).
+#[inline(always)]
+fn level_sums(x: &[f32], w: &[f32], iscale: f32, shift: f32, lo: f32, hi: f32) -> (f32, f32, f32) {
+    let (mut sl, mut sll, mut sxl) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+    for (xs, ws) in x.chunks_exact(8).zip(w.chunks_exact(8)) {
+        for i in 0..8 {
+            let l = nearest_f(iscale * (xs[i] - shift)).max(lo).min(hi);
+            sl[i] += ws[i] * l;
+            sll[i] += ws[i] * l * l;
+            sxl[i] += ws[i] * l * xs[i];
+        }
+    }
+    let total = |a: [f32; 8]| ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+    (total(sl), total(sll), total(sxl))
 }
 
 /// Dequantizes one row of blocks (`out.len()` values) exactly as ggml does.
@@ -187,7 +216,7 @@ fn quantize_q8_0_block(x: &[f32], blk: &mut [u8]) {
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
     put_f16(blk, 0, d);
     for (q, &v) in blk[2..34].iter_mut().zip(x) {
-        *q = round_away(v * id).clamp(-127, 127) as i8 as u8;
+        *q = nearest(v * id).clamp(-127, 127) as i8 as u8;
     }
 }
 
@@ -206,15 +235,14 @@ fn best_symmetric_scale(x: &[f32], nmax: i32) -> f32 {
         return 0.0;
     }
     let (mut best_scale, mut best_score) = (0f32, -1f32);
+    let mut w = [0f32; 16];
+    for (wi, &v) in w.iter_mut().zip(x) {
+        *wi = v * v;
+    }
+    let (lo, hi) = (-nmax as f32, (nmax - 1) as f32);
     for step in -9..=9 {
         let iscale = -(nmax as f32 + 0.1 * step as f32) / max;
-        let (mut sxl, mut sll) = (0f32, 0f32);
-        for &v in x {
-            let l = round_away(iscale * v).clamp(-nmax, nmax - 1) as f32;
-            let w = v * v;
-            sxl += w * v * l;
-            sll += w * l * l;
-        }
+        let (_, sll, sxl) = level_sums(x, &w[..x.len()], iscale, 0.0, lo, hi);
         // Least-squares scale for these levels; the error is `Σwx² - sxl²/sll`.
         if sll > 0.0 && sxl * sxl / sll > best_score {
             best_score = sxl * sxl / sll;
@@ -249,15 +277,12 @@ fn quantize_q6k_block(x: &[f32], blk: &mut [u8]) {
     put_f16(blk, 208, d);
     let d = f16_at(blk, 208);
     for (g, &s) in scales.iter().enumerate() {
-        let sc = round_away(iscale * s).clamp(-128, 127);
+        let sc = nearest(iscale * s).clamp(-128, 127);
         blk[192 + g] = sc as i8 as u8;
         let dg = d * sc as f32;
+        let inv = if dg != 0.0 { 1.0 / dg } else { 0.0 };
         for (e, &v) in x.iter().enumerate().skip(16 * g).take(16) {
-            let q = if dg != 0.0 {
-                round_away(v / dg).clamp(-32, 31)
-            } else {
-                0
-            };
+            let q = nearest(v * inv).clamp(-32, 31);
             put_q6k_value(blk, e, (q + 32) as u8);
         }
     }
@@ -274,7 +299,8 @@ fn put_q6k_value(blk: &mut [u8], e: usize, q6: u8) {
 
 /// `(scale, min)` with `x ≈ scale * q - min`, `q` in `0..=nmax`, `scale >= 0`, `min >= 0`,
 /// minimising the error weighted by `w`: a search over the step count between the extremes,
-/// each candidate refitted by weighted least squares (the min clamped at 0).
+/// each candidate's levels refitted by weighted least squares (the min clamped at 0) and
+/// scored by the weighted error of that fit, computed from the same sums.
 fn best_affine_scale(x: &[f32], w: &[f32], nmax: i32) -> (f32, f32) {
     let lo = x.iter().fold(f32::INFINITY, |a, &v| a.min(v)).min(0.0);
     let hi = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
@@ -282,19 +308,15 @@ fn best_affine_scale(x: &[f32], w: &[f32], nmax: i32) -> (f32, f32) {
         return (0.0, -lo);
     }
     let (mut best, mut best_err) = (((hi - lo) / nmax as f32, -lo), f32::INFINITY);
-    let (sw, swx) = x
-        .iter()
-        .zip(w)
-        .fold((0f32, 0f32), |(a, b), (&v, &wi)| (a + wi, b + wi * v));
+    let (mut sw, mut swx, mut swxx) = (0f32, 0f32, 0f32);
+    for (&v, &wi) in x.iter().zip(w) {
+        sw += wi;
+        swx += wi * v;
+        swxx += wi * v * v;
+    }
     for step in 0..=20 {
         let iscale = (nmax as f32 - 1.0 + 0.1 * step as f32) / (hi - lo);
-        let (mut sl, mut sll, mut sxl) = (0f32, 0f32, 0f32);
-        for (&v, &wi) in x.iter().zip(w) {
-            let l = round_away(iscale * (v - lo)).clamp(0, nmax) as f32;
-            sl += wi * l;
-            sll += wi * l * l;
-            sxl += wi * l * v;
-        }
+        let (sl, sll, sxl) = level_sums(x, w, iscale, lo, 0.0, nmax as f32);
         let det = sw * sll - sl * sl;
         if det <= 0.0 {
             continue;
@@ -308,15 +330,11 @@ fn best_affine_scale(x: &[f32], w: &[f32], nmax: i32) -> (f32, f32) {
         if scale <= 0.0 {
             continue;
         }
-        let err: f32 = x
-            .iter()
-            .zip(w)
-            .map(|(&v, &wi)| {
-                let l = round_away((v - offset) / scale).clamp(0, nmax) as f32;
-                let e = scale * l + offset - v;
-                wi * e * e
-            })
-            .sum();
+        // Σ w (scale·l + offset − x)², expanded.
+        let err = scale * scale * sll + 2.0 * scale * offset * sl + offset * offset * sw
+            - 2.0 * scale * sxl
+            - 2.0 * offset * swx
+            + swxx;
         if err < best_err {
             best_err = err;
             best = (scale, -offset);
@@ -332,7 +350,7 @@ fn quantize_q4k_block(x: &[f32], blk: &mut [u8]) {
     let rms = (x.iter().map(|v| v * v).sum::<f32>() / 256.0).sqrt();
     for j in 0..8 {
         let xs = &x[32 * j..32 * j + 32];
-        let w: Vec<f32> = xs.iter().map(|v| rms + v.abs()).collect();
+        let w: [f32; 32] = std::array::from_fn(|i| rms + xs[i].abs());
         (scales[j], mins[j]) = best_affine_scale(xs, &w, 15);
     }
     let max_scale = scales.iter().fold(0f32, |a, &v| a.max(v));
@@ -346,8 +364,8 @@ fn quantize_q4k_block(x: &[f32], blk: &mut [u8]) {
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
     for j in 0..8 {
-        ls[j] = round_away(inv_scale * scales[j]).clamp(0, 63) as u8;
-        lm[j] = round_away(inv_min * mins[j]).clamp(0, 63) as u8;
+        ls[j] = nearest(inv_scale * scales[j]).clamp(0, 63) as u8;
+        lm[j] = nearest(inv_min * mins[j]).clamp(0, 63) as u8;
     }
     put_f16(blk, 0, max_scale / 63.0);
     put_f16(blk, 2, max_min / 63.0);
@@ -358,7 +376,7 @@ fn quantize_q4k_block(x: &[f32], blk: &mut [u8]) {
         let dj = d * f32::from(ls[j]);
         let mj = dmin * f32::from(lm[j]);
         let q = if dj > 0.0 {
-            round_away((v + mj) / dj).clamp(0, 15) as u8
+            nearest((v + mj) * (1.0 / dj)).clamp(0, 15) as u8
         } else {
             0
         };

@@ -5,7 +5,8 @@
 //! the portable one give bit-identical results; the oracle (f64 over dequantized values, in
 //! `super::tests`) bounds them both.
 //!
-//! - Q8_0: `Σ_b (d_w,b · d_a,b) · Σ q_w q_a`, blocks added in order.
+//! - Q8_0: `(d_w,b · d_a,b) · Σ q_w q_a` per block, added into four accumulators by block
+//!   number mod 4 (so the additions are not one long chain), summed `(0 + 1) + (2 + 3)`.
 //! - Q4_K: per block `d_a · (d · Σ_j sc_j Σ q a − dmin · Σ_j m_j · Σa_j)`, with `Σa_j`, the
 //!   sum of the 32 activation values of sub-block `j`, taken from the activation's sums.
 //! - Q6_K: per block `d_a · d · Σ_g sc_g (Σ q a − 32 Σa_g)`.
@@ -16,19 +17,24 @@ use super::format::{f16_at, q4k_scales_mins, q6k_value, QType};
 /// Which inner loop runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// `std::arch` AVX2 (integer multiply-adds on 32 bytes at a time); chosen when the CPU
-    /// has it.
+    /// `std::arch` AVX2 with F16C (integer multiply-adds on 32 bytes at a time); chosen when
+    /// the CPU has them.
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// Plain Rust.
     Portable,
 }
 
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+}
+
 impl Backend {
     /// The fastest backend this CPU runs (detected once by `std`, cached).
     pub fn detect() -> Backend {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if has_avx2() {
             return Backend::Avx2;
         }
         Backend::Portable
@@ -38,7 +44,7 @@ impl Backend {
     pub fn available() -> Vec<Backend> {
         let mut v = vec![Backend::Portable];
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if has_avx2() {
             v.push(Backend::Avx2);
         }
         v
@@ -49,7 +55,7 @@ impl Backend {
 #[inline]
 pub fn dot(backend: Backend, t: QType, w: &[u8], a: ActRow<'_>) -> f32 {
     match backend {
-        // SAFETY: `Backend::Avx2` is only produced when the CPU has AVX2 (`detect`,
+        // SAFETY: `Backend::Avx2` is only produced when the CPU has AVX2 and F16C (`detect`,
         // `available`); the slices' lengths are checked inside.
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2 => unsafe {
@@ -67,44 +73,33 @@ pub fn dot(backend: Backend, t: QType, w: &[u8], a: ActRow<'_>) -> f32 {
     }
 }
 
-/// The f32 part of a Q4_K block, shared by every backend so they round alike.
+/// The f32 part of a Q4_K block (`d`, `dmin` its scales), shared by every backend so they
+/// round alike.
 #[inline(always)]
-fn q4k_block(blk: &[u8], da: f32, isum: i32, msum: i32) -> f32 {
-    da * (f16_at(blk, 0) * isum as f32 - f16_at(blk, 2) * msum as f32)
+fn q4k_block(d: f32, dmin: f32, da: f32, isum: i32, msum: i32) -> f32 {
+    da * (d * isum as f32 - dmin * msum as f32)
 }
 
-/// `Σ_j m_j · (Σa over sub-block j)` of a Q4_K block.
+/// The four Q8_0 accumulators summed.
 #[inline(always)]
-fn q4k_min_sum(m: u64, sums: &[i32]) -> i32 {
-    (0..8)
-        .map(|j| ((m >> (8 * j)) & 0xff) as i32 * (sums[2 * j] + sums[2 * j + 1]))
-        .sum()
-}
-
-/// `Σ_g sc_g · Σa_g` of a Q6_K block (the offset of 32 is subtracted through it).
-#[inline(always)]
-fn q6k_offset_sum(scales: &[u8], sums: &[i32]) -> i32 {
-    scales
-        .iter()
-        .zip(sums)
-        .map(|(&s, &a)| i32::from(s as i8) * a)
-        .sum()
+fn q8_0_total(acc: [f32; 4]) -> f32 {
+    (acc[0] + acc[1]) + (acc[2] + acc[3])
 }
 
 mod portable {
     use super::*;
 
     pub(super) fn dot_q8_0(w: &[u8], a: ActRow<'_>) -> f32 {
-        let mut acc = 0f32;
+        let mut acc = [0f32; 4];
         for (b, blk) in w.chunks_exact(34).enumerate() {
             let isum: i32 = blk[2..34]
                 .iter()
                 .zip(&a.q[32 * b..32 * b + 32])
                 .map(|(&x, &y)| i32::from(x as i8) * i32::from(y))
                 .sum();
-            acc += (f16_at(blk, 0) * a.d[b]) * isum as f32;
+            acc[b % 4] += (f16_at(blk, 0) * a.d[b]) * isum as f32;
         }
-        acc
+        q8_0_total(acc)
     }
 
     pub(super) fn dot_q4k(w: &[u8], a: ActRow<'_>) -> f32 {
@@ -124,8 +119,14 @@ mod portable {
                 isum += ((sc >> (16 * c)) & 0xff) as i32 * lo;
                 isum += ((sc >> (16 * c + 8)) & 0xff) as i32 * hi;
             }
-            let msum = q4k_min_sum(m, &a.sums[16 * b..16 * b + 16]);
-            acc += q4k_block(blk, a.d[b], isum, msum);
+            let sums = &a.sums[16 * b..16 * b + 16];
+            let msum: i32 = (0..8)
+                .map(|j| {
+                    ((m >> (8 * j)) & 0xff) as i32
+                        * (i32::from(sums[2 * j]) + i32::from(sums[2 * j + 1]))
+                })
+                .sum();
+            acc += q4k_block(f16_at(blk, 0), f16_at(blk, 2), a.d[b], isum, msum);
         }
         acc
     }
@@ -134,14 +135,15 @@ mod portable {
         let mut acc = 0f32;
         for (b, blk) in w.chunks_exact(210).enumerate() {
             let aq = &a.q[256 * b..256 * b + 256];
+            let sums = &a.sums[16 * b..16 * b + 16];
             let mut isum = 0i32;
             for g in 0..16 {
                 let s: i32 = (16 * g..16 * g + 16)
                     .map(|e| i32::from(q6k_value(blk, e)) * i32::from(aq[e]))
                     .sum();
-                isum += i32::from(blk[192 + g] as i8) * s;
+                // The stored values are q + 32: take 32 × the activations' sum back off.
+                isum += i32::from(blk[192 + g] as i8) * (s - 32 * i32::from(sums[g]));
             }
-            isum -= 32 * q6k_offset_sum(&blk[192..208], &a.sums[16 * b..16 * b + 16]);
             acc += a.d[b] * (f16_at(blk, 208) * isum as f32);
         }
         acc
@@ -163,6 +165,14 @@ mod avx2 {
         _mm_cvtsi128_si32(s)
     }
 
+    /// The f16 at `p` as f32 (exact, like `half`'s conversion).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn f16_load(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
+
     /// `Σ w·a` over 32 signed bytes each, as eight i32 partial sums (`a` never -128).
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -181,48 +191,77 @@ mod avx2 {
     }
 
     /// # Safety
-    /// AVX2; `w` whole Q8_0 blocks matching `a`.
-    #[target_feature(enable = "avx2")]
+    /// AVX2 and F16C; `w` whole Q8_0 blocks matching `a`.
+    #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn dot_q8_0(w: &[u8], a: ActRow<'_>) -> f32 {
         let nb = w.len() / 34;
         assert!(a.q.len() >= 32 * nb && a.d.len() >= nb);
         let (wp, ap) = (w.as_ptr(), a.q.as_ptr());
-        let mut acc = 0f32;
+        // Lane i of `acc` is accumulator i: blocks b + i of each group of four.
+        let mut acc = _mm_setzero_ps();
         let mut b = 0;
-        // Four blocks' sums at once: two rounds of pairwise adds, then the halves.
         while b + 4 <= nb {
+            // Four blocks' sums at once: two rounds of pairwise adds, then the halves.
             let h01 = _mm256_hadd_epi32(q8_0_block(wp, ap, b), q8_0_block(wp, ap, b + 1));
             let h23 = _mm256_hadd_epi32(q8_0_block(wp, ap, b + 2), q8_0_block(wp, ap, b + 3));
             let h = _mm256_hadd_epi32(h01, h23);
-            let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
-            let mut sums = [0i32; 4];
-            _mm_storeu_si128(sums.as_mut_ptr() as *mut __m128i, s);
-            for (i, &isum) in sums.iter().enumerate() {
-                let blk = &w[34 * (b + i)..];
-                acc += (f16_at(blk, 0) * a.d[b + i]) * isum as f32;
-            }
+            let isums = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+            let dw = _mm_cvtph_ps(_mm_setr_epi16(
+                i16::from_le_bytes([*wp.add(34 * b), *wp.add(34 * b + 1)]),
+                i16::from_le_bytes([*wp.add(34 * b + 34), *wp.add(34 * b + 35)]),
+                i16::from_le_bytes([*wp.add(34 * b + 68), *wp.add(34 * b + 69)]),
+                i16::from_le_bytes([*wp.add(34 * b + 102), *wp.add(34 * b + 103)]),
+                0,
+                0,
+                0,
+                0,
+            ));
+            let da = _mm_loadu_ps(a.d.as_ptr().add(b));
+            let p = _mm_mul_ps(_mm_mul_ps(dw, da), _mm_cvtepi32_ps(isums));
+            acc = _mm_add_ps(acc, p);
             b += 4;
         }
+        let mut lanes = [0f32; 4];
+        _mm_storeu_ps(lanes.as_mut_ptr(), acc);
         while b < nb {
             let isum = hsum(q8_0_block(wp, ap, b));
-            acc += (f16_at(&w[34 * b..], 0) * a.d[b]) * isum as f32;
+            lanes[b % 4] += (f16_load(wp.add(34 * b)) * a.d[b]) * isum as f32;
             b += 1;
         }
-        acc
+        q8_0_total(lanes)
+    }
+
+    /// `set1_epi16(byte j)` of each of the eight bytes of a broadcast u64, as shuffle masks.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn byte_to_i16_mask(j: i8) -> __m256i {
+        let z = -128i8; // pshufb: a set top bit writes 0
+        _mm256_setr_epi8(
+            j, z, j, z, j, z, j, z, j, z, j, z, j, z, j, z, j, z, j, z, j, z, j, z, j, z, j, z, j,
+            z, j, z,
+        )
     }
 
     /// # Safety
-    /// AVX2; `w` whole Q4_K blocks matching `a`.
-    #[target_feature(enable = "avx2")]
+    /// AVX2 and F16C; `w` whole Q4_K blocks matching `a`.
+    #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn dot_q4k(w: &[u8], a: ActRow<'_>) -> f32 {
         let nb = w.len() / 144;
         assert!(a.q.len() >= 256 * nb && a.d.len() >= nb && a.sums.len() >= 16 * nb);
         let low = _mm256_set1_epi8(0x0f);
+        let masks: [__m256i; 8] = std::array::from_fn(|j| byte_to_i16_mask(j as i8));
+        // i16 lanes [m0, m0, m1, m1, …, m7, m7] out of a broadcast u64 of the eight mins.
+        let z = -128i8;
+        let min_pairs = _mm256_setr_epi8(
+            0, z, 0, z, 1, z, 1, z, 2, z, 2, z, 3, z, 3, z, 4, z, 4, z, 5, z, 5, z, 6, z, 6, z, 7,
+            z, 7, z,
+        );
         let mut acc = 0f32;
         for b in 0..nb {
-            let blk = &w[144 * b..144 * b + 144];
-            let (sc, m) = q4k_scales_mins(&blk[4..16]);
-            let qs = blk.as_ptr().add(16);
+            let p = w.as_ptr().add(144 * b);
+            let (sc, m) = q4k_scales_mins(std::slice::from_raw_parts(p.add(4), 12));
+            let sc_b = _mm256_set1_epi64x(sc as i64);
+            let qs = p.add(16);
             let aq = a.q.as_ptr().add(256 * b);
             let mut isum = _mm256_setzero_si256();
             for c in 0..4 {
@@ -231,14 +270,16 @@ mod avx2 {
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), low);
                 let a_lo = _mm256_loadu_si256(aq.add(64 * c) as *const __m256i);
                 let a_hi = _mm256_loadu_si256(aq.add(64 * c + 32) as *const __m256i);
-                let s_lo = _mm256_set1_epi16(((sc >> (16 * c)) & 0xff) as i16);
-                let s_hi = _mm256_set1_epi16(((sc >> (16 * c + 8)) & 0xff) as i16);
+                let s_lo = _mm256_shuffle_epi8(sc_b, masks[2 * c]);
+                let s_hi = _mm256_shuffle_epi8(sc_b, masks[2 * c + 1]);
                 let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a_lo), s_lo);
                 let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a_hi), s_hi);
                 isum = _mm256_add_epi32(isum, _mm256_add_epi32(p_lo, p_hi));
             }
-            let msum = q4k_min_sum(m, &a.sums[16 * b..16 * b + 16]);
-            acc += q4k_block(blk, a.d[b], hsum(isum), msum);
+            let sums = _mm256_loadu_si256(a.sums.as_ptr().add(16 * b) as *const __m256i);
+            let mins = _mm256_shuffle_epi8(_mm256_set1_epi64x(m as i64), min_pairs);
+            let msum = hsum(_mm256_madd_epi16(sums, mins));
+            acc += q4k_block(f16_load(p), f16_load(p.add(2)), a.d[b], hsum(isum), msum);
         }
         acc
     }
@@ -253,18 +294,23 @@ mod avx2 {
     }
 
     /// # Safety
-    /// AVX2; `w` whole Q6_K blocks matching `a`.
-    #[target_feature(enable = "avx2")]
+    /// AVX2 and F16C; `w` whole Q6_K blocks matching `a`.
+    #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn dot_q6k(w: &[u8], a: ActRow<'_>) -> f32 {
         let nb = w.len() / 210;
         assert!(a.q.len() >= 256 * nb && a.d.len() >= nb && a.sums.len() >= 16 * nb);
         let low = _mm256_set1_epi8(0x0f);
         let three = _mm256_set1_epi8(3);
+        // Byte masks picking scales [g x8, g+1 x8] for g = 0, 2, …, 14.
+        let pair_masks: [__m128i; 8] = std::array::from_fn(|p| {
+            let (g, h) = (2 * p as i8, 2 * p as i8 + 1);
+            _mm_setr_epi8(g, g, g, g, g, g, g, g, h, h, h, h, h, h, h, h)
+        });
         let mut acc = 0f32;
         for b in 0..nb {
-            let blk = &w[210 * b..210 * b + 210];
-            let p = blk.as_ptr();
+            let p = w.as_ptr().add(210 * b);
             let aq = a.q.as_ptr().add(256 * b);
+            let scales = _mm_loadu_si128(p.add(192) as *const __m128i);
             let mut isum = _mm256_setzero_si256();
             for n in 0..2 {
                 let ql0 = _mm256_loadu_si256(p.add(64 * n) as *const __m256i);
@@ -285,18 +331,16 @@ mod avx2 {
                 for (q, v) in quarters.into_iter().enumerate() {
                     let e0 = 128 * n + 32 * q;
                     let av = _mm256_loadu_si256(aq.add(e0) as *const __m256i);
-                    let g = e0 / 16;
-                    let s = _mm256_set_m128i(
-                        _mm_set1_epi16(i16::from(blk[192 + g + 1] as i8)),
-                        _mm_set1_epi16(i16::from(blk[192 + g] as i8)),
-                    );
+                    let s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pair_masks[e0 / 32]));
                     let d = _mm256_madd_epi16(_mm256_maddubs_epi16(v, av), s);
                     isum = _mm256_add_epi32(isum, d);
                 }
             }
-            let isum =
-                hsum(isum) - 32 * q6k_offset_sum(&blk[192..208], &a.sums[16 * b..16 * b + 16]);
-            acc += a.d[b] * (f16_at(blk, 208) * isum as f32);
+            // The stored values are q + 32: take 32 × Σ_g sc_g · Σa_g back off.
+            let sums = _mm256_loadu_si256(a.sums.as_ptr().add(16 * b) as *const __m256i);
+            let offset = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scales), sums);
+            isum = _mm256_sub_epi32(isum, _mm256_slli_epi32::<5>(offset));
+            acc += a.d[b] * (f16_load(p.add(208)) * hsum(isum) as f32);
         }
         acc
     }

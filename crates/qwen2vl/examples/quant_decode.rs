@@ -1,0 +1,155 @@
+//! The decode products of the Qwen2-VL-2B decoder with quantized weights, timed against this
+//! machine's memory bandwidth (issue 12: "decode at the bandwidth limit").
+//!
+//! Builds every matrix a decode step reads (28 layers of q, k, v, o, gate, up, down, and the
+//! 151936 x 1536 LM head) in each format from random weights, then runs decode steps (one
+//! product per matrix, `m` rows) and prints the time per step, the bytes it read, the
+//! bandwidth that implies, and the floor: the same bytes at the bandwidth a plain parallel
+//! read reaches, measured in the same run. Also how long quantizing took (what `--quant`
+//! adds to a load).
+//!
+//! ```sh
+//! cargo run --release -p qwen2vl --example quant_decode -- [formats] [rows] [steps]
+//! # e.g. quant_decode q8_0,q4_k,q6_k 1 8
+//! ```
+
+use std::time::Instant;
+
+use qwen2vl::ops::quant::{QMatrix, QType};
+use rayon::prelude::*;
+
+const HIDDEN: usize = 1536;
+const INTER: usize = 8960;
+const KV: usize = 256;
+const LAYERS: usize = 28;
+const VOCAB: usize = 151936;
+
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut out = vec![0f32; len];
+    out.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut s = (seed ^ (c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+            for v in chunk {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                *v = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04;
+            }
+        });
+    out
+}
+
+/// Best of three parallel read-only sums over 2 GiB: bytes per second.
+fn read_bandwidth() -> f64 {
+    let words = (2usize << 30) / 8;
+    let buf: Vec<u64> = (0..words as u64).into_par_iter().collect();
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s: u64 = buf
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+            .reduce(|| 0, u64::wrapping_add);
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((words * 8) as f64 / secs);
+    }
+    best
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let formats: Vec<QType> = args
+        .get(1)
+        .map_or("q8_0,q6_k,q4_k", String::as_str)
+        .split(',')
+        .map(|f| match f {
+            "q8_0" => QType::Q8_0,
+            "q4_k" => QType::Q4K,
+            "q6_k" => QType::Q6K,
+            other => panic!("unknown format {other}"),
+        })
+        .collect();
+    let m: usize = args.get(2).map_or(1, |s| s.parse().expect("rows"));
+    let steps: usize = args.get(3).map_or(8, |s| s.parse().expect("steps"));
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "threads {}, rows {m}, load average {}",
+        rayon::current_num_threads(),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let bw = read_bandwidth();
+    println!(
+        "read bandwidth {:.1} GB/s (parallel sum over 2 GiB)",
+        bw / 1e9
+    );
+    let layer_shapes = [
+        (HIDDEN, HIDDEN),
+        (KV, HIDDEN),
+        (KV, HIDDEN),
+        (HIDDEN, HIDDEN),
+        (INTER, HIDDEN),
+        (INTER, HIDDEN),
+        (HIDDEN, INTER),
+    ];
+    for t in formats {
+        let start = Instant::now();
+        // One layer quantized from random weights, its bytes copied for the others (same
+        // cost to read, a fraction of the time to build); the LM head on its own.
+        let layer: Vec<QMatrix> = layer_shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(n, k))| QMatrix::quantize(t, &values(n * k, i as u64), n, k).unwrap())
+            .collect();
+        let layer_secs = start.elapsed().as_secs_f64();
+        let head = QMatrix::quantize(t, &values(VOCAB * HIDDEN, 99), VOCAB, HIDDEN).unwrap();
+        let quant_secs = start.elapsed().as_secs_f64();
+        let mut mats: Vec<QMatrix> = Vec::new();
+        for _ in 0..LAYERS {
+            for q in &layer {
+                let (n, k) = q.dims();
+                mats.push(QMatrix::from_bytes(t, n, k, q.bytes().to_vec()).unwrap());
+            }
+        }
+        mats.push(head);
+        let bytes: usize = mats.iter().map(|q| q.bytes().len()).sum();
+        let params: usize = mats.iter().map(|q| q.dims().0 * q.dims().1).sum();
+        let xs: Vec<Vec<f32>> = [HIDDEN, INTER].iter().map(|&k| values(m * k, 7)).collect();
+        let step = |mats: &[QMatrix]| {
+            for q in mats {
+                let x = if q.dims().1 == HIDDEN { &xs[0] } else { &xs[1] };
+                std::hint::black_box(q.matmul(x, m, None).unwrap());
+            }
+        };
+        step(&mats); // warm-up
+        let mut times = Vec::new();
+        for _ in 0..steps {
+            let t0 = Instant::now();
+            step(&mats);
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let med = times[times.len() / 2];
+        let floor = bytes as f64 / bw;
+        println!(
+            "{t:<5} {:.2} GB ({:.2} bits/weight): step {:.1} ms (min {:.1}), {:.1} GB/s, floor {:.1} ms → {:.0}% of the floor; {:.1} steps/s; quantize {:.2} s/layer-set, {:.1} s in all ({:.0} M weights/s)",
+            bytes as f64 / 1e9,
+            bytes as f64 * 8.0 / params as f64,
+            med * 1e3,
+            times[0] * 1e3,
+            bytes as f64 / med / 1e9,
+            floor * 1e3,
+            100.0 * floor / med,
+            1.0 / med,
+            layer_secs,
+            quant_secs,
+            (layer.iter().map(|q| q.dims().0 * q.dims().1).sum::<usize>() + VOCAB * HIDDEN) as f64
+                / quant_secs
+                / 1e6,
+        );
+    }
+}
