@@ -118,15 +118,16 @@ fn f16_bytes(v: &[f32]) -> Vec<u8> {
         .collect()
 }
 
-/// The converter's dtype rule: 1-D tensors, norms and biases in F32, matrices in the outtype.
-fn plan(name: &str, shape: &[usize], vals: &[f32], out: OutType, force_f16: bool) -> Planned {
+/// The converter's dtype rule: 1-D tensors, norms and biases in F32, matrices in the outtype;
+/// the vision patch kernels (`patch`) in F16 under `--outtype f16`, else F32.
+fn plan(name: &str, shape: &[usize], vals: &[f32], out: OutType, patch: bool) -> Planned {
     let ne: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
     let float = shape.len() < 2 || name.ends_with("_norm.weight") || !name.ends_with(".weight");
-    if float && !force_f16 {
+    if (float && !patch) || (patch && out != OutType::F16) {
         return (name.into(), GgmlType::F32, ne, f32_bytes(vals));
     }
     match out {
-        OutType::Q8_0 if !force_f16 => {
+        OutType::Q8_0 => {
             let k = shape[shape.len() - 1];
             let n = vals.len() / k;
             let q = QMatrix::quantize(QType::Q8_0, vals, n, k).unwrap();
@@ -336,8 +337,8 @@ fn write_text(path: &Path, o: &TextOptions) {
     write(path, meta, tensors);
 }
 
-/// The vision projector in the converter's layout (f16).
-fn write_mmproj(path: &Path) {
+/// The vision projector in the converter's layout.
+fn write_mmproj(path: &Path, out: OutType) {
     let cfg = json(&tiny().join("config.json"));
     let v = &cfg["vision_config"];
     let pre = json(&tiny().join("preprocessor_config.json"));
@@ -349,7 +350,8 @@ fn write_mmproj(path: &Path) {
             .map(|y| y.as_f64().unwrap() as f32)
             .collect()
     };
-    let mut meta = general("clip", 1, "258K", "mmproj");
+    let file_type = if out == OutType::F16 { 1 } else { 7 };
+    let mut meta = general("clip", file_type, "258K", "mmproj");
     meta.extend([
         ("clip.has_vision_encoder", true.into()),
         ("clip.vision.image_size", 560u32.into()),
@@ -377,7 +379,7 @@ fn write_mmproj(path: &Path) {
     let ck = checkpoint();
     let mut tensors = Vec::new();
     let mut add = |name: &str, shape: &[usize], vals: &[f32], force_f16: bool| {
-        tensors.push(plan(name, shape, vals, OutType::F16, force_f16));
+        tensors.push(plan(name, shape, vals, out, force_f16));
     };
     for i in 0..u(&v["depth"]) {
         let (hf, g) = (format!("visual.blocks.{i}"), format!("v.blk.{i}"));
@@ -458,7 +460,7 @@ fn files() -> &'static Files {
                 ..TextOptions::default()
             },
         );
-        write_mmproj(&f.mmproj);
+        write_mmproj(&f.mmproj, OutType::F16);
         f
     })
 }
@@ -980,4 +982,225 @@ fn legacy_block_types_are_widened() {
         .get("model.layers.0.mlp.down_proj.weight", (shape[0], k))
         .unwrap();
     assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), widened);
+}
+
+/// The GGUF name of a decoder tensor (the converter's map).
+fn gguf_text_name(hf: &str) -> String {
+    let fixed = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap();
+    let (i, rest) = rest.split_once('.').unwrap();
+    let (module, suffix) = rest.rsplit_once('.').unwrap();
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        m => panic!("{m}"),
+    };
+    format!("blk.{i}.{g}.{suffix}")
+}
+
+/// A q4_k_m GGUF (llama-quantize's mix: q4_K, q6_K for the tied embeddings and the chosen
+/// layers' attn_v / ffn_down) on a model whose rows are multiples of 256 runs its blocks as
+/// stored: the same logits, bit for bit, as the float GGUF of the same weights quantized
+/// with `--quant q4_k_m` as it loads (the same blocks), and a tied q6_K embedding table.
+#[test]
+fn q4_k_m_blocks_run_as_stored() {
+    use qwen2vl::ops::quant::plan::QuantPlan;
+    use rand::{Rng, SeedableRng};
+    const H: usize = 256;
+    const I: usize = 512;
+    const L: usize = 3;
+    const HEADS: usize = 4;
+    const KV: usize = 2;
+    const V: usize = 2048;
+    let hd = H / HEADS;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+    let mut draw = |shape: &[usize], sigma: f32| -> Vec<f32> {
+        let n: usize = shape.iter().product();
+        (0..n)
+            .map(|_| {
+                if sigma == 0.0 {
+                    1.0
+                } else {
+                    (rng.random::<f32>() - 0.5) * 3.46 * sigma
+                }
+            })
+            .collect()
+    };
+    let mut model: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, sigma: f32| {
+        let v = draw(&shape, sigma);
+        model.push((name, shape, v));
+    };
+    add("model.embed_tokens.weight".into(), vec![V, H], 0.1);
+    add("model.norm.weight".into(), vec![H], 0.0);
+    for i in 0..L {
+        let p = format!("model.layers.{i}");
+        add(format!("{p}.input_layernorm.weight"), vec![H], 0.0);
+        add(format!("{p}.post_attention_layernorm.weight"), vec![H], 0.0);
+        for (n, out) in [("q", H), ("k", KV * hd), ("v", KV * hd)] {
+            add(format!("{p}.self_attn.{n}_proj.weight"), vec![out, H], 0.03);
+            add(format!("{p}.self_attn.{n}_proj.bias"), vec![out], 0.02);
+        }
+        add(format!("{p}.self_attn.o_proj.weight"), vec![H, H], 0.03);
+        add(format!("{p}.mlp.gate_proj.weight"), vec![I, H], 0.03);
+        add(format!("{p}.mlp.up_proj.weight"), vec![I, H], 0.03);
+        add(format!("{p}.mlp.down_proj.weight"), vec![H, I], 0.03);
+    }
+    let mut tokens: Vec<String> = (0..V).map(|i| format!("t{i}")).collect();
+    for (i, s) in [
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|vision_pad|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ]
+    .iter()
+    .enumerate()
+    {
+        tokens[2000 + i] = s.to_string();
+    }
+    let meta = || -> Vec<(&'static str, MetaValue)> {
+        vec![
+            ("general.architecture", "qwen2vl".into()),
+            ("qwen2vl.block_count", (L as u32).into()),
+            ("qwen2vl.context_length", 4096u32.into()),
+            ("qwen2vl.embedding_length", (H as u32).into()),
+            ("qwen2vl.feed_forward_length", (I as u32).into()),
+            ("qwen2vl.attention.head_count", (HEADS as u32).into()),
+            ("qwen2vl.attention.head_count_kv", (KV as u32).into()),
+            ("qwen2vl.rope.freq_base", 1e6f32.into()),
+            ("qwen2vl.attention.layer_norm_rms_epsilon", 1e-6f32.into()),
+            (
+                "qwen2vl.rope.dimension_sections",
+                vec![8i32, 12, 12, 0].into(),
+            ),
+            (
+                "tokenizer.ggml.tokens",
+                MetaValue::Array(MetaArray::Str(tokens.clone())),
+            ),
+        ]
+    };
+    let scheme = QuantPlan {
+        text: Some(QuantScheme::Q4KM),
+        vision: None,
+        layers: L,
+    };
+    let (mut float, mut mixed) = (Vec::new(), Vec::new());
+    let mut seen = std::collections::BTreeSet::new();
+    for (hf, shape, vals) in &model {
+        let g = gguf_text_name(hf);
+        let ne: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
+        float.push((g.clone(), GgmlType::F32, ne.clone(), f32_bytes(vals)));
+        let k = shape[shape.len() - 1];
+        let q = (shape.len() == 2).then(|| scheme.type_for(hf, k)).flatten();
+        mixed.push(match q {
+            Some(t) => {
+                let m = QMatrix::quantize(t, vals, vals.len() / k, k).unwrap();
+                let ty = match t {
+                    QType::Q8_0 => GgmlType::Q8_0,
+                    QType::Q4K => GgmlType::Q4_K,
+                    QType::Q6K => GgmlType::Q6_K,
+                };
+                seen.insert(ty.name());
+                (g, ty, ne, m.bytes().to_vec())
+            }
+            None => (g, GgmlType::F32, ne, f32_bytes(vals)),
+        });
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["q4_K", "q6_K"],
+        "the mix"
+    );
+    let d = tmp_dir();
+    let (fp, mp) = (d.join("q4km-float.gguf"), d.join("q4km-mixed.gguf"));
+    write(&fp, meta(), float);
+    write(&mp, meta(), mixed);
+    let load = |p: &Path, quant: Option<QuantScheme>| {
+        let g = std::sync::Arc::new(qwen2vl::gguf::model::GgufModel::open(p, None).unwrap());
+        qwen2vl::model::Qwen2VL::load_gguf(g, DType::F32, &Device::Cpu, None, quant, None)
+            .unwrap()
+            .0
+    };
+    let logits = |m: &qwen2vl::model::Qwen2VL| -> Vec<f32> {
+        let ids: Vec<u32> = (0..40).map(|i| (i * 37 % 1999) as u32).collect();
+        let pos = qwen2vl::rope::mrope_position_ids(&ids, m.vision_tokens(), &[], &[], 2).unwrap();
+        let mut cache = m.new_cache(ids.len()).unwrap();
+        let h = m
+            .prefill_hidden(&ids, &pos, None, None, &mut cache, None)
+            .unwrap();
+        let l: Tensor = m.text().logits(&h.squeeze(0).unwrap()).unwrap();
+        l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let stored = load(&mp, None);
+    let requantized = load(&fp, Some(QuantScheme::Q4KM));
+    let float = load(&fp, None);
+    let (a, b, c) = (logits(&stored), logits(&requantized), logits(&float));
+    assert_eq!(
+        a, b,
+        "stored q4_k_m blocks vs the same blocks quantized at load"
+    );
+    assert_ne!(a, c, "the quantized model differs from the float one");
+    let max = a
+        .iter()
+        .zip(&c)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let scale = c.iter().fold(0f32, |m, x| m.max(x.abs()));
+    eprintln!("q4_k_m GGUF vs its float weights: max |Δlogit| {max} (max |logit| {scale})");
+    // Accuracy per format is tests/quant_accuracy.rs's job; this only guards against a
+    // layout mix-up (which gives noise as large as the logits).
+    assert!(max < 0.25 * scale, "{max} vs {scale}");
+}
+
+/// A q8_0 vision projector keeps its blocks (the split q/k/v stacked back into `qkv` as
+/// blocks): the vision tower's output equals the safetensors model's with
+/// `--vision-quant q8_0`, bit for bit.
+#[test]
+fn q8_0_mmproj_runs_as_stored() {
+    let path = tmp_dir().join("mmproj-q8_0.gguf");
+    write_mmproj(&path, OutType::Q8_0);
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!(
+        f.tensor_info("v.blk.0.attn_q.weight").unwrap().ggml_type(),
+        GgmlType::Q8_0
+    );
+    assert_eq!(
+        f.tensor_info("v.patch_embd.weight").unwrap().ggml_type(),
+        GgmlType::F32
+    );
+    let st = Pipeline::load_with(
+        &tiny(),
+        &LoadOptions {
+            vision_quant: Some(QuantScheme::Q8_0),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let gg = load(&files().f16, Some(&path), DTypeChoice::F32, None);
+    let inputs = st.prepare(&request(true)).unwrap();
+    let encode = |p: &Pipeline| -> Vec<f32> {
+        p.model()
+            .encode_vision(&inputs.pixel_values, &inputs.image_grid_thw)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert_eq!(encode(&st), encode(&gg));
 }
