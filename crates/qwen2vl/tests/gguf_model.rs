@@ -1204,3 +1204,60 @@ fn q8_0_mmproj_runs_as_stored() {
     };
     assert_eq!(encode(&st), encode(&gg));
 }
+
+/// llama.cpp's own k-quant blocks read right: with QWEN2VL_LLAMACPP_2B_GGUF set to a
+/// llama-quantize output (e.g. `qwen2vl-2b-random-q4_k_m.gguf` of `../shared/peers`) and
+/// QWEN2VL_2B_DIR to the safetensors it came from, the first and last layers' matrices and
+/// the embeddings, dequantized from the GGUF's blocks, stay within each format's rounding of
+/// the original weights (a wrong layout would give errors as large as the weights).
+#[test]
+fn llama_cpp_k_quants_when_given() {
+    let (Some(gguf), Some(dir)) = (
+        std::env::var_os("QWEN2VL_LLAMACPP_2B_GGUF").map(PathBuf::from),
+        std::env::var_os("QWEN2VL_2B_DIR").map(PathBuf::from),
+    ) else {
+        eprintln!("QWEN2VL_LLAMACPP_2B_GGUF / QWEN2VL_2B_DIR not set; skipped");
+        return;
+    };
+    let model = std::sync::Arc::new(qwen2vl::gguf::model::GgufModel::open(&gguf, None).unwrap());
+    let cfg = model.config().text.clone();
+    let g = qwen2vl::weights::Weights::from_gguf(model.clone(), DType::F32, &Device::Cpu);
+    let st = qwen2vl::weights::Weights::from_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    let (h, i, kv) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_key_value_heads * cfg.head_dim(),
+    );
+    let last = cfg.num_hidden_layers - 1;
+    let mut names = vec![("model.embed_tokens.weight".to_string(), cfg.vocab_size, h)];
+    for l in [0, last] {
+        let p = format!("model.layers.{l}");
+        names.extend([
+            (format!("{p}.self_attn.q_proj.weight"), h, h),
+            (format!("{p}.self_attn.v_proj.weight"), kv, h),
+            (format!("{p}.mlp.down_proj.weight"), h, i),
+            (format!("{p}.mlp.up_proj.weight"), i, h),
+        ]);
+    }
+    for (name, n, k) in names {
+        let info = model
+            .tensors()
+            .find(|(_, t)| t.name() == gguf_text_name(&name))
+            .unwrap()
+            .1
+            .ggml_type();
+        let a = g.get(&name, (n, k)).unwrap();
+        let b = st.get(&name, (n, k)).unwrap();
+        let err = (&a - &b).unwrap().sqr().unwrap().mean_all().unwrap();
+        let rms = b.sqr().unwrap().mean_all().unwrap();
+        let rel = (err.to_scalar::<f32>().unwrap() / rms.to_scalar::<f32>().unwrap()).sqrt();
+        eprintln!("{name} ({info}): relative RMS error {rel:.4}");
+        let bound = match info {
+            GgmlType::Q8_0 => 0.01,
+            GgmlType::Q6_K => 0.03,
+            GgmlType::Q4_K | GgmlType::Q5_0 => 0.12,
+            _ => 0.002,
+        };
+        assert!(rel < bound, "{name} ({info}): {rel} >= {bound}");
+    }
+}
