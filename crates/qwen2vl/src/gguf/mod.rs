@@ -90,6 +90,13 @@
 //! refuses anything the reader (or llama.cpp's) would refuse, and lays tensors out the way
 //! llama.cpp's own writer does (in order, each padded), so llama.cpp, gguf-py and this reader
 //! all accept its output.
+//!
+//! # Models
+//!
+//! [`model::GgufModel`] reads llama.cpp's Qwen2-VL pair (text model and vision `mmproj`):
+//! config, tokenizer, chat template and preprocessing from the metadata, and the map from
+//! the Hugging Face tensor names the engine asks for to the GGUF tensors, which
+//! [`crate::weights::Weights::from_gguf`] serves.
 
 pub mod model;
 mod reader;
