@@ -773,6 +773,17 @@ fn q8_0_gguf_matches_quant_q8_0() {
         e.contains("already quantized") && e.contains("token_embd.weight is q8_0"),
         "{e}"
     );
+    // The float projector of a q8_0 text model may still be quantized as it loads.
+    let p = Pipeline::load_with(
+        &f.q8_0,
+        &LoadOptions {
+            vision_quant: Some(QuantScheme::Q8_0),
+            mmproj: Some(mmproj()),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(greedy(&p, true).len(), 12);
 }
 
 /// The tokenizer rebuilt from `tokenizer.ggml.*` gives tokenizer.json's ids and text.

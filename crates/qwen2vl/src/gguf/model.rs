@@ -252,9 +252,11 @@ impl GgufModel {
         )
     }
 
-    /// The first tensor stored in a quantized type, if any (`--quant` is refused then).
-    pub fn first_quantized(&self) -> Option<(&str, GgmlType)> {
+    /// The first tensor stored in a quantized type, in `part` or (`None`) in either file, if
+    /// any (`--quant` / `--vision-quant` are refused then).
+    pub fn first_quantized(&self, part: Option<Part>) -> Option<(&str, GgmlType)> {
         self.tensors()
+            .filter(|(p, _)| part.is_none_or(|want| *p == want))
             .map(|(_, t)| t)
             .find(|t| {
                 !matches!(

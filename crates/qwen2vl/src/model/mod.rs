@@ -141,18 +141,23 @@ impl Qwen2VL {
         vision: Option<QuantScheme>,
     ) -> Result<(Self, LoadReport)> {
         let start = Instant::now();
-        if let Some(q) = text.or(vision) {
-            if let Some((name, t)) = model.first_quantized() {
+        use crate::gguf::model::Part;
+        for (flag, scheme, part) in [
+            ("--quant", text, Part::Text),
+            ("--vision-quant", vision, Part::Vision),
+        ] {
+            let Some(q) = scheme else { continue };
+            if let Some((name, t)) = model.first_quantized(Some(part)) {
                 return Err(Error::bad_input(
                     format!(
-                        "--quant {q} was given for a GGUF file that is already quantized (tensor {name} is {t})"
+                        "{flag} {q} was given for a GGUF file that is already quantized (tensor {name} is {t})"
                     ),
-                    "--quant with a float (f32/f16/bf16) GGUF or a safetensors checkpoint; a quantized GGUF runs as it is stored",
+                    format!("{flag} with a float (f32/f16/bf16) GGUF or a safetensors checkpoint; a quantized GGUF runs as it is stored"),
                 ));
             }
         }
         if !device.is_cpu() {
-            if let Some((name, t)) = model.first_quantized() {
+            if let Some((name, t)) = model.first_quantized(None) {
                 return Err(Error::bad_input(
                     format!("tensor {name} is {t}; quantized weights run on the CPU only"),
                     "a float GGUF on the GPU, or the CPU",
