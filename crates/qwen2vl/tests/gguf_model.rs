@@ -40,10 +40,29 @@ fn mmproj() -> PathBuf {
     gguf_fixtures().join("mmproj-tiny-qwen2vl-f16.gguf")
 }
 
+/// This process's scratch directory under the target directory (~70 MB of GGUF files);
+/// those of earlier runs whose process is gone are removed the first time.
 fn tmp_dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qwen2vl-gguf-model-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    static D: OnceLock<PathBuf> = OnceLock::new();
+    D.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        if let Ok(entries) = std::fs::read_dir(root) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("gguf-model-") {
+                    // (Only where /proc tells which processes are alive.)
+                    let proc = Path::new("/proc");
+                    if proc.join("self").exists() && !proc.join(pid).exists() {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+        }
+        let d = root.join(format!("gguf-model-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    })
+    .clone()
 }
 
 /// Checkpoint name → (shape, values in f32).
