@@ -25,7 +25,7 @@ use memmap2::Mmap;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
 use crate::error::{Error, Result};
-use crate::gguf::model::{dequantize_legacy, qtype_of, GgufModel, Part, Source};
+use crate::gguf::model::{dequantize_widened, qtype_of, requantized_to, GgufModel, Part, Source};
 use crate::gguf::GgmlType;
 use crate::ops::quant::plan::QuantPlan;
 use crate::ops::quant::{QMatrix, QType};
@@ -225,14 +225,20 @@ impl Weights {
         for n in &names {
             infos.push(file.tensor_info(n)?);
         }
-        let Some(t) = qtype_of(infos[0].ggml_type()) else {
-            return Ok(None);
-        };
-        if infos.iter().any(|i| qtype_of(i.ggml_type()) != Some(t))
-            || matches!(src, Source::Frames(..))
-        {
+        let stored = infos[0].ggml_type();
+        if infos.iter().any(|i| i.ggml_type() != stored) || matches!(src, Source::Frames(..)) {
             return Ok(None);
         }
+        if let Some(t) = requantized_to(stored) {
+            let w = self.get(name, (n, k))?.to_dtype(DType::F32)?;
+            let values = w.flatten_all()?.to_vec1::<f32>()?;
+            return QMatrix::quantize(t, &values, n, k)
+                .map(Some)
+                .map_err(|e| Error::Weights(format!("{name}: {e}")));
+        }
+        let Some(t) = qtype_of(stored) else {
+            return Ok(None);
+        };
         let rb = t.row_bytes(k);
         let mut data = Vec::new();
         for &info in &infos {
@@ -307,7 +313,7 @@ impl Weights {
                     Some(q) => QMatrix::from_bytes(q, n, k, bytes.to_vec())?.dequantize(),
                     None => {
                         let mut out = vec![0f32; n * k];
-                        dequantize_legacy(ty, bytes, &mut out).map_err(fail)?;
+                        dequantize_widened(ty, bytes, &mut out).map_err(fail)?;
                         out
                     }
                 };

@@ -962,7 +962,7 @@ fn legacy_block_types_are_widened() {
         b[6 + j] = (j as u8) | (((15 - j) as u8) << 4);
     }
     let mut out = vec![0f32; 32];
-    qwen2vl::gguf::model::dequantize_legacy(GgmlType::Q5_0, &b, &mut out).unwrap();
+    qwen2vl::gguf::model::dequantize_widened(GgmlType::Q5_0, &b, &mut out).unwrap();
     assert_eq!(out[0], (16.0 - 16.0) * 0.5);
     assert_eq!(out[1], (1.0 - 16.0) * 0.5);
     assert_eq!(out[16], (15.0 - 16.0) * 0.5);
@@ -1285,9 +1285,36 @@ fn llama_cpp_k_quants_when_given() {
         let bound = match info {
             GgmlType::Q8_0 => 0.01,
             GgmlType::Q6_K => 0.03,
+            GgmlType::Q5_K => 0.06,
             GgmlType::Q4_K | GgmlType::Q5_0 => 0.12,
             _ => 0.002,
         };
         assert!(rel < bound, "{name} ({info}): {rel} >= {bound}");
     }
+}
+
+/// q5_K (the bulk of a q5_k_m file) is widened as ggml's `dequantize_row_q5_K` does: 6-bit
+/// scales and mins packed as q4_K's, the fifth bit of the low/high nibble halves of chunk
+/// `c` in bits `2c`/`2c + 1` of `qh`.
+#[test]
+fn q5_k_is_widened_like_ggml() {
+    let mut b = vec![0u8; 176];
+    b[..2].copy_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
+    b[2..4].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
+    let sc = 4;
+    b[sc] = 2; // scale 0
+    b[sc + 1] = 1; // scale 1
+    b[sc + 4] = 3; // min 0
+    b[sc + 8] = 0x37; // scale 4 = 7, min 4 = 3
+    let (qh, qs) = (16, 48);
+    b[qh] = 0b01; // fifth bit of value 0 (chunk 0, low half)
+    b[qs] = 0x5A; // value 0: 10, value 32: 5
+    b[qs + 64] = 0x03; // value 128 (chunk 2, low half): 3
+    let mut y = vec![0f32; 256];
+    qwen2vl::gguf::model::dequantize_widened(GgmlType::Q5_K, &b, &mut y).unwrap();
+    assert_eq!(y[0], 2.0 * (10.0 + 16.0) - 0.5 * 3.0);
+    assert_eq!(y[32], 5.0);
+    assert_eq!(y[128], 7.0 * 3.0 - 0.5 * 3.0);
+    assert_eq!(y[1], -1.5);
+    assert!(qwen2vl::gguf::model::dequantize_widened(GgmlType::Q5_K, &b[..175], &mut y).is_err());
 }

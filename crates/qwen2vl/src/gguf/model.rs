@@ -125,11 +125,22 @@ pub fn is_supported(t: GgmlType) -> bool {
             | GgmlType::Q4_1
             | GgmlType::Q5_0
             | GgmlType::Q5_1
+            | GgmlType::Q5_K
     ) || qtype_of(t).is_some()
 }
 
+/// The kernel format a stored type with no kernel of its own is requantized to at load:
+/// q5_K (the bulk of a q5_k_m file) → q8_0, whose 8-bit grid adds about an eighth of q5_K's
+/// own rounding error, at 8.5 bits a weight instead of f32's 32.
+pub fn requantized_to(t: GgmlType) -> Option<QType> {
+    match t {
+        GgmlType::Q5_K => Some(QType::Q8_0),
+        _ => None,
+    }
+}
+
 /// The supported types, for messages.
-pub const SUPPORTED_TYPES: &str = "f32, f16, bf16 (converted to the compute dtype), q8_0, q4_K, q6_K (kept quantized), q4_0, q4_1, q5_0, q5_1 (widened to float at load)";
+pub const SUPPORTED_TYPES: &str = "f32, f16, bf16 (converted to the compute dtype), q8_0, q4_K, q6_K (kept quantized), q5_K (requantized to q8_0 at load), q4_0, q4_1, q5_0, q5_1 (widened to float at load)";
 
 fn err(file: &GgufFile, m: impl std::fmt::Display) -> Error {
     Error::Weights(format!("GGUF file {}: {m}", file.origin()))
@@ -678,13 +689,17 @@ fn build_index(cfg: &Qwen2VLConfig, text: &GgufFile, vision: bool) -> HashMap<St
     m
 }
 
-/// Widens one row of a legacy block format (q4_0, q4_1, q5_0, q5_1) to f32, as ggml's
-/// `dequantize_row_*` do. `out.len()` is a multiple of 32 and `bytes` holds its blocks.
-pub fn dequantize_legacy(
+/// Widens values of a format without a kernel here (q4_0, q4_1, q5_0, q5_1, q5_K) to f32,
+/// as ggml's `dequantize_row_*` do. `out.len()` is a multiple of the block size and `bytes`
+/// holds its blocks.
+pub fn dequantize_widened(
     t: GgmlType,
     bytes: &[u8],
     out: &mut [f32],
 ) -> std::result::Result<(), String> {
+    if t == GgmlType::Q5_K {
+        return dequantize_q5k(bytes, out);
+    }
     let f16 = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
     let size = t
         .type_size()
@@ -731,6 +746,54 @@ pub fn dequantize_legacy(
                 }
             }
             other => return Err(format!("type {other} is not a legacy block format")),
+        }
+    }
+    Ok(())
+}
+
+/// q5_K: per 256 values, `d`, `dmin` (f16), 12 bytes of eight 6-bit scales and mins (packed
+/// as q4_K's), `qh[32]` (the fifth bits: bit `2c` for the low-nibble half of 64-value chunk
+/// `c`, bit `2c + 1` for its high-nibble half) and `qs[128]` (low nibbles then high nibbles
+/// per chunk of 64). Value = `d · sc · q − dmin · m`.
+fn dequantize_q5k(bytes: &[u8], out: &mut [f32]) -> std::result::Result<(), String> {
+    const QK: usize = 256;
+    const SIZE: usize = 176;
+    if !out.len().is_multiple_of(QK) || bytes.len() != out.len() / QK * SIZE {
+        return Err(format!(
+            "{} bytes of q5_K for {} values",
+            bytes.len(),
+            out.len()
+        ));
+    }
+    let f16 = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+    for (b, y) in bytes.chunks_exact(SIZE).zip(out.chunks_exact_mut(QK)) {
+        let (d, dmin) = (f16(b, 0), f16(b, 2));
+        let sc = &b[4..16];
+        let qh = &b[16..48];
+        let qs = &b[48..176];
+        // ggml's get_scale_min_k4.
+        let scale_min = |j: usize| -> (f32, f32) {
+            if j < 4 {
+                (f32::from(sc[j] & 63), f32::from(sc[j + 4] & 63))
+            } else {
+                (
+                    f32::from((sc[j + 4] & 0x0f) | ((sc[j - 4] >> 6) << 4)),
+                    f32::from((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)),
+                )
+            }
+        };
+        for c in 0..4 {
+            let (s1, m1) = scale_min(2 * c);
+            let (s2, m2) = scale_min(2 * c + 1);
+            let (d1, m1, d2, m2) = (d * s1, dmin * m1, d * s2, dmin * m2);
+            let ql = &qs[32 * c..32 * c + 32];
+            let (u1, u2) = (1u8 << (2 * c), 2u8 << (2 * c));
+            for l in 0..32 {
+                let hi1 = if qh[l] & u1 != 0 { 16.0 } else { 0.0 };
+                let hi2 = if qh[l] & u2 != 0 { 16.0 } else { 0.0 };
+                y[64 * c + l] = d1 * (f32::from(ql[l] & 0x0f) + hi1) - m1;
+                y[64 * c + 32 + l] = d2 * (f32::from(ql[l] >> 4) + hi2) - m2;
+            }
         }
     }
     Ok(())
