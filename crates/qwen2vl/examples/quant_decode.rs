@@ -125,6 +125,22 @@ fn main() {
                 std::hint::black_box(q.matmul(x, m, None).unwrap());
             }
         };
+        // The LM head alone, per backend: the kernel's own streaming rate.
+        let head = mats.last().expect("the LM head");
+        for backend in qwen2vl::ops::quant::Backend::available() {
+            let x = &xs[0];
+            head.matmul_with(backend, x, m, None).unwrap();
+            let t0 = Instant::now();
+            for _ in 0..3 {
+                std::hint::black_box(head.matmul_with(backend, x, m, None).unwrap());
+            }
+            let secs = t0.elapsed().as_secs_f64() / 3.0;
+            println!(
+                "  {t} LM head alone, {backend:?}: {:.1} ms, {:.1} GB/s",
+                secs * 1e3,
+                head.bytes().len() as f64 / secs / 1e9
+            );
+        }
         step(&mats); // warm-up
         let mut times = Vec::new();
         for _ in 0..steps {

@@ -18,9 +18,13 @@ use super::format::{f16_at, q4k_scales_mins, q6k_value, QType};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     /// `std::arch` AVX2 with F16C (integer multiply-adds on 32 bytes at a time); chosen when
-    /// the CPU has them.
+    /// the CPU has them and not AVX-512.
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX-512 F/BW (64 bytes at a time) for the K formats, AVX2 for Q8_0; chosen when the CPU
+    /// has them.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
     /// Plain Rust.
     Portable,
 }
@@ -30,12 +34,24 @@ fn has_avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
 }
 
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    has_avx2()
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+}
+
 impl Backend {
     /// The fastest backend this CPU runs (detected once by `std`, cached).
     pub fn detect() -> Backend {
         #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            return Backend::Avx2;
+        {
+            if has_avx512() {
+                return Backend::Avx512;
+            }
+            if has_avx2() {
+                return Backend::Avx2;
+            }
         }
         Backend::Portable
     }
@@ -44,8 +60,13 @@ impl Backend {
     pub fn available() -> Vec<Backend> {
         let mut v = vec![Backend::Portable];
         #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            v.push(Backend::Avx2);
+        {
+            if has_avx2() {
+                v.push(Backend::Avx2);
+            }
+            if has_avx512() {
+                v.push(Backend::Avx512);
+            }
         }
         v
     }
@@ -63,6 +84,16 @@ pub fn dot(backend: Backend, t: QType, w: &[u8], a: ActRow<'_>) -> f32 {
                 QType::Q8_0 => avx2::dot_q8_0(w, a),
                 QType::Q4K => avx2::dot_q4k(w, a),
                 QType::Q6K => avx2::dot_q6k(w, a),
+            }
+        },
+        // SAFETY: `Backend::Avx512` is only produced when the CPU has AVX-512 F/BW, AVX2 and
+        // F16C.
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 => unsafe {
+            match t {
+                QType::Q8_0 => avx2::dot_q8_0(w, a),
+                QType::Q4K => avx512::dot_q4k(w, a),
+                QType::Q6K => avx512::dot_q6k(w, a),
             }
         },
         Backend::Portable => match t {
@@ -341,6 +372,154 @@ mod avx2 {
             let offset = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scales), sums);
             isum = _mm256_sub_epi32(isum, _mm256_slli_epi32::<5>(offset));
             acc += a.d[b] * (f16_load(p.add(208)) * hsum(isum) as f32);
+        }
+        acc
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+    unsafe fn f16_load(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
+
+    /// Two 32-byte pieces `p` and `q` as one 64-byte vector.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    unsafe fn load_halves(p: *const i8, q: *const i8) -> __m512i {
+        let lo = _mm512_castsi256_si512(_mm256_loadu_si256(p as *const __m256i));
+        _mm512_inserti64x4::<1>(lo, _mm256_loadu_si256(q as *const __m256i))
+    }
+
+    /// Sum of the eight i32 lanes of a 256-bit vector.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    unsafe fn hsum256(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// Shuffle masks making i16 lanes `[byte j x16 | byte k x16]` out of a broadcast u64: the
+    /// low two 128-bit lanes take byte `j`, the high two byte `k`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    unsafe fn pair_mask(j: i8, k: i8) -> __m512i {
+        let mut bytes = [-128i8; 64]; // pshufb: a set top bit writes 0
+        for (i, b) in bytes.iter_mut().enumerate() {
+            if i % 2 == 0 {
+                *b = if i < 32 { j } else { k };
+            }
+        }
+        _mm512_loadu_si512(bytes.as_ptr() as *const __m512i)
+    }
+
+    /// # Safety
+    /// AVX-512 F/BW, AVX2, F16C; `w` whole Q4_K blocks matching `a`.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+    pub(super) unsafe fn dot_q4k(w: &[u8], a: ActRow<'_>) -> f32 {
+        let nb = w.len() / 144;
+        assert!(a.q.len() >= 256 * nb && a.d.len() >= nb && a.sums.len() >= 16 * nb);
+        let low = _mm512_set1_epi8(0x0f);
+        // 64 bytes of `qs` (chunks 2p, 2p+1): low nibbles are sub-blocks 4p and 4p+2, high
+        // nibbles 4p+1 and 4p+3.
+        let masks = [
+            pair_mask(0, 2),
+            pair_mask(1, 3),
+            pair_mask(4, 6),
+            pair_mask(5, 7),
+        ];
+        let z = -128i8;
+        let min_pairs = _mm256_setr_epi8(
+            0, z, 0, z, 1, z, 1, z, 2, z, 2, z, 3, z, 3, z, 4, z, 4, z, 5, z, 5, z, 6, z, 6, z, 7,
+            z, 7, z,
+        );
+        let mut acc = 0f32;
+        for b in 0..nb {
+            let p = w.as_ptr().add(144 * b);
+            let (sc, m) = q4k_scales_mins(std::slice::from_raw_parts(p.add(4), 12));
+            let sc_b = _mm512_set1_epi64(sc as i64);
+            let aq = a.q.as_ptr().add(256 * b);
+            let mut isum = _mm512_setzero_si512();
+            for half in 0..2 {
+                let wv = _mm512_loadu_si512(p.add(16 + 64 * half) as *const __m512i);
+                let lo = _mm512_and_si512(wv, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), low);
+                let e = 128 * half;
+                let a_lo = load_halves(aq.add(e), aq.add(e + 64));
+                let a_hi = load_halves(aq.add(e + 32), aq.add(e + 96));
+                let s_lo = _mm512_shuffle_epi8(sc_b, masks[2 * half]);
+                let s_hi = _mm512_shuffle_epi8(sc_b, masks[2 * half + 1]);
+                let p_lo = _mm512_madd_epi16(_mm512_maddubs_epi16(lo, a_lo), s_lo);
+                let p_hi = _mm512_madd_epi16(_mm512_maddubs_epi16(hi, a_hi), s_hi);
+                isum = _mm512_add_epi32(isum, _mm512_add_epi32(p_lo, p_hi));
+            }
+            let sums = _mm256_loadu_si256(a.sums.as_ptr().add(16 * b) as *const __m256i);
+            let mins = _mm256_shuffle_epi8(_mm256_set1_epi64x(m as i64), min_pairs);
+            let msum = hsum256(_mm256_madd_epi16(sums, mins));
+            let isum = _mm512_reduce_add_epi32(isum);
+            acc += q4k_block(f16_load(p), f16_load(p.add(2)), a.d[b], isum, msum);
+        }
+        acc
+    }
+
+    /// # Safety
+    /// AVX-512 F/BW, AVX2, F16C; `w` whole Q6_K blocks matching `a`.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+    pub(super) unsafe fn dot_q6k(w: &[u8], a: ActRow<'_>) -> f32 {
+        let nb = w.len() / 210;
+        assert!(a.q.len() >= 256 * nb && a.d.len() >= nb && a.sums.len() >= 16 * nb);
+        let low = _mm512_set1_epi8(0x0f);
+        let three = _mm512_set1_epi8(3);
+        // Per quarter pair: scale bytes [g x8, g+1 x8 | g+2 x8, g+3 x8] for g = 0, 4, 8, 12.
+        let quad_masks: [__m256i; 4] = std::array::from_fn(|v| {
+            let bytes: [i8; 32] = std::array::from_fn(|i| (4 * v + i / 8) as i8);
+            _mm256_loadu_si256(bytes.as_ptr() as *const __m256i)
+        });
+        let mut acc = 0f32;
+        for b in 0..nb {
+            let p = w.as_ptr().add(210 * b);
+            let aq = a.q.as_ptr().add(256 * b);
+            let scales = _mm_loadu_si128(p.add(192) as *const __m128i);
+            let scales2 = _mm256_broadcastsi128_si256(scales);
+            let mut isum = _mm512_setzero_si512();
+            for n in 0..2 {
+                // ql[64n..64n+64]: low nibbles are elements 128n..128n+64 in order, high
+                // nibbles 128n+64..128n+128; qh[32n..32n+32] holds their top two bits.
+                let ql = _mm512_loadu_si512(p.add(64 * n) as *const __m512i);
+                let qh = _mm256_loadu_si256(p.add(128 + 32 * n) as *const __m256i);
+                let qh_lo =
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<2>(qh));
+                let qh_hi = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_srli_epi16::<4>(qh)),
+                    _mm256_srli_epi16::<6>(qh),
+                );
+                let top = |h: __m512i| _mm512_slli_epi16::<4>(_mm512_and_si512(h, three));
+                let v_lo = _mm512_or_si512(_mm512_and_si512(ql, low), top(qh_lo));
+                let v_hi = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), low),
+                    top(qh_hi),
+                );
+                for (i, v) in [v_lo, v_hi].into_iter().enumerate() {
+                    let e0 = 128 * n + 64 * i;
+                    let av = _mm512_loadu_si512(aq.add(e0) as *const __m512i);
+                    let s = _mm512_cvtepi8_epi16(_mm256_shuffle_epi8(scales2, quad_masks[e0 / 64]));
+                    let d = _mm512_madd_epi16(_mm512_maddubs_epi16(v, av), s);
+                    isum = _mm512_add_epi32(isum, d);
+                }
+            }
+            // The stored values are q + 32: take 32 × Σ_g sc_g · Σa_g back off.
+            let sums = _mm256_loadu_si256(a.sums.as_ptr().add(16 * b) as *const __m256i);
+            let offset = hsum256(_mm256_madd_epi16(_mm256_cvtepi8_epi16(scales), sums));
+            let isum = _mm512_reduce_add_epi32(isum) - 32 * offset;
+            acc += a.d[b] * (f16_load(p.add(208)) * isum as f32);
         }
         acc
     }
