@@ -229,17 +229,16 @@ impl Weights {
         if infos.iter().any(|i| i.ggml_type() != stored) || matches!(src, Source::Frames(..)) {
             return Ok(None);
         }
-        if let Some(t) = requantized_to(stored) {
-            let w = self.get(name, (n, k))?.to_dtype(DType::F32)?;
-            let values = w.flatten_all()?.to_vec1::<f32>()?;
-            return QMatrix::quantize(t, &values, n, k)
-                .map(Some)
-                .map_err(|e| Error::Weights(format!("{name}: {e}")));
-        }
-        let Some(t) = qtype_of(stored) else {
+        // Kept as stored, or (a type with no kernel) widened and requantized.
+        let (t, requantize) = match (qtype_of(stored), requantized_to(stored)) {
+            (Some(t), _) => (t, false),
+            (None, Some(t)) => (t, true),
+            (None, None) => return Ok(None),
+        };
+        let (Some(block), Some(size)) = (stored.block_size(), stored.type_size()) else {
             return Ok(None);
         };
-        let rb = t.row_bytes(k);
+        let rb = k / block as usize * size as usize;
         let mut data = Vec::new();
         for &info in &infos {
             let ne = info.ne();
@@ -273,9 +272,19 @@ impl Weights {
                 data.len() / rb.max(1)
             )));
         }
-        QMatrix::from_bytes(t, n, k, data)
-            .map(Some)
-            .map_err(|e| Error::Weights(format!("{name}: {e}")))
+        let fail = |e: String| Error::Weights(format!("{name}: {e}"));
+        if requantize {
+            use rayon::prelude::*;
+            let mut values = vec![0f32; n * k];
+            values
+                .par_chunks_mut(k)
+                .zip(data.par_chunks(rb))
+                .try_for_each(|(o, b)| dequantize_widened(stored, b, o))
+                .map_err(fail)?;
+            drop(data);
+            return QMatrix::quantize(t, &values, n, k).map(Some);
+        }
+        QMatrix::from_bytes(t, n, k, data).map(Some)
     }
 
     /// Notes that stored tensor `stored` (`bytes` long) was read, and reports progress.
@@ -312,8 +321,14 @@ impl Weights {
                 let values = match qtype_of(ty) {
                     Some(q) => QMatrix::from_bytes(q, n, k, bytes.to_vec())?.dequantize(),
                     None => {
+                        // Rows on all threads (a q5_k_m file widens most of its matrices).
+                        use rayon::prelude::*;
+                        let row_bytes = bytes.len() / n.max(1);
                         let mut out = vec![0f32; n * k];
-                        dequantize_widened(ty, bytes, &mut out).map_err(fail)?;
+                        out.par_chunks_mut(k.max(1))
+                            .zip(bytes.par_chunks(row_bytes.max(1)))
+                            .try_for_each(|(o, b)| dequantize_widened(ty, b, o))
+                            .map_err(fail)?;
                         out
                     }
                 };

@@ -1046,6 +1046,8 @@ fn gguf_text_name(hf: &str) -> String {
 /// layers' attn_v / ffn_down) on a model whose rows are multiples of 256 runs its blocks as
 /// stored: the same logits, bit for bit, as the float GGUF of the same weights quantized
 /// with `--quant q4_k_m` as it loads (the same blocks), and a tied q6_K embedding table.
+/// A q5_K matrix (no kernel here) comes out of `stored_quant` as q8_0 within half a q8_0
+/// step of its widened values.
 #[test]
 fn q4_k_m_blocks_run_as_stored() {
     use qwen2vl::ops::quant::plan::QuantPlan;
@@ -1158,8 +1160,48 @@ fn q4_k_m_blocks_run_as_stored() {
     );
     let d = tmp_dir();
     let (fp, mp) = (d.join("q4km-float.gguf"), d.join("q4km-mixed.gguf"));
+    // A q5_K matrix (no kernel here): random blocks with sane scales.
+    let mut q5 = mixed.clone();
+    let slot = q5
+        .iter_mut()
+        .find(|t| t.0 == "blk.1.ffn_up.weight")
+        .unwrap();
+    let mut bytes: Vec<u8> = (0..I * H / 256 * 176)
+        .map(|_| rng_bytes(&mut slot.3))
+        .collect();
+    for b in bytes.chunks_exact_mut(176) {
+        b[..2].copy_from_slice(&half::f16::from_f32(0.001).to_le_bytes());
+        b[2..4].copy_from_slice(&half::f16::from_f32(0.0005).to_le_bytes());
+    }
+    slot.1 = GgmlType::Q5_K;
+    slot.3 = bytes.clone();
     write(&fp, meta(), float);
     write(&mp, meta(), mixed);
+    let qp = d.join("q5k.gguf");
+    write(&qp, meta(), q5);
+    let w = qwen2vl::weights::Weights::from_gguf(
+        std::sync::Arc::new(qwen2vl::gguf::model::GgufModel::open(&qp, None).unwrap()),
+        DType::F32,
+        &Device::Cpu,
+    );
+    let q = w
+        .stored_quant("model.layers.1.mlp.up_proj.weight", I, H)
+        .unwrap()
+        .unwrap();
+    assert_eq!(q.qtype(), QType::Q8_0);
+    let mut widened = vec![0f32; I * H];
+    qwen2vl::gguf::model::dequantize_widened(GgmlType::Q5_K, &bytes, &mut widened).unwrap();
+    let got = q.dequantize();
+    for (row, (a, b)) in got.chunks(32).zip(widened.chunks(32)).enumerate() {
+        let amax = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (x, y) in a.iter().zip(b) {
+            // Half a q8_0 step, plus the step's own f16 rounding.
+            assert!(
+                (x - y).abs() <= amax / 127.0 * 0.6 + 1e-7,
+                "block {row}: {x} vs {y}"
+            );
+        }
+    }
     let load = |p: &Path, quant: Option<QuantScheme>| {
         let g = std::sync::Arc::new(qwen2vl::gguf::model::GgufModel::open(p, None).unwrap());
         qwen2vl::model::Qwen2VL::load_gguf(g, DType::F32, &Device::Cpu, None, quant, None)
@@ -1317,4 +1359,17 @@ fn q5_k_is_widened_like_ggml() {
     assert_eq!(y[128], 7.0 * 3.0 - 0.5 * 3.0);
     assert_eq!(y[1], -1.5);
     assert!(qwen2vl::gguf::model::dequantize_widened(GgmlType::Q5_K, &b[..175], &mut y).is_err());
+}
+
+/// A pseudo-random byte (an xorshift over a small state kept in `state`'s first 8 bytes).
+fn rng_bytes(state: &mut Vec<u8>) -> u8 {
+    if state.len() < 8 {
+        state.resize(8, 1);
+    }
+    let mut x = u64::from_le_bytes(state[..8].try_into().unwrap()) | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    state[..8].copy_from_slice(&x.to_le_bytes());
+    (x >> 24) as u8
 }
