@@ -141,6 +141,20 @@ fn main() {
                 head.bytes().len() as f64 / secs / 1e9
             );
         }
+        // A small matrix that stays in L1/L2, on one thread: the kernel's compute rate.
+        let small = QMatrix::quantize(t, &values(32 * HIDDEN, 5), 32, HIDDEN).unwrap();
+        for backend in qwen2vl::ops::quant::Backend::available() {
+            let reps = 4000;
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(small.matmul_with(backend, &xs[0], m, None).unwrap());
+            }
+            let secs = t0.elapsed().as_secs_f64() / reps as f64;
+            println!(
+                "  {t} in cache, one thread, {backend:?}: {:.1} GB/s",
+                small.bytes().len() as f64 / secs / 1e9
+            );
+        }
         step(&mats); // warm-up
         let mut times = Vec::new();
         for _ in 0..steps {

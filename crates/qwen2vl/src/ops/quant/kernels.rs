@@ -111,6 +111,77 @@ fn q4k_block(d: f32, dmin: f32, da: f32, isum: i32, msum: i32) -> f32 {
     da * (d * isum as f32 - dmin * msum as f32)
 }
 
+/// `pshufb` index meaning "write 0".
+const Z: i8 = -128;
+
+/// Shuffle masks turning a broadcast u64 of eight bytes into i16 lanes all equal to byte `j`
+/// (each 128-bit lane takes the same bytes), for `j` in 0..8.
+const BYTE_TO_I16: [[i8; 32]; 8] = {
+    let mut t = [[Z; 32]; 8];
+    let mut j = 0;
+    while j < 8 {
+        let mut i = 0;
+        while i < 32 {
+            t[j][i] = j as i8;
+            i += 2;
+        }
+        j += 1;
+    }
+    t
+};
+
+/// i16 lanes `[m0, m0, m1, m1, …, m7, m7]` out of a broadcast u64 of Q4_K's eight mins.
+const MIN_PAIRS: [i8; 32] = [
+    0, Z, 0, Z, 1, Z, 1, Z, 2, Z, 2, Z, 3, Z, 3, Z, 4, Z, 4, Z, 5, Z, 5, Z, 6, Z, 6, Z, 7, Z, 7, Z,
+];
+
+/// Q6_K scale bytes `[g x8, g+1 x8]` for the 32 values starting at `16g`, `g` = 0, 2, …, 14.
+const Q6_PAIRS: [[i8; 16]; 8] = {
+    let mut t = [[0i8; 16]; 8];
+    let mut p = 0;
+    while p < 8 {
+        let mut i = 0;
+        while i < 16 {
+            t[p][i] = (2 * p + i / 8) as i8;
+            i += 1;
+        }
+        p += 1;
+    }
+    t
+};
+
+/// AVX-512 Q4_K: i16 lanes `[byte j x16 | byte k x16]` (low two 128-bit lanes byte `j`, high
+/// two byte `k`) for the sub-block pairs of 64 bytes of `qs`: (0, 2), (1, 3), (4, 6), (5, 7).
+const Q4_PAIRS_512: [[i8; 64]; 4] = {
+    let pairs = [(0, 2), (1, 3), (4, 6), (5, 7)];
+    let mut t = [[Z; 64]; 4];
+    let mut v = 0;
+    while v < 4 {
+        let mut i = 0;
+        while i < 64 {
+            t[v][i] = if i < 32 { pairs[v].0 } else { pairs[v].1 };
+            i += 2;
+        }
+        v += 1;
+    }
+    t
+};
+
+/// AVX-512 Q6_K: scale bytes `[g x8, g+1 x8 | g+2 x8, g+3 x8]` for `g` = 0, 4, 8, 12.
+const Q6_QUADS: [[i8; 32]; 4] = {
+    let mut t = [[0i8; 32]; 4];
+    let mut v = 0;
+    while v < 4 {
+        let mut i = 0;
+        while i < 32 {
+            t[v][i] = (4 * v + i / 8) as i8;
+            i += 1;
+        }
+        v += 1;
+    }
+    t
+};
+
 /// The four Q8_0 accumulators summed.
 #[inline(always)]
 fn q8_0_total(acc: [f32; 4]) -> f32 {
@@ -262,17 +333,6 @@ mod avx2 {
         q8_0_total(lanes)
     }
 
-    /// `set1_epi16(byte j)` of each of the eight bytes of a broadcast u64, as shuffle masks.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn byte_to_i16_mask(j: i8) -> __m256i {
-        let z = -128i8; // pshufb: a set top bit writes 0
-        _mm256_setr_epi8(
-            j, z, j, z, j, z, j, z, j, z, j, z, j, z, j, z, j, z, j, z, j, z, j, z, j, z, j, z, j,
-            z, j, z,
-        )
-    }
-
     /// # Safety
     /// AVX2 and F16C; `w` whole Q4_K blocks matching `a`.
     #[target_feature(enable = "avx2,f16c")]
@@ -280,13 +340,8 @@ mod avx2 {
         let nb = w.len() / 144;
         assert!(a.q.len() >= 256 * nb && a.d.len() >= nb && a.sums.len() >= 16 * nb);
         let low = _mm256_set1_epi8(0x0f);
-        let masks: [__m256i; 8] = std::array::from_fn(|j| byte_to_i16_mask(j as i8));
-        // i16 lanes [m0, m0, m1, m1, …, m7, m7] out of a broadcast u64 of the eight mins.
-        let z = -128i8;
-        let min_pairs = _mm256_setr_epi8(
-            0, z, 0, z, 1, z, 1, z, 2, z, 2, z, 3, z, 3, z, 4, z, 4, z, 5, z, 5, z, 6, z, 6, z, 7,
-            z, 7, z,
-        );
+        let mask = |j: usize| _mm256_loadu_si256(BYTE_TO_I16[j].as_ptr() as *const __m256i);
+        let min_pairs = _mm256_loadu_si256(MIN_PAIRS.as_ptr() as *const __m256i);
         let mut acc = 0f32;
         for b in 0..nb {
             let p = w.as_ptr().add(144 * b);
@@ -301,8 +356,8 @@ mod avx2 {
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), low);
                 let a_lo = _mm256_loadu_si256(aq.add(64 * c) as *const __m256i);
                 let a_hi = _mm256_loadu_si256(aq.add(64 * c + 32) as *const __m256i);
-                let s_lo = _mm256_shuffle_epi8(sc_b, masks[2 * c]);
-                let s_hi = _mm256_shuffle_epi8(sc_b, masks[2 * c + 1]);
+                let s_lo = _mm256_shuffle_epi8(sc_b, mask(2 * c));
+                let s_hi = _mm256_shuffle_epi8(sc_b, mask(2 * c + 1));
                 let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a_lo), s_lo);
                 let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a_hi), s_hi);
                 isum = _mm256_add_epi32(isum, _mm256_add_epi32(p_lo, p_hi));
@@ -332,11 +387,6 @@ mod avx2 {
         assert!(a.q.len() >= 256 * nb && a.d.len() >= nb && a.sums.len() >= 16 * nb);
         let low = _mm256_set1_epi8(0x0f);
         let three = _mm256_set1_epi8(3);
-        // Byte masks picking scales [g x8, g+1 x8] for g = 0, 2, …, 14.
-        let pair_masks: [__m128i; 8] = std::array::from_fn(|p| {
-            let (g, h) = (2 * p as i8, 2 * p as i8 + 1);
-            _mm_setr_epi8(g, g, g, g, g, g, g, g, h, h, h, h, h, h, h, h)
-        });
         let mut acc = 0f32;
         for b in 0..nb {
             let p = w.as_ptr().add(210 * b);
@@ -362,7 +412,10 @@ mod avx2 {
                 for (q, v) in quarters.into_iter().enumerate() {
                     let e0 = 128 * n + 32 * q;
                     let av = _mm256_loadu_si256(aq.add(e0) as *const __m256i);
-                    let s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pair_masks[e0 / 32]));
+                    let s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(
+                        scales,
+                        _mm_loadu_si128(Q6_PAIRS[e0 / 32].as_ptr() as *const __m128i),
+                    ));
                     let d = _mm256_madd_epi16(_mm256_maddubs_epi16(v, av), s);
                     isum = _mm256_add_epi32(isum, d);
                 }
@@ -407,20 +460,6 @@ mod avx512 {
         _mm_cvtsi128_si32(s)
     }
 
-    /// Shuffle masks making i16 lanes `[byte j x16 | byte k x16]` out of a broadcast u64: the
-    /// low two 128-bit lanes take byte `j`, the high two byte `k`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx2")]
-    unsafe fn pair_mask(j: i8, k: i8) -> __m512i {
-        let mut bytes = [-128i8; 64]; // pshufb: a set top bit writes 0
-        for (i, b) in bytes.iter_mut().enumerate() {
-            if i % 2 == 0 {
-                *b = if i < 32 { j } else { k };
-            }
-        }
-        _mm512_loadu_si512(bytes.as_ptr() as *const __m512i)
-    }
-
     /// # Safety
     /// AVX-512 F/BW, AVX2, F16C; `w` whole Q4_K blocks matching `a`.
     #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
@@ -430,17 +469,8 @@ mod avx512 {
         let low = _mm512_set1_epi8(0x0f);
         // 64 bytes of `qs` (chunks 2p, 2p+1): low nibbles are sub-blocks 4p and 4p+2, high
         // nibbles 4p+1 and 4p+3.
-        let masks = [
-            pair_mask(0, 2),
-            pair_mask(1, 3),
-            pair_mask(4, 6),
-            pair_mask(5, 7),
-        ];
-        let z = -128i8;
-        let min_pairs = _mm256_setr_epi8(
-            0, z, 0, z, 1, z, 1, z, 2, z, 2, z, 3, z, 3, z, 4, z, 4, z, 5, z, 5, z, 6, z, 6, z, 7,
-            z, 7, z,
-        );
+        let mask = |v: usize| _mm512_loadu_si512(Q4_PAIRS_512[v].as_ptr() as *const __m512i);
+        let min_pairs = _mm256_loadu_si256(MIN_PAIRS.as_ptr() as *const __m256i);
         let mut acc = 0f32;
         for b in 0..nb {
             let p = w.as_ptr().add(144 * b);
@@ -455,8 +485,8 @@ mod avx512 {
                 let e = 128 * half;
                 let a_lo = load_halves(aq.add(e), aq.add(e + 64));
                 let a_hi = load_halves(aq.add(e + 32), aq.add(e + 96));
-                let s_lo = _mm512_shuffle_epi8(sc_b, masks[2 * half]);
-                let s_hi = _mm512_shuffle_epi8(sc_b, masks[2 * half + 1]);
+                let s_lo = _mm512_shuffle_epi8(sc_b, mask(2 * half));
+                let s_hi = _mm512_shuffle_epi8(sc_b, mask(2 * half + 1));
                 let p_lo = _mm512_madd_epi16(_mm512_maddubs_epi16(lo, a_lo), s_lo);
                 let p_hi = _mm512_madd_epi16(_mm512_maddubs_epi16(hi, a_hi), s_hi);
                 isum = _mm512_add_epi32(isum, _mm512_add_epi32(p_lo, p_hi));
@@ -478,11 +508,6 @@ mod avx512 {
         assert!(a.q.len() >= 256 * nb && a.d.len() >= nb && a.sums.len() >= 16 * nb);
         let low = _mm512_set1_epi8(0x0f);
         let three = _mm512_set1_epi8(3);
-        // Per quarter pair: scale bytes [g x8, g+1 x8 | g+2 x8, g+3 x8] for g = 0, 4, 8, 12.
-        let quad_masks: [__m256i; 4] = std::array::from_fn(|v| {
-            let bytes: [i8; 32] = std::array::from_fn(|i| (4 * v + i / 8) as i8);
-            _mm256_loadu_si256(bytes.as_ptr() as *const __m256i)
-        });
         let mut acc = 0f32;
         for b in 0..nb {
             let p = w.as_ptr().add(210 * b);
@@ -510,7 +535,10 @@ mod avx512 {
                 for (i, v) in [v_lo, v_hi].into_iter().enumerate() {
                     let e0 = 128 * n + 64 * i;
                     let av = _mm512_loadu_si512(aq.add(e0) as *const __m512i);
-                    let s = _mm512_cvtepi8_epi16(_mm256_shuffle_epi8(scales2, quad_masks[e0 / 64]));
+                    let s = _mm512_cvtepi8_epi16(_mm256_shuffle_epi8(
+                        scales2,
+                        _mm256_loadu_si256(Q6_QUADS[e0 / 64].as_ptr() as *const __m256i),
+                    ));
                     let d = _mm512_madd_epi16(_mm512_maddubs_epi16(v, av), s);
                     isum = _mm512_add_epi32(isum, d);
                 }
