@@ -29,10 +29,11 @@
 //! matrix, so nothing is transposed; row slices and row stacks are byte ranges.
 //!
 //! Tensor types: f32, f16 and bf16 are converted to the compute dtype; q8_0, q4_K and q6_K
-//! stay quantized ([`crate::ops::quant::QMatrix`], read as they are); q4_0, q4_1, q5_0 and
-//! q5_1 (which `llama-quantize` uses as fallbacks for rows that are not a multiple of 256)
-//! are widened to float at load, since they are rare and small. Any other type is refused
-//! when the file is opened, naming the tensor and its type.
+//! stay quantized ([`crate::ops::quant::QMatrix`], read as they are); q5_K (most of a
+//! q5_k_m file; no kernel here) is widened and requantized to q8_0 as it loads; q4_0, q4_1,
+//! q5_0 and q5_1 (which `llama-quantize` uses as fallbacks for rows that are not a multiple
+//! of 256) are widened to float at load, since they are rare and small. Any other type is
+//! refused when the file is opened, naming the tensor and its type.
 
 use std::collections::HashMap;
 use std::ops::Range;
