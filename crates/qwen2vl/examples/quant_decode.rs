@@ -141,18 +141,28 @@ fn main() {
                 head.bytes().len() as f64 / secs / 1e9
             );
         }
-        // A small matrix that stays in L1/L2, on one thread: the kernel's compute rate.
-        let small = QMatrix::quantize(t, &values(32 * HIDDEN, 5), 32, HIDDEN).unwrap();
+        // One row that stays in L1, dotted again and again on this thread: the kernel's
+        // compute rate with no memory traffic and no call overhead.
+        let small = QMatrix::quantize(t, &values(HIDDEN, 5), 1, HIDDEN).unwrap();
+        let acts = qwen2vl::ops::quant::QActs::quantize(t, &xs[0][..HIDDEN], 1, HIDDEN);
         for backend in qwen2vl::ops::quant::Backend::available() {
-            let reps = 4000;
+            let reps = 200_000;
             let t0 = Instant::now();
+            let mut sink = 0f32;
             for _ in 0..reps {
-                std::hint::black_box(small.matmul_with(backend, &xs[0], m, None).unwrap());
+                sink += qwen2vl::ops::quant::kernels::dot(
+                    backend,
+                    t,
+                    std::hint::black_box(small.bytes()),
+                    acts.row(0),
+                );
             }
+            std::hint::black_box(sink);
             let secs = t0.elapsed().as_secs_f64() / reps as f64;
             println!(
-                "  {t} in cache, one thread, {backend:?}: {:.1} GB/s",
-                small.bytes().len() as f64 / secs / 1e9
+                "  {t} in L1, one thread, {backend:?}: {:.1} GB/s ({:.1} ns per row of {HIDDEN})",
+                small.bytes().len() as f64 / secs / 1e9,
+                secs * 1e9
             );
         }
         step(&mats); // warm-up

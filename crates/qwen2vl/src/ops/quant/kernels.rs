@@ -111,6 +111,11 @@ fn q4k_block(d: f32, dmin: f32, da: f32, isum: i32, msum: i32) -> f32 {
     da * (d * isum as f32 - dmin * msum as f32)
 }
 
+/// How far ahead of the block being read the kernels ask for weights (bytes): a software
+/// prefetch (of an address that may lie past the row: `wrapping_add`, and a prefetch never
+/// faults), so the next rows are on their way while this block's arithmetic runs.
+const PREFETCH: usize = 1536;
+
 /// `pshufb` index meaning "write 0".
 const Z: i8 = -128;
 
@@ -303,6 +308,8 @@ mod avx2 {
         let mut acc = _mm_setzero_ps();
         let mut b = 0;
         while b + 4 <= nb {
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(34 * b + PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(34 * b + PREFETCH + 64) as *const i8);
             // Four blocks' sums at once: two rounds of pairwise adds, then the halves.
             let h01 = _mm256_hadd_epi32(q8_0_block(wp, ap, b), q8_0_block(wp, ap, b + 1));
             let h23 = _mm256_hadd_epi32(q8_0_block(wp, ap, b + 2), q8_0_block(wp, ap, b + 3));
@@ -345,6 +352,9 @@ mod avx2 {
         let mut acc = 0f32;
         for b in 0..nb {
             let p = w.as_ptr().add(144 * b);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 128) as *const i8);
             let (sc, m) = q4k_scales_mins(std::slice::from_raw_parts(p.add(4), 12));
             let sc_b = _mm256_set1_epi64x(sc as i64);
             let qs = p.add(16);
@@ -390,6 +400,10 @@ mod avx2 {
         let mut acc = 0f32;
         for b in 0..nb {
             let p = w.as_ptr().add(210 * b);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 128) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 192) as *const i8);
             let aq = a.q.as_ptr().add(256 * b);
             let scales = _mm_loadu_si128(p.add(192) as *const __m128i);
             let mut isum = _mm256_setzero_si256();
@@ -474,6 +488,9 @@ mod avx512 {
         let mut acc = 0f32;
         for b in 0..nb {
             let p = w.as_ptr().add(144 * b);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 128) as *const i8);
             let (sc, m) = q4k_scales_mins(std::slice::from_raw_parts(p.add(4), 12));
             let sc_b = _mm512_set1_epi64(sc as i64);
             let aq = a.q.as_ptr().add(256 * b);
@@ -511,6 +528,10 @@ mod avx512 {
         let mut acc = 0f32;
         for b in 0..nb {
             let p = w.as_ptr().add(210 * b);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 128) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 192) as *const i8);
             let aq = a.q.as_ptr().add(256 * b);
             let scales = _mm_loadu_si128(p.add(192) as *const __m128i);
             let scales2 = _mm256_broadcastsi128_si256(scales);
