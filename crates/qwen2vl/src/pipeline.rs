@@ -154,7 +154,8 @@ impl Pipeline {
     /// Loads everything on the CPU as `options` say (dtype, quantization, progress).
     ///
     /// `dir` is a Hugging Face–format model directory, or a llama.cpp GGUF text model
-    /// (`*.gguf`, with its vision projector in [`LoadOptions::mmproj`]): config, tokenizer,
+    /// (`*.gguf`, with its vision projector in [`LoadOptions::mmproj`]), or a directory of
+    /// GGUF files such as `qwen2vl quantize` writes (see [`gguf_dir`]): config, tokenizer,
     /// chat template and image normalisation then come from the GGUF metadata.
     pub fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
         Self::load_on_with(dir, &Device::Cpu, options)
@@ -163,6 +164,11 @@ impl Pipeline {
     fn load_on_with(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Self> {
         if is_gguf_path(dir) {
             return Self::load_gguf(dir, device, options);
+        }
+        if let Some(found) = gguf_dir(dir)? {
+            let mut options = options.clone();
+            options.mmproj = options.mmproj.or(found.mmproj);
+            return Self::load_gguf(&found.text, device, &options);
         }
         if let Some(m) = &options.mmproj {
             return Err(Error::bad_input(
@@ -416,4 +422,80 @@ pub fn is_gguf_path(path: &Path) -> bool {
     std::fs::File::open(path)
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
         .is_ok_and(|()| magic == crate::gguf::MAGIC)
+}
+
+/// The GGUF files of a model directory: one text model and, optionally, its vision
+/// projector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GgufDir {
+    /// The text model (a `*.gguf` whose name does not start with `mmproj`).
+    pub text: PathBuf,
+    /// The vision projector (`mmproj*.gguf`), when the directory holds one.
+    pub mmproj: Option<PathBuf>,
+}
+
+/// The GGUF model in directory `path`, as `qwen2vl quantize` writes it: exactly one text
+/// `*.gguf` whose name does not start with `mmproj`, and at most one `mmproj*.gguf`.
+///
+/// `Ok(None)` when `path` is not a directory, holds `config.json` (a Hugging Face
+/// directory, whatever else it holds) or holds no text GGUF. Two text models or two
+/// projectors are an error naming them: picking one would be a guess.
+pub fn gguf_dir(path: &Path) -> Result<Option<GgufDir>> {
+    if !path.is_dir() || path.join("config.json").exists() {
+        return Ok(None);
+    }
+    let mut text = Vec::new();
+    let mut mmproj = Vec::new();
+    let entries = std::fs::read_dir(path).map_err(|e| Error::Model {
+        what: format!("cannot read the model directory ({e})"),
+        path: path.to_path_buf(),
+    })?;
+    for entry in entries.flatten() {
+        let p = entry.path();
+        let name = entry.file_name().to_string_lossy().to_ascii_lowercase();
+        if !name.ends_with(".gguf") || name.starts_with('.') || !p.is_file() {
+            continue;
+        }
+        if name.starts_with("mmproj") {
+            mmproj.push(p);
+        } else {
+            text.push(p);
+        }
+    }
+    text.sort();
+    mmproj.sort();
+    let names = |v: &[PathBuf]| {
+        v.iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let allowed = "one text model *.gguf and at most one mmproj*.gguf per directory, or \
+                   --model FILE.gguf [--mmproj FILE.gguf]";
+    if text.len() > 1 {
+        return Err(Error::bad_input(
+            format!(
+                "{} holds {} text models ({}); which one to load is ambiguous",
+                path.display(),
+                text.len(),
+                names(&text)
+            ),
+            allowed,
+        ));
+    }
+    if mmproj.len() > 1 {
+        return Err(Error::bad_input(
+            format!(
+                "{} holds {} vision projectors ({}); which one to load is ambiguous",
+                path.display(),
+                mmproj.len(),
+                names(&mmproj)
+            ),
+            allowed,
+        ));
+    }
+    Ok(text.pop().map(|text| GgufDir {
+        text,
+        mmproj: mmproj.pop(),
+    }))
 }

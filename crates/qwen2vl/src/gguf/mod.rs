@@ -98,6 +98,7 @@
 //! the Hugging Face tensor names the engine asks for to the GGUF tensors, which
 //! [`crate::weights::Weights::from_gguf`] serves.
 
+pub mod export;
 pub mod model;
 mod reader;
 mod writer;
