@@ -18,8 +18,10 @@ use crate::error::CliError;
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// A local model directory (config.json, *.safetensors, tokenizer.json, ...), a Hugging
-    /// Face repo id, optionally with a revision (Qwen/Qwen2-VL-2B-Instruct@main), or a
-    /// llama.cpp GGUF text model (model.gguf: f16, bf16, q8_0, q4_k_m, ...).
+    /// Face repo id, optionally with a revision (Qwen/Qwen2-VL-2B-Instruct@main), a
+    /// llama.cpp GGUF text model (model.gguf: f16, bf16, q8_0, q4_k_m, ...), or a directory
+    /// of GGUF files (one text model, optionally one mmproj*.gguf; `qwen2vl quantize` writes
+    /// one).
     #[arg(long, default_value = crate::hub::DEFAULT_MODEL)]
     pub model: String,
     /// The vision projector of a GGUF model (mmproj-*.gguf, from llama.cpp's converter);
@@ -91,7 +93,9 @@ impl ModelArgs {
     /// if needed). `--mmproj` must name a file and goes with a GGUF model only.
     fn resolve(&self) -> Result<std::path::PathBuf, CliError> {
         let path = std::path::PathBuf::from(&self.model);
-        let gguf = qwen2vl::pipeline::is_gguf_path(&path);
+        // A directory of GGUF files (`qwen2vl quantize`'s output) loads like a GGUF file.
+        let gguf_dir = qwen2vl::pipeline::gguf_dir(&path)?.is_some();
+        let gguf = gguf_dir || qwen2vl::pipeline::is_gguf_path(&path);
         if let Some(m) = &self.mmproj {
             if !gguf {
                 return Err(CliError::Usage(format!(
@@ -106,6 +110,9 @@ impl ModelArgs {
                     m.display()
                 )));
             }
+        }
+        if gguf_dir {
+            return Ok(path);
         }
         if gguf {
             if !path.is_file() {

@@ -6,6 +6,7 @@ mod common;
 mod draw;
 mod error;
 mod hub;
+mod quantize;
 mod run;
 mod serve;
 
@@ -51,6 +52,12 @@ enum Command {
     ///
     /// Example: qwen2vl serve --model ./Qwen2-VL-2B-Instruct --port 8080 --api-key secret
     Serve(serve::ServeArgs),
+    /// Write a safetensors model as pre-quantized GGUF files (llama.cpp's layout: a text
+    /// model and an mmproj vision projector) that load without quantizing; --model OUT then
+    /// loads them, and llama.cpp reads them too.
+    ///
+    /// Example: qwen2vl quantize --model ./Qwen2-VL-2B-Instruct --quant q4_k_m --out ./Qwen2-VL-2B-q4_k_m
+    Quantize(quantize::QuantizeArgs),
 }
 
 /// Keeps freed memory in the process instead of returning it to the OS.
@@ -99,6 +106,7 @@ fn main() -> ExitCode {
         Command::Download(args) => hub::download_main(args),
         Command::Bench(args) => bench::main(args),
         Command::Serve(args) => serve::main(args),
+        Command::Quantize(args) => quantize::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
