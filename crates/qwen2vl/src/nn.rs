@@ -97,21 +97,53 @@ impl Linear {
                 }
                 Ok(l.forward(x)?)
             }
-            Linear::Quant(q) => {
-                let (n, k) = q.weight.dims();
-                let mut dims = x.dims().to_vec();
-                if dims.last() != Some(&k) {
-                    return Err(Error::Internal(format!(
-                        "a quantized ({n}, {k}) layer got input {dims:?}"
-                    )));
-                }
-                let m = x.elem_count() / k;
-                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let y = q.weight.matmul(&xs, m, q.bias.as_deref())?;
-                *dims.last_mut().expect("rank >= 1") = n;
-                Ok(Tensor::from_vec(y, dims, &q.device)?.to_dtype(x.dtype())?)
-            }
+            Linear::Quant(q) => Ok(Self::forward_quant(&[q], x)?.remove(0)),
         }
+    }
+
+    /// `[l.forward(x) for l in layers]` for layers that read the same input (a layer's q, k
+    /// and v; gate and up). When all are quantized they run as one group product
+    /// ([`crate::ops::quant::matmul_group`]: the input quantized once, one parallel pass,
+    /// each output bit-identical to its own product); otherwise one by one.
+    pub fn forward_group(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let quant: Option<Vec<&QLinear>> = layers
+            .iter()
+            .map(|l| match l {
+                Linear::Quant(q) => Some(q),
+                Linear::Dense(_) => None,
+            })
+            .collect();
+        match quant {
+            Some(qs) if qs.len() > 1 => Self::forward_quant(&qs, x),
+            _ => layers.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
+    /// Quantized layers with the same input width on `x: (..., in)`.
+    fn forward_quant(layers: &[&QLinear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let dims = x.dims().to_vec();
+        let k = dims.last().copied().unwrap_or(0);
+        if let Some(q) = layers.iter().find(|q| q.weight.dims().1 != k) {
+            return Err(Error::Internal(format!(
+                "a quantized {:?} layer got input {dims:?}",
+                q.weight.dims()
+            )));
+        }
+        let m = x.elem_count() / k.max(1);
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let products: Vec<_> = layers
+            .iter()
+            .map(|q| (&*q.weight, q.bias.as_deref()))
+            .collect();
+        let ys = crate::ops::quant::matmul_group(&products, &xs, m)?;
+        ys.into_iter()
+            .zip(layers)
+            .map(|(y, q)| {
+                let mut dims = dims.clone();
+                *dims.last_mut().expect("rank >= 1") = q.weight.dims().0;
+                Ok(Tensor::from_vec(y, dims, &q.device)?.to_dtype(x.dtype())?)
+            })
+            .collect()
     }
 }
 

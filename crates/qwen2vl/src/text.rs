@@ -46,6 +46,16 @@ impl Attention {
         })
     }
 
+    /// `x: (..., hidden)` → q `(..., heads·hd)`, k and v `(..., kv_heads·hd)`, as one group
+    /// product when the weights are quantized ([`Linear::forward_group`]).
+    fn project(&self, x: &Tensor) -> Result<[Tensor; 3]> {
+        <[Tensor; 3]>::try_from(Linear::forward_group(
+            &[&self.q_proj, &self.k_proj, &self.v_proj],
+            x,
+        )?)
+        .map_err(|_| Error::Internal("q/k/v: three outputs expected".into()))
+    }
+
     /// `x: (B, T, hidden)`, `cos/sin: (B, T, head_dim/2)`; sequence `b` appends its `T` keys
     /// to `caches[b]` at `caches[b].len()`. Returns `(B, T, hidden)`.
     fn forward(
@@ -59,9 +69,10 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let group = h / kv;
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, hd))?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, kv, hd))?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, kv, hd))?;
+        let [q, k, v] = self.project(x)?;
+        let q = q.reshape((b, t, h, hd))?;
+        let k = k.reshape((b, t, kv, hd))?;
+        let v = v.reshape((b, t, kv, hd))?;
         let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -109,9 +120,10 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x)?.silu()?;
-        let u = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(g * u)?)
+        let [g, u] =
+            <[Tensor; 2]>::try_from(Linear::forward_group(&[&self.gate_proj, &self.up_proj], x)?)
+                .map_err(|_| Error::Internal("gate/up: two outputs expected".into()))?;
+        self.down_proj.forward(&(g.silu()? * u)?)
     }
 }
 
@@ -172,9 +184,10 @@ impl DecoderLayer {
         let c = x.dim(0)?;
         let (h, kv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
         let x = self.input_layernorm.forward(x)?;
-        let q = a.q_proj.forward(&x)?.reshape((1, c, h, hd))?;
-        let k = a.k_proj.forward(&x)?.reshape((1, c, kv, hd))?;
-        let v = a.v_proj.forward(&x)?.reshape((c, kv, hd))?;
+        let [q, k, v] = a.project(&x)?;
+        let q = q.reshape((1, c, h, hd))?;
+        let k = k.reshape((1, c, kv, hd))?;
+        let v = v.reshape((c, kv, hd))?;
         let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?.squeeze(0)?;
         let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?.squeeze(0)?;
         Ok([q, k, v])

@@ -284,7 +284,7 @@ impl Weights {
             drop(data);
             return QMatrix::quantize(t, &values, n, k).map(Some);
         }
-        QMatrix::from_bytes(t, n, k, data).map(Some)
+        QMatrix::from_bytes(t, n, k, &data).map(Some)
     }
 
     /// Notes that stored tensor `stored` (`bytes` long) was read, and reports progress.
@@ -319,7 +319,7 @@ impl Weights {
                 let k = info.ne()[0] as usize;
                 let n = shape.elem_count() / k.max(1);
                 let values = match qtype_of(ty) {
-                    Some(q) => QMatrix::from_bytes(q, n, k, bytes.to_vec())?.dequantize(),
+                    Some(q) => QMatrix::from_bytes(q, n, k, bytes)?.dequantize(),
                     None => {
                         // Rows on all threads (a q5_k_m file widens most of its matrices).
                         use rayon::prelude::*;

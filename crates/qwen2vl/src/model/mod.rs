@@ -300,6 +300,18 @@ impl Qwen2VL {
         grids: &[[usize; 3]],
         max_chunk_patches: usize,
     ) -> Result<Tensor> {
+        crate::ops::pool::install(|| {
+            self.encode_vision_on_pool(pixel_values, grids, max_chunk_patches)
+        })
+    }
+
+    /// The body of [`Self::encode_vision_chunked`], on a compute-pool worker.
+    fn encode_vision_on_pool(
+        &self,
+        pixel_values: &[f32],
+        grids: &[[usize; 3]],
+        max_chunk_patches: usize,
+    ) -> Result<Tensor> {
         let mut outs = Vec::new();
         for (chunk, rows) in self.vision_chunks(pixel_values, grids, max_chunk_patches)? {
             let pv = self.patch_tensor(&pixel_values[rows])?;
@@ -445,6 +457,20 @@ impl Qwen2VL {
         video_embeds: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        crate::ops::pool::install(|| {
+            self.prefill_on_pool(input_ids, positions, image_embeds, video_embeds, cache)
+        })
+    }
+
+    /// The body of [`Self::prefill`], on a compute-pool worker.
+    fn prefill_on_pool(
+        &self,
+        input_ids: &[u32],
+        positions: &MropePositions,
+        image_embeds: Option<&Tensor>,
+        video_embeds: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let h = self.prefill_hidden(
             input_ids,
             positions,
@@ -513,6 +539,16 @@ impl Qwen2VL {
     /// M-RoPE position `caches[b].len() + rope_deltas[b]` (all three ids equal). Returns logits
     /// `(B, vocab)` in f32.
     pub fn decode_step(
+        &self,
+        tokens: &[u32],
+        rope_deltas: &[i64],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        crate::ops::pool::install(|| self.decode_step_on_pool(tokens, rope_deltas, caches))
+    }
+
+    /// The body of [`Self::decode_step`], on a compute-pool worker.
+    fn decode_step_on_pool(
         &self,
         tokens: &[u32],
         rope_deltas: &[i64],

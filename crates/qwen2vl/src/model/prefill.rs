@@ -132,6 +132,11 @@ impl<'m> PrefillJob<'m> {
     /// Runs one unit of work; `true` when the prefill is complete. `inputs` and `cache` must
     /// be the same at every call.
     pub fn step(&mut self, inputs: &ModelInputs, cache: &mut KvCache) -> Result<bool> {
+        crate::ops::pool::install(|| self.step_on_pool(inputs, cache))
+    }
+
+    /// The body of [`Self::step`], on a compute-pool worker.
+    fn step_on_pool(&mut self, inputs: &ModelInputs, cache: &mut KvCache) -> Result<bool> {
         if self.logits.is_some() {
             return Ok(true);
         }

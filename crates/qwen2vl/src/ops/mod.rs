@@ -2,6 +2,7 @@
 
 pub mod fused;
 pub mod gemv;
+pub mod pool;
 pub mod quant;
 pub mod resize;
 pub mod resize_torch;

@@ -16,6 +16,7 @@
 //! and activation rows.
 
 pub mod act;
+pub mod bytes;
 pub mod format;
 pub mod kernels;
 pub mod plan;
@@ -24,6 +25,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 pub use act::QActs;
+pub use bytes::WeightBytes;
 pub use format::QType;
 pub use kernels::Backend;
 
@@ -33,7 +35,7 @@ pub struct QMatrix {
     t: QType,
     n: usize,
     k: usize,
-    data: Vec<u8>,
+    data: WeightBytes,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -58,7 +60,7 @@ impl QMatrix {
             )));
         }
         let rb = t.row_bytes(k);
-        let mut data = vec![0u8; n * rb];
+        let mut data = WeightBytes::zeroed(n * rb);
         data.par_chunks_mut(rb)
             .zip(w.par_chunks(k))
             .for_each(|(out, row)| format::quantize_row(t, row, out));
@@ -66,8 +68,8 @@ impl QMatrix {
     }
 
     /// A matrix from its blocks as stored (a GGUF tensor's bytes): `n` rows of
-    /// `t.row_bytes(k)` bytes.
-    pub fn from_bytes(t: QType, n: usize, k: usize, data: Vec<u8>) -> Result<QMatrix> {
+    /// `t.row_bytes(k)` bytes, copied into [`WeightBytes`].
+    pub fn from_bytes(t: QType, n: usize, k: usize, data: &[u8]) -> Result<QMatrix> {
         check_shape(t, n, k)?;
         if data.len() != n * t.row_bytes(k) {
             return Err(Error::Weights(format!(
@@ -76,7 +78,12 @@ impl QMatrix {
                 data.len()
             )));
         }
-        Ok(QMatrix { t, n, k, data })
+        Ok(QMatrix {
+            t,
+            n,
+            k,
+            data: WeightBytes::copy_of(data),
+        })
     }
 
     /// The format.
@@ -122,51 +129,142 @@ impl QMatrix {
         m: usize,
         bias: Option<&[f32]>,
     ) -> Result<Vec<f32>> {
-        let (n, k) = (self.n, self.k);
-        if x.len() != m * k || bias.is_some_and(|b| b.len() != n) {
+        let mut ys = matmul_group_with(backend, &[(self, bias)], x, m)?;
+        Ok(ys.pop().unwrap_or_default())
+    }
+}
+
+/// One product of a group: a weight matrix `(n, k)` and its optional bias `(n,)`.
+pub type Product<'a> = (&'a QMatrix, Option<&'a [f32]>);
+
+/// `y_i (m, n_i) = x (m, k) · W_iᵀ + b_i` for matrices that read the same input (a layer's q,
+/// k and v; gate and up), with the fastest [`Backend`].
+///
+/// Why a group: a decode step's products are small (a 2B layer's k and v are 0.4 MB each in
+/// q8_0) and each one pays fixed costs — waking the worker threads, quantizing the input,
+/// the first cache misses of a new stream. Here the input is quantized once per activation
+/// format and the rows of all the matrices are split over the threads in one parallel pass.
+/// Every output element is computed by the same code as [`QMatrix::matmul`] alone, so the
+/// results are bit-identical to separate products.
+pub fn matmul_group(products: &[Product<'_>], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
+    matmul_group_with(Backend::detect(), products, x, m)
+}
+
+/// [`matmul_group`] with a chosen backend.
+pub fn matmul_group_with(
+    backend: Backend,
+    products: &[Product<'_>],
+    x: &[f32],
+    m: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let Some(&(first, _)) = products.first() else {
+        return Ok(Vec::new());
+    };
+    let k = first.k;
+    for &(w, bias) in products {
+        if w.k != k || x.len() != m * k || bias.is_some_and(|b| b.len() != w.n) {
             return Err(Error::Internal(format!(
-                "quantized matmul: x has {} values for ({m}, {k}), bias {:?} for {n}",
+                "quantized matmul: x has {} values for ({m}, {k}), a ({}, {}) matrix, bias {:?}",
                 x.len(),
+                w.n,
+                w.k,
                 bias.map(<[f32]>::len)
             )));
         }
-        let acts = QActs::quantize(self.t, x, m, k);
-        let rb = self.t.row_bytes(k);
-        // Output transposed, (n, m): each task owns whole weight rows.
-        let mut yt = vec![0f32; n * m];
-        let column = |j: usize, out: &mut [f32]| {
-            let w = &self.data[j * rb..(j + 1) * rb];
-            let b = bias.map_or(0.0, |b| b[j]);
-            for (r, o) in out.iter_mut().enumerate() {
-                *o = kernels::dot(backend, self.t, w, acts.row(r)) + b;
-            }
-        };
-        let threads = rayon::current_num_threads();
-        if threads <= 1 || n * rb < MIN_PARALLEL_BYTES || m == 0 {
-            for (j, out) in yt.chunks_exact_mut(m.max(1)).enumerate().take(n) {
-                column(j, out);
-            }
-        } else {
-            let rows = n.div_ceil(threads * 4).max(MIN_TASK_BYTES.div_ceil(rb));
-            yt.par_chunks_mut(rows * m)
-                .enumerate()
-                .for_each(|(t, chunk)| {
-                    for (i, out) in chunk.chunks_exact_mut(m).enumerate() {
-                        column(t * rows + i, out);
-                    }
-                });
-        }
-        if m == 1 {
-            return Ok(yt);
-        }
-        let mut y = vec![0f32; m * n];
-        for (j, col) in yt.chunks_exact(m).enumerate() {
-            for (r, &v) in col.iter().enumerate() {
-                y[r * n + j] = v;
-            }
-        }
-        Ok(y)
     }
+    if m == 0 {
+        return Ok(vec![Vec::new(); products.len()]);
+    }
+    let (q8, qk) = (
+        quantize_for(products, true, x, m),
+        quantize_for(products, false, x, m),
+    );
+    let (rows_q8, rows_k) = (row_views(&q8), row_views(&qk));
+    // Global row g of the group is row g - starts[p] of product p.
+    let mut starts = Vec::with_capacity(products.len() + 1);
+    let mut total = 0;
+    for &(w, _) in products {
+        starts.push(total);
+        total += w.n;
+    }
+    starts.push(total);
+    // Output transposed, (rows, m): each task owns whole weight rows.
+    let mut yt = vec![0f32; total * m];
+    let column = |g: usize, out: &mut [f32]| {
+        let p = starts.partition_point(|&s| s <= g) - 1;
+        let (w, bias) = products[p];
+        let j = g - starts[p];
+        let rb = w.t.row_bytes(k);
+        let row = &w.data[j * rb..(j + 1) * rb];
+        let b = bias.map_or(0.0, |b| b[j]);
+        let acts = if w.t == QType::Q8_0 {
+            &rows_q8
+        } else {
+            &rows_k
+        };
+        for (o, &a) in out.iter_mut().zip(acts) {
+            *o = kernels::dot(backend, w.t, row, a) + b;
+        }
+    };
+    let bytes: usize = products.iter().map(|(w, _)| w.data.len()).sum();
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || bytes < MIN_PARALLEL_BYTES {
+        for (g, out) in yt.chunks_exact_mut(m).enumerate() {
+            column(g, out);
+        }
+    } else {
+        let min_rb = products
+            .iter()
+            .map(|(w, _)| w.t.row_bytes(k))
+            .min()
+            .unwrap_or(1);
+        let rows = total
+            .div_ceil(threads * 4)
+            .max(MIN_TASK_BYTES.div_ceil(min_rb));
+        yt.par_chunks_mut(rows * m)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                for (i, out) in chunk.chunks_exact_mut(m).enumerate() {
+                    column(t * rows + i, out);
+                }
+            });
+    }
+    Ok(products
+        .iter()
+        .zip(&starts)
+        .map(|(&(w, _), &s)| untranspose(&yt[s * m..(s + w.n) * m], w.n, m))
+        .collect())
+}
+
+/// `(n, m)` → `(m, n)`.
+fn untranspose(yt: &[f32], n: usize, m: usize) -> Vec<f32> {
+    if m == 1 {
+        return yt.to_vec();
+    }
+    let mut y = vec![0f32; m * n];
+    for (j, col) in yt.chunks_exact(m).enumerate() {
+        for (r, &v) in col.iter().enumerate() {
+            y[r * n + j] = v;
+        }
+    }
+    y
+}
+
+/// Every row's view of `a` (none when `None`), made once per product.
+fn row_views(a: &Option<QActs>) -> Vec<act::ActRow<'_>> {
+    a.iter()
+        .flat_map(|a| (0..a.rows).map(|r| a.row(r)))
+        .collect()
+}
+
+/// The group's input quantized for the weights whose format is (`q8`) or is not Q8_0: Q8_0
+/// takes per-32 scales, the K formats per-256 scales and sums (the same for Q4_K and Q6_K);
+/// `None` when no matrix of the group needs it.
+fn quantize_for(products: &[Product<'_>], q8: bool, x: &[f32], m: usize) -> Option<QActs> {
+    products
+        .iter()
+        .find(|(w, _)| (w.t == QType::Q8_0) == q8)
+        .map(|(w, _)| QActs::quantize(w.t, x, m, w.k))
 }
 
 fn check_shape(t: QType, n: usize, k: usize) -> Result<()> {
@@ -264,6 +362,46 @@ mod tests {
         }
     }
 
+    /// A group of products (mixed formats, with and without bias, in parallel and alone)
+    /// gives each matrix the bits of its own product.
+    #[test]
+    fn a_group_gives_each_matrix_its_own_product() {
+        let k = 512;
+        let formats = [
+            (QType::Q4K, 300),
+            (QType::Q8_0, 64),
+            (QType::Q6K, 200),
+            (QType::Q8_0, 7),
+        ];
+        let mats: Vec<QMatrix> = formats
+            .iter()
+            .enumerate()
+            .map(|(i, &(t, n))| QMatrix::quantize(t, &values(n * k, i as u64, 0.05), n, k).unwrap())
+            .collect();
+        let biases: Vec<Vec<f32>> = mats.iter().map(|q| values(q.dims().0, 3, 0.1)).collect();
+        for m in [1, 3] {
+            let x = values(m * k, 40 + m as u64, 1.0);
+            let products: Vec<Product<'_>> = mats
+                .iter()
+                .zip(&biases)
+                .enumerate()
+                .map(|(i, (q, b))| (q, (i % 2 == 0).then_some(b.as_slice())))
+                .collect();
+            for backend in Backend::available() {
+                let group = matmul_group_with(backend, &products, &x, m).unwrap();
+                assert_eq!(group.len(), products.len());
+                for (i, ((q, b), y)) in products.iter().zip(&group).enumerate() {
+                    let alone = q.matmul_with(backend, &x, m, *b).unwrap();
+                    assert_eq!(*y, alone, "matrix {i}, m = {m}, {backend:?}");
+                }
+            }
+        }
+        let other_k = QMatrix::quantize(QType::Q8_0, &values(32 * 256, 1, 0.1), 32, 256).unwrap();
+        let x = values(k, 2, 1.0);
+        assert!(matmul_group(&[(&mats[0], None), (&other_k, None)], &x, 1).is_err());
+        assert!(matmul_group(&[], &x, 1).unwrap().is_empty());
+    }
+
     /// Quantized products are close to the f32 ones: the error is what the formats' bits
     /// allow (relative to the output's RMS).
     #[test]
@@ -293,7 +431,7 @@ mod tests {
     fn shapes_are_checked() {
         assert!(QMatrix::quantize(QType::Q4K, &[0.0; 128], 1, 128).is_err());
         assert!(QMatrix::quantize(QType::Q8_0, &[0.0; 64], 2, 32).is_ok());
-        assert!(QMatrix::from_bytes(QType::Q8_0, 2, 32, vec![0; 67]).is_err());
+        assert!(QMatrix::from_bytes(QType::Q8_0, 2, 32, &[0; 67]).is_err());
         let q = QMatrix::quantize(QType::Q8_0, &[0.0; 64], 2, 32).unwrap();
         assert!(q.matmul(&[0.0; 31], 1, None).is_err());
     }
