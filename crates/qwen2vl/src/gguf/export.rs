@@ -43,7 +43,9 @@
 //!
 //! The tensor table is planned from the safetensors headers alone ([`GgufPlan`]); then each
 //! tensor is read from the memory map, converted or quantized and written before the next
-//! is read, so at most one tensor is held in f32 at a time. Each file is written under a
+//! is read, so at most one tensor is held in f32 at a time (plus its encoded bytes: the peak
+//! is set by the largest tensor, the embedding table, 0.9 GB in f32 for the 2B, 2.2 GB for
+//! the 7B), and the mapped pages are released as each tensor is copied. Each file is written under a
 //! temporary name in the output directory and renamed when complete, so an interrupted run
 //! leaves no file under the final name.
 
@@ -460,46 +462,70 @@ impl Checkpoint {
         }
     }
 
+    /// Calls `f` with the f32 values of checkpoint tensor `name`, read straight out of the
+    /// one f32 copy [`Weights::get`] makes (no second copy of a tensor that may be the
+    /// largest of the model: the 2B's embedding table is 0.9 GB in f32).
+    fn with_values<R>(&self, name: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+        use candle_core::{CpuStorage, Storage};
+        let t = self.weights.get(name, self.shape(name)?)?.contiguous()?;
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(CpuStorage::F32(v)) => {
+                let start = layout.start_offset();
+                f(&v[start..start + t.elem_count()])
+            }
+            _ => {
+                drop(storage);
+                f(&t.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
+    }
+
     /// The bytes of planned tensor `t`, in its type.
     fn encode(&self, t: &PlannedTensor) -> Result<Vec<u8>> {
-        if let TensorSource::Bytes(b) = &t.source {
-            return Ok(b.clone());
+        match &t.source {
+            TensorSource::Bytes(b) => Ok(b.clone()),
+            TensorSource::Whole(name) => self.with_values(name, |v| encode_values(t, v)),
+            other => encode_values(t, &self.values(other, &t.ne)?),
         }
-        let v = self.values(&t.source, &t.ne)?;
-        let n: u64 = t.ne.iter().product();
-        if v.len() as u64 != n {
-            return Err(Error::Internal(format!(
-                "{}: {} values for ne {:?}",
-                t.name,
-                v.len(),
-                t.ne
-            )));
-        }
-        Ok(match t.ggml_type {
-            GgmlType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            GgmlType::F16 => v
-                .iter()
-                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-                .collect(),
-            other => {
-                let q = match other {
-                    GgmlType::Q8_0 => QType::Q8_0,
-                    GgmlType::Q4_K => QType::Q4K,
-                    GgmlType::Q6_K => QType::Q6K,
-                    _ => {
-                        return Err(Error::bad_input(
-                            format!("{}: cannot write type {other}", t.name),
-                            "f32, f16, q8_0, q4_K or q6_K",
-                        ))
-                    }
-                };
-                let k = t.ne[0] as usize;
-                let m = QMatrix::quantize(q, &v, v.len() / k, k)
-                    .map_err(|e| Error::Weights(format!("{}: {e}", t.hf_name)))?;
-                m.bytes().to_vec()
-            }
-        })
     }
+}
+
+/// `v`, the values of planned tensor `t`, in `t`'s type.
+fn encode_values(t: &PlannedTensor, v: &[f32]) -> Result<Vec<u8>> {
+    let n: u64 = t.ne.iter().product();
+    if v.len() as u64 != n {
+        return Err(Error::Internal(format!(
+            "{}: {} values for ne {:?}",
+            t.name,
+            v.len(),
+            t.ne
+        )));
+    }
+    Ok(match t.ggml_type {
+        GgmlType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        GgmlType::F16 => v
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
+        other => {
+            let q = match other {
+                GgmlType::Q8_0 => QType::Q8_0,
+                GgmlType::Q4_K => QType::Q4K,
+                GgmlType::Q6_K => QType::Q6K,
+                _ => {
+                    return Err(Error::bad_input(
+                        format!("{}: cannot write type {other}", t.name),
+                        "f32, f16, q8_0, q4_K or q6_K",
+                    ))
+                }
+            };
+            let k = t.ne[0] as usize;
+            let m = QMatrix::quantize(q, v, v.len() / k, k)
+                .map_err(|e| Error::Weights(format!("{}: {e}", t.hf_name)))?;
+            m.bytes().to_vec()
+        }
+    })
 }
 
 /// The Hugging Face name of a stored name (newer checkpoints nest the towers under
@@ -552,5 +578,69 @@ fn matrix_type(plan: &QuantPlan, scheme: Option<QuantScheme>, hf: &str, k: usize
     match scheme {
         None => GgmlType::F16,
         Some(_) => plan.type_for(hf, k).map_or(GgmlType::F32, ggml_type_of),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_labels_follow_the_converter() {
+        assert_eq!(title_name("tiny-qwen2vl"), "Tiny Qwen2Vl");
+        assert_eq!(title_name("Qwen2-VL-2B-Instruct"), "Qwen2 Vl 2B Instruct");
+        assert_eq!(size_label(257_920), "258K");
+        assert_eq!(size_label(9_780_000), "10M");
+        assert_eq!(size_label(1_543_714_304), "1.5B");
+        assert_eq!(size_label(72_000_000_000), "72B");
+        assert_eq!(
+            file_names("m", Some(QuantScheme::Q4KM), None),
+            ("m-q4_k_m.gguf".to_string(), "mmproj-m-f16.gguf".to_string())
+        );
+        assert_eq!(
+            [None, Some(QuantScheme::Q8_0), Some(QuantScheme::Q4K)].map(file_type),
+            [1, 7, 14]
+        );
+        assert_eq!(
+            [Some(QuantScheme::Q4KM), Some(QuantScheme::Q6K)].map(file_type),
+            [15, 18]
+        );
+    }
+
+    #[test]
+    fn names_sort_by_layer_number() {
+        let mut v = vec![
+            "model.layers.10.mlp.up_proj.weight",
+            "model.layers.2.mlp.up_proj.weight",
+            "model.embed_tokens.weight",
+            "model.layers.2.input_layernorm.weight",
+        ];
+        v.sort_by_key(|n| natural_key(n));
+        assert_eq!(
+            v,
+            [
+                "model.embed_tokens.weight",
+                "model.layers.2.input_layernorm.weight",
+                "model.layers.2.mlp.up_proj.weight",
+                "model.layers.10.mlp.up_proj.weight",
+            ]
+        );
+        assert_eq!(
+            hf_name("model.language_model.norm.weight"),
+            "model.norm.weight"
+        );
+        assert_eq!(
+            hf_name("model.visual.merger.mlp.0.bias"),
+            "visual.merger.mlp.0.bias"
+        );
+    }
+
+    #[test]
+    fn a_directory_without_config_is_refused() {
+        let e = Checkpoint::open(Path::new("/nonexistent/model"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("not a safetensors model directory"), "{e}");
     }
 }

@@ -94,6 +94,10 @@ impl Checkpoint {
         let plan = self.quant_plan(scheme, None);
         let mut tensors = Vec::new();
         for hf in self.names.iter().filter(|n| !n.starts_with("visual.")) {
+            // Older checkpoints store rotary tables, which are computed, not weights.
+            if hf.ends_with("rotary_emb.inv_freq") {
+                continue;
+            }
             // A tied head is the embedding table: llama.cpp reads token_embd for both.
             if hf == "lm_head.weight" && self.config.text.tie_word_embeddings {
                 continue;
@@ -157,7 +161,7 @@ impl Checkpoint {
         hf: &str,
     ) -> Result<Vec<PlannedTensor>> {
         let shape = self.shape(hf)?;
-        let k = shape[shape.len() - 1];
+        let k = shape.last().copied().unwrap_or(1);
         let ty = |shape: &[usize]| {
             if always_f32(hf, shape) {
                 GgmlType::F32
@@ -209,6 +213,12 @@ impl Checkpoint {
             } else {
                 "bias"
             };
+            if shape.first().is_none_or(|rows| rows % 3 != 0) {
+                return Err(Error::Weights(format!(
+                    "{hf} has shape {shape:?}; expected q, k and v stacked as rows (a first \
+                     dimension divisible by 3)"
+                )));
+            }
             let mut part_shape = shape.clone();
             part_shape[0] /= 3;
             let ggml_type = ty(&part_shape);
