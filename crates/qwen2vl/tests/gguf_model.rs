@@ -1284,3 +1284,112 @@ fn a_failed_export_leaves_no_file() {
     let left: Vec<_> = std::fs::read_dir(&d).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// A model directory like the tiny fixture (its vision tower, tokenizer and templates) but
+/// with a decoder whose rows are multiples of 256, so every K format applies: hidden 256,
+/// intermediate 512, 3 layers (q4_k_m gives layer 2's v_proj and down_proj q6_K), random
+/// bf16 weights.
+fn k_quant_model() -> PathBuf {
+    use rand::{Rng, SeedableRng};
+    const H: usize = 256;
+    let dir = tmp_dir().join("k-model");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.json",
+        "preprocessor_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(tiny().join(f), dir.join(f)).unwrap();
+    }
+    let mut cfg = json(&tiny().join("config.json"));
+    cfg["hidden_size"] = H.into();
+    cfg["intermediate_size"] = 512.into();
+    cfg["num_hidden_layers"] = 3.into();
+    cfg["vision_config"]["hidden_size"] = H.into();
+    cfg["rope_scaling"]["mrope_section"] = serde_json::json!([8, 12, 12]);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, sigma: f32| {
+        let n: usize = shape.iter().product();
+        let bytes = (0..n)
+            .flat_map(|_| {
+                let x = if sigma == 0.0 {
+                    1.0
+                } else {
+                    (rng.random::<f32>() - 0.5) * 3.46 * sigma
+                };
+                half::bf16::from_f32(x).to_le_bytes()
+            })
+            .collect();
+        tensors.push((name, shape, bytes));
+    };
+    add("model.embed_tokens.weight".into(), vec![151936, H], 0.1);
+    add("model.norm.weight".into(), vec![H], 0.0);
+    for i in 0..3 {
+        let p = format!("model.layers.{i}");
+        add(format!("{p}.input_layernorm.weight"), vec![H], 0.0);
+        add(format!("{p}.post_attention_layernorm.weight"), vec![H], 0.0);
+        for (n, rows) in [("q", H), ("k", 128), ("v", 128)] {
+            add(
+                format!("{p}.self_attn.{n}_proj.weight"),
+                vec![rows, H],
+                0.03,
+            );
+            add(format!("{p}.self_attn.{n}_proj.bias"), vec![rows], 0.02);
+        }
+        add(format!("{p}.self_attn.o_proj.weight"), vec![H, H], 0.03);
+        add(format!("{p}.mlp.gate_proj.weight"), vec![512, H], 0.03);
+        add(format!("{p}.mlp.up_proj.weight"), vec![512, H], 0.03);
+        add(format!("{p}.mlp.down_proj.weight"), vec![H, 512], 0.03);
+    }
+    add("visual.merger.mlp.2.weight".into(), vec![H, 256], 0.03);
+    add("visual.merger.mlp.2.bias".into(), vec![H], 0.02);
+    let bytes = std::fs::read(tiny().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, v) in st.tensors() {
+        if name.starts_with("visual.") && !name.starts_with("visual.merger.mlp.2") {
+            tensors.push((name, v.shape().to_vec(), v.data().to_vec()));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b);
+            (n.clone(), view.unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+/// On a model where the K formats apply, the exported q4_k_m file holds llama.cpp's mix
+/// (q4_K, q6_K for the embeddings and layer 2's v_proj / down_proj) and loads to the
+/// logits of `--quant q4_k_m`, bit for bit.
+#[test]
+fn exported_k_quants_give_the_logits_of_quant_at_load() {
+    let model = k_quant_model();
+    let out = tmp_dir().join("k-model-q4_k_m");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let options = qwen2vl::gguf::export::ExportOptions {
+        quant: Some(QuantScheme::Q4KM),
+        ..Default::default()
+    };
+    qwen2vl::gguf::export::export(&model, &out, &options).unwrap();
+    let f = GgufFile::open(&out.join("k-model-q4_k_m.gguf")).unwrap();
+    let ty = |n: &str| f.tensor_info(n).unwrap().ggml_type();
+    assert_eq!(ty("token_embd.weight"), GgmlType::Q6_K);
+    assert_eq!(ty("blk.2.attn_v.weight"), GgmlType::Q6_K);
+    assert_eq!(ty("blk.2.ffn_down.weight"), GgmlType::Q6_K);
+    assert_eq!(ty("blk.1.attn_v.weight"), GgmlType::Q4_K);
+    assert_eq!(ty("blk.0.ffn_gate.weight"), GgmlType::Q4_K);
+    assert_eq!(ty("blk.0.attn_q.bias"), GgmlType::F32);
+    let st = load(&model, None, DTypeChoice::F32, Some(QuantScheme::Q4KM));
+    let gg = load(&out, None, DTypeChoice::F32, None);
+    assert!(prompt_logits_of(&gg, false) == prompt_logits_of(&st, false));
+    assert_eq!(greedy(&gg, true), greedy(&st, true));
+}
