@@ -154,9 +154,12 @@ fn check_out(
             out.display()
         )));
     }
+    // The temporaries an interrupted run left (`.NAME.partial`) do not count: they are
+    // replaced when the same file is written again.
     let entries: Vec<String> = std::fs::read_dir(out)?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !(n.starts_with('.') && n.ends_with(".partial")))
         .collect();
     if entries.is_empty() {
         return Ok(());
