@@ -158,26 +158,29 @@ fn main() {
                 head.bytes().len() as f64 / secs / 1e9
             );
         }
-        // One row that stays in L1, dotted again and again on this thread: the kernel's
-        // compute rate with no memory traffic and no call overhead.
+        // One weight row that stays in L1, dotted with the `m` activation rows again and
+        // again on this thread: the kernel's compute rate with no memory traffic and no call
+        // overhead.
         let small = QMatrix::quantize(t, &values(HIDDEN, 5), 1, HIDDEN).unwrap();
-        let acts = qwen2vl::ops::quant::QActs::quantize(t, &xs[0][..HIDDEN], 1, HIDDEN);
+        let acts = qwen2vl::ops::quant::QActs::quantize(t, &xs[0][..m * HIDDEN], m, HIDDEN);
+        let rows: Vec<_> = (0..m).map(|r| acts.row(r)).collect();
+        let mut out = vec![0f32; m];
         for backend in qwen2vl::ops::quant::Backend::available() {
-            let reps = 200_000;
+            let reps = 400_000 / m;
             let t0 = Instant::now();
-            let mut sink = 0f32;
             for _ in 0..reps {
-                sink += qwen2vl::ops::quant::kernels::dot(
+                qwen2vl::ops::quant::kernels::dot_rows(
                     backend,
                     t,
                     std::hint::black_box(small.bytes()),
-                    acts.row(0),
+                    &rows,
+                    &mut out,
                 );
+                std::hint::black_box(&out);
             }
-            std::hint::black_box(sink);
             let secs = t0.elapsed().as_secs_f64() / reps as f64;
             println!(
-                "  {t} in L1, one thread, {backend:?}: {:.1} GB/s ({:.1} ns per row of {HIDDEN})",
+                "  {t} in L1, one thread, {backend:?}: {:.1} GB/s of weights ({:.1} ns per row of {HIDDEN} and {m} activation rows)",
                 small.bytes().len() as f64 / secs / 1e9,
                 secs * 1e9
             );

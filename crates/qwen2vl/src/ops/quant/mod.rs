@@ -196,14 +196,14 @@ pub fn matmul_group_with(
         let j = g - starts[p];
         let rb = w.t.row_bytes(k);
         let row = &w.data[j * rb..(j + 1) * rb];
-        let b = bias.map_or(0.0, |b| b[j]);
         let acts = if w.t == QType::Q8_0 {
             &rows_q8
         } else {
             &rows_k
         };
-        for (o, &a) in out.iter_mut().zip(acts) {
-            *o = kernels::dot(backend, w.t, row, a) + b;
+        kernels::dot_rows(backend, w.t, row, acts, out);
+        if let Some(bias) = bias {
+            out.iter_mut().for_each(|o| *o += bias[j]);
         }
     };
     let bytes: usize = products.iter().map(|(w, _)| w.data.len()).sum();
@@ -321,8 +321,19 @@ mod tests {
     #[test]
     fn every_backend_matches_the_oracle_and_each_other() {
         let backends = Backend::available();
-        for t in [QType::Q8_0, QType::Q4K, QType::Q6K] {
-            for &(n, k, m) in &[(7, 256, 1), (33, 512, 3), (64, 1536, 2), (5, 768, 17)] {
+        // Q8_0 also with block counts that are not a multiple of four (the kernels' tails).
+        let q8_tails = [
+            (QType::Q8_0, 9, 224, 5),
+            (QType::Q8_0, 3, 32, 4),
+            (QType::Q8_0, 4, 416, 9),
+        ];
+        let shapes = [(7, 256, 1), (33, 512, 3), (64, 1536, 2), (5, 768, 17)];
+        let cases = [QType::Q8_0, QType::Q4K, QType::Q6K]
+            .into_iter()
+            .flat_map(|t| shapes.map(|(n, k, m)| (t, n, k, m)))
+            .chain(q8_tails);
+        for (t, n, k, m) in cases {
+            {
                 let w = values(n * k, (n * k) as u64, 0.05);
                 let x = values(m * k, (m + 3 * k) as u64, 1.0);
                 let bias = values(n, 99, 0.1);
