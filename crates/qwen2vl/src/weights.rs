@@ -486,16 +486,6 @@ impl Weights {
         self.index.contains_key(&alt).then_some(alt)
     }
 
-    /// The PyTorch-order shape of safetensors tensor `name` (under either naming), without
-    /// reading it; `None` when it is absent or the weights come from GGUF files.
-    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        if self.gguf.is_some() {
-            return None;
-        }
-        let stored = self.resolve(name)?;
-        Some(self.index[&stored].shape.clone())
-    }
-
     /// Whether the checkpoint holds `name` (under either naming).
     pub fn contains(&self, name: &str) -> bool {
         match &self.gguf {

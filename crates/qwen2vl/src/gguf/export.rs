@@ -49,12 +49,12 @@
 //! temporary name in the output directory and renamed when complete, so an interrupted run
 //! leaves no file under the final name.
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
 use serde_json::Value as Json;
 
 use super::{GgmlType, GgufWriter, MetaValue};
@@ -62,10 +62,11 @@ use crate::config::Qwen2VLConfig;
 use crate::error::{Error, Result};
 use crate::ops::quant::plan::{QuantPlan, QuantScheme};
 use crate::ops::quant::{QMatrix, QType};
-use crate::weights::Weights;
 
 mod layout;
+mod source;
 pub use layout::gguf_text_name;
+use source::SafetensorsDir;
 
 /// Told after every tensor written: output bytes so far out of both files' total.
 pub type ExportProgressFn = Arc<dyn Fn(ExportProgress) + Send + Sync>;
@@ -371,9 +372,10 @@ pub struct Checkpoint {
     dir: PathBuf,
     config: Qwen2VLConfig,
     raw_config: Json,
-    weights: Weights,
-    /// The checkpoint's tensor names, in the Hugging Face naming (`model.layers.…`,
-    /// `visual.…`, `lm_head.weight`), in natural order (layer 2 before layer 10).
+    files: SafetensorsDir,
+    /// Hugging Face name (`model.layers.…`, `visual.…`, `lm_head.weight`) → stored name.
+    stored: HashMap<String, String>,
+    /// The Hugging Face names, in natural order (layer 2 before layer 10).
     names: Vec<String>,
 }
 
@@ -391,14 +393,17 @@ impl Checkpoint {
         }
         let config = Qwen2VLConfig::from_file(&config_path)?;
         let raw_config = read_json(&config_path)?;
-        let weights = Weights::from_dir(dir, DType::F32, &Device::Cpu)?;
-        let mut names: Vec<String> = weights.names().map(hf_name).collect();
+        let files = SafetensorsDir::open(dir)?;
+        let stored: HashMap<String, String> =
+            files.names().map(|n| (hf_name(n), n.to_string())).collect();
+        let mut names: Vec<String> = stored.keys().cloned().collect();
         names.sort_by_key(|n| natural_key(n));
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             config,
             raw_config,
-            weights,
+            files,
+            stored,
             names,
         })
     }
@@ -414,18 +419,25 @@ impl Checkpoint {
     }
 
     fn shape(&self, name: &str) -> Result<Vec<usize>> {
-        self.weights
-            .shape_of(name)
+        self.stored
+            .get(name)
+            .and_then(|s| self.files.shape(s))
+            .map(<[usize]>::to_vec)
             .ok_or_else(|| Error::Weights(format!("missing tensor {name}")))
+    }
+
+    /// Checkpoint tensor `name` (Hugging Face naming) in f32.
+    fn read(&self, name: &str) -> Result<Vec<f32>> {
+        let stored = self
+            .stored
+            .get(name)
+            .ok_or_else(|| Error::Weights(format!("missing tensor {name}")))?;
+        self.files.read_f32(stored)
     }
 
     /// The f32 values of `source`, for a tensor of `ne`.
     fn values(&self, source: &TensorSource, ne: &[u64]) -> Result<Vec<f32>> {
-        let read = |name: &str| -> Result<Vec<f32>> {
-            let shape = self.shape(name)?;
-            let t = self.weights.get(name, shape)?;
-            Ok(t.flatten_all()?.to_vec1::<f32>()?)
-        };
+        let read = |name: &str| self.read(name);
         match source {
             TensorSource::Whole(name) => read(name),
             TensorSource::RowPart { name, part, parts } => {
@@ -462,30 +474,11 @@ impl Checkpoint {
         }
     }
 
-    /// Calls `f` with the f32 values of checkpoint tensor `name`, read straight out of the
-    /// one f32 copy [`Weights::get`] makes (no second copy of a tensor that may be the
-    /// largest of the model: the 2B's embedding table is 0.9 GB in f32).
-    fn with_values<R>(&self, name: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-        use candle_core::{CpuStorage, Storage};
-        let t = self.weights.get(name, self.shape(name)?)?.contiguous()?;
-        let (storage, layout) = t.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(CpuStorage::F32(v)) => {
-                let start = layout.start_offset();
-                f(&v[start..start + t.elem_count()])
-            }
-            _ => {
-                drop(storage);
-                f(&t.flatten_all()?.to_vec1::<f32>()?)
-            }
-        }
-    }
-
     /// The bytes of planned tensor `t`, in its type.
     fn encode(&self, t: &PlannedTensor) -> Result<Vec<u8>> {
         match &t.source {
             TensorSource::Bytes(b) => Ok(b.clone()),
-            TensorSource::Whole(name) => self.with_values(name, |v| encode_values(t, v)),
+            TensorSource::Whole(name) => encode_values(t, &self.read(name)?),
             other => encode_values(t, &self.values(other, &t.ne)?),
         }
     }
