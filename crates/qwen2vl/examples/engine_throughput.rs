@@ -2,8 +2,11 @@
 //! requests, and the cost of one batched decode step against B single steps.
 //!
 //! ```text
-//! cargo run --release -p qwen2vl --example engine_throughput -- [MODEL_DIR] [TOKENS] [THREADS]
+//! cargo run --release -p qwen2vl --example engine_throughput -- [MODEL] [TOKENS] [THREADS] [QUANT]
 //! ```
+//!
+//! MODEL is a model directory or a GGUF file (or a directory of them); QUANT (`q8_0`,
+//! `q4_k_m`, ...) quantizes a safetensors model as it loads, like `--quant`.
 //!
 //! MODEL_DIR defaults to the tiny fixture model (`tests/fixtures/tiny-qwen2vl`); each request
 //! generates TOKENS tokens (default 64, EOS ignored). Two tables:
@@ -31,7 +34,7 @@ use std::time::Instant;
 
 use qwen2vl::engine::{Engine, EngineConfig, EngineEvent};
 use qwen2vl::generation::GenerateRequest;
-use qwen2vl::pipeline::{DTypeChoice, Pipeline};
+use qwen2vl::pipeline::{DTypeChoice, LoadOptions, Pipeline};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -46,11 +49,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(t) = args.get(2) {
         std::env::set_var("RAYON_NUM_THREADS", t);
     }
-    let pipeline = Arc::new(Pipeline::load(&model, DTypeChoice::F32)?);
+    let quant = args.get(3).map(|q| q.parse()).transpose()?;
+    let options = LoadOptions {
+        dtype: DTypeChoice::F32,
+        quant,
+        vision_quant: None,
+        progress: None,
+        mmproj: None,
+    };
+    let pipeline = Arc::new(Pipeline::load_with(&model, &options)?);
     println!(
-        "model {}  threads {}  tokens/request {tokens}",
+        "model {}  threads {}  tokens/request {tokens}  quant {:?}",
         model.display(),
-        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into())
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into()),
+        quant
     );
 
     // 1. One batched decode step vs B single steps.

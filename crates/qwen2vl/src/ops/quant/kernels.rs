@@ -122,19 +122,33 @@ pub fn dot(backend: Backend, t: QType, w: &[u8], a: ActRow<'_>) -> f32 {
     }
 }
 
+/// A kernel over one weight row and up to four activation rows.
+#[cfg(target_arch = "x86_64")]
+type RowsKernel = unsafe fn(&[u8], &[ActRow<'_>], &mut [f32]);
+
 /// `out[r] = dot(w, acts[r])` for every activation row: one weight row against a batch
 /// (decode of several sequences, prefill). Each result has the bits [`dot`] gives alone;
-/// the VNNI Q8_0 path reads the weight row once per four activation rows.
+/// with AVX-512 the K formats, and with VNNI Q8_0, unpack each weight block once for up to
+/// four activation rows and reduce the four rows' sums together.
 #[inline]
 pub fn dot_rows(backend: Backend, t: QType, w: &[u8], acts: &[ActRow<'_>], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if backend == Backend::Vnni && t == QType::Q8_0 {
-        for (a, o) in acts.chunks(4).zip(out.chunks_mut(4)) {
-            // SAFETY: `Backend::Vnni` is only produced when the CPU has AVX-512 F/BW/VL/VNNI,
-            // AVX2 and F16C; lengths are checked inside.
-            unsafe { vnni::dot_q8_0_rows(w, a, o) };
+    if matches!(backend, Backend::Avx512 | Backend::Vnni) && acts.len() > 1 {
+        let rows: Option<RowsKernel> = match (backend, t) {
+            (Backend::Vnni, QType::Q8_0) => Some(vnni::dot_q8_0_rows),
+            (_, QType::Q4K) => Some(avx512::dot_q4k_rows),
+            (_, QType::Q6K) => Some(avx512::dot_q6k_rows),
+            _ => None,
+        };
+        if let Some(kernel) = rows {
+            for (a, o) in acts.chunks(4).zip(out.chunks_mut(4)) {
+                // SAFETY: `Backend::Avx512` is only produced when the CPU has AVX-512 F/BW,
+                // AVX2 and F16C, `Vnni` when it also has VL and VNNI; lengths are checked
+                // inside.
+                unsafe { kernel(w, a, o) };
+            }
+            return;
         }
-        return;
     }
     for (o, &a) in out.iter_mut().zip(acts) {
         *o = dot(backend, t, w, a);
@@ -608,6 +622,166 @@ mod avx512 {
             acc += a.d[b] * (f16_load(p.add(208)) * isum as f32);
         }
         acc
+    }
+
+    /// The four vectors' lane sums `[Σv0, Σv1, Σv2, Σv3]` (exact: integer adds).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    unsafe fn reduce4_256(y: &[__m256i; 4]) -> [i32; 4] {
+        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(y[0], y[1]), _mm256_hadd_epi32(y[2], y[3]));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+        let mut out = [0i32; 4];
+        _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, s);
+        out
+    }
+
+    /// [`reduce4_256`] of 512-bit vectors.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    unsafe fn reduce4_512(v: &[__m512i; 4]) -> [i32; 4] {
+        let y = |x: __m512i| {
+            _mm256_add_epi32(_mm512_castsi512_si256(x), _mm512_extracti64x4_epi64::<1>(x))
+        };
+        reduce4_256(&[y(v[0]), y(v[1]), y(v[2]), y(v[3])])
+    }
+
+    /// Q4_K row `w` against up to four activation rows (`out[r] = dot_q4k(w, acts[r])`, the
+    /// same bits): each block's nibbles and scale vectors are unpacked once, the rows' sums
+    /// reduced together, then each row's f32 step as in [`dot_q4k`].
+    ///
+    /// # Safety
+    /// AVX-512 F/BW, AVX2, F16C; `w` whole Q4_K blocks matching every row.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+    pub(super) unsafe fn dot_q4k_rows(w: &[u8], acts: &[ActRow<'_>], out: &mut [f32]) {
+        let nb = w.len() / 144;
+        let rows = acts.len().min(out.len()).min(4);
+        assert!(acts[..rows]
+            .iter()
+            .all(|a| a.q.len() >= 256 * nb && a.d.len() >= nb && a.sums.len() >= 16 * nb));
+        let low = _mm512_set1_epi8(0x0f);
+        let mask = |v: usize| _mm512_loadu_si512(Q4_PAIRS_512[v].as_ptr() as *const __m512i);
+        let min_pairs = _mm256_loadu_si256(MIN_PAIRS.as_ptr() as *const __m256i);
+        let mut acc = [0f32; 4];
+        for b in 0..nb {
+            let p = w.as_ptr().add(144 * b);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 128) as *const i8);
+            let (sc, m) = q4k_scales_mins(std::slice::from_raw_parts(p.add(4), 12));
+            let sc_b = _mm512_set1_epi64(sc as i64);
+            // [lo nibbles, hi nibbles] of each 64-byte half, and their scale vectors.
+            let mut nib = [_mm512_setzero_si512(); 4];
+            let mut scl = [_mm512_setzero_si512(); 4];
+            for half in 0..2 {
+                let wv = _mm512_loadu_si512(p.add(16 + 64 * half) as *const __m512i);
+                nib[2 * half] = _mm512_and_si512(wv, low);
+                nib[2 * half + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), low);
+                scl[2 * half] = _mm512_shuffle_epi8(sc_b, mask(2 * half));
+                scl[2 * half + 1] = _mm512_shuffle_epi8(sc_b, mask(2 * half + 1));
+            }
+            let mins = _mm256_shuffle_epi8(_mm256_set1_epi64x(m as i64), min_pairs);
+            let mut isums = [_mm512_setzero_si512(); 4];
+            let mut msums = [_mm256_setzero_si256(); 4];
+            for (r, a) in acts[..rows].iter().enumerate() {
+                let aq = a.q.as_ptr().add(256 * b);
+                let mut isum = _mm512_setzero_si512();
+                for half in 0..2 {
+                    let e = 128 * half;
+                    let a_lo = load_halves(aq.add(e), aq.add(e + 64));
+                    let a_hi = load_halves(aq.add(e + 32), aq.add(e + 96));
+                    let p_lo =
+                        _mm512_madd_epi16(_mm512_maddubs_epi16(nib[2 * half], a_lo), scl[2 * half]);
+                    let p_hi = _mm512_madd_epi16(
+                        _mm512_maddubs_epi16(nib[2 * half + 1], a_hi),
+                        scl[2 * half + 1],
+                    );
+                    isum = _mm512_add_epi32(isum, _mm512_add_epi32(p_lo, p_hi));
+                }
+                isums[r] = isum;
+                let sums = _mm256_loadu_si256(a.sums.as_ptr().add(16 * b) as *const __m256i);
+                msums[r] = _mm256_madd_epi16(sums, mins);
+            }
+            let (is, ms) = (reduce4_512(&isums), reduce4_256(&msums));
+            let (d, dmin) = (f16_load(p), f16_load(p.add(2)));
+            for (r, a) in acts[..rows].iter().enumerate() {
+                acc[r] += q4k_block(d, dmin, a.d[b], is[r], ms[r]);
+            }
+        }
+        out[..rows].copy_from_slice(&acc[..rows]);
+    }
+
+    /// Q6_K row `w` against up to four activation rows (`out[r] = dot_q6k(w, acts[r])`, the
+    /// same bits), each block's 6-bit values and scale vectors unpacked once.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW, AVX2, F16C; `w` whole Q6_K blocks matching every row.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+    pub(super) unsafe fn dot_q6k_rows(w: &[u8], acts: &[ActRow<'_>], out: &mut [f32]) {
+        let nb = w.len() / 210;
+        let rows = acts.len().min(out.len()).min(4);
+        assert!(acts[..rows]
+            .iter()
+            .all(|a| a.q.len() >= 256 * nb && a.d.len() >= nb && a.sums.len() >= 16 * nb));
+        let low = _mm512_set1_epi8(0x0f);
+        let three = _mm512_set1_epi8(3);
+        let mut acc = [0f32; 4];
+        for b in 0..nb {
+            let p = w.as_ptr().add(210 * b);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 128) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 192) as *const i8);
+            let scales = _mm_loadu_si128(p.add(192) as *const __m128i);
+            let scales2 = _mm256_broadcastsi128_si256(scales);
+            let scales16 = _mm256_cvtepi8_epi16(scales);
+            // Values 64q..64q+64 (q = 0..4) and their scale vectors, as in `dot_q6k`.
+            let mut vals = [_mm512_setzero_si512(); 4];
+            let mut scl = [_mm512_setzero_si512(); 4];
+            for n in 0..2 {
+                let ql = _mm512_loadu_si512(p.add(64 * n) as *const __m512i);
+                let qh = _mm256_loadu_si256(p.add(128 + 32 * n) as *const __m256i);
+                let qh_lo =
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<2>(qh));
+                let qh_hi = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_srli_epi16::<4>(qh)),
+                    _mm256_srli_epi16::<6>(qh),
+                );
+                let top = |h: __m512i| _mm512_slli_epi16::<4>(_mm512_and_si512(h, three));
+                vals[2 * n] = _mm512_or_si512(_mm512_and_si512(ql, low), top(qh_lo));
+                vals[2 * n + 1] = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), low),
+                    top(qh_hi),
+                );
+            }
+            for (q, s) in scl.iter_mut().enumerate() {
+                *s = _mm512_cvtepi8_epi16(_mm256_shuffle_epi8(
+                    scales2,
+                    _mm256_loadu_si256(Q6_QUADS[q].as_ptr() as *const __m256i),
+                ));
+            }
+            let mut isums = [_mm512_setzero_si512(); 4];
+            let mut offsets = [_mm256_setzero_si256(); 4];
+            for (r, a) in acts[..rows].iter().enumerate() {
+                let aq = a.q.as_ptr().add(256 * b);
+                let mut isum = _mm512_setzero_si512();
+                for q in 0..4 {
+                    let av = _mm512_loadu_si512(aq.add(64 * q) as *const __m512i);
+                    let d = _mm512_madd_epi16(_mm512_maddubs_epi16(vals[q], av), scl[q]);
+                    isum = _mm512_add_epi32(isum, d);
+                }
+                isums[r] = isum;
+                let sums = _mm256_loadu_si256(a.sums.as_ptr().add(16 * b) as *const __m256i);
+                offsets[r] = _mm256_madd_epi16(scales16, sums);
+            }
+            let (is, os) = (reduce4_512(&isums), reduce4_256(&offsets));
+            let d = f16_load(p.add(208));
+            for (r, a) in acts[..rows].iter().enumerate() {
+                // The stored values are q + 32: take 32 × Σ_g sc_g · Σa_g back off.
+                let isum = is[r] - 32 * os[r];
+                acc[r] += a.d[b] * (d * isum as f32);
+            }
+        }
+        out[..rows].copy_from_slice(&acc[..rows]);
     }
 }
 
