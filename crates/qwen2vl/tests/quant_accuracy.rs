@@ -239,7 +239,7 @@ fn load(dir: &Path, quant: Option<QuantScheme>) -> Qwen2VL {
 fn each_format_stays_within_its_bounds() {
     let dir = write_model();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let seqs: Vec<Vec<u32>> = (0..8)
+    let seqs: Vec<Vec<u32>> = (0..48)
         .map(|_| (0..64).map(|_| rng.random_range(0..2000u32)).collect())
         .collect();
     let f32_model = load(&dir, None);
@@ -257,11 +257,13 @@ fn each_format_stays_within_its_bounds() {
         100.0 * copies as f64 / reference.len() as f64
     );
     // (format, top-1 agreement at least, mean KL at most)
-    // Measured on this model (512 positions): q8_0 98.8% / KL 0.00049, q6_k 98.0% / 0.0037,
-    // q4_k_m 93.8% / 0.036, q4_k 92.8% / 0.055; the bounds leave room for one or two more
-    // flips of near-tied tokens.
+    // Measured on this model (48 sequences, 3072 positions) with the quantizers that follow
+    // ggml's (per-32 weighting of the Q4_K search, roundf ties for Q8_0): q8_0 99.2% / KL
+    // 0.00049, q6_k 98.1% / 0.0039, q4_k_m 94.5% / 0.036, q4_k 93.6% / 0.054. q8_0 is held
+    // to the 99% (about five flips of near-tied tokens to spare); the others leave
+    // room for a few more flips.
     let bounds = [
-        (QuantScheme::Q8_0, 0.98, 0.001),
+        (QuantScheme::Q8_0, 0.99, 0.001),
         (QuantScheme::Q6K, 0.965, 0.006),
         (QuantScheme::Q4KM, 0.91, 0.05),
         (QuantScheme::Q4K, 0.90, 0.075),

@@ -17,12 +17,17 @@
 //!   with bits 4-5; `+96` the high nibble of `ql[64n + 32 + l]` with bits 6-7. Scale
 //!   `e / 16`.
 //!
-//! The quantizers are written here (not ggml's code), rounding to nearest (ties to even, see
-//! [`nearest`]): Q8_0 rounds to the nearest of 255 levels
-//! of the block's largest magnitude; the K formats pick each sub-block's scale (and Q4_K's
-//! min) by a small search minimising the squared error weighted by `x²`, then quantize the
-//! sub-block scales to the super-block's 6 or 8 bits and requantize every value with the
-//! scale it will actually be decoded with.
+//! The quantizers are written here (not ggml's code) and follow ggml's reference algorithms
+//! (`quantize_row_*_ref` in `ggml-quants.c`), so a file we write holds the blocks
+//! llama-quantize would write, up to float rounding in the searches: Q8_0 rounds `x / d` to
+//! the nearest of 255 levels with ties away from zero (`roundf`); Q6_K picks each 16-value
+//! group's scale by ggml's `make_qx_quants` search (error weighted by `x²`); Q4_K each
+//! 32-value sub-block's scale and min by `make_qkx2_quants` (error weighted by the
+//! sub-block's RMS + |x|, 21 step counts, the first candidate kept unless beaten). Both then
+//! quantize the sub-block scales to the super-block's 8 or 6 bits and requantize every value
+//! with the scale it will actually be decoded with (`x / d`, ties to even as ggml's
+//! `nearest_int`). Compared with llama.cpp's files of the same 2B weights, the Q8_0 blocks
+//! are identical and the K formats' accuracy matches (docs/benchmarks.md, 2026-12-07).
 
 use half::f16;
 
@@ -216,14 +221,21 @@ fn quantize_q8_0_block(x: &[f32], blk: &mut [u8]) {
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
     put_f16(blk, 0, d);
     for (q, &v) in blk[2..34].iter_mut().zip(x) {
-        *q = nearest(v * id).clamp(-127, 127) as i8 as u8;
+        // `roundf`: ties away from zero, as ggml's `quantize_row_q8_0_ref` (not `nearest`,
+        // whose ties go to even), so the blocks are llama-quantize's byte for byte.
+        *q = ((v * id).round() as i32).clamp(-127, 127) as i8 as u8;
     }
 }
 
+/// Below this a group is all zeros (ggml's `GROUP_MAX_EPS`).
+const GROUP_MAX_EPS: f32 = 1e-15;
+
 /// The scale `s` for `x ≈ s * q` with integer `q` in `[-nmax, nmax - 1]` minimising the
 /// squared error weighted by `x²`, searched around `-nmax / x_absmax` (so the largest value
-/// maps to `-nmax`, using the wider negative side) and refitted by least squares.
-fn best_symmetric_scale(x: &[f32], nmax: i32) -> f32 {
+/// maps to `-nmax`, using the wider negative side) and refitted by least squares; `levels`
+/// gets the chosen `q + nmax`. The search of ggml's `make_qx_quants` (rmse_type 1): the
+/// first candidate is kept unless another scores strictly better.
+fn best_symmetric_scale(x: &[f32], nmax: i32, levels: &mut [u8]) -> f32 {
     let (mut amax, mut max) = (0f32, 0f32);
     for &v in x {
         if v.abs() > amax {
@@ -231,32 +243,47 @@ fn best_symmetric_scale(x: &[f32], nmax: i32) -> f32 {
             max = v;
         }
     }
-    if amax < 1e-30 {
+    if amax < GROUP_MAX_EPS {
+        levels.fill(0);
         return 0.0;
     }
-    let (mut best_scale, mut best_score) = (0f32, -1f32);
     let mut w = [0f32; 16];
     for (wi, &v) in w.iter_mut().zip(x) {
         *wi = v * v;
     }
     let (lo, hi) = (-nmax as f32, (nmax - 1) as f32);
-    for step in -9..=9 {
+    let put = |iscale: f32, levels: &mut [u8]| {
+        for (l, &v) in levels.iter_mut().zip(x) {
+            *l = (nearest_f(iscale * v).max(lo).min(hi) as i32 + nmax) as u8;
+        }
+    };
+    let iscale = -(nmax as f32) / max;
+    let (_, sll, sxl) = level_sums(x, &w[..x.len()], iscale, 0.0, lo, hi);
+    put(iscale, levels);
+    let mut scale = if sll > 0.0 { sxl / sll } else { 0.0 };
+    let mut best = scale * sxl;
+    for step in (-9..=9).filter(|&s| s != 0) {
         let iscale = -(nmax as f32 + 0.1 * step as f32) / max;
         let (_, sll, sxl) = level_sums(x, &w[..x.len()], iscale, 0.0, lo, hi);
-        // Least-squares scale for these levels; the error is `Σwx² - sxl²/sll`.
-        if sll > 0.0 && sxl * sxl / sll > best_score {
-            best_score = sxl * sxl / sll;
-            best_scale = sxl / sll;
+        if sll > 0.0 && sxl * sxl > best * sll {
+            put(iscale, levels);
+            scale = sxl / sll;
+            best = scale * sxl;
         }
     }
-    best_scale
+    scale
 }
 
 fn quantize_q6k_block(x: &[f32], blk: &mut [u8]) {
     blk.fill(0);
     let mut scales = [0f32; 16];
+    let mut levels = [0u8; 256];
     for (g, s) in scales.iter_mut().enumerate() {
-        *s = best_symmetric_scale(&x[16 * g..16 * g + 16], 32);
+        *s = best_symmetric_scale(
+            &x[16 * g..16 * g + 16],
+            32,
+            &mut levels[16 * g..16 * g + 16],
+        );
     }
     let (mut amax, mut max) = (0f32, 0f32);
     for &s in &scales {
@@ -265,25 +292,25 @@ fn quantize_q6k_block(x: &[f32], blk: &mut [u8]) {
             max = s;
         }
     }
-    if amax < 1e-30 {
-        // All zero: scales 0, values 32 (= 0), d 0.
-        for e in 0..256 {
-            put_q6k_value(blk, e, 32);
-        }
+    if amax < GROUP_MAX_EPS {
+        // All zero: every byte 0 (d 0), as ggml writes it.
         return;
     }
     let iscale = -128.0 / max;
-    let d = 1.0 / iscale;
-    put_f16(blk, 208, d);
+    put_f16(blk, 208, 1.0 / iscale);
     let d = f16_at(blk, 208);
     for (g, &s) in scales.iter().enumerate() {
         let sc = nearest(iscale * s).clamp(-128, 127);
         blk[192 + g] = sc as i8 as u8;
         let dg = d * sc as f32;
-        let inv = if dg != 0.0 { 1.0 / dg } else { 0.0 };
-        for (e, &v) in x.iter().enumerate().skip(16 * g).take(16) {
-            let q = nearest(v * inv).clamp(-32, 31);
-            put_q6k_value(blk, e, (q + 32) as u8);
+        for e in 16 * g..16 * g + 16 {
+            // A group whose scale rounds to 0 keeps the search's levels (as ggml does).
+            let q6 = if dg != 0.0 {
+                (nearest(x[e] / dg).clamp(-32, 31) + 32) as u8
+            } else {
+                levels[e]
+            };
+            put_q6k_value(blk, e, q6);
         }
     }
 }
@@ -298,60 +325,79 @@ fn put_q6k_value(blk: &mut [u8], e: usize, q6: u8) {
 }
 
 /// `(scale, min)` with `x ≈ scale * q - min`, `q` in `0..=nmax`, `scale >= 0`, `min >= 0`,
-/// minimising the error weighted by `w`: a search over the step count between the extremes,
-/// each candidate's levels refitted by weighted least squares (the min clamped at 0) and
-/// scored by the weighted error of that fit, computed from the same sums.
-fn best_affine_scale(x: &[f32], w: &[f32], nmax: i32) -> (f32, f32) {
-    let lo = x.iter().fold(f32::INFINITY, |a, &v| a.min(v)).min(0.0);
-    let hi = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-    if hi <= lo {
-        return (0.0, -lo);
+/// minimising the error weighted by `w`, with the chosen `q` in `levels`: ggml's
+/// `make_qkx2_quants(rmin -1, rdelta 0.1, nstep 20)`. The first candidate maps the extremes
+/// to 0 and `nmax`; each of 21 step counts around it is refitted by weighted least squares
+/// (the min clamped at 0) and kept when its weighted error is strictly smaller.
+fn best_affine_scale(x: &[f32], w: &[f32], nmax: i32, levels: &mut [u8]) -> (f32, f32) {
+    let mut min = x.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+    let max = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    min = min.min(0.0);
+    if max == min {
+        levels.fill(0);
+        return (0.0, -min);
     }
-    let (mut best, mut best_err) = (((hi - lo) / nmax as f32, -lo), f32::INFINITY);
-    let (mut sw, mut swx, mut swxx) = (0f32, 0f32, 0f32);
+    let (mut sw, mut swx) = (0f32, 0f32);
     for (&v, &wi) in x.iter().zip(w) {
         sw += wi;
         swx += wi * v;
-        swxx += wi * v * v;
     }
+    let top = nmax as f32;
+    let quantize = |iscale: f32, min: f32, out: &mut [u8]| {
+        for (l, &v) in out.iter_mut().zip(x) {
+            *l = nearest_f(iscale * (v - min)).max(0.0).min(top) as u8;
+        }
+    };
+    let error = |scale: f32, min: f32, ls: &[u8]| -> f32 {
+        let mut acc = [0f32; 8];
+        for (i, ((&v, &wi), &l)) in x.iter().zip(w).zip(ls).enumerate() {
+            let diff = scale * f32::from(l) + min - v;
+            acc[i % 8] += wi * diff * diff;
+        }
+        ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+    };
+    let iscale = top / (max - min);
+    let mut scale = 1.0 / iscale;
+    quantize(iscale, min, levels);
+    let mut best_err = error(scale, min, levels);
+    let mut cand = [0u8; 32];
+    let cand = &mut cand[..x.len()];
     for step in 0..=20 {
-        let iscale = (nmax as f32 - 1.0 + 0.1 * step as f32) / (hi - lo);
-        let (sl, sll, sxl) = level_sums(x, w, iscale, lo, 0.0, nmax as f32);
+        let iscale = (-1.0 + 0.1 * step as f32 + top) / (max - min);
+        let (sl, sll, sxl) = level_sums(x, w, iscale, min, 0.0, top);
         let det = sw * sll - sl * sl;
         if det <= 0.0 {
             continue;
         }
-        let mut scale = (sw * sxl - swx * sl) / det;
-        let mut offset = (sll * swx - sl * sxl) / det;
-        if offset > 0.0 {
-            offset = 0.0;
-            scale = if sll > 0.0 { sxl / sll } else { 0.0 };
+        let mut this_scale = (sw * sxl - swx * sl) / det;
+        let mut this_min = (sll * swx - sl * sxl) / det;
+        if this_min > 0.0 {
+            this_min = 0.0;
+            this_scale = sxl / sll;
         }
-        if scale <= 0.0 {
-            continue;
-        }
-        // Σ w (scale·l + offset − x)², expanded.
-        let err = scale * scale * sll + 2.0 * scale * offset * sl + offset * offset * sw
-            - 2.0 * scale * sxl
-            - 2.0 * offset * swx
-            + swxx;
+        quantize(iscale, min, cand);
+        let err = error(this_scale, this_min, cand);
         if err < best_err {
+            levels.copy_from_slice(cand);
             best_err = err;
-            best = (scale, -offset);
+            scale = this_scale;
+            min = this_min;
         }
     }
-    best
+    (scale, -min)
 }
 
 fn quantize_q4k_block(x: &[f32], blk: &mut [u8]) {
     blk.fill(0);
     let mut scales = [0f32; 8];
     let mut mins = [0f32; 8];
-    let rms = (x.iter().map(|v| v * v).sum::<f32>() / 256.0).sqrt();
+    let mut levels = [0u8; 256];
     for j in 0..8 {
         let xs = &x[32 * j..32 * j + 32];
-        let w: [f32; 32] = std::array::from_fn(|i| rms + xs[i].abs());
-        (scales[j], mins[j]) = best_affine_scale(xs, &w, 15);
+        // ggml's weights: the sub-block's RMS plus |x|.
+        let av_x = (xs.iter().map(|v| v * v).sum::<f32>() / 32.0).sqrt();
+        let w: [f32; 32] = std::array::from_fn(|i| av_x + xs[i].abs());
+        (scales[j], mins[j]) = best_affine_scale(xs, &w, 15, &mut levels[32 * j..32 * j + 32]);
     }
     let max_scale = scales.iter().fold(0f32, |a, &v| a.max(v));
     let max_min = mins.iter().fold(0f32, |a, &v| a.max(v));
@@ -375,10 +421,11 @@ fn quantize_q4k_block(x: &[f32], blk: &mut [u8]) {
         let j = e / 32;
         let dj = d * f32::from(ls[j]);
         let mj = dmin * f32::from(lm[j]);
-        let q = if dj > 0.0 {
-            nearest((v + mj) * (1.0 / dj)).clamp(0, 15) as u8
+        // A sub-block whose scale rounds to 0 keeps the search's levels (as ggml does).
+        let q = if dj != 0.0 {
+            nearest((v + mj) / dj).clamp(0, 15) as u8
         } else {
-            0
+            levels[e]
         };
         let (c, r) = (e / 64, e % 64);
         blk[16 + 32 * c + r % 32] |= if r < 32 { q } else { q << 4 };
