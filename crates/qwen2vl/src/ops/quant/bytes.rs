@@ -36,8 +36,9 @@ impl WeightBytes {
         Layout::from_size_align(len.max(1), align).expect("a weight buffer's size fits isize")
     }
 
-    /// `len` zero bytes.
-    pub fn zeroed(len: usize) -> WeightBytes {
+    /// `len` bytes, allocated and advised but not yet touched; `fill` must write every byte
+    /// (it is the first touch, so the pages come in huge where the kernel grants them).
+    fn filled(len: usize, fill: impl FnOnce(*mut u8)) -> WeightBytes {
         let layout = Self::layout(len);
         // SAFETY: the layout's size is non-zero.
         let raw = unsafe { alloc(layout) };
@@ -47,17 +48,38 @@ impl WeightBytes {
         if len >= HUGE {
             advise_huge(raw, len);
         }
-        // SAFETY: `raw` points to `layout.size() >= len` writable bytes; this is their first
-        // touch, after the advice.
-        unsafe { std::ptr::write_bytes(raw, 0, layout.size()) };
+        fill(raw);
         WeightBytes { ptr, len }
     }
 
-    /// A copy of `src`.
+    /// `len` zero bytes.
+    pub fn zeroed(len: usize) -> WeightBytes {
+        // SAFETY: `p` points to `layout(len).size() >= len` writable bytes.
+        Self::filled(len, |p| unsafe { std::ptr::write_bytes(p, 0, len.max(1)) })
+    }
+
+    /// A copy of `src` (one pass: no zeroing first).
     pub fn copy_of(src: &[u8]) -> WeightBytes {
-        let mut out = WeightBytes::zeroed(src.len());
-        out.copy_from_slice(src);
-        out
+        Self::concat(&[src])
+    }
+
+    /// The pieces one after another (one pass over each).
+    pub fn concat(parts: &[&[u8]]) -> WeightBytes {
+        let len = parts.iter().map(|p| p.len()).sum();
+        Self::filled(len, |dst| {
+            let mut at = 0;
+            for part in parts {
+                // SAFETY: `dst` has room for `len` = Σ part lengths bytes; the source is a
+                // separate allocation.
+                unsafe { std::ptr::copy_nonoverlapping(part.as_ptr(), dst.add(at), part.len()) };
+                at += part.len();
+            }
+            if len == 0 {
+                // The one byte of an empty buffer's allocation, initialised all the same.
+                // SAFETY: the layout has size 1.
+                unsafe { dst.write(0) };
+            }
+        })
     }
 }
 
@@ -121,6 +143,8 @@ mod tests {
             let c = b.clone();
             assert_eq!(&c[..], &b[..]);
             assert_eq!(&WeightBytes::copy_of(&b)[..], &b[..]);
+            let (x, y) = b.split_at(len / 3);
+            assert_eq!(&WeightBytes::concat(&[x, &[], y])[..], &b[..]);
         }
     }
 }

@@ -70,20 +70,14 @@ impl QMatrix {
     /// A matrix from its blocks as stored (a GGUF tensor's bytes): `n` rows of
     /// `t.row_bytes(k)` bytes, copied into [`WeightBytes`].
     pub fn from_bytes(t: QType, n: usize, k: usize, data: &[u8]) -> Result<QMatrix> {
-        check_shape(t, n, k)?;
-        if data.len() != n * t.row_bytes(k) {
-            return Err(Error::Weights(format!(
-                "a {t} ({n}, {k}) matrix needs {} bytes, got {}",
-                n * t.row_bytes(k),
-                data.len()
-            )));
-        }
-        Ok(QMatrix {
-            t,
-            n,
-            k,
-            data: WeightBytes::copy_of(data),
-        })
+        check_bytes(t, n, k, data.len())?;
+        Self::from_weight_bytes(t, n, k, WeightBytes::copy_of(data))
+    }
+
+    /// [`QMatrix::from_bytes`] taking the buffer as it is (no copy).
+    pub fn from_weight_bytes(t: QType, n: usize, k: usize, data: WeightBytes) -> Result<QMatrix> {
+        check_bytes(t, n, k, data.len())?;
+        Ok(QMatrix { t, n, k, data })
     }
 
     /// The format.
@@ -265,6 +259,18 @@ fn quantize_for(products: &[Product<'_>], q8: bool, x: &[f32], m: usize) -> Opti
         .iter()
         .find(|(w, _)| (w.t == QType::Q8_0) == q8)
         .map(|(w, _)| QActs::quantize(w.t, x, m, w.k))
+}
+
+/// A `(n, k)` matrix of type `t` in `len` bytes.
+fn check_bytes(t: QType, n: usize, k: usize, len: usize) -> Result<()> {
+    check_shape(t, n, k)?;
+    if len != n * t.row_bytes(k) {
+        return Err(Error::Weights(format!(
+            "a {t} ({n}, {k}) matrix needs {} bytes, got {len}",
+            n * t.row_bytes(k)
+        )));
+    }
+    Ok(())
 }
 
 fn check_shape(t: QType, n: usize, k: usize) -> Result<()> {
