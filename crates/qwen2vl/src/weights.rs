@@ -272,26 +272,27 @@ impl Weights {
                 total / rb.max(1)
             )));
         }
-        // One copy, straight into the matrix's (huge-page) buffer.
+        // One copy, straight into the matrix's (huge-page) buffer, in its layout.
         let rows: Vec<&[u8]> = parts.iter().map(|p| p.2).collect();
-        let data = crate::ops::quant::WeightBytes::concat(&rows);
+        let fail = |e: String| Error::Weights(format!("{name}: {e}"));
+        let matrix = if requantize {
+            use rayon::prelude::*;
+            let each: Vec<&[u8]> = rows.iter().flat_map(|p| p.chunks_exact(rb)).collect();
+            let mut values = vec![0f32; n * k];
+            values
+                .par_chunks_mut(k)
+                .zip(each.par_iter())
+                .try_for_each(|(o, b)| dequantize_widened(stored, b, o))
+                .map_err(fail)?;
+            QMatrix::quantize(t, &values, n, k)?
+        } else {
+            QMatrix::from_row_parts(t, n, k, &rows)?
+        };
         for (info, bytes, _) in parts {
             self.record(info.name(), bytes.len() as u64);
             file.release(bytes);
         }
-        let fail = |e: String| Error::Weights(format!("{name}: {e}"));
-        if requantize {
-            use rayon::prelude::*;
-            let mut values = vec![0f32; n * k];
-            values
-                .par_chunks_mut(k)
-                .zip(data.par_chunks(rb))
-                .try_for_each(|(o, b)| dequantize_widened(stored, b, o))
-                .map_err(fail)?;
-            drop(data);
-            return QMatrix::quantize(t, &values, n, k).map(Some);
-        }
-        QMatrix::from_weight_bytes(t, n, k, data).map(Some)
+        Ok(Some(matrix))
     }
 
     /// Notes that stored tensor `stored` (`bytes` long) was read, and reports progress.

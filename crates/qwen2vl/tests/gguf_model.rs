@@ -889,7 +889,7 @@ fn q4_k_m_blocks_run_as_stored() {
                     QType::Q6K => GgmlType::Q6_K,
                 };
                 seen.insert(ty.name());
-                (g, ty, ne, m.bytes().to_vec())
+                (g, ty, ne, m.ggml_bytes().into_owned())
             }
             None => (g, GgmlType::F32, ne, f32_bytes(vals)),
         });

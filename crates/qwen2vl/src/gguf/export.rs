@@ -516,7 +516,7 @@ fn encode_values(t: &PlannedTensor, v: &[f32]) -> Result<Vec<u8>> {
             let k = t.ne[0] as usize;
             let m = QMatrix::quantize(q, v, v.len() / k, k)
                 .map_err(|e| Error::Weights(format!("{}: {e}", t.hf_name)))?;
-            m.bytes().to_vec()
+            m.ggml_bytes().into_owned()
         }
     })
 }

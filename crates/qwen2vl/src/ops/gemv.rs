@@ -23,7 +23,6 @@
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 use crate::error::Result;
 
@@ -285,7 +284,7 @@ pub fn gemv_with<W: WeightElem>(
     let min_rows = MIN_TASK_ELEMS.div_ceil(k.max(1));
     let rows = n.div_ceil(threads * 4).max(min_rows);
     let tasks = n.div_ceil(rows);
-    (0..tasks).into_par_iter().for_each(|t| {
+    crate::ops::team::for_each(tasks, |t| {
         let j0 = t * rows;
         p.columns(j0, (j0 + rows).min(n));
     });

@@ -6,6 +6,7 @@ pub mod pool;
 pub mod quant;
 pub mod resize;
 pub mod resize_torch;
+pub mod team;
 
 /// Max |a - b| of two tensors (test helper shared by the kernel tests).
 #[cfg(test)]

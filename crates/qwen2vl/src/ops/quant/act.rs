@@ -26,8 +26,9 @@ pub struct QActs {
     /// One scale per block of the activation (32 values for Q8_0, 256 for the K formats):
     /// `rows × k / block`.
     pub d: Vec<f32>,
-    /// K formats: the sum of every 16 values (at most 16 × 127, so an i16), `rows × k / 16`;
-    /// empty for Q8_0.
+    /// The sum of every 16 values (at most 16 × 127, so an i16), `rows × k / 16`: the K
+    /// formats apply their mins and offsets through them, packed Q8_0 its `+128` offset
+    /// ([`super::q8x16`]).
     pub sums: Vec<i16>,
 }
 
@@ -38,8 +39,7 @@ impl QActs {
         let blocks = rows * k / block;
         let mut q = vec![0i8; rows * k];
         let mut d = vec![0f32; blocks];
-        let k_format = t != QType::Q8_0;
-        let mut sums = vec![0i16; if k_format { rows * k / 16 } else { 0 }];
+        let mut sums = vec![0i16; rows * k / 16];
         for (b, (xs, qs)) in x[..rows * k]
             .chunks_exact(block)
             .zip(q.chunks_exact_mut(block))
@@ -52,10 +52,8 @@ impl QActs {
             for (o, &v) in qs.iter_mut().zip(xs) {
                 *o = super::format::nearest(v * inv).clamp(-127, 127) as i8;
             }
-            if k_format {
-                for (g, s) in qs.chunks_exact(16).enumerate() {
-                    sums[b * 16 + g] = s.iter().map(|&v| i16::from(v)).sum();
-                }
+            for (g, s) in qs.chunks_exact(16).enumerate() {
+                sums[b * block / 16 + g] = s.iter().map(|&v| i16::from(v)).sum();
             }
         }
         QActs {
@@ -71,7 +69,7 @@ impl QActs {
     /// Row `r`'s view.
     pub fn row(&self, r: usize) -> ActRow<'_> {
         let per_block = self.k / self.t.block_len();
-        let groups = if self.sums.is_empty() { 0 } else { self.k / 16 };
+        let groups = self.k / 16;
         ActRow {
             q: &self.q[r * self.k..(r + 1) * self.k],
             d: &self.d[r * per_block..(r + 1) * per_block],
@@ -97,6 +95,6 @@ pub struct ActRow<'a> {
     pub q: &'a [i8],
     /// One scale per block.
     pub d: &'a [f32],
-    /// K formats: one sum per 16 values.
+    /// One sum per 16 values.
     pub sums: &'a [i16],
 }

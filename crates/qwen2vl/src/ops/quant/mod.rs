@@ -20,6 +20,7 @@ pub mod bytes;
 pub mod format;
 pub mod kernels;
 pub mod plan;
+pub mod q8x16;
 
 use rayon::prelude::*;
 
@@ -30,12 +31,18 @@ pub use format::QType;
 pub use kernels::Backend;
 
 /// A quantized `(n, k)` weight matrix: `n` rows of `k / block_len` blocks each.
+///
+/// Q8_0 matrices keep their rows in groups of 16 ([`q8x16`]: one instruction per 16 output
+/// rows) up to the last multiple of 16, the rest (and every other format) in ggml's layout,
+/// one row after another; [`QMatrix::ggml_bytes`] gives ggml's layout back.
 #[derive(Clone)]
 pub struct QMatrix {
     t: QType,
     n: usize,
     k: usize,
     data: WeightBytes,
+    /// Rows `0..packed` are in [`q8x16`] groups (a multiple of 16; 0 unless Q8_0).
+    packed: usize,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -64,20 +71,68 @@ impl QMatrix {
         data.par_chunks_mut(rb)
             .zip(w.par_chunks(k))
             .for_each(|(out, row)| format::quantize_row(t, row, out));
-        Ok(QMatrix { t, n, k, data })
+        Self::from_weight_bytes(t, n, k, data)
     }
 
     /// A matrix from its blocks as stored (a GGUF tensor's bytes): `n` rows of
     /// `t.row_bytes(k)` bytes, copied into [`WeightBytes`].
     pub fn from_bytes(t: QType, n: usize, k: usize, data: &[u8]) -> Result<QMatrix> {
-        check_bytes(t, n, k, data.len())?;
-        Self::from_weight_bytes(t, n, k, WeightBytes::copy_of(data))
+        Self::from_row_parts(t, n, k, &[data])
     }
 
-    /// [`QMatrix::from_bytes`] taking the buffer as it is (no copy).
+    /// [`QMatrix::from_bytes`] taking the buffer as it is (no copy, except that Q8_0 rows are
+    /// repacked into a new buffer).
     pub fn from_weight_bytes(t: QType, n: usize, k: usize, data: WeightBytes) -> Result<QMatrix> {
         check_bytes(t, n, k, data.len())?;
-        Ok(QMatrix { t, n, k, data })
+        if t == QType::Q8_0 && n >= q8x16::ROWS {
+            return Self::from_row_parts(t, n, k, &[&data]);
+        }
+        Ok(QMatrix {
+            t,
+            n,
+            k,
+            data,
+            packed: 0,
+        })
+    }
+
+    /// A matrix whose rows are the concatenation of `parts` (whole rows of ggml's layout, e.g.
+    /// the slices of a fused tensor in a memory-mapped file), written once into the matrix's
+    /// buffer in its own layout.
+    pub fn from_row_parts(t: QType, n: usize, k: usize, parts: &[&[u8]]) -> Result<QMatrix> {
+        check_bytes(t, n, k, parts.iter().map(|p| p.len()).sum())?;
+        if t != QType::Q8_0 || n < q8x16::ROWS {
+            return Ok(QMatrix {
+                t,
+                n,
+                k,
+                data: WeightBytes::concat(parts),
+                packed: 0,
+            });
+        }
+        let rb = t.row_bytes(k);
+        let rows: Vec<&[u8]> = parts.iter().flat_map(|p| p.chunks_exact(rb)).collect();
+        let packed = n / q8x16::ROWS * q8x16::ROWS;
+        let mut data = WeightBytes::zeroed(n * rb);
+        let (groups, rest) = data.split_at_mut(packed * rb);
+        groups
+            .par_chunks_mut(q8x16::ROWS * rb)
+            .enumerate()
+            .for_each(|(g, dst)| {
+                let group: [&[u8]; q8x16::ROWS] =
+                    std::array::from_fn(|i| rows[g * q8x16::ROWS + i]);
+                q8x16::pack_group(&group, dst);
+            });
+        for (dst, src) in rest.chunks_exact_mut(rb).zip(&rows[packed..]) {
+            dst.copy_from_slice(src);
+        }
+        Ok(QMatrix {
+            t,
+            n,
+            k,
+            data,
+            packed,
+        })
     }
 
     /// The format.
@@ -90,15 +145,47 @@ impl QMatrix {
         (self.n, self.k)
     }
 
-    /// The stored blocks.
+    /// The stored bytes, in the matrix's own layout (see [`QMatrix`]); `n × row_bytes(k)`
+    /// long, like ggml's.
     pub fn bytes(&self) -> &[u8] {
         &self.data
+    }
+
+    /// The blocks in ggml's layout, one row after another (what a GGUF file stores).
+    pub fn ggml_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        if self.packed == 0 {
+            return std::borrow::Cow::Borrowed(&self.data);
+        }
+        let rb = self.t.row_bytes(self.k);
+        let mut out = vec![0u8; self.data.len()];
+        for (j, row) in out.chunks_exact_mut(rb).enumerate() {
+            self.ggml_row(j, row);
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
+    /// Row `j` in ggml's layout, into `out` (`row_bytes(k)` bytes).
+    fn ggml_row(&self, j: usize, out: &mut [u8]) {
+        let rb = self.t.row_bytes(self.k);
+        if j < self.packed {
+            let g = j / q8x16::ROWS * q8x16::ROWS;
+            let group = &self.data[g * rb..(g + q8x16::ROWS) * rb];
+            q8x16::unpack_row(group, j - g, out);
+        } else {
+            out.copy_from_slice(&self.data[j * rb..(j + 1) * rb]);
+        }
     }
 
     /// Row `j` dequantized into `out` (`k` values): an embedding lookup.
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
         let rb = self.t.row_bytes(self.k);
-        format::dequantize_row(self.t, &self.data[j * rb..(j + 1) * rb], out);
+        if j < self.packed {
+            let mut row = vec![0u8; rb];
+            self.ggml_row(j, &mut row);
+            format::dequantize_row(self.t, &row, out);
+        } else {
+            format::dequantize_row(self.t, &self.data[j * rb..(j + 1) * rb], out);
+        }
     }
 
     /// The whole matrix as f32 `(n, k)`.
@@ -182,52 +269,111 @@ pub fn matmul_group_with(
         total += w.n;
     }
     starts.push(total);
-    // Output transposed, (rows, m): each task owns whole weight rows.
+    // Output transposed, (rows, m): each task owns whole weight rows of one product.
     let mut yt = vec![0f32; total * m];
-    let column = |g: usize, out: &mut [f32]| {
-        let p = starts.partition_point(|&s| s <= g) - 1;
-        let (w, bias) = products[p];
-        let j = g - starts[p];
-        let rb = w.t.row_bytes(k);
-        let row = &w.data[j * rb..(j + 1) * rb];
+    let bytes: usize = products.iter().map(|(w, _)| w.data.len()).sum();
+    let threads = rayon::current_num_threads();
+    let parallel = threads > 1 && bytes >= MIN_PARALLEL_BYTES;
+    let tasks = split(products, k, if parallel { threads } else { 0 });
+    let bounds: Vec<usize> = tasks
+        .iter()
+        .map(|t| (starts[t.p] + t.j0) * m)
+        .chain([total * m])
+        .collect();
+    let run = |i: usize, out: &mut [f32]| {
+        let t = &tasks[i];
+        let (w, bias) = products[t.p];
         let acts = if w.t == QType::Q8_0 {
             &rows_q8
         } else {
             &rows_k
         };
-        kernels::dot_rows(backend, w.t, row, acts, out);
+        w.rows_into(backend, t.j0..t.j1, acts, out);
         if let Some(bias) = bias {
-            out.iter_mut().for_each(|o| *o += bias[j]);
+            for (col, b) in out.chunks_exact_mut(m).zip(&bias[t.j0..t.j1]) {
+                col.iter_mut().for_each(|o| *o += b);
+            }
         }
     };
-    let bytes: usize = products.iter().map(|(w, _)| w.data.len()).sum();
-    let threads = rayon::current_num_threads();
-    if threads <= 1 || bytes < MIN_PARALLEL_BYTES {
-        for (g, out) in yt.chunks_exact_mut(m).enumerate() {
-            column(g, out);
-        }
+    if parallel {
+        crate::ops::team::for_each_split_mut(&mut yt, &bounds, run);
     } else {
-        let min_rb = products
-            .iter()
-            .map(|(w, _)| w.t.row_bytes(k))
-            .min()
-            .unwrap_or(1);
-        let rows = total
-            .div_ceil(threads * 4)
-            .max(MIN_TASK_BYTES.div_ceil(min_rb));
-        yt.par_chunks_mut(rows * m)
-            .enumerate()
-            .for_each(|(t, chunk)| {
-                for (i, out) in chunk.chunks_exact_mut(m).enumerate() {
-                    column(t * rows + i, out);
-                }
-            });
+        for (i, w) in bounds.windows(2).enumerate() {
+            run(i, &mut yt[w[0]..w[1]]);
+        }
     }
     Ok(products
         .iter()
         .zip(&starts)
         .map(|(&(w, _), &s)| untranspose(&yt[s * m..(s + w.n) * m], w.n, m))
         .collect())
+}
+
+/// Rows `j0..j1` of product `p`.
+struct Task {
+    p: usize,
+    j0: usize,
+    j1: usize,
+}
+
+/// The group's rows cut into tasks in order: each product into pieces of about
+/// `total / (4 · threads)` rows (at least [`MIN_TASK_BYTES`] of weights; packed Q8_0 pieces
+/// are whole groups of 16), or one task per product when `threads` is 0 (run serially).
+fn split(products: &[Product<'_>], k: usize, threads: usize) -> Vec<Task> {
+    let total: usize = products.iter().map(|(w, _)| w.n).sum();
+    let mut tasks = Vec::new();
+    for (p, &(w, _)) in products.iter().enumerate() {
+        let rows = if threads == 0 {
+            w.n.max(1)
+        } else {
+            let min_rows = MIN_TASK_BYTES.div_ceil(w.t.row_bytes(k).max(1));
+            let rows = total.div_ceil(threads * 4).max(min_rows);
+            rows.div_ceil(q8x16::ROWS) * q8x16::ROWS
+        };
+        let mut j0 = 0;
+        while j0 < w.n {
+            let j1 = (j0 + rows).min(w.n);
+            tasks.push(Task { p, j0, j1 });
+            j0 = j1;
+        }
+    }
+    tasks
+}
+
+impl QMatrix {
+    /// `out[(j - rows.start) · m + r] = dot(row j, acts[r])` for `j` in `rows` (transposed
+    /// output), on this thread; `rows.start` is best a multiple of 16 where rows are packed.
+    /// The kernel itself, for benchmarks (`examples/quant_decode.rs`); products go through
+    /// [`matmul_group`].
+    pub fn rows_into(
+        &self,
+        backend: Backend,
+        rows: std::ops::Range<usize>,
+        acts: &[act::ActRow<'_>],
+        out: &mut [f32],
+    ) {
+        let m = acts.len();
+        let rb = self.t.row_bytes(self.k);
+        let mut j = rows.start;
+        while j < rows.end {
+            let at = (j - rows.start) * m;
+            if j < self.packed && j + q8x16::ROWS <= rows.end {
+                let group = &self.data[j * rb..(j + q8x16::ROWS) * rb];
+                q8x16::dot_group(backend, group, acts, &mut out[at..at + q8x16::ROWS * m]);
+                j += q8x16::ROWS;
+            } else if j < self.packed {
+                // A range that cuts a group (never made by `split`): the row alone.
+                let mut row = vec![0u8; rb];
+                self.ggml_row(j, &mut row);
+                kernels::dot_rows(backend, self.t, &row, acts, &mut out[at..at + m]);
+                j += 1;
+            } else {
+                let row = &self.data[j * rb..(j + 1) * rb];
+                kernels::dot_rows(backend, self.t, row, acts, &mut out[at..at + m]);
+                j += 1;
+            }
+        }
+    }
 }
 
 /// `(n, m)` → `(m, n)`.
