@@ -28,7 +28,7 @@ pub struct QActs {
     pub d: Vec<f32>,
     /// The sum of every 16 values (at most 16 × 127, so an i16), `rows × k / 16`: the K
     /// formats apply their mins and offsets through them, packed Q8_0 its `+128` offset
-    /// ([`super::q8x16`]).
+    /// ([`super::packed`]).
     pub sums: Vec<i16>,
 }
 

@@ -19,8 +19,8 @@ pub mod act;
 pub mod bytes;
 pub mod format;
 pub mod kernels;
+pub mod packed;
 pub mod plan;
-pub mod q8x16;
 
 use rayon::prelude::*;
 
@@ -29,19 +29,21 @@ pub use act::QActs;
 pub use bytes::WeightBytes;
 pub use format::QType;
 pub use kernels::Backend;
+use packed::ROWS;
 
 /// A quantized `(n, k)` weight matrix: `n` rows of `k / block_len` blocks each.
 ///
-/// Q8_0 matrices keep their rows in groups of 16 ([`q8x16`]: one instruction per 16 output
-/// rows) up to the last multiple of 16, the rest (and every other format) in ggml's layout,
-/// one row after another; [`QMatrix::ggml_bytes`] gives ggml's layout back.
+/// Rows are kept in groups of 16 ([`packed`]: one instruction per 16 output rows) up to the
+/// last multiple of 16 — Q8_0 always, Q4_K and Q6_K where the CPU has AVX-512 VNNI — and in
+/// ggml's layout, one row after another, otherwise. [`QMatrix::ggml_bytes`] gives ggml's
+/// layout back.
 #[derive(Clone)]
 pub struct QMatrix {
     t: QType,
     n: usize,
     k: usize,
     data: WeightBytes,
-    /// Rows `0..packed` are in [`q8x16`] groups (a multiple of 16; 0 unless Q8_0).
+    /// Rows `0..packed` are in [`packed`] groups (a multiple of 16).
     packed: usize,
 }
 
@@ -84,7 +86,7 @@ impl QMatrix {
     /// repacked into a new buffer).
     pub fn from_weight_bytes(t: QType, n: usize, k: usize, data: WeightBytes) -> Result<QMatrix> {
         check_bytes(t, n, k, data.len())?;
-        if t == QType::Q8_0 && n >= q8x16::ROWS {
+        if packed::packs(t, n) {
             return Self::from_row_parts(t, n, k, &[&data]);
         }
         Ok(QMatrix {
@@ -101,7 +103,7 @@ impl QMatrix {
     /// buffer in its own layout.
     pub fn from_row_parts(t: QType, n: usize, k: usize, parts: &[&[u8]]) -> Result<QMatrix> {
         check_bytes(t, n, k, parts.iter().map(|p| p.len()).sum())?;
-        if t != QType::Q8_0 || n < q8x16::ROWS {
+        if !packed::packs(t, n) {
             return Ok(QMatrix {
                 t,
                 n,
@@ -112,16 +114,15 @@ impl QMatrix {
         }
         let rb = t.row_bytes(k);
         let rows: Vec<&[u8]> = parts.iter().flat_map(|p| p.chunks_exact(rb)).collect();
-        let packed = n / q8x16::ROWS * q8x16::ROWS;
+        let packed = n / ROWS * ROWS;
         let mut data = WeightBytes::zeroed(n * rb);
         let (groups, rest) = data.split_at_mut(packed * rb);
         groups
-            .par_chunks_mut(q8x16::ROWS * rb)
+            .par_chunks_mut(ROWS * rb)
             .enumerate()
             .for_each(|(g, dst)| {
-                let group: [&[u8]; q8x16::ROWS] =
-                    std::array::from_fn(|i| rows[g * q8x16::ROWS + i]);
-                q8x16::pack_group(&group, dst);
+                let group: [&[u8]; ROWS] = std::array::from_fn(|i| rows[g * ROWS + i]);
+                packed::pack_group(t, &group, dst);
             });
         for (dst, src) in rest.chunks_exact_mut(rb).zip(&rows[packed..]) {
             dst.copy_from_slice(src);
@@ -168,9 +169,9 @@ impl QMatrix {
     fn ggml_row(&self, j: usize, out: &mut [u8]) {
         let rb = self.t.row_bytes(self.k);
         if j < self.packed {
-            let g = j / q8x16::ROWS * q8x16::ROWS;
-            let group = &self.data[g * rb..(g + q8x16::ROWS) * rb];
-            q8x16::unpack_row(group, j - g, out);
+            let g = j / ROWS * ROWS;
+            let group = &self.data[g * rb..(g + ROWS) * rb];
+            packed::unpack_row(self.t, group, j - g, out);
         } else {
             out.copy_from_slice(&self.data[j * rb..(j + 1) * rb]);
         }
@@ -328,7 +329,7 @@ fn split(products: &[Product<'_>], k: usize, threads: usize) -> Vec<Task> {
         } else {
             let min_rows = MIN_TASK_BYTES.div_ceil(w.t.row_bytes(k).max(1));
             let rows = total.div_ceil(threads * 4).max(min_rows);
-            rows.div_ceil(q8x16::ROWS) * q8x16::ROWS
+            rows.div_ceil(ROWS) * ROWS
         };
         let mut j0 = 0;
         while j0 < w.n {
@@ -357,12 +358,23 @@ impl QMatrix {
         let mut j = rows.start;
         while j < rows.end {
             let at = (j - rows.start) * m;
-            if j < self.packed && j + q8x16::ROWS <= rows.end {
-                let group = &self.data[j * rb..(j + q8x16::ROWS) * rb];
-                q8x16::dot_group(backend, group, acts, &mut out[at..at + q8x16::ROWS * m]);
-                j += q8x16::ROWS;
+            let whole_group = j < self.packed && j.is_multiple_of(ROWS) && j + ROWS <= rows.end;
+            let group = j * rb..(j + ROWS) * rb;
+            if whole_group
+                && packed::dot_group(
+                    self.t,
+                    backend,
+                    &self.data[group],
+                    acts,
+                    &mut out[at..at + ROWS * m],
+                )
+            {
+                j += ROWS;
             } else if j < self.packed {
-                // A range that cuts a group (never made by `split`): the row alone.
+                // A row of a group the backend cannot read packed (K formats without VNNI:
+                // tests),
+                // or of a range that cuts a group (never made by `split`): the row alone,
+                // back in ggml's layout.
                 let mut row = vec![0u8; rb];
                 self.ggml_row(j, &mut row);
                 kernels::dot_rows(backend, self.t, &row, acts, &mut out[at..at + m]);
