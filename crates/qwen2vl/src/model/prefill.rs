@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use super::{Qwen2VL, VisionChunk, VISION_CHUNK_PATCHES};
+use super::{Qwen2VL, VisionChunk, VisionItem, VISION_CHUNK_PATCHES};
 use crate::encoder_cache::{embeddings_key, CacheKey, EncoderCache};
 use crate::error::{Error, Result};
 use crate::inputs::ModelInputs;
@@ -37,13 +37,10 @@ use crate::kv_cache::KvCache;
 use crate::text::{LayerPass, TextModel};
 use crate::vision::VisionPass;
 
-/// An image or video not looked up nor encoded yet: which kind, its grid, its range of the
-/// pixel values and its tower passes.
+/// An image or video not looked up nor encoded yet, and whether it is a video.
 struct Pending {
     video: bool,
-    grid: [usize; 3],
-    rows: Range<usize>,
-    passes: Vec<VisionChunk>,
+    item: VisionItem,
 }
 
 /// An image or video being encoded (it missed the cache, or there is none): its key in the
@@ -119,18 +116,13 @@ impl Qwen2VL {
                 continue;
             }
             for item in self.vision_items(pixels, grids, VISION_CHUNK_PATCHES)? {
-                todo.push_back(Pending {
-                    video,
-                    grid: item.grid,
-                    rows: item.rows,
-                    passes: item.passes,
-                });
+                todo.push_back(Pending { video, item });
             }
         }
         // Per item its lookup, per vision pass its start and its units (all of them: hits
         // are not known yet); then the embedding of the prompt and each decoder layer.
         let mut vision_units = todo.len();
-        for (grids, _) in todo.iter().flat_map(|p| &p.passes) {
+        for (grids, _) in todo.iter().flat_map(|p| &p.item.passes) {
             vision_units += 1 + self.vision()?.pass_units(grids, vision_rows);
         }
         let layer_units = self
@@ -183,19 +175,8 @@ impl<'m> PrefillJob<'m> {
             self.prefill_ms += ms(t);
             return Ok(self.logits.is_some());
         }
-        if self.pass.is_some() {
-            self.vision_unit()?;
-            self.vision_ms += ms(t);
-        } else if let Some(enc) = &mut self.encoding {
-            let next = enc.passes.pop_front();
-            let video = enc.video;
-            match next {
-                Some(chunk) => self.start_vision_pass(video, chunk, inputs)?,
-                None => return Err(Error::Internal("an item with no passes left".into())),
-            }
-            self.vision_ms += ms(t);
-        } else if let Some(p) = self.todo.pop_front() {
-            self.start_item(p, inputs)?;
+        if self.pass.is_some() || self.encoding.is_some() || !self.todo.is_empty() {
+            self.vision_step(inputs)?;
             self.vision_ms += ms(t);
         } else {
             self.start_text(inputs, cache)?;
@@ -240,6 +221,25 @@ impl<'m> PrefillJob<'m> {
         Ok(())
     }
 
+    /// One unit of the vision tower: a unit of the pass in progress, else the start of the
+    /// next pass of the item being encoded, else the lookup of the next item.
+    fn vision_step(&mut self, inputs: &ModelInputs) -> Result<()> {
+        if self.pass.is_some() {
+            return self.vision_unit();
+        }
+        if let Some(enc) = &mut self.encoding {
+            let Some(chunk) = enc.passes.pop_front() else {
+                return Err(Error::Internal("an item with no passes left".into()));
+            };
+            let video = enc.video;
+            return self.start_vision_pass(video, chunk, inputs);
+        }
+        match self.todo.pop_front() {
+            Some(p) => self.start_item(p, inputs),
+            None => Err(Error::Internal("no vision work left".into())),
+        }
+    }
+
     /// One unit of the vision pass in progress; when it completes, its output joins its
     /// item's, and when that was the item's last pass, the item is done.
     fn vision_unit(&mut self) -> Result<()> {
@@ -266,7 +266,7 @@ impl<'m> PrefillJob<'m> {
     }
 
     /// The pixel rows `range` of the images (`video` false) or the videos.
-    fn pixels<'i>(inputs: &'i ModelInputs, video: bool, range: Range<usize>) -> Result<&'i [f32]> {
+    fn pixels(inputs: &ModelInputs, video: bool, range: Range<usize>) -> Result<&[f32]> {
         let pixels = if video {
             &inputs.pixel_values_videos
         } else {
@@ -282,26 +282,29 @@ impl<'m> PrefillJob<'m> {
 
     /// Looks an image or video up in the cache: a hit gives its rows at once; otherwise its
     /// encoding starts (its first pass at the next unit).
-    fn start_item(&mut self, p: Pending, inputs: &ModelInputs) -> Result<()> {
+    fn start_item(&mut self, Pending { video, item }: Pending, inputs: &ModelInputs) -> Result<()> {
         let key = match self.cache {
             Some(cache) => {
-                let pixels = Self::pixels(inputs, p.video, p.rows.clone())?;
-                let key = embeddings_key(self.model.identity(), p.grid, pixels);
+                let pixels = Self::pixels(inputs, video, item.rows.clone())?;
+                let key = embeddings_key(self.model.identity(), item.grid, pixels);
                 if let Some(rows) = cache.get_embeddings(&key) {
-                    self.push_rows(p.video, rows);
+                    self.push_rows(video, rows);
                     return Ok(());
                 }
                 Some(key)
             }
             None => None,
         };
-        if p.passes.is_empty() {
-            return Err(Error::Internal(format!("grid {:?} has no passes", p.grid)));
+        if item.passes.is_empty() {
+            return Err(Error::Internal(format!(
+                "grid {:?} has no passes",
+                item.grid
+            )));
         }
         self.encoding = Some(Encoding {
-            video: p.video,
+            video,
             key,
-            passes: p.passes.into(),
+            passes: item.passes.into(),
             outs: Vec::new(),
         });
         Ok(())
