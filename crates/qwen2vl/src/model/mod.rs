@@ -322,7 +322,7 @@ impl Qwen2VL {
     /// Runs the vision tower: `pixel_values` row-major `(n_patches, patch_dim)` for `grids`
     /// → `(n_patches / merge², hidden)`.
     ///
-    /// Each image or video is encoded on its own (see [`Self::vision_items`]), so its rows
+    /// Each image or video is encoded on its own (see `vision_items`), so its rows
     /// are the same bits whatever came with it. Frames never attend to each other, so an item
     /// is encoded in chunks of whole frames of at most [`VISION_CHUNK_PATCHES`] patches each
     /// (one frame may exceed it): a long video's activations are bounded by the chunk, not by
