@@ -20,7 +20,7 @@ use qwen2vl::pipeline::Pipeline;
 use qwen2vl::processing::messages::{ContentPart, ImagePart, Location, Message, Role, VideoPart};
 use serde::{Deserialize, Serialize};
 
-use crate::common::{MediaArgs, ModelArgs, SamplingArgs};
+use crate::common::{EncoderCacheArgs, MediaArgs, ModelArgs, SamplingArgs};
 use crate::error::CliError;
 
 /// Flags of `qwen2vl chat`.
@@ -29,6 +29,8 @@ use crate::error::CliError;
 pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub encoder_cache: EncoderCacheArgs,
     /// A system message (default: the chat template's "You are a helpful assistant.").
     #[arg(long)]
     pub system: Option<String>,
@@ -515,7 +517,7 @@ pub fn main(args: ChatArgs) -> Result<(), CliError> {
         .and_then(|_| signal_hook::flag::register(sigint, cancel.clone()))
         .map_err(|e| CliError::Failed(format!("cannot install the Ctrl-C handler: {e}")))?;
 
-    let pipeline = args.model.load()?;
+    let pipeline = args.model.load_with_cache(&args.encoder_cache)?;
     let chatty = !args.model.quiet;
     let (images, videos) = (args.images.clone(), args.videos.clone());
     let mut session = Session {

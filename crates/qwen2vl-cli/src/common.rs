@@ -48,10 +48,29 @@ pub struct ModelArgs {
     pub quiet: bool,
 }
 
+/// The encoder cache of `run`, `chat` and `serve`.
+#[derive(Args, Debug, Clone)]
+pub struct EncoderCacheArgs {
+    /// Memory for the encoder cache, in MiB: the vision embeddings and decoded pixels of
+    /// recent images and videos, so a request that brings one again (a follow-up question,
+    /// an agent's screenshot) skips decoding it and the vision tower. Least recently used
+    /// entries go first; 0 turns it off.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    pub encoder_cache_mb: u64,
+}
+
 impl ModelArgs {
     /// Applies `--threads` (before any tensor work), resolves `--model` (downloading from the
     /// hub if needed) and loads the pipeline.
     pub fn load(&self) -> Result<Pipeline, CliError> {
+        self.load_with_cache(&EncoderCacheArgs {
+            encoder_cache_mb: 0,
+        })
+    }
+
+    /// [`ModelArgs::load`] with an encoder cache of `cache`'s size (`run`, `chat`, `serve`;
+    /// `bench` measures the vision tower, so it runs without one).
+    pub fn load_with_cache(&self, cache: &EncoderCacheArgs) -> Result<Pipeline, CliError> {
         set_threads(self.threads)?;
         let usage = |e: qwen2vl::Error| CliError::Usage(e.to_string());
         let dtype: DTypeChoice = self.dtype.parse().map_err(usage)?;
@@ -64,6 +83,7 @@ impl ModelArgs {
             vision_quant: scheme(&self.vision_quant)?,
             progress: None,
             mmproj: self.mmproj.clone(),
+            encoder_cache_mb: cache.encoder_cache_mb,
         };
         let dir = self.resolve()?;
         if self.quiet || !std::io::stderr().is_terminal() {

@@ -14,7 +14,7 @@ use qwen2vl::generation::stop::FinishReason;
 use qwen2vl::generation::{GenerateRequest, Generation};
 use qwen2vl::grounding::{Grounding, GroundingStream, PixelShape, ShapeKind};
 
-use crate::common::{MediaArgs, ModelArgs, SamplingArgs};
+use crate::common::{EncoderCacheArgs, MediaArgs, ModelArgs, SamplingArgs};
 use crate::draw::DrawTarget;
 use crate::error::CliError;
 
@@ -24,6 +24,8 @@ use crate::error::CliError;
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub encoder_cache: EncoderCacheArgs,
     /// An image to show the model (repeatable; images come before the prompt text). A path,
     /// file:// or http(s) URL, or data: URI.
     #[arg(long = "image", value_name = "PATH")]
@@ -75,7 +77,7 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
         Some(path) => Some(DrawTarget::prepare(path, !args.images.is_empty())?),
         None => None,
     };
-    let pipeline = args.model.load()?;
+    let pipeline = args.model.load_with_cache(&args.encoder_cache)?;
     let mut request = build_request(&args, &pipeline, &prompt);
     request.cancel = Some(install_ctrl_c()?);
     let json = args.json;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use qwen2vl_server::{Limits, ServerConfig};
 
-use crate::common::ModelArgs;
+use crate::common::{EncoderCacheArgs, ModelArgs};
 use crate::error::CliError;
 
 /// Flags of `qwen2vl serve`.
@@ -16,6 +16,8 @@ use crate::error::CliError;
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub encoder_cache: EncoderCacheArgs,
     /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -192,7 +194,7 @@ pub fn main(args: ServeArgs) -> Result<(), CliError> {
         .or_else(|| std::env::var("QWEN2VL_API_KEY").ok());
     check_flags(&args, &api_key)?;
     let config = server_config(&args, api_key);
-    let pipeline = Arc::new(args.model.load()?);
+    let pipeline = Arc::new(args.model.load_with_cache(&args.encoder_cache)?);
     let backend = qwen2vl_server::backend::start_with(pipeline, engine_config(&args));
     #[cfg(debug_assertions)]
     let backend = scripted::wrap(backend);

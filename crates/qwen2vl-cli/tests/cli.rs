@@ -623,3 +623,34 @@ fn sampling_defaults_come_from_generation_config_and_flags_override_them() {
     assert_eq!(ids(&sampling, &["--temperature", "0"]), greedy);
     assert_eq!(ids(&sampling, &["--top-k", "1", "--seed", "7"]), greedy);
 }
+
+#[test]
+fn the_encoder_cache_flag_changes_no_answer() {
+    // The same image twice in one request: with the cache the second is a hit (its bytes
+    // and pixels seen), without it both are decoded and encoded; the answers are the same.
+    let img = fixtures().join("images/wide.png");
+    let img = img.to_str().unwrap();
+    let answer = |mb: &str| {
+        let j = run_json(
+            &[
+                "--image",
+                img,
+                "--image",
+                img,
+                "--max-new-tokens",
+                "6",
+                "--encoder-cache-mb",
+                mb,
+            ],
+            "Same picture twice?",
+        );
+        j["token_ids"].clone()
+    };
+    assert_eq!(answer("64"), answer("0"));
+    for cmd in ["run", "chat", "serve"] {
+        let help = String::from_utf8_lossy(&qwen2vl(&[cmd, "--help"]).stdout).into_owned();
+        assert!(help.contains("--encoder-cache-mb"), "{cmd}:\n{help}");
+    }
+    let o = qwen2vl(&["run", "--encoder-cache-mb", "-1", "hi"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use qwen2vl::encoder_cache::EncoderCacheStats;
 use qwen2vl::engine::{Engine, EngineConfig};
 use qwen2vl::generation::GenerateRequest;
 use qwen2vl::pipeline::Pipeline;
@@ -32,6 +33,8 @@ pub struct BackendStats {
     pub preprocessing: usize,
     /// Preprocessing threads given up on at their deadline and not yet ended.
     pub preprocess_threads_abandoned: usize,
+    /// The encoder cache's counters and occupancy.
+    pub encoder_cache: EncoderCacheStats,
 }
 
 /// Whether the engine moves on (for `/health`).
@@ -81,6 +84,7 @@ impl Backend for Engine {
             decode_steps_during_prefill: s.decode_steps_during_prefill_total,
             preprocessing: s.preprocessing,
             preprocess_threads_abandoned: s.preprocess_threads_abandoned,
+            encoder_cache: s.encoder_cache,
         }
     }
 

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
+use qwen2vl::encoder_cache::EncoderCacheStats;
+
 use crate::backend::BackendStats;
 
 /// Histogram bucket bounds in seconds (time to first token, request latency).
@@ -113,7 +115,9 @@ impl Metrics {
                 value: m.completion_tokens,
             },
         ];
-        for s in tokens.iter().chain(&backend_scalars(&stats)) {
+        let scalars = backend_scalars(&stats);
+        let cache = encoder_cache_scalars(&stats.encoder_cache);
+        for s in tokens.iter().chain(&scalars).chain(&cache) {
             s.write(&mut out);
         }
         m.ttft.write(
@@ -217,6 +221,66 @@ fn backend_scalars(stats: &BackendStats) -> [Scalar; 9] {
     ]
 }
 
+/// The encoder cache's lookups and evictions (counters), its bytes and entries (gauges).
+fn encoder_cache_scalars(c: &EncoderCacheStats) -> [Scalar; 8] {
+    let scalar = |name, kind, help, value| Scalar {
+        name,
+        kind,
+        help,
+        value,
+    };
+    [
+        scalar(
+            "qwen2vl_encoder_cache_hits_total",
+            "counter",
+            "Images and videos whose vision embeddings came from the encoder cache (vision tower skipped).",
+            c.hits,
+        ),
+        scalar(
+            "qwen2vl_encoder_cache_misses_total",
+            "counter",
+            "Images and videos looked up in the encoder cache and encoded by the vision tower.",
+            c.misses,
+        ),
+        scalar(
+            "qwen2vl_encoder_cache_decode_hits_total",
+            "counter",
+            "Images whose bytes were seen before: decoding and resizing skipped.",
+            c.decode_hits,
+        ),
+        scalar(
+            "qwen2vl_encoder_cache_decode_misses_total",
+            "counter",
+            "Images looked up by their bytes in the encoder cache and decoded.",
+            c.decode_misses,
+        ),
+        scalar(
+            "qwen2vl_encoder_cache_evictions_total",
+            "counter",
+            "Encoder cache entries removed to stay within its budget.",
+            c.evictions,
+        ),
+        scalar(
+            "qwen2vl_encoder_cache_bytes",
+            "gauge",
+            "Bytes held by the encoder cache.",
+            c.bytes,
+        ),
+        scalar(
+            "qwen2vl_encoder_cache_entries",
+            "gauge",
+            "Entries (embeddings and decoded images) in the encoder cache.",
+            c.entries,
+        ),
+        scalar(
+            "qwen2vl_encoder_cache_budget_bytes",
+            "gauge",
+            "The encoder cache's budget in bytes (--encoder-cache-mb; 0: off).",
+            c.budget_bytes,
+        ),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,7 +305,33 @@ mod tests {
             decode_steps_during_prefill: 4,
             preprocessing: 1,
             preprocess_threads_abandoned: 2,
+            encoder_cache: EncoderCacheStats {
+                hits: 5,
+                misses: 2,
+                decode_hits: 4,
+                decode_misses: 3,
+                evictions: 1,
+                bytes: 4096,
+                entries: 3,
+                budget_bytes: 1 << 29,
+            },
         });
+        for (line, kind) in [
+            ("qwen2vl_encoder_cache_hits_total 5", "counter"),
+            ("qwen2vl_encoder_cache_misses_total 2", "counter"),
+            ("qwen2vl_encoder_cache_decode_hits_total 4", "counter"),
+            ("qwen2vl_encoder_cache_decode_misses_total 3", "counter"),
+            ("qwen2vl_encoder_cache_evictions_total 1", "counter"),
+            ("qwen2vl_encoder_cache_bytes 4096", "gauge"),
+            ("qwen2vl_encoder_cache_entries 3", "gauge"),
+            ("qwen2vl_encoder_cache_budget_bytes 536870912", "gauge"),
+        ] {
+            let name = line.split(' ').next().unwrap_or_default();
+            assert!(
+                t.contains(&format!("# TYPE {name} {kind}\n{line}\n")),
+                "{name}: {t}"
+            );
+        }
         assert!(t.contains(
             "# TYPE qwen2vl_preprocessing_requests gauge\nqwen2vl_preprocessing_requests 1\n"
         ));

@@ -1145,3 +1145,45 @@ fn a_video_url_as_a_data_uri_with_nframes() {
     assert!(four > 0);
     assert_eq!(eight, 2 * four);
 }
+
+#[test]
+fn metrics_count_the_encoder_cache() {
+    // A pipeline of its own with a cache (the shared one has none): the same image twice is
+    // a miss then a hit, with the same answer, and /metrics says so.
+    let pipeline = Pipeline::load_with(
+        &fixtures().join("tiny-qwen2vl"),
+        &qwen2vl::pipeline::LoadOptions {
+            encoder_cache_mb: 16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let addr = start_with(
+        qwen2vl_server::backend::start(Arc::new(pipeline), 4, 16, 0),
+        ServerConfig::default(),
+    );
+    let body = greedy(
+        user_with(json!({"type": "image_url", "image_url": {"url": data_uri("images/wide.png")}})),
+        4,
+    );
+    let first = post(addr, &body);
+    assert_eq!(first.status, 200, "{}", first.body);
+    let second = post(addr, &body);
+    assert_eq!(
+        first.json()["choices"][0]["message"],
+        second.json()["choices"][0]["message"]
+    );
+    wait_idle(addr);
+    let t = get(addr, "/metrics", &[]).body;
+    for line in [
+        "# TYPE qwen2vl_encoder_cache_hits_total counter\nqwen2vl_encoder_cache_hits_total 1\n",
+        "qwen2vl_encoder_cache_misses_total 1\n",
+        "qwen2vl_encoder_cache_decode_hits_total 1\n",
+        "qwen2vl_encoder_cache_decode_misses_total 1\n",
+        "qwen2vl_encoder_cache_evictions_total 0\n",
+        "# TYPE qwen2vl_encoder_cache_entries gauge\nqwen2vl_encoder_cache_entries 2\n",
+        "qwen2vl_encoder_cache_budget_bytes 16777216\n",
+    ] {
+        assert!(t.contains(line), "{line}: {t}");
+    }
+}

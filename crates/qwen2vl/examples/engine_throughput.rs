@@ -56,6 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         vision_quant: None,
         progress: None,
         mmproj: None,
+        encoder_cache_mb: 0,
     };
     let pipeline = Arc::new(Pipeline::load_with(&model, &options)?);
     println!(

@@ -28,6 +28,7 @@
 //! ```
 
 pub mod config;
+pub mod encoder_cache;
 pub mod engine;
 pub mod error;
 pub mod generation;

@@ -5,11 +5,13 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::GenerationConfig;
+use crate::encoder_cache::EncoderCache;
 use crate::error::{Error, Result};
 use crate::generation::sampler::SamplingParams;
 use crate::generation::sequence::{PrefillTimings, PromptInfo, Sequence};
@@ -17,7 +19,7 @@ use crate::generation::stop::{FinishReason, StopCriteria};
 use crate::generation::{GenerateRequest, Generation};
 use crate::inputs::ModelInputs;
 use crate::kv_cache::KvCache;
-use crate::model::Qwen2VL;
+use crate::model::{PrefillJob, Qwen2VL};
 use crate::ops::quant::plan::QuantScheme;
 use crate::processing::processor::{ProcessOptions, Processor};
 
@@ -35,6 +37,9 @@ pub struct LoadOptions {
     /// The vision projector (`mmproj-*.gguf`) of a GGUF model; without it a GGUF model is
     /// text-only. Refused for a Hugging Face directory.
     pub mmproj: Option<PathBuf>,
+    /// The encoder cache's budget in MiB (`--encoder-cache-mb`; see
+    /// [`crate::encoder_cache`]). 0 (the default) turns it off.
+    pub encoder_cache_mb: u64,
 }
 
 impl std::fmt::Debug for LoadOptions {
@@ -44,6 +49,7 @@ impl std::fmt::Debug for LoadOptions {
             .field("quant", &self.quant)
             .field("vision_quant", &self.vision_quant)
             .field("mmproj", &self.mmproj)
+            .field("encoder_cache_mb", &self.encoder_cache_mb)
             .finish()
     }
 }
@@ -90,11 +96,14 @@ impl FromStr for DTypeChoice {
     }
 }
 
-/// A loaded model with its processor and generation defaults.
+/// A loaded model with its processor, generation defaults and encoder cache.
 pub struct Pipeline {
     model: Qwen2VL,
     processor: Processor,
     generation: GenerationConfig,
+    /// Vision embeddings and preprocessed images of earlier requests (shared with the
+    /// [`crate::engine::Engine`] that runs this pipeline).
+    encoder_cache: Arc<EncoderCache>,
     load_ms: f64,
 }
 
@@ -203,6 +212,7 @@ impl Pipeline {
             model,
             processor,
             generation,
+            encoder_cache: Arc::new(EncoderCache::with_mb(options.encoder_cache_mb)),
             load_ms: start.elapsed().as_secs_f64() * 1e3,
         })
     }
@@ -228,6 +238,7 @@ impl Pipeline {
             model,
             processor,
             generation,
+            encoder_cache: Arc::new(EncoderCache::with_mb(options.encoder_cache_mb)),
             load_ms: start.elapsed().as_secs_f64() * 1e3,
         })
     }
@@ -240,6 +251,18 @@ impl Pipeline {
     /// The processor.
     pub fn processor(&self) -> &Processor {
         &self.processor
+    }
+
+    /// The encoder cache: its counters, or a handle to share with another pipeline.
+    pub fn encoder_cache(&self) -> &Arc<EncoderCache> {
+        &self.encoder_cache
+    }
+
+    /// Uses `cache` from now on (to share one between pipelines, or to resize it: a new
+    /// cache starts empty). Entries of different models never meet: their keys hold the
+    /// model's [`Qwen2VL::identity`].
+    pub fn set_encoder_cache(&mut self, cache: Arc<EncoderCache>) {
+        self.encoder_cache = cache;
     }
 
     /// Milliseconds spent loading.
@@ -271,6 +294,7 @@ impl Pipeline {
             base_dir: req.base_dir.clone(),
             fetch: req.fetch.clone(),
             max_prompt_tokens: Some(self.context_len().saturating_sub(1)),
+            cache: Some(self.encoder_cache.clone()),
         };
         self.processor.process(&req.messages, &opts)
     }
@@ -336,11 +360,20 @@ impl Pipeline {
         )
     }
 
+    /// A [`PrefillJob`] for `inputs` that looks their images and videos up in the encoder
+    /// cache (the engine runs it in slices; [`Pipeline::prefill`] in one go).
+    pub fn prefill_job(&self, inputs: &ModelInputs) -> Result<PrefillJob<'_>> {
+        Ok(self
+            .model
+            .prefill_job(inputs)?
+            .with_encoder_cache(&self.encoder_cache))
+    }
+
     /// Runs the vision tower on the prompt's images and videos and prefills the decoder into
     /// `cache`; returns the last position's logits `(vocab,)` and the vision and prefill
     /// milliseconds.
     pub fn prefill(&self, inputs: &ModelInputs, cache: &mut KvCache) -> Result<(Tensor, f64, f64)> {
-        let mut job = self.model.prefill_job(inputs)?;
+        let mut job = self.prefill_job(inputs)?;
         while !job.step(inputs, cache)? {}
         job.finish()
     }

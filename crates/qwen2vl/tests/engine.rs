@@ -578,15 +578,20 @@ fn a_prefill_in_units_gives_the_one_shot_logits() {
     let mut job = m.prefill_job_with_rows(&inputs, Some(1)).expect("job");
     let (_, total) = job.progress();
     let cfg = m.config();
-    let pass = m
-        .vision()
-        .unwrap()
-        .pass_units(&inputs.image_grid_thw, Some(1));
+    let tower = m.vision().unwrap();
+    let pass = tower.pass_units(&inputs.image_grid_thw, Some(1));
+    // Each image is encoded on its own: its lookup in the encoder cache, its pass's start
+    // and units.
+    let per_image: usize = inputs
+        .image_grid_thw
+        .iter()
+        .map(|g| 2 + tower.pass_units(&[*g], Some(1)))
+        .sum();
     let layer = m.text().layer_units(n, 0, Some(1));
     assert_eq!(
         total,
-        1 + pass + 1 + cfg.text.num_hidden_layers * layer,
-        "one pass (its start, its units), the embedding, the layers' units"
+        per_image + 1 + cfg.text.num_hidden_layers * layer,
+        "per image its lookup and pass (its start, its units), the embedding, the layers' units"
     );
     // The decoder layers are cut too: at least two chunks of q/k/v rows and two of query
     // rows each.

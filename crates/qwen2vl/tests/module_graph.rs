@@ -297,6 +297,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "inputs",
             "kv_cache",
             "grounding",
+            "encoder_cache",
         ],
     ),
     ("inputs", &["processing"]),

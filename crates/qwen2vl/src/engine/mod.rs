@@ -40,7 +40,10 @@
 //!      completes, its first token is sampled and it joins the batch. So a large image
 //!      delays the running streams by about one slice per step, not by its whole vision
 //!      pass or a whole layer (vLLM's chunked prefill, cut by rows within each layer), and
-//!      a disconnect during it frees the engine within a unit.
+//!      a disconnect during it frees the engine within a unit. Images and videos whose
+//!      embeddings are in the pipeline's [`crate::encoder_cache::EncoderCache`] skip the
+//!      tower (and images seen with the same bytes skip decoding during preprocessing);
+//!      [`EngineStats::encoder_cache`] counts the hits.
 //! 3. **Decode**: one [`crate::model::Qwen2VL::decode_step`] over *all* running sequences:
 //!    each brings its own last token, KV cache and M-RoPE `rope_delta` (positions are
 //!    `cache length + rope_delta`), and attention runs per sequence against its own cache, so
@@ -317,6 +320,9 @@ pub struct EngineStats {
     /// cancelled); counted from when it last became busy if it was idle. A busy engine with
     /// a large value is stuck (`/health` reports it).
     pub seconds_since_progress: f64,
+    /// The pipeline's encoder cache: hits, misses, evictions, bytes and entries (see
+    /// [`crate::encoder_cache`]).
+    pub encoder_cache: crate::encoder_cache::EncoderCacheStats,
 }
 
 /// A request waiting in the queue.
@@ -535,6 +541,8 @@ impl Engine {
         s.accepting = st.accepting;
         s.busy = s.queued > 0 || s.running > 0;
         s.seconds_since_progress = st.last_progress.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        drop(st);
+        s.encoder_cache = self.pipeline().encoder_cache().stats();
         s
     }
 

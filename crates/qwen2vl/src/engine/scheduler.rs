@@ -461,8 +461,13 @@ impl<'p> Scheduler<'p> {
             return;
         }
         self.note_progress();
-        let model = self.pipeline.model();
-        match guarded(|| Ok((model.new_cache(need)?, model.prefill_job(&prepared.inputs)?))) {
+        let pipeline = self.pipeline;
+        match guarded(|| {
+            Ok((
+                pipeline.model().new_cache(need)?,
+                pipeline.prefill_job(&prepared.inputs)?,
+            ))
+        }) {
             Ok((cache, job)) => {
                 self.kv_used += need;
                 self.prefilling = Some(Prefilling {

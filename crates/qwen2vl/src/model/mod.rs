@@ -3,11 +3,13 @@
 //! and logits come out for the last position of each sequence.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::Qwen2VLConfig;
+use crate::encoder_cache::{CacheKey, KeyBuilder};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::ops::quant::plan::{QuantPlan, QuantScheme};
@@ -21,6 +23,15 @@ pub use prefill::PrefillJob;
 
 /// One vision-tower pass: its grids (whole frames) and its range of the pixel values.
 pub(crate) type VisionChunk = (Vec<[usize; 3]>, std::ops::Range<usize>);
+
+/// One image or video for the vision tower: its grid `(t, h, w)` in patches, its range of the
+/// pixel values (`t*h*w*patch_dim` values) and its passes, in order.
+#[derive(Debug, Clone)]
+pub(crate) struct VisionItem {
+    pub grid: [usize; 3],
+    pub rows: std::ops::Range<usize>,
+    pub passes: Vec<VisionChunk>,
+}
 
 /// Patches per vision-tower pass (whole frames; a single larger frame is encoded alone).
 pub const VISION_CHUNK_PATCHES: usize = 16 * 1024;
@@ -91,6 +102,21 @@ pub struct Qwen2VL {
     text: TextModel,
     device: Device,
     dtype: DType,
+    /// Names this load of the model in the encoder cache's keys (see [`Self::identity`]).
+    identity: CacheKey,
+}
+
+/// Loads so far in this process: each load gets its own number in its identity.
+static LOADS: AtomicU64 = AtomicU64::new(0);
+
+/// The identity of a model being built from `config` in `dtype`: a digest of its vision
+/// config, its dtype and a number no other load in this process has.
+fn new_identity(config: &Qwen2VLConfig, dtype: DType) -> CacheKey {
+    let mut k = KeyBuilder::new("qwen2vl/model-identity/v1");
+    k.bytes(format!("{:?}", config.vision).as_bytes())
+        .bytes(dtype.as_str().as_bytes())
+        .u64(LOADS.fetch_add(1, Ordering::Relaxed));
+    k.finish()
 }
 
 impl Qwen2VL {
@@ -235,7 +261,18 @@ impl Qwen2VL {
             text: TextModel::load(w, &config.text)?,
             device: w.device().clone(),
             dtype: w.dtype(),
+            identity: new_identity(config, w.dtype()),
         })
+    }
+
+    /// What names this model in the encoder cache's keys
+    /// ([`crate::encoder_cache::embeddings_key`]): a digest of its vision config, its dtype
+    /// and a number unique to this load in the process, so two models (or two loads of one
+    /// checkpoint, perhaps quantized differently) sharing a cache never share an entry.
+    /// Clones share it: they hold the same weights. (Naming the weights by their contents
+    /// would mean hashing gigabytes at every load.)
+    pub fn identity(&self) -> &CacheKey {
+        &self.identity
     }
 
     /// The model's config.
@@ -285,10 +322,11 @@ impl Qwen2VL {
     /// Runs the vision tower: `pixel_values` row-major `(n_patches, patch_dim)` for `grids`
     /// → `(n_patches / merge², hidden)`.
     ///
-    /// Frames never attend to each other, so the pack is encoded in chunks of whole frames of
-    /// at most [`VISION_CHUNK_PATCHES`] patches each (one frame may exceed it): a long video's
-    /// activations are bounded by the chunk, not by its length. The result is the same as one
-    /// pass over everything.
+    /// Each image or video is encoded on its own (see `vision_items`), so its rows
+    /// are the same bits whatever came with it. Frames never attend to each other, so an item
+    /// is encoded in chunks of whole frames of at most [`VISION_CHUNK_PATCHES`] patches each
+    /// (one frame may exceed it): a long video's activations are bounded by the chunk, not by
+    /// its length.
     pub fn encode_vision(&self, pixel_values: &[f32], grids: &[[usize; 3]]) -> Result<Tensor> {
         self.encode_vision_chunked(pixel_values, grids, VISION_CHUNK_PATCHES)
     }
@@ -313,9 +351,11 @@ impl Qwen2VL {
         max_chunk_patches: usize,
     ) -> Result<Tensor> {
         let mut outs = Vec::new();
-        for (chunk, rows) in self.vision_chunks(pixel_values, grids, max_chunk_patches)? {
-            let pv = self.patch_tensor(&pixel_values[rows])?;
-            outs.push(self.vision()?.forward(&pv, &chunk)?);
+        for item in self.vision_items(pixel_values, grids, max_chunk_patches)? {
+            for (chunk, rows) in item.passes {
+                let pv = self.patch_tensor(&pixel_values[rows])?;
+                outs.push(self.vision()?.forward(&pv, &chunk)?);
+            }
         }
         match outs.len() {
             0 => Err(Error::bad_input(
@@ -327,14 +367,19 @@ impl Qwen2VL {
         }
     }
 
-    /// Checks `pixel_values` against `grids` and cuts them into tower passes of whole frames
-    /// ([`frame_chunks`]): each chunk's grids and its range of `pixel_values`.
-    pub(crate) fn vision_chunks(
+    /// Checks `pixel_values` against `grids` and cuts each image or video into tower passes
+    /// of whole frames of its own ([`frame_chunks`] of its grid alone).
+    ///
+    /// Items never share a pass, so an item's embeddings do not depend on which other items
+    /// came with it: with fewer than [`crate::vision::MIN_CHUNK_ROWS`] rows a product takes
+    /// other kernels, so a small image packed with others would get other bits than alone,
+    /// and the encoder cache could not hand its rows to another request.
+    pub(crate) fn vision_items(
         &self,
         pixel_values: &[f32],
         grids: &[[usize; 3]],
         max_chunk_patches: usize,
-    ) -> Result<Vec<VisionChunk>> {
+    ) -> Result<Vec<VisionItem>> {
         if !grids.is_empty() && self.vision.is_none() {
             return Err(no_vision());
         }
@@ -343,6 +388,12 @@ impl Qwen2VL {
             return Err(Error::bad_input(
                 format!("pixel_values has {} values", pixel_values.len()),
                 format!("a multiple of {dim} (one row per patch)"),
+            ));
+        }
+        if let Some(g) = grids.iter().find(|g| g.contains(&0)) {
+            return Err(Error::bad_input(
+                format!("grid {g:?} has no patches"),
+                "grids (t, h, w) of at least one patch each way",
             ));
         }
         let total: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
@@ -356,15 +407,25 @@ impl Qwen2VL {
             ));
         }
         let mut start = 0;
-        Ok(frame_chunks(grids, max_chunk_patches)
-            .into_iter()
-            .map(|chunk| {
-                let n: usize = chunk.iter().map(|g| g[0] * g[1] * g[2]).sum();
-                let rows = start * dim..(start + n) * dim;
-                start += n;
-                (chunk, rows)
-            })
-            .collect())
+        let mut items = Vec::with_capacity(grids.len());
+        for &grid in grids {
+            let item_start = start;
+            let passes = frame_chunks(&[grid], max_chunk_patches)
+                .into_iter()
+                .map(|chunk| {
+                    let n: usize = chunk.iter().map(|g| g[0] * g[1] * g[2]).sum();
+                    let rows = start * dim..(start + n) * dim;
+                    start += n;
+                    (chunk, rows)
+                })
+                .collect();
+            items.push(VisionItem {
+                grid,
+                rows: item_start * dim..start * dim,
+                passes,
+            });
+        }
+        Ok(items)
     }
 
     /// Patch rows `(n, patch_dim)` in the model's dtype and device.

@@ -15,6 +15,13 @@
 //! order, so the logits are bit-identical. Unlike vLLM's chunked prefill, a prompt's
 //! chunks of query rows run within each layer, not through all layers, so no chunk waits
 //! for a whole pass over the model.
+//!
+//! With an [`EncoderCache`] ([`PrefillJob::with_encoder_cache`]), each image or video is
+//! looked up before its passes start (one unit: hashing its pixels), and only the misses run
+//! the tower; their rows are kept for the next request. The rows of a hit are the bits the
+//! tower computed for the same pixels and grid on the same model, and every item is encoded
+//! on its own (see `Qwen2VL::vision_items`), so the logits are the same with or without the
+//! cache.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -22,18 +29,27 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use super::{Qwen2VL, VISION_CHUNK_PATCHES};
+use super::{Qwen2VL, VisionChunk, VisionItem, VISION_CHUNK_PATCHES};
+use crate::encoder_cache::{embeddings_key, CacheKey, EncoderCache};
 use crate::error::{Error, Result};
 use crate::inputs::ModelInputs;
 use crate::kv_cache::KvCache;
 use crate::text::{LayerPass, TextModel};
 use crate::vision::VisionPass;
 
-/// A vision-tower pass not started yet: video or image, its grids, its rows of pixels.
+/// An image or video not looked up nor encoded yet, and whether it is a video.
 struct Pending {
     video: bool,
-    grids: Vec<[usize; 3]>,
-    rows: Range<usize>,
+    item: VisionItem,
+}
+
+/// An image or video being encoded (it missed the cache, or there is none): its key in the
+/// cache, the passes not started yet and the outputs `(rows, hidden)` of those done.
+struct Encoding {
+    video: bool,
+    key: Option<CacheKey>,
+    passes: VecDeque<VisionChunk>,
+    outs: Vec<Tensor>,
 }
 
 /// The decoder part: hidden states `(1, n, hidden)` after `next` layers, the prompt's
@@ -53,8 +69,10 @@ struct TextStage<'m> {
 pub struct PrefillJob<'m> {
     model: &'m Qwen2VL,
     todo: VecDeque<Pending>,
+    encoding: Option<Encoding>,
+    cache: Option<&'m EncoderCache>,
     vision_rows: Option<usize>,
-    pass: Option<(bool, VisionPass<'m>)>,
+    pass: Option<VisionPass<'m>>,
     images: Vec<Tensor>,
     videos: Vec<Tensor>,
     text: Option<TextStage<'m>>,
@@ -97,16 +115,16 @@ impl Qwen2VL {
             if grids.is_empty() {
                 continue;
             }
-            for (grids, rows) in self.vision_chunks(pixels, grids, VISION_CHUNK_PATCHES)? {
-                todo.push_back(Pending { video, grids, rows });
+            for item in self.vision_items(pixels, grids, VISION_CHUNK_PATCHES)? {
+                todo.push_back(Pending { video, item });
             }
         }
-        // Per vision pass: its start and its units; then the embedding of the prompt and
-        // each decoder layer.
-        let vision_units: usize = todo
-            .iter()
-            .map(|p| Ok(1 + self.vision()?.pass_units(&p.grids, vision_rows)))
-            .sum::<Result<usize>>()?;
+        // Per item its lookup, per vision pass its start and its units (all of them: hits
+        // are not known yet); then the embedding of the prompt and each decoder layer.
+        let mut vision_units = todo.len();
+        for (grids, _) in todo.iter().flat_map(|p| &p.item.passes) {
+            vision_units += 1 + self.vision()?.pass_units(grids, vision_rows);
+        }
         let layer_units = self
             .text
             .layer_units(inputs.input_ids.len(), 0, vision_rows);
@@ -114,6 +132,8 @@ impl Qwen2VL {
         Ok(PrefillJob {
             model: self,
             todo,
+            encoding: None,
+            cache: None,
             vision_rows,
             pass: None,
             images: Vec::new(),
@@ -129,6 +149,14 @@ impl Qwen2VL {
 }
 
 impl<'m> PrefillJob<'m> {
+    /// Looks each image and video up in `cache` before encoding it, and keeps the rows of
+    /// those encoded (see the [module docs](self)); a cache that is off changes nothing.
+    /// Call it before the first [`PrefillJob::step`].
+    pub fn with_encoder_cache(mut self, cache: &'m EncoderCache) -> Self {
+        self.cache = cache.is_enabled().then_some(cache);
+        self
+    }
+
     /// Runs one unit of work; `true` when the prefill is complete. `inputs` and `cache` must
     /// be the same at every call.
     pub fn step(&mut self, inputs: &ModelInputs, cache: &mut KvCache) -> Result<bool> {
@@ -147,11 +175,8 @@ impl<'m> PrefillJob<'m> {
             self.prefill_ms += ms(t);
             return Ok(self.logits.is_some());
         }
-        if self.pass.is_some() {
-            self.vision_unit()?;
-            self.vision_ms += ms(t);
-        } else if let Some(p) = self.todo.pop_front() {
-            self.start_vision_pass(p, inputs)?;
+        if self.pass.is_some() || self.encoding.is_some() || !self.todo.is_empty() {
+            self.vision_step(inputs)?;
             self.vision_ms += ms(t);
         } else {
             self.start_text(inputs, cache)?;
@@ -196,45 +221,132 @@ impl<'m> PrefillJob<'m> {
         Ok(())
     }
 
-    /// One unit of the vision pass in progress; when it completes, its embeddings join the
-    /// images' or the videos'.
+    /// One unit of the vision tower: a unit of the pass in progress, else the start of the
+    /// next pass of the item being encoded, else the lookup of the next item.
+    fn vision_step(&mut self, inputs: &ModelInputs) -> Result<()> {
+        if self.pass.is_some() {
+            return self.vision_unit();
+        }
+        if let Some(enc) = &mut self.encoding {
+            let Some(chunk) = enc.passes.pop_front() else {
+                return Err(Error::Internal("an item with no passes left".into()));
+            };
+            let video = enc.video;
+            return self.start_vision_pass(video, chunk, inputs);
+        }
+        match self.todo.pop_front() {
+            Some(p) => self.start_item(p, inputs),
+            None => Err(Error::Internal("no vision work left".into())),
+        }
+    }
+
+    /// One unit of the vision pass in progress; when it completes, its output joins its
+    /// item's, and when that was the item's last pass, the item is done.
     fn vision_unit(&mut self) -> Result<()> {
-        let Some((_, pass)) = &mut self.pass else {
+        let Some(pass) = &mut self.pass else {
             return Err(Error::Internal("no vision pass to step".into()));
         };
-        if pass.step()? {
-            let Some((video, pass)) = self.pass.take() else {
-                return Err(Error::Internal("the vision pass disappeared".into()));
-            };
-            let out = pass.finish()?;
-            if video {
-                self.videos.push(out);
-            } else {
-                self.images.push(out);
+        if !pass.step()? {
+            return Ok(());
+        }
+        let out = match self.pass.take() {
+            Some(pass) => pass.finish()?,
+            None => return Err(Error::Internal("the vision pass disappeared".into())),
+        };
+        let Some(enc) = &mut self.encoding else {
+            return Err(Error::Internal("a vision pass without its item".into()));
+        };
+        enc.outs.push(out);
+        if enc.passes.is_empty() {
+            if let Some(enc) = self.encoding.take() {
+                self.finish_item(enc)?;
             }
         }
         Ok(())
     }
 
-    /// Starts the vision pass of `p`'s rows of pixels.
-    fn start_vision_pass(&mut self, p: Pending, inputs: &ModelInputs) -> Result<()> {
-        let pixels = if p.video {
+    /// The pixel rows `range` of the images (`video` false) or the videos.
+    fn pixels(inputs: &ModelInputs, video: bool, range: Range<usize>) -> Result<&[f32]> {
+        let pixels = if video {
             &inputs.pixel_values_videos
         } else {
             &inputs.pixel_values
         };
-        let rows = pixels.get(p.rows.clone()).ok_or_else(|| {
+        pixels.get(range).ok_or_else(|| {
             Error::bad_input(
                 "the inputs changed during the prefill",
                 "the same inputs at every step",
             )
-        })?;
-        let pv = self.model.patch_tensor(rows)?;
+        })
+    }
+
+    /// Looks an image or video up in the cache: a hit gives its rows at once; otherwise its
+    /// encoding starts (its first pass at the next unit).
+    fn start_item(&mut self, Pending { video, item }: Pending, inputs: &ModelInputs) -> Result<()> {
+        let key = match self.cache {
+            Some(cache) => {
+                let pixels = Self::pixels(inputs, video, item.rows.clone())?;
+                let key = embeddings_key(self.model.identity(), item.grid, pixels);
+                if let Some(rows) = cache.get_embeddings(&key) {
+                    self.push_rows(video, rows);
+                    return Ok(());
+                }
+                Some(key)
+            }
+            None => None,
+        };
+        if item.passes.is_empty() {
+            return Err(Error::Internal(format!(
+                "grid {:?} has no passes",
+                item.grid
+            )));
+        }
+        self.encoding = Some(Encoding {
+            video,
+            key,
+            passes: item.passes.into(),
+            outs: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// An item's rows `(tokens, hidden)`, all passes done: kept in the cache (when it was
+    /// looked up) and added to the images' or the videos'.
+    fn finish_item(&mut self, enc: Encoding) -> Result<()> {
+        let Some(rows) = cat(enc.outs)? else {
+            return Err(Error::Internal("an item encoded to nothing".into()));
+        };
+        if let (Some(cache), Some(key)) = (self.cache, enc.key) {
+            cache.put_embeddings(key, &rows)?;
+        }
+        self.push_rows(enc.video, rows);
+        Ok(())
+    }
+
+    /// Adds an item's rows to the images' or the videos', in prompt order.
+    fn push_rows(&mut self, video: bool, rows: Tensor) {
+        if video {
+            self.videos.push(rows);
+        } else {
+            self.images.push(rows);
+        }
+    }
+
+    /// Starts the vision pass of `chunk` (grids of whole frames, a range of pixel values).
+    fn start_vision_pass(
+        &mut self,
+        video: bool,
+        (grids, rows): VisionChunk,
+        inputs: &ModelInputs,
+    ) -> Result<()> {
+        let pv = self
+            .model
+            .patch_tensor(Self::pixels(inputs, video, rows)?)?;
         let pass = self
             .model
             .vision()?
-            .begin_with_rows(&pv, &p.grids, self.vision_rows)?;
-        self.pass = Some((p.video, pass));
+            .begin_with_rows(&pv, &grids, self.vision_rows)?;
+        self.pass = Some(pass);
         Ok(())
     }
 

@@ -2,8 +2,10 @@
 //! produce in the reference, with M-RoPE ids attached.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::config::{PreprocessorConfig, Qwen2VLConfig};
+use crate::encoder_cache::{CacheKey, CachedImage, EncoderCache, KeyBuilder};
 use crate::error::{Error, Item, ItemKind, Result};
 use crate::inputs::{ImageInfo, ModelInputs, VideoInfo};
 use crate::processing::fetch::{fetch, FetchOptions};
@@ -34,6 +36,11 @@ pub struct ProcessOptions {
     /// tokenizing (at most [`TEXT_BYTES_PER_TOKEN`] per token), then each image's and video's
     /// token count from its header and settings before any pixel is decoded.
     pub max_prompt_tokens: Option<usize>,
+    /// Where preprocessed images are kept and looked up, keyed by their encoded bytes and
+    /// every setting that changes their preprocessing (see [`crate::encoder_cache`]): a hit
+    /// skips decoding and resizing. `None` (the default) or a cache that is off: every image
+    /// is decoded.
+    pub cache: Option<Arc<EncoderCache>>,
 }
 
 /// Bytes of message text allowed per token of [`ProcessOptions::max_prompt_tokens`] before
@@ -50,6 +57,7 @@ impl Default for ProcessOptions {
             base_dir: None,
             fetch: FetchOptions::default(),
             max_prompt_tokens: None,
+            cache: None,
         }
     }
 }
@@ -233,19 +241,62 @@ impl Processor {
         let mut pixel_values = Vec::new();
         let mut images = Vec::new();
         for (n, (mi, part, plan)) in planned.into_iter().enumerate() {
-            let (img, pre) = self
-                .decode_planned(part, plan, opts)
+            let image = self
+                .decode_cached(part, plan, opts)
                 .map_err(|e| name_item(e, n + 1, mi + 1))?;
-            let [t, gh, gw] = pre.grid_thw;
-            pixel_values.extend_from_slice(&pre.pixel_values);
-            images.push(ImageInfo {
-                original_hw: img,
+            pixel_values.extend_from_slice(&image.pixel_values);
+            images.push(image.info.clone());
+        }
+        Ok((pixel_values, images))
+    }
+
+    /// A planned image preprocessed: from the cache in `opts` when its bytes were seen with
+    /// the same settings, else decoded (and then kept there).
+    fn decode_cached(
+        &self,
+        part: &ImagePart,
+        plan: PlannedImage<'_>,
+        opts: &ProcessOptions,
+    ) -> Result<Arc<CachedImage>> {
+        let cache = opts.cache.as_deref().filter(|c| c.is_enabled());
+        let key = cache.map(|_| self.image_key(part, &plan.fetched.bytes));
+        if let (Some(cache), Some(key)) = (cache, &key) {
+            if let Some(hit) = cache.get_image(key) {
+                debug_assert_eq!(hit.info.resized_hw, plan.size, "same key, same size");
+                return Ok(hit);
+            }
+        }
+        let (original_hw, pre) = self.decode_planned(part, plan, opts)?;
+        let [t, gh, gw] = pre.grid_thw;
+        let image = Arc::new(CachedImage {
+            info: ImageInfo {
+                original_hw,
                 resized_hw: pre.resized_hw,
                 grid_thw: pre.grid_thw,
                 tokens: t * gh * gw / (self.merge * self.merge),
-            });
+            },
+            pixel_values: pre.pixel_values,
+        });
+        if let (Some(cache), Some(key)) = (cache, key) {
+            cache.put_image(key, image.clone());
         }
-        Ok((pixel_values, images))
+        Ok(image)
+    }
+
+    /// The cache key of an image's preprocessing: its encoded `bytes` (wherever they came
+    /// from: a path, a URL and a data URI with the same bytes are one image), this
+    /// processor's settings (`preprocessor_config.json`: patch and merge sizes, mean and
+    /// std, default min/max pixels) and the item's own min/max pixels and resized size.
+    fn image_key(&self, part: &ImagePart, bytes: &[u8]) -> CacheKey {
+        let mut k = KeyBuilder::new("qwen2vl/preprocessed-image/v1");
+        k.bytes(format!("{:?}", self.preprocessor).as_bytes())
+            .u64(self.merge as u64)
+            .opt_u64(part.min_pixels)
+            .opt_u64(part.max_pixels)
+            .opt_u64(part.resized_height.map(|h| h as u64))
+            .opt_u64(part.resized_width.map(|w| w as u64))
+            .bytes(bytes);
+        k.finish()
     }
 
     /// Reads, samples and preprocesses every video in order, each within what `budget` still
