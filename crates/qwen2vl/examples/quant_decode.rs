@@ -173,22 +173,27 @@ fn main() {
         // One weight row that stays in L1, dotted with the `m` activation rows again and
         // again on this thread: the kernel's compute rate with no memory traffic and no call
         // overhead.
-        // 16 rows (one packed Q8_0 group) of 1536: 26 KB, in L1.
-        let small = QMatrix::quantize(t, &values(16 * HIDDEN, 5), 16, HIDDEN).unwrap();
+        // 16 rows (one packed group) of 1536: 26 KB, in L1; `L1_ROWS=15` times the rows
+        // layout (a matrix of fewer than 16 rows is not packed).
+        let n_small: usize = std::env::var("L1_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16);
+        let small = QMatrix::quantize(t, &values(n_small * HIDDEN, 5), n_small, HIDDEN).unwrap();
         let acts = qwen2vl::ops::quant::QActs::quantize(t, &xs[0][..m * HIDDEN], m, HIDDEN);
         let rows: Vec<_> = (0..m).map(|r| acts.row(r)).collect();
-        let mut out = vec![0f32; 16 * m];
+        let mut out = vec![0f32; n_small * m];
         for backend in qwen2vl::ops::quant::Backend::available() {
-            let reps = 400_000 / (16 * m);
+            let reps = 400_000 / (n_small * m);
             let t0 = thread_cpu_seconds();
             for _ in 0..reps {
-                std::hint::black_box(&small).rows_into(backend, 0..16, &rows, &mut out);
+                std::hint::black_box(&small).rows_into(backend, 0..n_small, &rows, &mut out);
                 std::hint::black_box(&out);
             }
-            let secs = (thread_cpu_seconds() - t0) / (16 * reps) as f64;
+            let secs = (thread_cpu_seconds() - t0) / (n_small * reps) as f64;
             println!(
                 "  {t} in L1, one thread, {backend:?}: {:.1} GB/s of weights ({:.1} ns per row of {HIDDEN} and {m} activation rows)",
-                small.bytes().len() as f64 / 16.0 / secs / 1e9,
+                small.bytes().len() as f64 / n_small as f64 / secs / 1e9,
                 secs * 1e9
             );
         }

@@ -39,6 +39,7 @@ pub mod processing;
 pub use error::{Error, Item, ItemKind, Result};
 pub mod inputs;
 pub mod kv_cache;
+mod mapped;
 pub mod model;
 pub mod nn;
 pub mod ops;

@@ -27,6 +27,7 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 use crate::error::{Error, Result};
 use crate::gguf::model::{dequantize_widened, qtype_of, requantized_to, GgufModel, Part, Source};
 use crate::gguf::GgmlType;
+use crate::mapped::{le16, par_decode, release_pages};
 use crate::ops::quant::plan::QuantPlan;
 use crate::ops::quant::{QMatrix, QType};
 
@@ -543,55 +544,6 @@ impl Weights {
     }
 }
 
-/// Drops the mapped file pages of `data` (a slice of `mmap`) from this process's resident
-/// set once the tensor has been copied out, so loading never holds a checkpoint twice (the
-/// file pages plus the converted copy). Pages shared with a neighbouring tensor are kept.
-fn release_pages(mmap: &Mmap, data: &[u8]) {
-    #[cfg(unix)]
-    {
-        const PAGE: usize = 4096;
-        let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
-        let end = start + data.len();
-        let (a, b) = (start.div_ceil(PAGE) * PAGE, end / PAGE * PAGE);
-        if b > a {
-            // SAFETY: the map is a read-only private file mapping; after MADV_DONTNEED a later
-            // read faults the same bytes back in from the file, so no reader sees a change.
-            let _ = unsafe {
-                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
-            };
-        }
-    }
-}
-
-/// Elements converted per parallel task.
-const CONVERT_CHUNK: usize = 1 << 16;
-
-/// Decodes little-endian elements of `size` bytes into `T`s on all cores.
-fn par_decode<T: Send + Copy + Default>(
-    bytes: &[u8],
-    n: usize,
-    size: usize,
-    f: impl Fn(&[u8]) -> T + Sync,
-) -> std::result::Result<Vec<T>, String> {
-    use rayon::prelude::*;
-    if bytes.len() != n * size {
-        return Err(format!(
-            "{} bytes for {n} elements of {size} bytes",
-            bytes.len()
-        ));
-    }
-    // `vec!` of zeros maps fresh pages lazily; each task faults in and fills its own chunk.
-    let mut out = vec![T::default(); n];
-    out.par_chunks_mut(CONVERT_CHUNK)
-        .zip(bytes.par_chunks(CONVERT_CHUNK * size))
-        .for_each(|(o, b)| {
-            for (x, c) in o.iter_mut().zip(b.chunks_exact(size)) {
-                *x = f(c);
-            }
-        });
-    Ok(out)
-}
-
 /// `n` little-endian f16 values widened to f32 on all threads, eight at a time with F16C
 /// where the CPU has it (`half`'s slice conversion; the per-value conversion checks the CPU
 /// on every call and was a third of loading an f16 vision projector).
@@ -602,16 +554,14 @@ fn f16_to_f32(bytes: &[u8], n: usize) -> std::result::Result<Vec<f32>, String> {
     // only the correctly aligned middle.
     let (head, values, tail) = unsafe { bytes.align_to::<half::f16>() };
     if !head.is_empty() || !tail.is_empty() || cfg!(target_endian = "big") {
-        return par_decode(bytes, n, 2, |c| {
-            half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()
-        });
+        return par_decode(bytes, n, 2, |c| half::f16::from_bits(le16(c)).to_f32());
     }
     if values.len() != n {
         return Err(format!("{} bytes for {n} elements of 2 bytes", bytes.len()));
     }
     let mut out = vec![0f32; n];
-    out.par_chunks_mut(CONVERT_CHUNK)
-        .zip(values.par_chunks(CONVERT_CHUNK))
+    out.par_chunks_mut(1 << 16)
+        .zip(values.par_chunks(1 << 16))
         .for_each(|(o, v)| v.convert_to_f32_slice(o));
     Ok(out)
 }
@@ -626,7 +576,6 @@ fn convert(
 ) -> std::result::Result<Tensor, String> {
     use half::{bf16, f16};
     let n = shape.elem_count();
-    let le16 = |c: &[u8]| u16::from_le_bytes([c[0], c[1]]);
     let t = match (src, dtype) {
         (StDtype::F32, DType::F32) => Tensor::from_vec(
             par_decode(bytes, n, 4, |c| {

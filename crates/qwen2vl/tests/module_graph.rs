@@ -298,6 +298,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "kv_cache",
             "grounding",
             "encoder_cache",
+            "mapped",
         ],
     ),
     ("inputs", &["processing"]),

@@ -325,25 +325,8 @@ impl GgufFile {
     /// from the process's resident set; pages shared with a neighbour are kept. A later read
     /// faults them back in from the file. Nothing happens for an in-memory file.
     pub fn release(&self, data: &[u8]) {
-        #[cfg(unix)]
         if let Backing::Map(map) = &self.backing {
-            const PAGE: usize = 4096;
-            let base = map.as_ptr() as usize;
-            let start = data.as_ptr() as usize;
-            if start < base || start + data.len() > base + map.len() {
-                return;
-            }
-            let (a, b) = (
-                (start - base).div_ceil(PAGE) * PAGE,
-                (start - base + data.len()) / PAGE * PAGE,
-            );
-            if b > a {
-                // SAFETY: a read-only private file mapping; after MADV_DONTNEED a read faults
-                // the same bytes back in from the file.
-                let _ = unsafe {
-                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
-                };
-            }
+            crate::mapped::release_pages(map, data);
         }
     }
 

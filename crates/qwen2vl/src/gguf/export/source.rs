@@ -17,6 +17,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value as Json;
 
 use crate::error::{Error, Result};
+use crate::mapped::{le16, par_decode, release_pages};
 
 /// Where one tensor lies.
 struct Entry {
@@ -81,11 +82,10 @@ impl SafetensorsDir {
         let (path, mmap) = &self.maps[e.file];
         let data = &mmap[e.bytes.clone()];
         let n: usize = e.shape.iter().product();
-        let le16 = |c: &[u8]| u16::from_le_bytes([c[0], c[1]]);
         let values = match e.dtype {
-            Dtype::F32 => decode(data, n, 4, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            Dtype::BF16 => decode(data, n, 2, |c| half::bf16::from_bits(le16(c)).to_f32()),
-            Dtype::F16 => decode(data, n, 2, |c| half::f16::from_bits(le16(c)).to_f32()),
+            Dtype::F32 => par_decode(data, n, 4, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            Dtype::BF16 => par_decode(data, n, 2, |c| half::bf16::from_bits(le16(c)).to_f32()),
+            Dtype::F16 => par_decode(data, n, 2, |c| half::f16::from_bits(le16(c)).to_f32()),
             other => Err(format!("dtype {other:?}; allowed: F32, BF16, F16")),
         }
         .map_err(|m| Error::Weights(format!("{}: tensor {name}: {m}", path.display())))?;
@@ -133,48 +133,4 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         });
     }
     Ok(files)
-}
-
-/// `n` elements of `size` bytes each, decoded by `f` on all threads.
-fn decode(
-    bytes: &[u8],
-    n: usize,
-    size: usize,
-    f: impl Fn(&[u8]) -> f32 + Sync,
-) -> std::result::Result<Vec<f32>, String> {
-    use rayon::prelude::*;
-    if bytes.len() != n * size {
-        return Err(format!(
-            "{} bytes for {n} elements of {size} bytes",
-            bytes.len()
-        ));
-    }
-    const CHUNK: usize = 1 << 16;
-    let mut out = vec![0f32; n];
-    out.par_chunks_mut(CHUNK)
-        .zip(bytes.par_chunks(CHUNK * size))
-        .for_each(|(o, b)| {
-            for (x, c) in o.iter_mut().zip(b.chunks_exact(size)) {
-                *x = f(c);
-            }
-        });
-    Ok(out)
-}
-
-/// Drops the whole pages of `data` (a slice of `mmap`) from the resident set.
-fn release_pages(mmap: &Mmap, data: &[u8]) {
-    #[cfg(unix)]
-    {
-        const PAGE: usize = 4096;
-        let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
-        let end = start + data.len();
-        let (a, b) = (start.div_ceil(PAGE) * PAGE, end / PAGE * PAGE);
-        if b > a {
-            // SAFETY: the map is a read-only private file mapping; after MADV_DONTNEED a later
-            // read faults the same bytes back in from the file, so no reader sees a change.
-            let _ = unsafe {
-                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
-            };
-        }
-    }
 }
