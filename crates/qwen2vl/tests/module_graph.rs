@@ -298,6 +298,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "kv_cache",
             "grounding",
             "encoder_cache",
+            "lru",
+            "prefix_cache",
         ],
     ),
     ("inputs", &["processing"]),
