@@ -11,11 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use qwen2vl::engine::{Engine, EngineConfig, EngineEvent, EngineStats};
 use qwen2vl::generation::{GenerateRequest, Generation};
 use qwen2vl::pipeline::{DTypeChoice, LoadOptions, Pipeline};
 use qwen2vl::prefix_cache::{PrefixCache, BLOCK_TOKENS};
-use qwen2vl::processing::messages::Message;
+use qwen2vl::processing::messages::{ContentPart, ImageSource, Message, Role};
 
 fn model_dir() -> PathBuf {
     common::fixtures().join("tiny-qwen2vl")
@@ -211,6 +212,41 @@ fn two_images_of_one_size_never_share_a_block() {
     let gb = generate(&p, &rb);
     assert_eq!(gb.token_ids, generate(uncached(), &rb).token_ids);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn one_image_as_a_file_and_as_a_data_uri_shares_its_blocks() {
+    let p = load();
+    let path = image("wide.png");
+    let bytes = std::fs::read(&path).expect("fixture image");
+    let uri = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&bytes)
+    );
+    let q = "What is in this picture, in a few words?";
+    let from_file = ask(None, &[path], q);
+    let from_uri = GenerateRequest::new(vec![Message::parts(
+        Role::User,
+        vec![
+            ContentPart::image(ImageSource::Uri(uri)),
+            ContentPart::text(q),
+        ],
+    )])
+    .with_max_new_tokens(6);
+    let ids = p.prepare(&from_file).unwrap().input_ids;
+    assert_eq!(ids, p.prepare(&from_uri).unwrap().input_ids);
+    let (_, c) = cached_prefill(&p, &from_file);
+    assert_eq!(c, 0);
+    let (l, c) = cached_prefill(&p, &from_uri);
+    let (start, last) = image_span(&p, &from_uri);
+    let n = ids.len();
+    let mut want = (n - 1).min(n / BLOCK_TOKENS * BLOCK_TOKENS);
+    if want > start && want <= last {
+        want = start;
+    }
+    assert_eq!(c, want, "the same pixels: the same blocks");
+    assert!(c > last, "the image's blocks are reused");
+    assert_close(&l, &uncached_logits(&from_uri), "data URI after file");
 }
 
 #[test]
