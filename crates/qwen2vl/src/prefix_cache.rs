@@ -155,17 +155,44 @@ impl PrefixKey {
         self.tokens
             .chunks_exact(BLOCK_TOKENS)
             .map(|block| {
-                let mut k = KeyBuilder::new("qwen2vl/prefix-block/v1");
-                k.bytes(&prev);
-                for t in block {
-                    match *t {
-                        KeyToken::Id(id) => k.u64(id as u64),
-                        // Not an id (ids are u32): the two kinds cannot meet.
-                        KeyToken::Media(i) => k.u64(u64::MAX).bytes(&self.digests[i]),
-                    };
-                }
-                prev = k.finish();
+                prev = self.hash_block("qwen2vl/prefix-block/v1", &prev, block);
                 prev
+            })
+            .collect()
+    }
+
+    /// The name of `block`'s positions after the block named `prev`, in domain `domain`.
+    fn hash_block(&self, domain: &str, prev: &CacheKey, block: &[KeyToken]) -> CacheKey {
+        let mut k = KeyBuilder::new(domain);
+        k.bytes(prev);
+        for t in block {
+            match *t {
+                KeyToken::Id(id) => k.u64(id as u64),
+                // Not an id (ids are u32): the two kinds cannot meet.
+                KeyToken::Media(i) => k.u64(u64::MAX).bytes(&self.digests[i]),
+            };
+        }
+        k.finish()
+    }
+
+    /// The partial blocks that end where a vision item ends inside a block, up to position
+    /// `upto`: `(start, end, name)`, named after the full block before (`hashes`, from
+    /// [`Self::block_hashes`]). Without them, two prompts that differ right after an image
+    /// (a second question) would share no position of it: the last full block they share
+    /// ends inside the image, and a match is cut back to its start.
+    fn media_ends(&self, hashes: &[CacheKey], upto: usize) -> Vec<(usize, usize, CacheKey)> {
+        self.spans
+            .iter()
+            .filter(|s| !s.is_empty() && s.end % BLOCK_TOKENS != 0 && s.end <= upto)
+            .filter_map(|s| {
+                let k = s.end / BLOCK_TOKENS;
+                let prev = match k {
+                    0 => self.model,
+                    _ => *hashes.get(k - 1)?,
+                };
+                let block = self.tokens.get(k * BLOCK_TOKENS..s.end)?;
+                let name = self.hash_block("qwen2vl/prefix-media-end/v1", &prev, block);
+                Some((k * BLOCK_TOKENS, s.end, name))
             })
             .collect()
     }
@@ -295,16 +322,28 @@ impl PrefixCache {
         let mut guard = self.lock();
         let st = &mut *guard;
         let found = hashes.iter().take_while(|h| st.blocks.contains(h)).count();
-        let tokens = key.clamp_to_media((found * BLOCK_TOKENS).min(limit));
-        let used = tokens.div_ceil(BLOCK_TOKENS);
+        // A partial block ending where an image ends, right after the full ones.
+        let partial = key
+            .media_ends(&hashes, limit)
+            .into_iter()
+            .find(|(start, _, name)| *start == found * BLOCK_TOKENS && st.blocks.contains(name));
+        let (tokens, mut names) = match partial {
+            Some((_, end, name)) => (end, vec![name]),
+            None => {
+                let tokens = key.clamp_to_media((found * BLOCK_TOKENS).min(limit));
+                (tokens, Vec::new())
+            }
+        };
+        let full =
+            tokens / BLOCK_TOKENS + usize::from(names.is_empty() && tokens % BLOCK_TOKENS != 0);
+        names.extend(hashes[..full].iter().rev());
         // Last to first: a block stays more recent than the ones after it.
-        let mut blocks: Vec<Arc<KvBlock>> = hashes[..used]
+        let mut blocks: Vec<Arc<KvBlock>> = names
             .iter()
-            .rev()
             .filter_map(|h| st.blocks.touch(h).cloned())
             .collect();
         blocks.reverse();
-        if blocks.len() != used {
+        if blocks.len() != names.len() {
             // Not reachable: the blocks were found under the same lock.
             return PrefixMatch::default();
         }
@@ -325,16 +364,24 @@ impl PrefixCache {
             return Ok(());
         }
         let hashes = key.block_hashes();
-        let full = cache.len().min(key.len()) / BLOCK_TOKENS;
+        let stored = cache.len().min(key.len());
+        let full = stored / BLOCK_TOKENS;
+        // Partial blocks first: each is older than the full block before it.
+        let mut todo: Vec<(usize, usize, CacheKey)> = key.media_ends(&hashes, stored);
+        todo.extend(
+            (0..full)
+                .rev()
+                .map(|i| (i * BLOCK_TOKENS, (i + 1) * BLOCK_TOKENS, hashes[i])),
+        );
         let mut guard = self.lock();
         let st = &mut *guard;
-        for (i, h) in hashes[..full].iter().enumerate().rev() {
-            if st.blocks.touch(h).is_some() {
+        for (start, end, h) in todo {
+            if st.blocks.touch(&h).is_some() {
                 continue;
             }
-            let block = cache.copy_block(i * BLOCK_TOKENS, BLOCK_TOKENS)?;
+            let block = cache.copy_block(start, end - start)?;
             let bytes = block.bytes() as u64 + ENTRY_OVERHEAD_BYTES;
-            st.stats.evictions += st.blocks.insert(*h, Arc::new(block), bytes, self.budget);
+            st.stats.evictions += st.blocks.insert(h, Arc::new(block), bytes, self.budget);
         }
         st.stats.bytes = st.blocks.bytes();
         Ok(())

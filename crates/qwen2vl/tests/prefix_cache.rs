@@ -139,6 +139,23 @@ fn image_span(p: &Pipeline, req: &GenerateRequest) -> (usize, usize) {
     (first, last)
 }
 
+/// The positions a prompt reuses when the cache holds `common` of its first positions (a
+/// whole earlier prompt's blocks) and at most `limit` may be reused, its image at
+/// `start..=last`: whole blocks, cut back to the image's start if they end inside it, unless
+/// the image's end is in `common` (the earlier prompt kept a block ending there).
+fn expected_reuse(common: usize, limit: usize, (start, last): (usize, usize)) -> usize {
+    let reach = (common / BLOCK_TOKENS * BLOCK_TOKENS).min(limit);
+    if reach > start && reach <= last {
+        if last < common.min(limit) {
+            last + 1
+        } else {
+            start
+        }
+    } else {
+        reach
+    }
+}
+
 #[test]
 fn a_reused_prefix_gives_the_uncached_logits_and_tokens() {
     let p = load();
@@ -157,11 +174,9 @@ fn a_reused_prefix_gives_the_uncached_logits_and_tokens() {
     );
     let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
     let (start, last) = image_span(&p, &second);
-    let mut want = common / BLOCK_TOKENS * BLOCK_TOKENS;
-    if want > start && want <= last {
-        want = start;
-    }
+    let want = expected_reuse(common, b.len() - 1, (start, last));
     let (l2, c2) = cached_prefill(&p, &second);
+    eprintln!("second: {c2} positions reused, image at {start}..={last}, common {common}");
     assert_eq!(
         c2, want,
         "common prefix {common}, image at {start}..={last}"
@@ -173,10 +188,7 @@ fn a_reused_prefix_gives_the_uncached_logits_and_tokens() {
     let g = generate(&p, &second);
     assert_eq!(g.token_ids, generate(uncached(), &second).token_ids);
     let n = b.len();
-    let mut full = (n - 1).min(n / BLOCK_TOKENS * BLOCK_TOKENS);
-    if full > start && full <= last {
-        full = start;
-    }
+    let full = expected_reuse(n, n - 1, (start, last));
     assert_eq!(g.usage.prompt_cached_tokens, full);
     let s = p.prefix_cache().stats();
     assert!(s.hits >= 2 && s.misses == 1, "{s:?}");
@@ -240,10 +252,7 @@ fn one_image_as_a_file_and_as_a_data_uri_shares_its_blocks() {
     let (l, c) = cached_prefill(&p, &from_uri);
     let (start, last) = image_span(&p, &from_uri);
     let n = ids.len();
-    let mut want = (n - 1).min(n / BLOCK_TOKENS * BLOCK_TOKENS);
-    if want > start && want <= last {
-        want = start;
-    }
+    let want = expected_reuse(n, n - 1, (start, last));
     assert_eq!(c, want, "the same pixels: the same blocks");
     assert!(c > last, "the image's blocks are reused");
     assert_close(&l, &uncached_logits(&from_uri), "data URI after file");
