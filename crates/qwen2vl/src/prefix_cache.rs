@@ -14,8 +14,12 @@
 //! **Matches.** A request reuses the longest run of leading blocks that are cached, cut
 //! back so that it never ends inside an image or video (the vision items of the prefix are
 //! then skipped whole, and those of the rest are encoded whole) and so that at least one
-//! position is left to prefill (its logits give the first token). The M-RoPE ids are those
-//! of the whole prompt; the prefill runs on the rest with its slice of them.
+//! position is left to prefill (its logits give the first token). Since an image rarely
+//! ends on a block boundary, a prompt's entries also include a partial block from the last
+//! full block before each image's end to that end (named in a domain of its own): a second
+//! question about the same image then reuses the image too, not only what precedes it.
+//! The M-RoPE ids are those of the whole prompt; the prefill runs on the rest with its
+//! slice of them.
 //!
 //! **Copies, not shares.** An entry holds its own copy of its block's keys and values
 //! ([`KvBlock`]); a sequence that hits gets them copied into its own, preallocated cache
