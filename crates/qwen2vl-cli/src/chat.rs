@@ -359,10 +359,11 @@ impl Session<'_> {
                 if self.args.stats {
                     let u = &gen.usage;
                     eprintln!(
-                        "[prompt {} tokens ({} image, {} video), answer {} tokens, {}, {:.1} tokens/s]",
+                        "[prompt {} tokens ({} image, {} video, {} cached), answer {} tokens, {}, {:.1} tokens/s]",
                         u.prompt_tokens,
                         u.prompt_image_tokens,
                         u.prompt_video_tokens,
+                        u.prompt_cached_tokens,
                         u.completion_tokens,
                         gen.finish_reason,
                         gen.timings.decode_tokens_per_s

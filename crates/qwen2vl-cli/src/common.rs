@@ -48,7 +48,7 @@ pub struct ModelArgs {
     pub quiet: bool,
 }
 
-/// The encoder cache of `run`, `chat` and `serve`.
+/// The encoder and prefix caches of `run`, `chat` and `serve`.
 #[derive(Args, Debug, Clone)]
 pub struct EncoderCacheArgs {
     /// Memory for the encoder cache, in MiB: the vision embeddings and decoded pixels of
@@ -57,6 +57,12 @@ pub struct EncoderCacheArgs {
     /// entries go first; 0 turns it off.
     #[arg(long, value_name = "MIB", default_value_t = 512)]
     pub encoder_cache_mb: u64,
+    /// Memory for the prefix cache, in MiB: the keys and values of recent prompts and
+    /// answers, in blocks of 16 tokens keyed by their text and their images' contents, so a
+    /// request that starts the same way (a system message, an image, the earlier turns of a
+    /// chat) prefills only what is new. Least recently used blocks go first; 0 turns it off.
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    pub prefix_cache_mb: u64,
 }
 
 impl ModelArgs {
@@ -65,6 +71,7 @@ impl ModelArgs {
     pub fn load(&self) -> Result<Pipeline, CliError> {
         self.load_with_cache(&EncoderCacheArgs {
             encoder_cache_mb: 0,
+            prefix_cache_mb: 0,
         })
     }
 
@@ -84,6 +91,7 @@ impl ModelArgs {
             progress: None,
             mmproj: self.mmproj.clone(),
             encoder_cache_mb: cache.encoder_cache_mb,
+            prefix_cache_mb: cache.prefix_cache_mb,
         };
         let dir = self.resolve()?;
         if self.quiet || !std::io::stderr().is_terminal() {

@@ -650,6 +650,7 @@ fn the_encoder_cache_flag_changes_no_answer() {
     for cmd in ["run", "chat", "serve"] {
         let help = String::from_utf8_lossy(&qwen2vl(&[cmd, "--help"]).stdout).into_owned();
         assert!(help.contains("--encoder-cache-mb"), "{cmd}:\n{help}");
+        assert!(help.contains("--prefix-cache-mb"), "{cmd}:\n{help}");
     }
     let o = qwen2vl(&["run", "--encoder-cache-mb", "-1", "hi"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));

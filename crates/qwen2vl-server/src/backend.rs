@@ -9,6 +9,7 @@ use qwen2vl::encoder_cache::EncoderCacheStats;
 use qwen2vl::engine::{Engine, EngineConfig};
 use qwen2vl::generation::GenerateRequest;
 use qwen2vl::pipeline::Pipeline;
+use qwen2vl::prefix_cache::PrefixCacheStats;
 
 pub use qwen2vl::engine::{EngineEvent as Event, Submission, SubmitError};
 
@@ -35,6 +36,8 @@ pub struct BackendStats {
     pub preprocess_threads_abandoned: usize,
     /// The encoder cache's counters and occupancy.
     pub encoder_cache: EncoderCacheStats,
+    /// The prefix cache's counters and occupancy.
+    pub prefix_cache: PrefixCacheStats,
 }
 
 /// Whether the engine moves on (for `/health`).
@@ -85,6 +88,7 @@ impl Backend for Engine {
             preprocessing: s.preprocessing,
             preprocess_threads_abandoned: s.preprocess_threads_abandoned,
             encoder_cache: s.encoder_cache,
+            prefix_cache: s.prefix_cache,
         }
     }
 

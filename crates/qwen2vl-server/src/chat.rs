@@ -254,7 +254,7 @@ fn add_usage(total: &mut Usage, u: &qwen2vl::generation::Usage, first: bool) {
         // The prompt is the same for every choice: counted once, as OpenAI does.
         total.prompt_tokens = u.prompt_tokens;
         total.prompt_tokens_details = PromptTokensDetails {
-            cached_tokens: 0,
+            cached_tokens: u.prompt_cached_tokens,
             text_tokens: u.prompt_text_tokens,
             image_tokens: u.prompt_image_tokens,
             video_tokens: u.prompt_video_tokens,

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 
 use qwen2vl::encoder_cache::EncoderCacheStats;
+use qwen2vl::prefix_cache::PrefixCacheStats;
 
 use crate::backend::BackendStats;
 
@@ -117,7 +118,8 @@ impl Metrics {
         ];
         let scalars = backend_scalars(&stats);
         let cache = encoder_cache_scalars(&stats.encoder_cache);
-        for s in tokens.iter().chain(&scalars).chain(&cache) {
+        let prefix = prefix_cache_scalars(&stats.prefix_cache);
+        for s in tokens.iter().chain(&scalars).chain(&cache).chain(&prefix) {
             s.write(&mut out);
         }
         m.ttft.write(
@@ -281,6 +283,61 @@ fn encoder_cache_scalars(c: &EncoderCacheStats) -> [Scalar; 8] {
     ]
 }
 
+/// The prefix cache's lookups, reused tokens and evictions (counters), its bytes and
+/// blocks (gauges).
+fn prefix_cache_scalars(c: &PrefixCacheStats) -> [Scalar; 7] {
+    let scalar = |name, kind, help, value| Scalar {
+        name,
+        kind,
+        help,
+        value,
+    };
+    [
+        scalar(
+            "qwen2vl_prefix_cache_hits_total",
+            "counter",
+            "Requests whose prompt began with positions held by the prefix cache.",
+            c.hits,
+        ),
+        scalar(
+            "qwen2vl_prefix_cache_misses_total",
+            "counter",
+            "Requests looked up in the prefix cache that reused nothing.",
+            c.misses,
+        ),
+        scalar(
+            "qwen2vl_prefix_cache_cached_tokens_total",
+            "counter",
+            "Prompt tokens whose keys and values were copied from the prefix cache instead of computed.",
+            c.cached_tokens,
+        ),
+        scalar(
+            "qwen2vl_prefix_cache_evictions_total",
+            "counter",
+            "Prefix cache blocks removed to stay within its budget.",
+            c.evictions,
+        ),
+        scalar(
+            "qwen2vl_prefix_cache_bytes",
+            "gauge",
+            "Bytes held by the prefix cache.",
+            c.bytes,
+        ),
+        scalar(
+            "qwen2vl_prefix_cache_blocks",
+            "gauge",
+            "Blocks of 16 positions held by the prefix cache.",
+            c.blocks,
+        ),
+        scalar(
+            "qwen2vl_prefix_cache_budget_bytes",
+            "gauge",
+            "The prefix cache's budget in bytes (--prefix-cache-mb; 0: off).",
+            c.budget_bytes,
+        ),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,6 +372,15 @@ mod tests {
                 entries: 3,
                 budget_bytes: 1 << 29,
             },
+            prefix_cache: PrefixCacheStats {
+                hits: 6,
+                misses: 1,
+                cached_tokens: 320,
+                evictions: 2,
+                bytes: 8192,
+                blocks: 5,
+                budget_bytes: 1 << 30,
+            },
         });
         for (line, kind) in [
             ("qwen2vl_encoder_cache_hits_total 5", "counter"),
@@ -325,6 +391,13 @@ mod tests {
             ("qwen2vl_encoder_cache_bytes 4096", "gauge"),
             ("qwen2vl_encoder_cache_entries 3", "gauge"),
             ("qwen2vl_encoder_cache_budget_bytes 536870912", "gauge"),
+            ("qwen2vl_prefix_cache_hits_total 6", "counter"),
+            ("qwen2vl_prefix_cache_misses_total 1", "counter"),
+            ("qwen2vl_prefix_cache_cached_tokens_total 320", "counter"),
+            ("qwen2vl_prefix_cache_evictions_total 2", "counter"),
+            ("qwen2vl_prefix_cache_bytes 8192", "gauge"),
+            ("qwen2vl_prefix_cache_blocks 5", "gauge"),
+            ("qwen2vl_prefix_cache_budget_bytes 1073741824", "gauge"),
         ] {
             let name = line.split(' ').next().unwrap_or_default();
             assert!(

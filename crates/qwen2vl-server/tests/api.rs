@@ -1187,3 +1187,50 @@ fn metrics_count_the_encoder_cache() {
         assert!(t.contains(line), "{line}: {t}");
     }
 }
+
+#[test]
+fn usage_and_metrics_count_the_prefix_cache() {
+    // A pipeline of its own with a prefix cache: the same request twice reuses the first's
+    // keys and values (all but the last prompt position, in whole blocks), answers the same,
+    // and says so in `usage.prompt_tokens_details.cached_tokens` and /metrics.
+    let pipeline = Pipeline::load_with(
+        &fixtures().join("tiny-qwen2vl"),
+        &qwen2vl::pipeline::LoadOptions {
+            prefix_cache_mb: 16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let addr = start_with(
+        qwen2vl_server::backend::start(Arc::new(pipeline), 4, 16, 0),
+        ServerConfig::default(),
+    );
+    let body = greedy(
+        user_with(json!({"type": "image_url", "image_url": {"url": data_uri("images/wide.png")}})),
+        4,
+    );
+    let first = post(addr, &body);
+    assert_eq!(first.status, 200, "{}", first.body);
+    let second = post(addr, &body);
+    assert_eq!(
+        first.json()["choices"][0]["message"],
+        second.json()["choices"][0]["message"]
+    );
+    let cached = |r: &Resp| r.json()["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+    assert_eq!(cached(&first), Some(0), "{}", first.body);
+    let reused = cached(&second).unwrap_or(0);
+    let prompt = second.json()["usage"]["prompt_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(reused > 0 && reused < prompt, "{}", second.body);
+    wait_idle(addr);
+    let t = get(addr, "/metrics", &[]).body;
+    for line in [
+        "# TYPE qwen2vl_prefix_cache_hits_total counter\nqwen2vl_prefix_cache_hits_total 1\n",
+        "qwen2vl_prefix_cache_misses_total 1\n",
+        &format!("qwen2vl_prefix_cache_cached_tokens_total {reused}\n"),
+        "qwen2vl_prefix_cache_budget_bytes 16777216\n",
+    ] {
+        assert!(t.contains(line), "{line}: {t}");
+    }
+}

@@ -57,6 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         progress: None,
         mmproj: None,
         encoder_cache_mb: 0,
+        prefix_cache_mb: 0,
     };
     let pipeline = Arc::new(Pipeline::load_with(&model, &options)?);
     println!(

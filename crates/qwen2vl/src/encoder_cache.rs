@@ -23,7 +23,6 @@
 //! 0 turns it off (no hashing, no counting). Requests that miss at the same time both
 //! compute and both insert the same value: nothing is wrong, only work is repeated.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::Tensor;
@@ -32,9 +31,8 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::inputs::ImageInfo;
-
-/// A SHA-256 digest naming a cache entry.
-pub type CacheKey = [u8; 32];
+use crate::lru::ByteLru;
+pub use crate::lru::CacheKey;
 
 /// Bytes counted for an entry on top of its values (map slots, key, bookkeeping), so even
 /// tiny entries are bounded in number by the budget.
@@ -145,58 +143,23 @@ pub struct EncoderCacheStats {
     pub budget_bytes: u64,
 }
 
-/// One entry and its place in the LRU order.
-struct Slot {
-    value: Cached,
-    bytes: u64,
-    tick: u64,
-}
-
-/// The mutable state: entries, their order by last use (`tick` → key), counters.
+/// The mutable state: the entries and the counters.
 #[derive(Default)]
 struct Lru {
-    map: HashMap<CacheKey, Slot>,
-    order: BTreeMap<u64, CacheKey>,
-    tick: u64,
+    entries: ByteLru<Cached>,
     stats: EncoderCacheStats,
 }
 
 impl Lru {
     /// The entry under `key`, now the most recently used.
     fn touch(&mut self, key: &CacheKey) -> Option<&Cached> {
-        self.tick += 1;
-        let tick = self.tick;
-        let slot = self.map.get_mut(key)?;
-        self.order.remove(&slot.tick);
-        slot.tick = tick;
-        self.order.insert(tick, *key);
-        Some(&slot.value)
+        self.entries.touch(key)
     }
 
-    /// Inserts (or replaces) an entry of `bytes`, evicting the least recently used ones
-    /// until it fits in `budget`. An entry larger than the whole budget is not kept.
+    /// Inserts (or replaces) an entry of `bytes` within `budget` ([`ByteLru::insert`]).
     fn insert(&mut self, key: CacheKey, value: Cached, bytes: u64, budget: u64) {
-        if let Some(old) = self.map.remove(&key) {
-            self.order.remove(&old.tick);
-            self.stats.bytes -= old.bytes;
-        }
-        if bytes > budget {
-            return;
-        }
-        while self.stats.bytes + bytes > budget {
-            let Some((_, victim)) = self.order.pop_first() else {
-                break;
-            };
-            if let Some(old) = self.map.remove(&victim) {
-                self.stats.bytes -= old.bytes;
-                self.stats.evictions += 1;
-            }
-        }
-        self.tick += 1;
-        self.order.insert(self.tick, key);
-        let tick = self.tick;
-        self.map.insert(key, Slot { value, bytes, tick });
-        self.stats.bytes += bytes;
+        self.stats.evictions += self.entries.insert(key, value, bytes, budget);
+        self.stats.bytes = self.entries.bytes();
     }
 }
 
@@ -313,7 +276,7 @@ impl EncoderCache {
     pub fn stats(&self) -> EncoderCacheStats {
         let lru = self.lock();
         EncoderCacheStats {
-            entries: lru.map.len() as u64,
+            entries: lru.entries.len() as u64,
             budget_bytes: self.budget,
             ..lru.stats
         }
@@ -322,8 +285,7 @@ impl EncoderCache {
     /// Drops every entry (the counters stay).
     pub fn clear(&self) {
         let mut lru = self.lock();
-        lru.map.clear();
-        lru.order.clear();
+        lru.entries.clear();
         lru.stats.bytes = 0;
     }
 }

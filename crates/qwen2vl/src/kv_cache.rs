@@ -102,4 +102,72 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.len = 0;
     }
+
+    /// Copies the keys and values of positions `start..start+t` of every layer into a
+    /// [`KvBlock`] of its own storage (a view would keep this whole cache alive, and the
+    /// sequence goes on writing into it).
+    pub fn copy_block(&self, start: usize, t: usize) -> Result<KvBlock> {
+        if start + t > self.len {
+            return Err(Error::Internal(format!(
+                "KV block {start}..{} is past the {} stored tokens",
+                start + t,
+                self.len
+            )));
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.narrow(1, start, t)?.force_contiguous()?,
+                    v.narrow(1, start, t)?.force_contiguous()?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvBlock { layers, tokens: t })
+    }
+
+    /// Appends the first `t` tokens of `block` (every layer) after the stored ones, as if
+    /// they had been computed here.
+    pub fn extend_from(&mut self, block: &KvBlock, t: usize) -> Result<()> {
+        if t > block.tokens || block.layers.len() != self.layers.len() {
+            return Err(Error::Internal(format!(
+                "a KV block of {} tokens and {} layers cannot give {t} tokens to a cache of {} layers",
+                block.tokens,
+                block.layers.len(),
+                self.layers.len()
+            )));
+        }
+        self.ensure_room(t)?;
+        for ((ck, cv), (bk, bv)) in self.layers.iter().zip(&block.layers) {
+            ck.slice_set(&bk.narrow(1, 0, t)?.contiguous()?, 1, self.len)?;
+            cv.slice_set(&bv.narrow(1, 0, t)?.contiguous()?, 1, self.len)?;
+        }
+        self.len += t;
+        Ok(())
+    }
+}
+
+/// Keys and values of a run of positions of every layer, copied out of a [`KvCache`]: each
+/// layer `k, v: (kv_heads, tokens, head_dim)`. What the prefix cache keeps
+/// ([`crate::prefix_cache`]); a sequence gets a copy into its own cache, never a share.
+#[derive(Debug)]
+pub struct KvBlock {
+    layers: Vec<(Tensor, Tensor)>,
+    tokens: usize,
+}
+
+impl KvBlock {
+    /// Positions it holds.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Bytes of its keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
 }

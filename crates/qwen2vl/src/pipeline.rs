@@ -21,6 +21,7 @@ use crate::inputs::ModelInputs;
 use crate::kv_cache::KvCache;
 use crate::model::{PrefillJob, Qwen2VL};
 use crate::ops::quant::plan::QuantScheme;
+use crate::prefix_cache::{PrefixCache, PrefixKey};
 use crate::processing::processor::{ProcessOptions, Processor};
 
 /// How [`Pipeline::load_with`] loads a checkpoint.
@@ -40,6 +41,9 @@ pub struct LoadOptions {
     /// The encoder cache's budget in MiB (`--encoder-cache-mb`; see
     /// [`crate::encoder_cache`]). 0 (the default) turns it off.
     pub encoder_cache_mb: u64,
+    /// The prefix cache's budget in MiB (`--prefix-cache-mb`; see
+    /// [`crate::prefix_cache`]). 0 (the default) turns it off.
+    pub prefix_cache_mb: u64,
 }
 
 impl std::fmt::Debug for LoadOptions {
@@ -50,6 +54,7 @@ impl std::fmt::Debug for LoadOptions {
             .field("vision_quant", &self.vision_quant)
             .field("mmproj", &self.mmproj)
             .field("encoder_cache_mb", &self.encoder_cache_mb)
+            .field("prefix_cache_mb", &self.prefix_cache_mb)
             .finish()
     }
 }
@@ -104,6 +109,8 @@ pub struct Pipeline {
     /// Vision embeddings and preprocessed images of earlier requests (shared with the
     /// [`crate::engine::Engine`] that runs this pipeline).
     encoder_cache: Arc<EncoderCache>,
+    /// Keys and values of earlier prompts and answers (shared with the engine).
+    prefix_cache: Arc<PrefixCache>,
     load_ms: f64,
 }
 
@@ -213,6 +220,7 @@ impl Pipeline {
             processor,
             generation,
             encoder_cache: Arc::new(EncoderCache::with_mb(options.encoder_cache_mb)),
+            prefix_cache: Arc::new(PrefixCache::with_mb(options.prefix_cache_mb)),
             load_ms: start.elapsed().as_secs_f64() * 1e3,
         })
     }
@@ -239,6 +247,7 @@ impl Pipeline {
             processor,
             generation,
             encoder_cache: Arc::new(EncoderCache::with_mb(options.encoder_cache_mb)),
+            prefix_cache: Arc::new(PrefixCache::with_mb(options.prefix_cache_mb)),
             load_ms: start.elapsed().as_secs_f64() * 1e3,
         })
     }
@@ -263,6 +272,69 @@ impl Pipeline {
     /// model's [`Qwen2VL::identity`].
     pub fn set_encoder_cache(&mut self, cache: Arc<EncoderCache>) {
         self.encoder_cache = cache;
+    }
+
+    /// The prefix cache: its counters, or a handle to share.
+    pub fn prefix_cache(&self) -> &Arc<PrefixCache> {
+        &self.prefix_cache
+    }
+
+    /// Uses `cache` from now on (a new cache starts empty; keys hold the model's
+    /// [`Qwen2VL::identity`], so models sharing one never share an entry).
+    pub fn set_prefix_cache(&mut self, cache: Arc<PrefixCache>) {
+        self.prefix_cache = cache;
+    }
+
+    /// The prefix-cache key of a prepared prompt (hashing its images' and videos' pixels),
+    /// or `None` when the prefix cache is off.
+    pub fn prefix_key(&self, inputs: &ModelInputs) -> Result<Option<PrefixKey>> {
+        if !self.prefix_cache.is_enabled() {
+            return Ok(None);
+        }
+        let [images, videos] = self.model.media_digests(inputs)?;
+        PrefixKey::new(
+            self.model.identity(),
+            &inputs.input_ids,
+            self.model.vision_tokens(),
+            &images,
+            &videos,
+        )
+        .map(Some)
+    }
+
+    /// A [`PrefillJob`] for `inputs` that starts after the longest cached prefix of `key`,
+    /// whose keys and values are copied into `cache` (empty, sized for the whole prompt);
+    /// returns it with the positions reused. Without a key it is [`Pipeline::prefill_job`].
+    pub fn prefill_job_cached(
+        &self,
+        inputs: &ModelInputs,
+        key: Option<&PrefixKey>,
+        cache: &mut KvCache,
+    ) -> Result<(PrefillJob<'_>, usize)> {
+        let Some(key) = key else {
+            return Ok((self.prefill_job(inputs)?, 0));
+        };
+        // At least the last position is prefilled: its logits give the first token.
+        let found = self
+            .prefix_cache
+            .lookup(key, inputs.input_ids.len().saturating_sub(1));
+        found.copy_into(cache)?;
+        let job = self
+            .model
+            .prefill_job_after(inputs, found.tokens(), None)?
+            .with_encoder_cache(&self.encoder_cache)
+            .with_media_keys(key.media_digests().to_vec());
+        Ok((job, found.tokens()))
+    }
+
+    /// Keeps the full blocks of `key` that `cache` holds in the prefix cache (a failure
+    /// is logged: the request it comes from is not at fault).
+    pub fn remember_prefix(&self, key: Option<&PrefixKey>, cache: &KvCache) {
+        if let Some(key) = key {
+            if let Err(e) = self.prefix_cache.insert(key, cache) {
+                tracing::warn!(error = %e, "a prompt's keys and values were not cached");
+            }
+        }
     }
 
     /// Milliseconds spent loading.
@@ -395,7 +467,12 @@ impl Pipeline {
         let max_new = self.max_new_for(n, req.max_new_tokens)?;
 
         let mut cache = self.model.new_cache(n + max_new)?;
-        let (mut logits, vision_ms, prefill_ms) = self.prefill(&inputs, &mut cache)?;
+        let mut key = self.prefix_key(&inputs)?;
+        let (mut job, cached_tokens) =
+            self.prefill_job_cached(&inputs, key.as_ref(), &mut cache)?;
+        while !job.step(&inputs, &mut cache)? {}
+        let (mut logits, vision_ms, prefill_ms) = job.finish()?;
+        self.remember_prefix(key.as_ref(), &cache);
         let mut seq = self.new_sequence(req, &inputs, max_new)?;
         loop {
             let step = seq.push_logits(&logits.to_vec1::<f32>()?)?;
@@ -421,8 +498,16 @@ impl Pipeline {
                 )?
                 .squeeze(0)?;
         }
+        // The answer's keys and values follow the prompt's: a next turn can reuse both.
+        if let Some(key) = key.as_mut() {
+            key.extend_ids(seq.token_ids());
+            self.remember_prefix(Some(key), &cache);
+        }
         Ok(seq.into_generation(
-            PromptInfo::take_from(&mut inputs),
+            PromptInfo {
+                cached_tokens,
+                ..PromptInfo::take_from(&mut inputs)
+            },
             start,
             PrefillTimings {
                 preprocess_ms,

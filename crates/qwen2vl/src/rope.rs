@@ -117,6 +117,18 @@ pub struct MropePositions {
     pub rope_delta: i64,
 }
 
+impl MropePositions {
+    /// The ids of positions `start..` (the part of a prompt left to prefill after a cached
+    /// prefix), with the same `rope_delta`; empty when `start` is past the end.
+    pub fn tail(&self, start: usize) -> MropePositions {
+        let cut = |d: &Vec<i64>| d.get(start..).unwrap_or_default().to_vec();
+        MropePositions {
+            ids: [cut(&self.ids[0]), cut(&self.ids[1]), cut(&self.ids[2])],
+            rope_delta: self.rope_delta,
+        }
+    }
+}
+
 /// The 3-D position ids of a tokenized prompt (transformers 4.49 `get_rope_index`).
 ///
 /// Text tokens get equal t/h/w ids counting up. A run of `n` image (video) pad tokens

@@ -299,6 +299,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "grounding",
             "encoder_cache",
             "mapped",
+            "lru",
+            "prefix_cache",
         ],
     ),
     ("inputs", &["processing"]),

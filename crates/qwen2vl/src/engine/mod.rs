@@ -43,7 +43,13 @@
 //!      a disconnect during it frees the engine within a unit. Images and videos whose
 //!      embeddings are in the pipeline's [`crate::encoder_cache::EncoderCache`] skip the
 //!      tower (and images seen with the same bytes skip decoding during preprocessing);
-//!      [`EngineStats::encoder_cache`] counts the hits.
+//!      [`EngineStats::encoder_cache`] counts the hits. With the pipeline's
+//!      [`crate::prefix_cache::PrefixCache`] on, the longest cached prefix of the prompt
+//!      (its key is built during preprocessing) is copied into the new sequence's own
+//!      cache at admission and only the rest is prefilled; the prompt's blocks are kept
+//!      when its prefill completes, and the answer's when it finishes. The sequence still
+//!      reserves its whole prompt, so the KV accounting is unchanged and exact, and no
+//!      sequence shares memory with another or with the cache.
 //! 3. **Decode**: one [`crate::model::Qwen2VL::decode_step`] over *all* running sequences:
 //!    each brings its own last token, KV cache and M-RoPE `rope_delta` (positions are
 //!    `cache length + rope_delta`), and attention runs per sequence against its own cache, so
@@ -323,6 +329,9 @@ pub struct EngineStats {
     /// The pipeline's encoder cache: hits, misses, evictions, bytes and entries (see
     /// [`crate::encoder_cache`]).
     pub encoder_cache: crate::encoder_cache::EncoderCacheStats,
+    /// The pipeline's prefix cache: hits, misses, tokens reused, evictions, bytes and
+    /// blocks (see [`crate::prefix_cache`]).
+    pub prefix_cache: crate::prefix_cache::PrefixCacheStats,
 }
 
 /// A request waiting in the queue.
@@ -348,6 +357,8 @@ pub(crate) struct Prepared {
     pub(crate) preprocess_ms: f64,
     /// `max_new_tokens` capped by the context.
     pub(crate) max_new: usize,
+    /// The prompt's prefix-cache key (`None` when the cache is off).
+    pub(crate) key: Option<crate::prefix_cache::PrefixKey>,
 }
 
 impl Prepared {
@@ -543,6 +554,7 @@ impl Engine {
         s.seconds_since_progress = st.last_progress.map_or(0.0, |t| t.elapsed().as_secs_f64());
         drop(st);
         s.encoder_cache = self.pipeline().encoder_cache().stats();
+        s.prefix_cache = self.pipeline().prefix_cache().stats();
         s
     }
 
@@ -585,12 +597,15 @@ fn shutdown(shared: &Shared, thread: &Mutex<Option<JoinHandle<()>>>) {
 fn prepare(pipeline: &Pipeline, request: &GenerateRequest) -> crate::Result<Prepared> {
     let t = Instant::now();
     let inputs = pipeline.prepare(request)?;
-    let preprocess_ms = t.elapsed().as_secs_f64() * 1e3;
     let max_new = pipeline.max_new_for(inputs.input_ids.len(), request.max_new_tokens)?;
+    // Hashing the pixels here keeps it off the scheduler thread for media requests.
+    let key = pipeline.prefix_key(&inputs)?;
+    let preprocess_ms = t.elapsed().as_secs_f64() * 1e3;
     Ok(Prepared {
         inputs,
         preprocess_ms,
         max_new,
+        key,
     })
 }
 

@@ -17,6 +17,7 @@ use crate::generation::{GenerateRequest, Generation};
 use crate::kv_cache::KvCache;
 use crate::model::PrefillJob;
 use crate::pipeline::Pipeline;
+use crate::prefix_cache::PrefixKey;
 use crate::processing::fetch::Interrupt;
 
 /// How long past its deadline a preprocessing job may still answer before the scheduler
@@ -36,6 +37,9 @@ struct Running<'p> {
     admitted: Instant,
     prompt: PromptInfo,
     before: PrefillTimings,
+    /// The prompt's prefix-cache key: at the finish, the answer's ids are added and the
+    /// sequence's blocks kept.
+    key: Option<PrefixKey>,
 }
 
 impl Running<'_> {
@@ -98,8 +102,10 @@ struct Prefilling<'p> {
     pending: Pending,
     cache: KvCache,
     job: PrefillJob<'p>,
-    /// KV tokens reserved.
+    /// KV tokens reserved (the whole prompt, even the part copied from the prefix cache).
     need: usize,
+    /// Prompt positions copied from the prefix cache.
+    cached: usize,
     admitted: Instant,
 }
 
@@ -463,18 +469,19 @@ impl<'p> Scheduler<'p> {
         self.note_progress();
         let pipeline = self.pipeline;
         match guarded(|| {
-            Ok((
-                pipeline.model().new_cache(need)?,
-                pipeline.prefill_job(&prepared.inputs)?,
-            ))
+            let mut cache = pipeline.model().new_cache(need)?;
+            let (job, cached) =
+                pipeline.prefill_job_cached(&prepared.inputs, prepared.key.as_ref(), &mut cache)?;
+            Ok((cache, job, cached))
         }) {
-            Ok((cache, job)) => {
+            Ok((cache, job, cached)) => {
                 self.kv_used += need;
                 self.prefilling = Some(Prefilling {
                     pending: head,
                     cache,
                     job,
                     need,
+                    cached,
                     admitted: Instant::now(),
                 });
             }
@@ -555,6 +562,7 @@ impl<'p> Scheduler<'p> {
             cache,
             job,
             need,
+            cached,
             admitted,
         } = pf;
         let Pending {
@@ -584,8 +592,12 @@ impl<'p> Scheduler<'p> {
                 return;
             }
         };
+        pipeline.remember_prefix(prepared.key.as_ref(), &cache);
         let mut inputs = prepared.inputs;
-        let prompt = PromptInfo::take_from(&mut inputs);
+        let prompt = PromptInfo {
+            cached_tokens: cached,
+            ..PromptInfo::take_from(&mut inputs)
+        };
         {
             let mut st = self.shared.lock();
             st.stats.prompt_tokens_total += prompt.prompt_tokens as u64;
@@ -615,6 +627,7 @@ impl<'p> Scheduler<'p> {
                 vision_ms,
                 prefill_ms,
             },
+            key: prepared.key,
         };
         if let Some(r) = self.step(r, &logits) {
             self.running.push(r);
@@ -655,6 +668,11 @@ impl<'p> Scheduler<'p> {
             return Some(r);
         }
         self.kv_used -= r.reserved;
+        if let Some(mut key) = r.key.take() {
+            // The answer's keys and values follow the prompt's: a next turn reuses both.
+            key.extend_ids(r.seq.token_ids());
+            self.pipeline.remember_prefix(Some(&key), &r.cache);
+        }
         let cancelled = matches!(r.seq.finish_reason(), Some(FinishReason::Cancelled));
         let service = r.admitted.elapsed().as_secs_f64();
         let generation = r.seq.into_generation(r.prompt, r.submitted, r.before);

@@ -34,6 +34,9 @@ pub struct Usage {
     pub prompt_text_tokens: usize,
     pub prompt_image_tokens: usize,
     pub prompt_video_tokens: usize,
+    /// Prompt tokens whose keys and values were reused from the prefix cache (OpenAI's
+    /// `prompt_tokens_details.cached_tokens`).
+    pub prompt_cached_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
 }

@@ -46,6 +46,8 @@ pub struct PromptInfo {
     pub images: Vec<ImageInfo>,
     /// Per-video details.
     pub videos: Vec<VideoInfo>,
+    /// Of the prompt tokens, those whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
 }
 
 impl PromptInfo {
@@ -58,6 +60,7 @@ impl PromptInfo {
             video_tokens: inputs.video_tokens(),
             images: std::mem::take(&mut inputs.images),
             videos: std::mem::take(&mut inputs.videos),
+            cached_tokens: 0,
         }
     }
 }
@@ -227,6 +230,11 @@ impl<'t> Sequence<'t> {
         self.token_ids.last().copied()
     }
 
+    /// The ids generated so far.
+    pub fn token_ids(&self) -> &[u32] {
+        &self.token_ids
+    }
+
     /// Tokens generated so far.
     pub fn generated(&self) -> usize {
         self.token_ids.len()
@@ -267,6 +275,7 @@ impl<'t> Sequence<'t> {
                 prompt_text_tokens: n.saturating_sub(prompt.image_tokens + prompt.video_tokens),
                 prompt_image_tokens: prompt.image_tokens,
                 prompt_video_tokens: prompt.video_tokens,
+                prompt_cached_tokens: prompt.cached_tokens,
                 completion_tokens: self.token_ids.len(),
                 total_tokens: n + self.token_ids.len(),
             },

@@ -22,6 +22,11 @@
 //! tower computed for the same pixels and grid on the same model, and every item is encoded
 //! on its own (see `Qwen2VL::vision_items`), so the logits are the same with or without the
 //! cache.
+//!
+//! A job may start after a cached prefix ([`Qwen2VL::prefill_job_after`], see
+//! [`crate::prefix_cache`]): the KV cache then holds the prompt's first positions already,
+//! the images and videos there are skipped, and the decoder runs on the rest with its slice
+//! of the whole prompt's M-RoPE ids, attending to the cached keys as to its own.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -37,9 +42,11 @@ use crate::kv_cache::KvCache;
 use crate::text::{LayerPass, TextModel};
 use crate::vision::VisionPass;
 
-/// An image or video not looked up nor encoded yet, and whether it is a video.
+/// An image or video not looked up nor encoded yet, whether it is a video, and its index
+/// among the prompt's items (images, then videos).
 struct Pending {
     video: bool,
+    index: usize,
     item: VisionItem,
 }
 
@@ -71,6 +78,10 @@ pub struct PrefillJob<'m> {
     todo: VecDeque<Pending>,
     encoding: Option<Encoding>,
     cache: Option<&'m EncoderCache>,
+    /// The items' encoder-cache keys, when the caller computed them already.
+    media_keys: Option<Vec<CacheKey>>,
+    /// Prompt positions already in the KV cache (a cached prefix): the prefill starts here.
+    start: usize,
     vision_rows: Option<usize>,
     pass: Option<VisionPass<'m>>,
     images: Vec<Tensor>,
@@ -107,16 +118,50 @@ impl Qwen2VL {
         inputs: &ModelInputs,
         vision_rows: Option<usize>,
     ) -> Result<PrefillJob<'_>> {
+        self.prefill_job_after(inputs, 0, vision_rows)
+    }
+
+    /// [`Qwen2VL::prefill_job_with_rows`] for a KV cache that already holds the prompt's
+    /// first `start` positions (a cached prefix, [`crate::prefix_cache`]): only positions
+    /// `start..` are prefilled, with their slice of the prompt's M-RoPE ids, and only the
+    /// images and videos whose pads fall there are encoded. `start` must not fall inside
+    /// an image or video, and must leave at least one position.
+    pub fn prefill_job_after(
+        &self,
+        inputs: &ModelInputs,
+        start: usize,
+        vision_rows: Option<usize>,
+    ) -> Result<PrefillJob<'_>> {
+        let n = inputs.input_ids.len();
+        if start >= n {
+            return Err(Error::Internal(format!(
+                "a prefill from position {start} of a {n}-token prompt"
+            )));
+        }
+        let skip = self.items_before(inputs, start)?;
         let mut todo = VecDeque::new();
-        for (video, pixels, grids) in [
-            (false, &inputs.pixel_values, &inputs.image_grid_thw),
-            (true, &inputs.pixel_values_videos, &inputs.video_grid_thw),
+        let mut index = 0;
+        for (video, pixels, grids, skip) in [
+            (false, &inputs.pixel_values, &inputs.image_grid_thw, skip[0]),
+            (
+                true,
+                &inputs.pixel_values_videos,
+                &inputs.video_grid_thw,
+                skip[1],
+            ),
         ] {
             if grids.is_empty() {
                 continue;
             }
-            for item in self.vision_items(pixels, grids, VISION_CHUNK_PATCHES)? {
-                todo.push_back(Pending { video, item });
+            for (i, item) in self
+                .vision_items(pixels, grids, VISION_CHUNK_PATCHES)?
+                .into_iter()
+                .enumerate()
+            {
+                if i >= skip {
+                    todo.push_back(Pending { video, index, item });
+                }
+                index += 1;
             }
         }
         // Per item its lookup, per vision pass its start and its units (all of them: hits
@@ -125,15 +170,15 @@ impl Qwen2VL {
         for (grids, _) in todo.iter().flat_map(|p| &p.item.passes) {
             vision_units += 1 + self.vision()?.pass_units(grids, vision_rows);
         }
-        let layer_units = self
-            .text
-            .layer_units(inputs.input_ids.len(), 0, vision_rows);
+        let layer_units = self.text.layer_units(n - start, start, vision_rows);
         let total_units = vision_units + 1 + self.text.num_layers() * layer_units;
         Ok(PrefillJob {
             model: self,
             todo,
             encoding: None,
             cache: None,
+            media_keys: None,
+            start,
             vision_rows,
             pass: None,
             images: Vec::new(),
@@ -148,7 +193,74 @@ impl Qwen2VL {
     }
 }
 
+impl Qwen2VL {
+    /// Each image's and each video's pad count and encoder-cache key
+    /// ([`embeddings_key`]: its pixels, grid and this model), `[images, videos]` in prompt
+    /// order: what stands for an item's pads in the prefix cache's keys.
+    pub fn media_digests(&self, inputs: &ModelInputs) -> Result<[Vec<(usize, CacheKey)>; 2]> {
+        let merge = self.config().vision.spatial_merge_size.max(1);
+        let mut out = [Vec::new(), Vec::new()];
+        for (slot, pixels, grids) in [
+            (0, &inputs.pixel_values, &inputs.image_grid_thw),
+            (1, &inputs.pixel_values_videos, &inputs.video_grid_thw),
+        ] {
+            if grids.is_empty() {
+                continue;
+            }
+            for item in self.vision_items(pixels, grids, VISION_CHUNK_PATCHES)? {
+                let [t, h, w] = item.grid;
+                let rows = pixels.get(item.rows.clone()).unwrap_or_default();
+                let key = embeddings_key(self.identity(), item.grid, rows);
+                out[slot].push((t * h * w / (merge * merge), key));
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many images and videos have all their pads in the prompt's first `start`
+    /// positions; an error when `start` falls inside one.
+    fn items_before(&self, inputs: &ModelInputs, start: usize) -> Result<[usize; 2]> {
+        let merge = self.config().vision.spatial_merge_size.max(1);
+        let pads = self.vision_tokens();
+        let head = inputs.input_ids.get(..start).unwrap_or_default();
+        let mut out = [0; 2];
+        for (slot, pad, grids) in [
+            (0, pads.image_pad, &inputs.image_grid_thw),
+            (1, pads.video_pad, &inputs.video_grid_thw),
+        ] {
+            let mut left = head.iter().filter(|&&t| t == pad).count();
+            for g in grids {
+                if left == 0 {
+                    break;
+                }
+                let tokens = g[0] * g[1] * g[2] / (merge * merge);
+                if tokens > left {
+                    return Err(Error::Internal(format!(
+                        "a cached prefix of {start} positions ends inside an image or video"
+                    )));
+                }
+                left -= tokens;
+                out[slot] += 1;
+            }
+            if left > 0 {
+                return Err(Error::Internal(
+                    "the prompt has more vision pads than its grids hold".into(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl<'m> PrefillJob<'m> {
+    /// Uses `keys` (one per image, then per video: [`crate::encoder_cache::embeddings_key`])
+    /// for the encoder-cache lookups instead of hashing the pixels again (the prefix cache
+    /// computed them already, [`crate::prefix_cache::PrefixKey::media_digests`]).
+    pub fn with_media_keys(mut self, keys: Vec<CacheKey>) -> Self {
+        self.media_keys = Some(keys);
+        self
+    }
+
     /// Looks each image and video up in `cache` before encoding it, and keeps the rows of
     /// those encoded (see the [module docs](self)); a cache that is off changes nothing.
     /// Call it before the first [`PrefillJob::step`].
@@ -282,11 +394,18 @@ impl<'m> PrefillJob<'m> {
 
     /// Looks an image or video up in the cache: a hit gives its rows at once; otherwise its
     /// encoding starts (its first pass at the next unit).
-    fn start_item(&mut self, Pending { video, item }: Pending, inputs: &ModelInputs) -> Result<()> {
+    fn start_item(&mut self, pending: Pending, inputs: &ModelInputs) -> Result<()> {
+        let Pending { video, index, item } = pending;
+        let known = self.media_keys.as_ref().and_then(|k| k.get(index).copied());
         let key = match self.cache {
             Some(cache) => {
-                let pixels = Self::pixels(inputs, video, item.rows.clone())?;
-                let key = embeddings_key(self.model.identity(), item.grid, pixels);
+                let key = match known {
+                    Some(k) => k,
+                    None => {
+                        let pixels = Self::pixels(inputs, video, item.rows.clone())?;
+                        embeddings_key(self.model.identity(), item.grid, pixels)
+                    }
+                };
                 if let Some(rows) = cache.get_embeddings(&key) {
                     self.push_rows(video, rows);
                     return Ok(());
@@ -353,11 +472,19 @@ impl<'m> PrefillJob<'m> {
     /// Embeds the prompt with the vision rows scattered in, and its rope tables: the decoder
     /// stage starts.
     fn start_text(&mut self, inputs: &ModelInputs, cache: &mut KvCache) -> Result<()> {
+        if cache.len() != self.start {
+            return Err(Error::Internal(format!(
+                "a prefill from position {} into a cache of {} positions",
+                self.start,
+                cache.len()
+            )));
+        }
         let image = cat(std::mem::take(&mut self.images))?;
         let video = cat(std::mem::take(&mut self.videos))?;
+        let ids = inputs.input_ids.get(self.start..).unwrap_or_default();
         let (x, cos, sin) = self.model.prefill_inputs(
-            &inputs.input_ids,
-            &inputs.positions,
+            ids,
+            &inputs.positions.tail(self.start),
             image.as_ref(),
             video.as_ref(),
             cache,
