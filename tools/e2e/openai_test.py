@@ -306,12 +306,23 @@ class OpenAIClientTest(unittest.TestCase):
         self.assertEqual(last.choices, [])
         self.assertIsNotNone(last.usage)
         self.assertTrue(all(c.usage is None for c in chunks[:-1]))
-        self.assertEqual(last.usage.model_dump(), whole.usage.model_dump())
+        self.assertSameUsageRepeated(last.usage, whole.usage)
         self.check_usage(last.usage, count_tokens(chat_prompt(prompt)), max_tokens=max_tokens)
 
         # Without include_usage no chunk carries usage.
         _, chunks = streamed(self.greedy(user_text(prompt), max_tokens, stream=True))
         self.assertTrue(all(c.usage is None for c in chunks))
+
+    def assertSameUsageRepeated(self, again, first):
+        """`again` is the usage of a request repeating `first`'s prompt: the same counts,
+        except that the prefix cache now serves part of the prompt (cached_tokens, which the
+        first request may also have had from an earlier test)."""
+        a, f = again.model_dump(), first.model_dump()
+        cached = a["prompt_tokens_details"].pop("cached_tokens")
+        f["prompt_tokens_details"].pop("cached_tokens")
+        self.assertEqual(a, f)
+        self.assertGreater(cached, 0, "a repeated prompt reuses the prefix cache")
+        self.assertLess(cached, a["prompt_tokens"], "at least one position is prefilled")
 
     def image_request(self, name, max_tokens, text, stream=False, **pixels):
         part = {"type": "image_url", "image_url": {"url": data_uri(os.path.join(IMAGES, name))}}
@@ -342,7 +353,7 @@ class OpenAIClientTest(unittest.TestCase):
                 s_content, chunks = streamed(
                     self.image_request(name, max_tokens, text, stream=True, **pixels))
                 self.assertEqual(s_content, content)
-                self.assertEqual(chunks[-1].usage.model_dump(), r.usage.model_dump())
+                self.assertSameUsageRepeated(chunks[-1].usage, r.usage)
                 if not pixels:
                     printed, js = run_cli(text, max_tokens, "--image", path)
                     self.assertEqual(js["text"], content)
