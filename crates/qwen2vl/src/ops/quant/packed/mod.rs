@@ -97,14 +97,24 @@ pub fn dot_group(
         group.len(),
         acts.len()
     );
-    match t {
-        QType::Q8_0 => {
-            q8_0::dot_group(backend, group, acts, out);
-            true
-        }
-        QType::Q4K => q4_k::dot_group(backend, group, acts, out),
-        QType::Q6K => q6_k::dot_group(backend, group, acts, out),
+    if t == QType::Q8_0 {
+        q8_0::dot_group(backend, group, acts, out);
+        return true;
     }
+    // The K formats' packed kernels need VNNI (module docs).
+    #[cfg(target_arch = "x86_64")]
+    if backend == Backend::Vnni {
+        // SAFETY: `Vnni` is only produced when the CPU has AVX-512 F/BW/VL/VNNI, AVX2 and
+        // F16C; the lengths were checked above.
+        unsafe {
+            match t {
+                QType::Q4K => q4_k::vnni::dot_group(group, acts, out),
+                _ => q6_k::vnni::dot_group(group, acts, out),
+            }
+        }
+        return true;
+    }
+    false
 }
 
 /// The four activation values `at..at + 4` as one little-endian i32 (what a 32-bit lane of

@@ -17,7 +17,6 @@
 
 use super::ROWS;
 use crate::ops::quant::act::ActRow;
-use crate::ops::quant::Backend;
 /// Bytes of one block of a group.
 pub const BLOCK: usize = ROWS * 210;
 const SCALES: usize = 32;
@@ -61,26 +60,8 @@ pub fn unpack_row(group: &[u8], i: usize, dst: &mut [u8]) {
     }
 }
 
-/// [`super::dot_group`] for Q6_K (lengths checked there): `false` unless `backend` is VNNI.
-pub(super) fn dot_group(
-    backend: Backend,
-    group: &[u8],
-    acts: &[ActRow<'_>],
-    out: &mut [f32],
-) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if backend == Backend::Vnni {
-        // SAFETY: `Vnni` is only produced when the CPU has AVX-512 F/BW/VL/VNNI, AVX2 and
-        // F16C; the lengths were checked by the caller.
-        unsafe { vnni::dot_group(group, acts, out) };
-        return true;
-    }
-    let _ = (backend, group, acts, out);
-    false
-}
-
 #[cfg(target_arch = "x86_64")]
-mod vnni {
+pub(super) mod vnni {
     use super::*;
     use std::arch::x86_64::*;
 
@@ -121,7 +102,11 @@ mod vnni {
     /// # Safety
     /// AVX-512 F/BW/VL/VNNI, AVX2, F16C; lengths checked by [`super::super::dot_group`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
-    pub(super) unsafe fn dot_group(group: &[u8], acts: &[ActRow<'_>], out: &mut [f32]) {
+    pub(in crate::ops::quant::packed) unsafe fn dot_group(
+        group: &[u8],
+        acts: &[ActRow<'_>],
+        out: &mut [f32],
+    ) {
         let m = acts.len();
         let nb = group.len() / BLOCK;
         let gp = group.as_ptr();
