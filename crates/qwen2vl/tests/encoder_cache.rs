@@ -59,24 +59,6 @@ fn image(name: &str) -> PathBuf {
     common::fixtures().join("images").join(name)
 }
 
-/// A random RGB PNG of `w`x`h` from `seed`, written in a fresh directory.
-fn random_png(dir: &Path, name: &str, w: u32, h: u32, seed: u32) -> PathBuf {
-    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    let img = image::RgbImage::from_fn(w, h, |_, _| {
-        let mut px = [0u8; 3];
-        for c in &mut px {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            *c = (state >> 24) as u8;
-        }
-        image::Rgb(px)
-    });
-    let path = dir.join(name);
-    img.save(&path).expect("png written");
-    path
-}
-
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("qwen2vl-ec-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).expect("temp dir");
@@ -205,8 +187,8 @@ fn the_same_image_twice_hits_and_answers_as_without_the_cache() {
 #[test]
 fn two_images_of_one_size_are_two_entries_with_their_own_answers() {
     let dir = temp_dir("two");
-    let a = random_png(&dir, "a.png", 84, 56, 1);
-    let b = random_png(&dir, "b.png", 84, 56, 2);
+    let a = common::random_png(&dir, "a.png", 84, 56, 1);
+    let b = common::random_png(&dir, "b.png", 84, 56, 2);
     let p = load(64);
     let (ra, rb) = (
         request(&[path_source(&a)], &ImagePart::default(), "Describe."),
@@ -233,7 +215,7 @@ fn two_images_of_one_size_are_two_entries_with_their_own_answers() {
         eb.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     );
     // Both in one request: both hit; a third, new image next to a cached one runs alone.
-    let c = random_png(&dir, "c.png", 84, 56, 3);
+    let c = common::random_png(&dir, "c.png", 84, 56, 3);
     let both = request(
         &[path_source(&a), path_source(&c)],
         &ImagePart::default(),
@@ -340,7 +322,7 @@ fn other_resize_settings_miss() {
 fn eviction_keeps_the_budget_and_the_answers() {
     let dir = temp_dir("evict");
     let images: Vec<PathBuf> = (0..4)
-        .map(|seed| random_png(&dir, &format!("{seed}.png"), 320, 240, seed))
+        .map(|seed| common::random_png(&dir, &format!("{seed}.png"), 320, 240, seed))
         .collect();
     let req = |img: &Path| request(&[path_source(img)], &ImagePart::default(), "q");
     // What one image takes (its pixels and its embeddings); room for about one and a half.

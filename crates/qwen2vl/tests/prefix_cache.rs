@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -46,24 +46,6 @@ fn uncached() -> &'static Pipeline {
 
 fn image(name: &str) -> PathBuf {
     common::fixtures().join("images").join(name)
-}
-
-/// A random RGB PNG of `w`x`h` from `seed`.
-fn random_png(dir: &Path, name: &str, w: u32, h: u32, seed: u32) -> PathBuf {
-    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    let img = image::RgbImage::from_fn(w, h, |_, _| {
-        let mut px = [0u8; 3];
-        for c in &mut px {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            *c = (state >> 24) as u8;
-        }
-        image::Rgb(px)
-    });
-    let path = dir.join(name);
-    img.save(&path).expect("png written");
-    path
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -198,8 +180,8 @@ fn a_reused_prefix_gives_the_uncached_logits_and_tokens() {
 #[test]
 fn two_images_of_one_size_never_share_a_block() {
     let dir = temp_dir("two");
-    let a = random_png(&dir, "a.png", 320, 240, 1);
-    let b = random_png(&dir, "b.png", 320, 240, 2);
+    let a = common::random_png(&dir, "a.png", 320, 240, 1);
+    let b = common::random_png(&dir, "b.png", 320, 240, 2);
     let p = load();
     let q = "Describe this picture in detail, every colour and every shape you can see in it.";
     let (ra, rb) = (ask(None, &[a], q), ask(None, &[b], q));
@@ -372,7 +354,7 @@ fn a_budget_of_a_few_blocks_evicts_and_loses_nothing() {
     let dir = temp_dir("evict");
     let requests: Vec<_> = (0..6u32)
         .map(|i| {
-            let img = random_png(&dir, &format!("{i}.png"), 112, 84, i % 3);
+            let img = common::random_png(&dir, &format!("{i}.png"), 112, 84, i % 3);
             ask(None, &[img], &format!("Question number {i}?"))
         })
         .collect();

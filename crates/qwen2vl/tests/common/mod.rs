@@ -239,3 +239,22 @@ where
     s.write_all(&body)?;
     s.flush()
 }
+
+/// A random RGB PNG of `w`x`h` from `seed`, written as `dir/name` (same-size images
+/// whose pixels differ, for the cache tests).
+pub fn random_png(dir: &Path, name: &str, w: u32, h: u32, seed: u32) -> PathBuf {
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    let img = image::RgbImage::from_fn(w, h, |_, _| {
+        let mut px = [0u8; 3];
+        for c in &mut px {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            *c = (state >> 24) as u8;
+        }
+        image::Rgb(px)
+    });
+    let path = dir.join(name);
+    img.save(&path).expect("png written");
+    path
+}
