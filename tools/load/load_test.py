@@ -17,7 +17,8 @@ JSON object per level.
 
 Usage:
   python tools/load/load_test.py --url http://127.0.0.1:8080 --streams 1 4 8 16 \
-      --requests 2 --max-tokens 32 [--image tests/fixtures/images/photo640.png] [--api-key KEY]
+      --requests 2 --max-tokens 32 [--image tests/fixtures/images/photo640.png] [--api-key KEY] \
+      [--distinct-prompts]
 """
 import argparse
 import base64
@@ -40,11 +41,13 @@ def percentile(values, p):
     return v[k]
 
 
-def build_body(args, image_uri):
+def build_body(args, image_uri, question=None):
+    """One request's body; `question` (an int) makes its prompt differ from the others'."""
     content = []
     if image_uri:
         content.append({"type": "image_url", "image_url": {"url": image_uri}})
-    content.append({"type": "text", "text": args.prompt})
+    text = args.prompt if question is None else f"{args.prompt} (Question {question}.)"
+    content.append({"type": "text", "text": text})
     return json.dumps({
         "model": args.model,
         "messages": [{"role": "user", "content": content}],
@@ -94,17 +97,18 @@ def one_request(url, headers, body, timeout):
     return out
 
 
-def run_level(args, streams, body, headers):
+def run_level(args, streams, body, headers, image_uri):
     results = []
     lock = threading.Lock()
 
-    def worker():
-        for _ in range(args.requests):
-            r = one_request(args.url, headers, body, args.timeout)
+    def worker(w):
+        for j in range(args.requests):
+            b = build_body(args, image_uri, w * args.requests + j) if args.distinct_prompts else body
+            r = one_request(args.url, headers, b, args.timeout)
             with lock:
                 results.append(r)
 
-    threads = [threading.Thread(target=worker) for _ in range(streams)]
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(streams)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -141,6 +145,9 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prompt", default="Describe this image.")
     ap.add_argument("--image", help="an image file, sent as a data URI (default: text only)")
+    ap.add_argument("--distinct-prompts", action="store_true",
+                    help="give every request its own question (the prompt plus a number), "
+                         "as clients asking different things about one image do")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per request")
     ap.add_argument("--json", action="store_true", help="one JSON object per level on stdout")
     args = ap.parse_args()
@@ -161,7 +168,7 @@ def main():
               f"{'ITL p50':>8} {'ITL p99':>8} {'tok/s':>8} {'wall s':>7}")
     failed = False
     for n in args.streams:
-        r = run_level(args, n, body, headers)
+        r = run_level(args, n, body, headers, image_uri)
         failed |= bool(r["errors"])
         if args.json:
             print(json.dumps(r))

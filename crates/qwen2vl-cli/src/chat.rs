@@ -4,9 +4,12 @@
 //! Answers stream to stdout; everything else (banner, command feedback, errors, `--stats`)
 //! goes to stderr, so `qwen2vl chat < script.txt > answers.txt` captures only the answers.
 //!
-//! Every turn re-runs the whole conversation through the model, vision encoder included: the
-//! pipeline has no prefix (KV cache) reuse across requests yet, so turns get slower as the
-//! conversation and its images grow.
+//! Each turn sends the whole conversation, but the prefix cache (`--prefix-cache-mb`) keeps
+//! the keys and values of the earlier turns, images included, so a turn prefills only the new
+//! message (and the previous answer's last partial block of 16 tokens). `/reset`, `/system`
+//! and `--load` change the conversation's text, so the next turn's prompt simply matches a
+//! shorter cached prefix (or none): the cache is keyed by content and cannot give a stale
+//! answer. `--stats` shows how many prompt tokens each turn found cached.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -359,13 +362,14 @@ impl Session<'_> {
                 if self.args.stats {
                     let u = &gen.usage;
                     eprintln!(
-                        "[prompt {} tokens ({} image, {} video, {} cached), answer {} tokens, {}, {:.1} tokens/s]",
+                        "[prompt {} tokens ({} image, {} video, {} cached), answer {} tokens, {}, first token {:.0} ms, {:.1} tokens/s]",
                         u.prompt_tokens,
                         u.prompt_image_tokens,
                         u.prompt_video_tokens,
                         u.prompt_cached_tokens,
                         u.completion_tokens,
                         gen.finish_reason,
+                        gen.timings.ttft_ms,
                         gen.timings.decode_tokens_per_s
                     );
                 }

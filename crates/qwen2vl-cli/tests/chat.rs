@@ -274,6 +274,59 @@ fn unknown_command_and_help() {
     assert_eq!(stdout(&o), fresh("hi\n"));
 }
 
+/// The cached prompt token counts that `--stats` reports, one per answered turn.
+fn cached_tokens(o: &Output) -> Vec<usize> {
+    stderr(o)
+        .lines()
+        .filter(|l| l.starts_with("[prompt "))
+        .map(|l| {
+            let (head, _) = l.split_once(" cached)").expect(l);
+            head.rsplit(' ').next().unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn later_turns_prefill_only_what_is_new_and_answer_as_without_the_cache() {
+    // Turn 1 has an image; turns 2 and 3 reuse its keys and values; /system changes the
+    // first block of the prompt (it holds the system text), so turn 4 starts from scratch;
+    // after each /reset the prompt is the system message and "hi": turn 6 is turn 5 again.
+    let script = format!(
+        "/image {}\nWhat is it?\nAnd the colours?\nAnything else?\n/system Be brief.\nhi\n/reset\nhi\n/reset\nhi\n",
+        wide_png()
+    );
+    let on = chat(&["--stats"], &script);
+    let off = chat(&["--stats", "--prefix-cache-mb", "0"], &script);
+    assert_eq!(
+        stdout(&on),
+        stdout(&off),
+        "the cache never changes an answer"
+    );
+    let (prompt, cached) = (prompt_tokens(&on), cached_tokens(&on));
+    assert_eq!(prompt, prompt_tokens(&off));
+    assert_eq!(cached.len(), 6, "{}", stderr(&on));
+    assert_eq!(cached_tokens(&off), vec![0; 6], "{}", stderr(&off));
+    assert_eq!(cached[0], 0, "nothing is cached before the first turn");
+    for turn in 1..3 {
+        // Everything but the new message and the last answer's partial block of 16.
+        assert!(
+            cached[turn] + 16 >= prompt[turn - 1] && cached[turn] < prompt[turn],
+            "turn {}: {cached:?} of {prompt:?}",
+            turn + 1
+        );
+        assert_eq!(cached[turn] % 16, 0, "whole blocks: {cached:?}");
+    }
+    assert_eq!(cached[3], 0, "another system message: {cached:?}");
+    // The whole of turn 5's prompt but its last position (which gives the first token).
+    assert_eq!(prompt[5], prompt[4]);
+    assert!(prompt[3] > prompt[4], "turn 4 had the history: {prompt:?}");
+    assert_eq!(
+        cached[5],
+        (prompt[5] - 1) / 16 * 16,
+        "{cached:?} of {prompt:?}"
+    );
+}
+
 #[test]
 fn reset_forgets_the_turns() {
     let first = fresh("Describe a cat.\n");

@@ -16,7 +16,9 @@ use qwen2vl::engine::{Engine, EngineConfig, EngineEvent, EngineStats};
 use qwen2vl::generation::{GenerateRequest, Generation};
 use qwen2vl::pipeline::{DTypeChoice, LoadOptions, Pipeline};
 use qwen2vl::prefix_cache::{PrefixCache, BLOCK_TOKENS};
-use qwen2vl::processing::messages::{ContentPart, ImageSource, Message, Role};
+use qwen2vl::processing::messages::{
+    ContentPart, ImageSource, Message, Role, VideoPart, VideoSource,
+};
 
 fn model_dir() -> PathBuf {
     common::fixtures().join("tiny-qwen2vl")
@@ -365,4 +367,83 @@ fn a_budget_of_a_few_blocks_evicts_and_loses_nothing() {
     let s = engine_answers_match(p, &requests).prefix_cache;
     assert!(s.bytes <= budget, "{s:?}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A user message with a video of four frames (112x112 each: 32 tokens) and a question.
+/// A text part before the video moves its end off a block boundary.
+fn ask_video(frames: [&str; 4], prompt: &str) -> GenerateRequest {
+    let part = VideoPart {
+        resized_height: Some(112),
+        resized_width: Some(112),
+        ..VideoPart::new(VideoSource::Frames(
+            frames
+                .iter()
+                .map(|n| image(n).display().to_string())
+                .collect(),
+        ))
+    };
+    GenerateRequest::new(vec![Message::parts(
+        Role::User,
+        vec![
+            ContentPart::text("Look:"),
+            ContentPart::Video(part),
+            ContentPart::text(prompt),
+        ],
+    )])
+    .with_max_new_tokens(6)
+}
+
+#[test]
+fn a_video_is_reused_up_to_its_end_and_another_video_never_is() {
+    let p = load();
+    let frames = ["photo.jpg", "photo.jpg", "wide.png", "wide.png"];
+    let first = ask_video(frames, "What happens?");
+    assert_eq!(cached_prefill(&p, &first).1, 0);
+
+    // Another question about the same video: the reuse runs to the video's last pad (a
+    // partial block ends there), never stops inside the video.
+    let second = ask_video(frames, "Who is in it, and where?");
+    let ids = p.prepare(&second).expect("prepare").input_ids;
+    let pad = p.model().config().video_token_id;
+    let start = ids.iter().position(|&t| t == pad).expect("a video");
+    let last = ids.iter().rposition(|&t| t == pad).expect("a video");
+    assert!(last - start + 1 > BLOCK_TOKENS, "the video spans blocks");
+    let common = p
+        .prepare(&first)
+        .unwrap()
+        .input_ids
+        .iter()
+        .zip(&ids)
+        .take_while(|(x, y)| x == y)
+        .count();
+    let want = expected_reuse(common, ids.len() - 1, (start, last));
+    let (logits, reused) = cached_prefill(&p, &second);
+    assert_eq!(reused, want, "video at {start}..={last}, common {common}");
+    assert_ne!(
+        common % BLOCK_TOKENS,
+        0,
+        "the shared prefix ends inside a block"
+    );
+    assert_eq!(reused, last + 1, "up to the video's end (a partial block)");
+    assert_close(&logits, &uncached_logits(&second), "same video");
+    assert_eq!(
+        generate(&p, &second).token_ids,
+        generate(uncached(), &second).token_ids
+    );
+
+    // The same frame size and count with other pixels: only what precedes the video.
+    let other = ask_video(
+        ["wide.png", "wide.png", "photo.jpg", "photo.jpg"],
+        "What happens?",
+    );
+    assert_eq!(
+        p.prepare(&other).unwrap().input_ids,
+        p.prepare(&first).unwrap().input_ids
+    );
+    let (logits, reused) = cached_prefill(&p, &other);
+    assert!(
+        reused <= start,
+        "{reused} positions reused, video from {start}"
+    );
+    assert_close(&logits, &uncached_logits(&other), "other video");
 }
