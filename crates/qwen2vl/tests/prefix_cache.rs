@@ -1,7 +1,8 @@
 //! The prefix cache (issue 13) on the tiny fixture model: a reused prefix gives the logits
 //! of an uncached run (within 1e-5 relative; whether they are bit-identical is printed) and
-//! its greedy tokens exactly; two images of one size never share a block; another system
-//! message misses while other sampling settings hit; a conversation's next turn reuses the
+//! its greedy tokens exactly; two images of one size never share a block, nor one image
+//! resized two ways; a video is reused up to its end and another video never is; another
+//! system message misses while other sampling settings hit; a conversation's next turn reuses the
 //! last one; engine requests sharing a prefix, and a budget of a few blocks, lose nothing
 //! and leak no KV.
 
@@ -17,7 +18,7 @@ use qwen2vl::generation::{GenerateRequest, Generation};
 use qwen2vl::pipeline::{DTypeChoice, LoadOptions, Pipeline};
 use qwen2vl::prefix_cache::{PrefixCache, BLOCK_TOKENS};
 use qwen2vl::processing::messages::{
-    ContentPart, ImageSource, Message, Role, VideoPart, VideoSource,
+    ContentPart, ImagePart, ImageSource, Message, Role, VideoPart, VideoSource,
 };
 
 fn model_dir() -> PathBuf {
@@ -446,4 +447,38 @@ fn a_video_is_reused_up_to_its_end_and_another_video_never_is() {
         "{reused} positions reused, video from {start}"
     );
     assert_close(&logits, &uncached_logits(&other), "other video");
+}
+
+#[test]
+fn other_resize_settings_of_one_image_miss_at_the_image() {
+    // 56x112 and 112x56 give the same number of image tokens, so the two prompts have the
+    // same ids: only the pixels' digest tells them apart.
+    let p = load();
+    let ask_sized = |h: usize, w: usize| {
+        let part = ImagePart {
+            source: ImageSource::Uri(image("photo.jpg").display().to_string()),
+            resized_height: Some(h),
+            resized_width: Some(w),
+            ..ImagePart::default()
+        };
+        GenerateRequest::new(vec![Message::parts(
+            Role::User,
+            vec![ContentPart::Image(part), ContentPart::text("What is it?")],
+        )])
+        .with_max_new_tokens(6)
+    };
+    let tall = ask_sized(112, 56);
+    let wide = ask_sized(56, 112);
+    assert_eq!(
+        p.prepare(&tall).unwrap().input_ids,
+        p.prepare(&wide).unwrap().input_ids
+    );
+    assert_eq!(cached_prefill(&p, &tall).1, 0);
+    let (start, _) = image_span(&p, &wide);
+    let (logits, reused) = cached_prefill(&p, &wide);
+    assert!(reused <= start, "{reused} reused, image from {start}");
+    assert_close(&logits, &uncached_logits(&wide), "other resize");
+    // The first size again hits up to past its image.
+    let (_, again) = cached_prefill(&p, &tall);
+    assert!(again > start, "{again} reused, image from {start}");
 }
