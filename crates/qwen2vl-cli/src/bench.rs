@@ -6,6 +6,12 @@
 //! decode tokens/s and peak RSS as median, min and max, plus the machine's load average before
 //! and after (a busy machine makes every figure worse). `tools/reference/bench_transformers.py`
 //! runs the same workload through transformers.
+//!
+//! It also prints the arithmetic floor: the vision tower's and the prefill's floating-point
+//! operations ([`qwen2vl::config::VisionConfig::flops`], [`qwen2vl::config::TextConfig::prefill_flops`])
+//! divided by the rate this machine's matrix product reaches at the chosen dtype on the same
+//! threads (measured after the runs, on a vision-MLP-sized product through the same layer
+//! code the model uses), and the fraction of that floor the runs reached.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -160,6 +166,7 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
         .with_max_new_tokens(args.new_tokens);
     request.ignore_eos = true;
     let (runs, per_run_peak) = timed_runs(&args, &pipeline, &request)?;
+    let floor = Floor::measure(&pipeline, &runs[0].0)?;
     let report = Report {
         threads: args
             .model
@@ -171,6 +178,7 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
         load_after: load_average(),
         per_run_peak,
         runs,
+        floor,
     };
     if args.json {
         println!("{}", report.json(&args));
@@ -246,6 +254,53 @@ struct Report {
     /// Whether each run's peak RSS is its own, not the process's so far.
     per_run_peak: bool,
     runs: Vec<TimedRun>,
+    floor: Floor,
+}
+
+/// The arithmetic floor of a run: its vision and prefill FLOPs at the machine's measured
+/// matrix-product rate.
+struct Floor {
+    /// GFLOP/s of the model dtype's products ([`qwen2vl::nn::product_gflops`]).
+    peak_gflops: f64,
+    vision_flops: f64,
+    prefill_flops: f64,
+}
+
+impl Floor {
+    /// Counts the FLOPs of `gen`'s prompt and measures the product rate now.
+    fn measure(
+        pipeline: &qwen2vl::pipeline::Pipeline,
+        gen: &Generation,
+    ) -> Result<Floor, CliError> {
+        let model = pipeline.model();
+        let cfg = model.config();
+        let grids: Vec<[usize; 3]> = gen
+            .images
+            .iter()
+            .map(|i| i.grid_thw)
+            .chain(gen.videos.iter().map(|v| v.grid_thw))
+            .collect();
+        let vision_flops = if grids.is_empty() {
+            0.0
+        } else {
+            cfg.vision.flops(&grids)
+        };
+        let cached = gen.usage.prompt_cached_tokens;
+        let prefill_flops = cfg
+            .text
+            .prefill_flops(gen.usage.prompt_tokens.saturating_sub(cached), cached);
+        let peak_gflops = qwen2vl::nn::product_gflops(model.dtype(), model.device())?;
+        Ok(Floor {
+            peak_gflops,
+            vision_flops,
+            prefill_flops,
+        })
+    }
+
+    /// Milliseconds `flops` take at the measured rate.
+    fn ms(&self, flops: f64) -> f64 {
+        flops / (self.peak_gflops * 1e6)
+    }
 }
 
 impl Report {
@@ -269,6 +324,12 @@ impl Report {
             .filter_map(|(_, p)| p.map(|b| b as f64 / (1u64 << 20) as f64))
             .collect();
         (!peaks.is_empty()).then(|| Stat::of(&peaks))
+    }
+
+    /// The floor of `flops` over the median time of `f`, when there is work to time.
+    fn fraction(&self, flops: f64, f: impl Fn(&Generation) -> f64) -> Option<f64> {
+        let ms = self.stat(f).median;
+        (flops > 0.0 && ms > 0.0).then(|| self.floor.ms(flops) / ms)
     }
 
     fn same_ids(&self) -> bool {
@@ -304,6 +365,15 @@ impl Report {
             "token_ids_same_every_run": self.same_ids(),
             "load_average_before": self.load_before,
             "load_average_after": self.load_after,
+            "floor": {
+                "product_gflops": self.floor.peak_gflops,
+                "vision_flops": self.floor.vision_flops,
+                "prefill_flops": self.floor.prefill_flops,
+                "vision_floor_ms": self.floor.ms(self.floor.vision_flops),
+                "prefill_floor_ms": self.floor.ms(self.floor.prefill_flops),
+                "vision_fraction": self.fraction(self.floor.vision_flops, |g| g.timings.vision_ms),
+                "prefill_fraction": self.fraction(self.floor.prefill_flops, |g| g.timings.prefill_ms),
+            },
         })
     }
 
@@ -372,6 +442,29 @@ impl Report {
             "load average      before {} · after {}\n",
             fmt_load(self.load_before),
             fmt_load(self.load_after)
+        ));
+        let fl = &self.floor;
+        out.push_str(&format!(
+            "arithmetic floor  vision {:.1} s ({:.2} TFLOP), prefill {:.1} s ({:.2} TFLOP) at {:.0} GFLOP/s\n",
+            fl.ms(fl.vision_flops) / 1e3,
+            fl.vision_flops / 1e12,
+            fl.ms(fl.prefill_flops) / 1e3,
+            fl.prefill_flops / 1e12,
+            fl.peak_gflops
+        ));
+        out.push_str(&format!(
+            "                  (the {} product rate of {} threads here, measured after the runs)\n",
+            args.model.dtype, self.threads
+        ));
+        let pct = |f: Option<f64>| f.map_or("-".to_string(), |f| format!("{:.0}%", f * 100.0));
+        let both = self.fraction(fl.vision_flops + fl.prefill_flops, |g| {
+            g.timings.vision_ms + g.timings.prefill_ms
+        });
+        out.push_str(&format!(
+            "floor reached     vision {}, prefill {}, both {}\n",
+            pct(self.fraction(fl.vision_flops, |g| g.timings.vision_ms)),
+            pct(self.fraction(fl.prefill_flops, |g| g.timings.prefill_ms)),
+            pct(both)
         ));
         let ids = if self.same_ids() {
             "the same in every run"

@@ -114,6 +114,31 @@ impl TextConfig {
         self.hidden_size / self.num_attention_heads
     }
 
+    /// Floating-point operations (a multiply-add is 2) of a prefill of `tokens` prompt
+    /// positions after `past` cached ones: per layer the q, k, v and o projections, causal
+    /// attention (position `i` attends to `past + i + 1` keys) and the MLP, then the LM head
+    /// of the last position (the one whose logits give the first token). Element-wise work
+    /// is left out. The 2B's 416-token prompt is about 1.1 TFLOP.
+    pub fn prefill_flops(&self, tokens: usize, past: usize) -> f64 {
+        let (d, t) = (self.hidden_size as f64, tokens as f64);
+        let (h, kv, hd) = (
+            self.num_attention_heads as f64,
+            self.num_key_value_heads as f64,
+            self.head_dim() as f64,
+        );
+        let projections = 2.0 * t * d * (2.0 * h * hd + 2.0 * kv * hd);
+        let mlp = 2.0 * t * 3.0 * d * self.intermediate_size as f64;
+        // Σ over the new positions of the keys each sees, times q·kᵀ and p·v per head.
+        let keys = t * past as f64 + t * (t + 1.0) / 2.0;
+        let attention = 4.0 * keys * h * hd;
+        let head = if tokens > 0 {
+            2.0 * d * self.vocab_size as f64
+        } else {
+            0.0
+        };
+        self.num_hidden_layers as f64 * (projections + mlp + attention) + head
+    }
+
     /// The M-RoPE sections; `[16, 24, 24]` when absent (the released checkpoints' value).
     pub fn mrope_section(&self) -> Vec<usize> {
         self.rope_scaling
@@ -198,6 +223,27 @@ impl VisionConfig {
     /// Length of one flattened patch: `in_chans * temporal_patch_size * patch_size²` (1176).
     pub fn patch_dim(&self) -> usize {
         self.in_chans * self.temporal_patch_size * self.patch_size * self.patch_size
+    }
+
+    /// Floating-point operations (a multiply-add is 2) of one vision-tower pass over items
+    /// of `grids` (`[t, h, w]` patches each): the patch embedding, per block the qkv,
+    /// attention within each frame of `h * w` patches (`q·kᵀ` and `p·v`), output
+    /// projection and MLP, then the merger. Element-wise work (norms, GELU, softmax,
+    /// rotary) is left out: it is what the arithmetic floor does not count. The 2B's
+    /// tower on a 640x480 image (1564 patches) is about 2.4 TFLOP.
+    pub fn flops(&self, grids: &[[usize; 3]]) -> f64 {
+        let e = self.embed_dim as f64;
+        let n: f64 = grids.iter().map(|g| (g[0] * g[1] * g[2]) as f64).sum();
+        let frames: f64 = grids
+            .iter()
+            .map(|g| g[0] as f64 * ((g[1] * g[2]) as f64).powi(2))
+            .sum();
+        let md = e * (self.spatial_merge_size * self.spatial_merge_size) as f64;
+        let merged = n / (self.spatial_merge_size * self.spatial_merge_size) as f64;
+        let embed = 2.0 * n * self.patch_dim() as f64 * e;
+        let block = 2.0 * n * e * (4.0 * e + 2.0 * self.mlp_hidden_dim() as f64) + 4.0 * frames * e;
+        let merger = 2.0 * merged * md * (md + self.hidden_size as f64);
+        embed + self.depth as f64 * block + merger
     }
 }
 
@@ -589,6 +635,35 @@ mod tests {
             (c.image_token_id, c.video_token_id, c.vision_start_token_id),
             (151655, 151656, 151652)
         );
+    }
+
+    #[test]
+    fn flops_of_the_2b_on_the_standard_workload() {
+        let c = Qwen2VLConfig::from_json_str(&official(&B2)).unwrap();
+        // photo640.png: 34x46 patches (1564), one frame.
+        let v = c.vision.flops(&[[1, 34, 46]]);
+        let n = 1564.0;
+        let block = 2.0 * n * (3.0 * 1280.0 * 1280.0 + 1280.0 * 1280.0 + 2.0 * 1280.0 * 5120.0)
+            + 2.0 * 2.0 * n * n * 1280.0;
+        let want =
+            2.0 * n * 1176.0 * 1280.0 + 32.0 * block + 2.0 * (n / 4.0) * 5120.0 * (5120.0 + 1536.0);
+        assert!((v - want).abs() < 1e-9 * want, "{v} vs {want}");
+        assert!((2.3e12..2.5e12).contains(&v), "{v}");
+        // Two frames of one video: attention stays within each frame.
+        let two = c.vision.flops(&[[2, 34, 46]]);
+        assert!((two - 2.0 * v).abs() < 1e-9 * v);
+        // 416 prompt tokens: 28 layers of projections, MLP and causal attention, one LM head row.
+        let p = c.text.prefill_flops(416, 0);
+        let layer = 2.0 * 416.0 * 1536.0 * (2.0 * 1536.0 + 2.0 * 256.0)
+            + 2.0 * 416.0 * 3.0 * 1536.0 * 8960.0
+            + 4.0 * (416.0 * 417.0 / 2.0) * 1536.0;
+        let want = 28.0 * layer + 2.0 * 1536.0 * 151936.0;
+        assert!((p - want).abs() < 1e-9 * want, "{p} vs {want}");
+        assert!((1.0e12..1.2e12).contains(&p), "{p}");
+        // A cached prefix: the suffix attends to it but is not recomputed.
+        let rest = c.text.prefill_flops(16, 400);
+        assert!(rest < p / 20.0 && rest > c.text.prefill_flops(16, 0));
+        assert_eq!(c.text.prefill_flops(0, 10), 0.0);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::config::TextConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::nn::{attention, Linear, RmsNorm};
-use crate::vision::{row_chunks, MIN_CHUNK_ROWS, UNIT_FLOPS};
+use crate::vision::{row_chunks, MIN_CHUNK_ROWS, MIN_PRODUCT_ROWS, UNIT_FLOPS};
 use crate::weights::Weights;
 
 /// `Qwen2VLAttention`: q/k/v with bias, o without, GQA, M-RoPE applied by the caller's tables.
@@ -596,8 +596,9 @@ impl TextModel {
             cfg.num_attention_heads as f64,
             cfg.num_key_value_heads as f64,
         );
+        // Both stages multiply by weight matrices: see MIN_PRODUCT_ROWS.
         let rows_for = |per_row: f64| {
-            rows.unwrap_or((UNIT_FLOPS / per_row.max(1.0)) as usize)
+            rows.unwrap_or(((UNIT_FLOPS / per_row.max(1.0)) as usize).max(MIN_PRODUCT_ROWS))
                 .max(MIN_CHUNK_ROWS)
         };
         let qkv = rows_for(2.0 * d * (h + 2.0 * kv) * hd);

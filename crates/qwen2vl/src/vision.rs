@@ -394,11 +394,16 @@ impl VisionTransformer {
             rows.unwrap_or((UNIT_FLOPS / per_row.max(1.0)) as usize)
                 .max(MIN_CHUNK_ROWS)
         };
+        // Stages of weight products: never fewer than MIN_PRODUCT_ROWS rows a chunk.
+        let product_rows = |per_row: f64| -> usize {
+            rows.unwrap_or(((UNIT_FLOPS / per_row.max(1.0)) as usize).max(MIN_PRODUCT_ROWS))
+                .max(MIN_CHUNK_ROWS)
+        };
         let mut plan = Vec::new();
-        let embed_rows = rows_for(2.0 * cfg.patch_dim() as f64 * e);
+        let embed_rows = product_rows(2.0 * cfg.patch_dim() as f64 * e);
         plan.extend(row_chunks(0..n, embed_rows).map(Unit::Embed));
-        let qkv_rows = rows_for(6.0 * e * e);
-        let mlp_rows = rows_for(2.0 * e * e + 4.0 * e * cfg.mlp_hidden_dim() as f64);
+        let qkv_rows = product_rows(6.0 * e * e);
+        let mlp_rows = product_rows(2.0 * e * e + 4.0 * e * cfg.mlp_hidden_dim() as f64);
         for b in 0..self.blocks.len() {
             plan.extend(row_chunks(0..n, qkv_rows).map(|r| Unit::Qkv(b, r)));
             // Small frames share a unit (up to about UNIT_FLOPS); a large one is cut into
@@ -421,7 +426,7 @@ impl VisionTransformer {
             }
             plan.extend(row_chunks(0..n, mlp_rows).map(|r| Unit::Mlp(b, r)));
         }
-        let merge_rows = rows_for(2.0 * md * (md + cfg.hidden_size as f64));
+        let merge_rows = product_rows(2.0 * md * (md + cfg.hidden_size as f64));
         plan.extend(row_chunks(0..n / merge2, merge_rows).map(Unit::Merge));
         plan
     }
@@ -441,6 +446,17 @@ impl VisionTransformer {
 /// row of a product is computed the same way whatever their number, so the chunks give
 /// the bits of one go.
 pub const MIN_CHUNK_ROWS: usize = 65;
+
+/// Fewest rows in a chunk of a stage that multiplies by weight matrices (patch embedding,
+/// qkv, MLP, merger; a decoder layer's stages), unless the stage has fewer.
+///
+/// candle's matmul (the `gemm` crate) packs the whole weight matrix again on every call,
+/// which costs about as much as multiplying a few dozen rows by it: with chunks of
+/// [`UNIT_FLOPS`] alone the 2B's vision MLP ran in chunks of 65 rows and the decoder's in
+/// chunks of 65 too, and that packing took ~15% of the vision tower's time (perf,
+/// `gemm_common::...::vectorize` next to the microkernel). 512 rows make it a few percent; a
+/// unit of the 2B then lasts ~80 ms on two cores, still shorter than one decode step.
+pub const MIN_PRODUCT_ROWS: usize = 512;
 
 /// About this many floating-point operations make one unit of a [`VisionPass`] or of a
 /// [`crate::text::LayerPass`] (milliseconds of a CPU's matmul on the real shapes; about
