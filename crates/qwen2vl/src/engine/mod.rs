@@ -33,7 +33,8 @@
 //!    - *prefill*: the admitted request's cache is reserved and its vision tower and
 //!      prefill run as a [`crate::model::PrefillJob`], at most
 //!      [`EngineConfig::prefill_slice_ms`] per iteration while other sequences decode, one
-//!      unit of work at a time (about [`crate::vision::UNIT_FLOPS`]: a chunk of rows of one
+//!      unit of work at a time (about [`crate::vision::UNIT_FLOPS`], and at least
+//!      [`crate::vision::MIN_PRODUCT_ROWS`] rows for weight products: a chunk of rows of one
 //!      stage of a vision block, even inside the attention of a 16k-patch frame, or of a
 //!      decoder layer over the prompt, see [`crate::text::LayerPass`]), with a cancel check
 //!      after each; the arithmetic is the same as in one go, bit for bit. When it
