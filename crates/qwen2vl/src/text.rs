@@ -123,7 +123,7 @@ impl Mlp {
         let [g, u] =
             <[Tensor; 2]>::try_from(Linear::forward_group(&[&self.gate_proj, &self.up_proj], x)?)
                 .map_err(|_| Error::Internal("gate/up: two outputs expected".into()))?;
-        self.down_proj.forward(&(g.silu()? * u)?)
+        self.down_proj.forward(&crate::ops::fused::silu_mul(g, &u)?)
     }
 }
 

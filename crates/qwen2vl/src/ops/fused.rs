@@ -5,7 +5,7 @@
 //! fused versions work in place, one pass, on all cores, for contiguous f32 CPU tensors;
 //! anything else takes the plain chain of candle ops, which is also the tests' oracle.
 
-use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, InplaceOp2, Layout, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -183,6 +183,67 @@ pub fn quick_gelu_plain(x: &Tensor) -> Result<Tensor> {
     Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
 }
 
+struct SiluMul;
+
+impl InplaceOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &mut CpuStorage,
+        gate_l: &Layout,
+        up: &CpuStorage,
+        up_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let need = || candle_core::Error::Msg("silu_mul needs contiguous f32 of one size".into());
+        let g = f32_slice_mut(gate, gate_l).ok_or_else(need)?;
+        let (start, end) = up_l.contiguous_offsets().ok_or_else(need)?;
+        let u = match up {
+            CpuStorage::F32(v) => &v[start..end],
+            _ => return Err(need()),
+        };
+        if g.len() != u.len() {
+            return Err(need());
+        }
+        g.par_chunks_mut(MIN_TASK_ELEMS)
+            .zip(u.par_chunks(MIN_TASK_ELEMS))
+            .for_each(|(g, u)| {
+                for (x, &y) in g.iter_mut().zip(u) {
+                    // candle's `silu` for f32, then the product: the same operations in the
+                    // same order, so the same bits as `gate.silu()? * up`.
+                    *x = *x / (1.0 + (-*x).exp()) * y;
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `silu(gate) * up` (the decoder MLP's SwiGLU, `act_fn(gate_proj(x)) * up_proj(x)`), in
+/// place in `gate`'s buffer on the fast path (contiguous f32 on the CPU, same shapes): one
+/// parallel pass instead of candle's single-threaded `silu` and a second pass for the
+/// product (~0.5 s of a 416-token prefill of the 2B on two cores). Bit-identical to
+/// [`silu_mul_plain`].
+pub fn silu_mul(gate: Tensor, up: &Tensor) -> Result<Tensor> {
+    if matches!(gate.device(), Device::Cpu)
+        && gate.dtype() == DType::F32
+        && up.dtype() == DType::F32
+        && gate.is_contiguous()
+        && up.is_contiguous()
+        && gate.shape() == up.shape()
+    {
+        gate.inplace_op2(up, &SiluMul)?;
+        return Ok(gate);
+    }
+    silu_mul_plain(&gate, up)
+}
+
+/// The plain version of [`silu_mul`]: candle's `silu` and product (any device and dtype).
+pub fn silu_mul_plain(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok((gate.silu()? * up)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +301,45 @@ mod tests {
         let want = quick_gelu_plain(&x).unwrap();
         let got = quick_gelu(x.copy().unwrap()).unwrap();
         assert!(max_diff(&got, &want) < 1e-5);
+    }
+
+    #[test]
+    fn silu_mul_is_bit_identical_to_the_plain_ops() {
+        for shape in [(7usize, 33usize), (3, 40_000), (1, 1)] {
+            let g = Tensor::randn(0f32, 4.0, shape, &Device::Cpu).unwrap();
+            let u = Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+            let want = silu_mul_plain(&g, &u).unwrap();
+            let got = silu_mul(g.copy().unwrap(), &u).unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
+            };
+            assert_eq!(bits(&got), bits(&want), "{shape:?}");
+        }
+        // Extremes: exp overflow gives 0 (or -0), never NaN.
+        let g = Tensor::new(&[-100f32, -88.8, 0.0, 88.8, 100.0], &Device::Cpu).unwrap();
+        let u = Tensor::new(&[1f32, 2.0, 3.0, 4.0, 5.0], &Device::Cpu).unwrap();
+        let got = silu_mul(g.copy().unwrap(), &u)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(got.iter().all(|v| v.is_finite()), "{got:?}");
+        assert_eq!(
+            got,
+            silu_mul_plain(&g, &u).unwrap().to_vec1::<f32>().unwrap()
+        );
+        // A view (not contiguous) takes the plain path and gives the same values.
+        let g = Tensor::randn(0f32, 1.0, (4, 6), &Device::Cpu).unwrap();
+        let u = Tensor::randn(0f32, 1.0, (6, 4), &Device::Cpu)
+            .unwrap()
+            .t()
+            .unwrap();
+        let want = silu_mul_plain(&g, &u).unwrap();
+        assert_eq!(max_diff(&silu_mul(g, &u).unwrap(), &want), 0.0);
     }
 }
