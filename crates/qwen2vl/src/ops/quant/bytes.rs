@@ -58,6 +58,28 @@ impl WeightBytes {
         Self::filled(len, |p| unsafe { std::ptr::write_bytes(p, 0, len.max(1)) })
     }
 
+    /// `len` zero bytes, zeroed by all cores: the zeroing is the first touch, so its page
+    /// faults (and the kernel's clearing of each page) are spread over the threads instead
+    /// of serialised on one. For buffers about to be overwritten in parallel (repacking a
+    /// matrix at load).
+    pub fn zeroed_par(len: usize) -> WeightBytes {
+        use rayon::prelude::*;
+        Self::filled(len, |p| {
+            let base = p as usize;
+            (0..len.div_ceil(HUGE)).into_par_iter().for_each(|i| {
+                let start = i * HUGE;
+                let n = HUGE.min(len - start);
+                // SAFETY: `start + n <= len` bytes of the allocation at `base` are ours, and
+                // every extent is written by exactly one task.
+                unsafe { std::ptr::write_bytes((base + start) as *mut u8, 0, n) };
+            });
+            if len == 0 {
+                // SAFETY: the layout has size 1.
+                unsafe { p.write(0) };
+            }
+        })
+    }
+
     /// A copy of `src` (one pass: no zeroing first).
     pub fn copy_of(src: &[u8]) -> WeightBytes {
         Self::concat(&[src])
@@ -131,8 +153,15 @@ mod tests {
 
     #[test]
     fn buffers_are_zeroed_aligned_and_hold_their_bytes() {
-        for len in [0, 1, 100, HUGE - 1, HUGE, HUGE * 2 + 3] {
-            let mut b = WeightBytes::zeroed(len);
+        for (len, par) in [0, 1, 100, HUGE - 1, HUGE, HUGE * 2 + 3]
+            .into_iter()
+            .flat_map(|l| [(l, false), (l, true)])
+        {
+            let mut b = if par {
+                WeightBytes::zeroed_par(len)
+            } else {
+                WeightBytes::zeroed(len)
+            };
             assert_eq!(b.len(), len);
             assert!(b.iter().all(|&v| v == 0));
             let align = if len >= HUGE { HUGE } else { 64 };

@@ -69,7 +69,7 @@ impl QMatrix {
             )));
         }
         let rb = t.row_bytes(k);
-        let mut data = WeightBytes::zeroed(n * rb);
+        let mut data = WeightBytes::zeroed_par(n * rb);
         data.par_chunks_mut(rb)
             .zip(w.par_chunks(k))
             .for_each(|(out, row)| format::quantize_row(t, row, out));
@@ -115,7 +115,7 @@ impl QMatrix {
         let rb = t.row_bytes(k);
         let rows: Vec<&[u8]> = parts.iter().flat_map(|p| p.chunks_exact(rb)).collect();
         let packed = n / ROWS * ROWS;
-        let mut data = WeightBytes::zeroed(n * rb);
+        let mut data = WeightBytes::zeroed_par(n * rb);
         let (groups, rest) = data.split_at_mut(packed * rb);
         groups
             .par_chunks_mut(ROWS * rb)
