@@ -80,10 +80,11 @@ impl VisionAttention {
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outs = Vec::with_capacity(segments.len());
         for &(start, len) in segments {
-            // (len, heads, hd) → (heads, 1, len, hd); keys/values (heads, len, hd).
+            // (len, heads, hd) → (heads, 1, len, hd); keys/values (heads, len, hd). Views:
+            // the fused kernel reads the rows where they lie.
             let qs = q.narrow(0, start, len)?.transpose(0, 1)?.unsqueeze(1)?;
-            let ks = k.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
-            let vs = v.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
+            let ks = k.narrow(0, start, len)?.transpose(0, 1)?;
+            let vs = v.narrow(0, start, len)?.transpose(0, 1)?;
             let o = attention(&qs, &ks, &vs, scale, None)?.squeeze(1)?; // (heads, len, hd)
             outs.push(o.transpose(0, 1)?.reshape((len, h * hd))?);
         }
@@ -593,9 +594,9 @@ impl VisionPass<'_> {
                     if self.frame.as_ref().is_none_or(|f| f.0 != *i) {
                         let &(start, len) =
                             self.segments.get(*i).ok_or_else(|| stage_error("frame"))?;
-                        // (len, heads, hd) → (heads, len, hd).
-                        let ks = k.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
-                        let vs = v.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
+                        // (len, heads, hd) → (heads, len, hd), views.
+                        let ks = k.narrow(0, start, len)?.transpose(0, 1)?;
+                        let vs = v.narrow(0, start, len)?.transpose(0, 1)?;
                         self.frame = Some((*i, ks, vs));
                     }
                     let (_, ks, vs) = self.frame.as_ref().ok_or_else(|| stage_error("frame"))?;
