@@ -40,12 +40,8 @@ use crate::error::Result;
 pub const KEY_BLOCK: usize = 64;
 
 /// Query rows per task: enough to reuse each key block 48 times from L1, few enough that a
-/// vision frame gives hundreds of tasks. A multiple of [`ROW_PAD`].
+/// vision frame gives hundreds of tasks. A multiple of every [`Isa::row_pad`].
 pub const ROW_BLOCK: usize = 48;
-
-/// A task's rows are padded (with zero queries whose results are dropped) to a multiple of
-/// this: the register tiles take 4 or 6 rows at a time.
-const ROW_PAD: usize = 12;
 
 /// Largest head dimension the fused kernel takes (Qwen2-VL has 80 and 128); larger ones take
 /// the blocked path.
@@ -106,6 +102,16 @@ impl Isa {
         }
     }
 
+    /// A task's rows are padded (with zero queries whose results are dropped) to a multiple
+    /// of this: the register tiles take 6 rows at a time (a decode step of 6 query heads per
+    /// kv head needs no padding), AVX-512's `p·v` tile 4 for head dim 80.
+    fn row_pad(self, d: usize) -> usize {
+        match self {
+            Isa::Avx512 if avx512_chunk(d.div_ceil(16)) > 4 => 12,
+            _ => 6,
+        }
+    }
+
     /// `s (rows, KEY_BLOCK) = q (rows, d) · kt (d, KEY_BLOCK)`, unscaled; one FMA chain over
     /// `d` in order per score.
     fn scores(self, q: &[f32], d: usize, kt: &[f32], s: &mut [f32]) {
@@ -147,12 +153,15 @@ impl Isa {
         }
     }
 
-    /// `o (rows, dpad) = o · alpha (per row) + p (rows, KEY_BLOCK) · v (KEY_BLOCK, dpad)`,
-    /// over the block's first `jcount` keys (the rest have `p = 0` in every row).
-    fn pv(self, o: &mut [f32], dpad: usize, p: &[f32], v: &[f32], alpha: &[f32], jcount: usize) {
+    /// `o (rows, dpad) = o · alpha (per row) + p (rows, KEY_BLOCK) · v (jcount, dpad)`, over
+    /// the block's first `jcount` keys (the rest have `p = 0` in every row); value row `j`
+    /// starts at `v.0[j * v.1]`.
+    fn pv(self, o: &mut [f32], dpad: usize, p: &[f32], v: Rows, alpha: &[f32], jcount: usize) {
+        assert!(jcount <= KEY_BLOCK && (jcount == 0 || v.0.len() >= (jcount - 1) * v.1 + dpad));
         match self {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `attention_f32` runs an `Isa` only when `available()` says this CPU has it.
+            // SAFETY: `attention_f32` runs an `Isa` only when `available()` says this CPU has
+            // it; the value rows the kernel reads lie inside `v` (asserted above).
             Isa::Avx512 => unsafe { avx512::pv(o, dpad, p, v, alpha, jcount) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
@@ -163,6 +172,9 @@ impl Isa {
         }
     }
 }
+
+/// Value rows for [`Isa::pv`]: the data and the distance between rows, in elements.
+type Rows<'a> = (&'a [f32], usize);
 
 /// 16-lane vectors per column chunk of the AVX-512 `p·v` tile for `dv` vectors per row: the
 /// whole row up to 5 (head dim 80: 4 rows x 5 = 20 accumulators), else 4 (128: two chunks).
@@ -346,28 +358,45 @@ impl Aligned {
 }
 
 /// One key/value head laid out for the tiles: keys transposed per block, `(blocks, D,
-/// KEY_BLOCK)`, and values `(blocks·KEY_BLOCK, dpad)`; keys past `need` and padding columns
-/// are zero.
+/// KEY_BLOCK)` (keys past `need` are zero), and the values `(need, dpad)` with zero padding
+/// columns when `dpad > D` or the rows are not adjacent (else they are read where they lie:
+/// the KV cache).
 struct Packed {
     kt: Aligned,
-    v: Aligned,
+    v: Option<Aligned>,
 }
 
 fn pack(k: &KvView, v: &KvView, b: usize, need: usize, dpad: usize) -> Packed {
     let d = k.dims[2];
     let blocks = need.div_ceil(KEY_BLOCK);
     let mut kt = Aligned::zeroed(blocks * d * KEY_BLOCK);
-    let mut vp = Aligned::zeroed(blocks * KEY_BLOCK * dpad);
-    let (kts, vps) = (kt.as_mut_slice(), vp.as_mut_slice());
-    for j in 0..need {
-        let (blk, jj) = (j / KEY_BLOCK, j % KEY_BLOCK);
-        let tile = &mut kts[blk * d * KEY_BLOCK..(blk + 1) * d * KEY_BLOCK];
-        for (e, &x) in k.row(b, j).iter().enumerate() {
-            tile[e * KEY_BLOCK + jj] = x;
+    for (blk, tile) in kt
+        .as_mut_slice()
+        .chunks_exact_mut(d * KEY_BLOCK)
+        .enumerate()
+    {
+        let keys = blk * KEY_BLOCK..need.min((blk + 1) * KEY_BLOCK);
+        let rows: Vec<&[f32]> = keys.map(|j| k.row(b, j)).collect();
+        // 16 keys at a time, column by column: 16 rows (16 pages at most when they lie far
+        // apart) read in order, one cache line of the tile written per column.
+        for (g, group) in rows.chunks(16).enumerate() {
+            for (e, out) in tile.chunks_exact_mut(KEY_BLOCK).enumerate() {
+                for (y, r) in out[g * 16..].iter_mut().zip(group) {
+                    *y = r[e];
+                }
+            }
         }
-        vps[j * dpad..j * dpad + d].copy_from_slice(v.row(b, j));
     }
-    Packed { kt, v: vp }
+    // Rows far apart (the vision tower's `(len, heads, hd)`: one 320-byte row per 5 KiB)
+    // touch a page per key; copied, a block's values are 20 KiB in a row.
+    let v = (dpad > d || v.strides[1] != d).then(|| {
+        let mut vp = Aligned::zeroed(need * dpad);
+        for (j, out) in vp.as_mut_slice().chunks_exact_mut(dpad).enumerate() {
+            out[..d].copy_from_slice(v.row(b, j));
+        }
+        vp
+    });
+    Packed { kt, v }
 }
 
 /// Fused attention on strided f32 views (shapes in the module doc) with instruction set
@@ -439,6 +468,7 @@ pub fn attention_f32(
     let ctx = Ctx {
         isa,
         q,
+        v,
         t,
         d,
         dpad,
@@ -461,6 +491,7 @@ pub fn attention_f32(
 struct Ctx<'a> {
     isa: Isa,
     q: &'a QView<'a>,
+    v: &'a KvView<'a>,
     t: usize,
     d: usize,
     dpad: usize,
@@ -472,7 +503,8 @@ struct Ctx<'a> {
 /// Rows `r0..r0+n` (`g`-major, see [`attention_f32`]) of kv head `bi` into `out (n, D)`.
 fn rows_task(c: &Ctx, head: &Packed, bi: usize, r0: usize, n: usize, out: &mut [f32]) {
     let (d, dpad) = (c.d, c.dpad);
-    let rows = n.div_ceil(ROW_PAD) * ROW_PAD;
+    let pad = c.isa.row_pad(d);
+    let rows = n.div_ceil(pad) * pad;
     let mut q = Aligned::zeroed(rows * d);
     // Keys each row sees; padding rows see none.
     let mut limit = vec![0usize; rows];
@@ -491,15 +523,27 @@ fn rows_task(c: &Ctx, head: &Packed, bi: usize, r0: usize, n: usize, out: &mut [
     let mut sum = vec![0f32; rows];
     let mut alpha = vec![1f32; rows];
     let mut vis = vec![0usize; rows];
-    let (kt, vp) = (head.kt.as_slice(), head.v.as_slice());
+    let kt = head.kt.as_slice();
+    // The values: packed `(need, dpad)`, or head `bi` of the view, rows `sl` apart.
+    let (vdata, vstart, vstride) = match &head.v {
+        Some(p) => (p.as_slice(), 0, dpad),
+        None => {
+            let [sb, sl] = c.v.strides;
+            (c.v.data, c.v.start + bi * sb, sl)
+        }
+    };
     for blk in 0..blocks {
         let base = blk * KEY_BLOCK;
         for (v, &lim) in vis.iter_mut().zip(&limit) {
             *v = lim.saturating_sub(base).min(KEY_BLOCK);
         }
         let jcount = vis.iter().max().copied().unwrap_or(0);
+        if jcount == 0 {
+            continue; // no row sees these keys (blocks end at the last limit: never)
+        }
         let kt = &kt[blk * d * KEY_BLOCK..(blk + 1) * d * KEY_BLOCK];
-        let vb = &vp[base * dpad..(base + KEY_BLOCK) * dpad];
+        let at = vstart + base * vstride;
+        let vb = (&vdata[at..at + (jcount - 1) * vstride + dpad], vstride);
         c.isa.scores(q.as_slice(), d, kt, s.as_mut_slice());
         c.isa.softmax(
             s.as_mut_slice(),
@@ -641,14 +685,15 @@ mod portable {
         }
     }
 
-    pub fn pv(o: &mut [f32], dpad: usize, p: &[f32], v: &[f32], alpha: &[f32], jcount: usize) {
+    pub fn pv(o: &mut [f32], dpad: usize, p: &[f32], v: super::Rows, alpha: &[f32], jcount: usize) {
         assert!(o.len() == alpha.len() * dpad && p.len() == alpha.len() * KB);
-        assert!(v.len() == KB * dpad && jcount <= KB);
+        let (v, vstride) = v;
         for ((orow, prow), &a) in o.chunks_exact_mut(dpad).zip(p.chunks_exact(KB)).zip(alpha) {
             for y in orow.iter_mut() {
                 *y *= a;
             }
-            for (&w, vr) in prow[..jcount].iter().zip(v.chunks_exact(dpad)) {
+            for (j, &w) in prow[..jcount].iter().enumerate() {
+                let vr = &v[j * vstride..j * vstride + dpad];
                 for (y, &x) in orow.iter_mut().zip(vr) {
                     *y += w * x;
                 }
@@ -666,8 +711,15 @@ mod avx512 {
 
     /// Rows of the score tile (6 rows x 64 keys: 24 accumulators).
     const RS: usize = 6;
-    /// Rows of the `p·v` tile (4 rows x up to 5 vectors: 20 accumulators).
-    const RP: usize = 4;
+    /// Rows of the `p·v` tile: 6 rows x up to 4 vectors (24 accumulators), 4 rows x 5
+    /// (head dim 80: 20).
+    fn rows_pv(nv: usize) -> usize {
+        if nv > 4 {
+            4
+        } else {
+            6
+        }
+    }
 
     /// `exp` of 16 lanes, within 2 ulp on `[LO, HI]`; 0 below `LO` (and for `-inf`), NaN
     /// for NaN, exactly 1 for 0.
@@ -763,15 +815,18 @@ mod avx512 {
     ) {
         let rows = vis.len();
         assert!(s.len() == rows * KB && m.len() == rows && l.len() == rows);
-        assert!(alpha.len() == rows);
+        assert!(alpha.len() == rows && rows <= super::ROW_BLOCK);
+        let mut total = [0f32; super::ROW_BLOCK];
         let sc = _mm512_set1_ps(scale);
         let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
         for (r, row) in s.chunks_exact_mut(KB).enumerate() {
             let rp = row.as_mut_ptr();
             let n = vis[r].min(KB);
             if n == 0 {
+                // Nothing changes: `exp(0) = 1` exactly, `Σp = 0`.
                 row.fill(0.0);
-                alpha[r] = 1.0;
+                alpha[r] = 0.0;
+                total[r] = 0.0;
                 continue;
             }
             let mut x = [ninf; 4];
@@ -786,7 +841,6 @@ mod avx512 {
                 _mm512_max_ps(x[2], x[3]),
             ));
             let m_new = m[r].max(bm);
-            let a = (m[r] - m_new).exp();
             let mv = _mm512_set1_ps(m_new);
             let mut p = [ninf; 4];
             for c in 0..4 {
@@ -794,13 +848,26 @@ mod avx512 {
                 // SAFETY: as above.
                 _mm512_storeu_ps(rp.add(c * 16), p[c]);
             }
-            let total = _mm512_reduce_add_ps(_mm512_add_ps(
+            total[r] = _mm512_reduce_add_ps(_mm512_add_ps(
                 _mm512_add_ps(p[0], p[1]),
                 _mm512_add_ps(p[2], p[3]),
             ));
-            l[r] = l[r] * a + total;
+            alpha[r] = m[r] - m_new; // exponentiated below
             m[r] = m_new;
-            alpha[r] = a;
+        }
+        // `alpha = exp(m - m')` and `l = l·alpha + Σp`, 16 rows at a time.
+        for ((a, l), t) in alpha
+            .chunks_mut(16)
+            .zip(l.chunks_mut(16))
+            .zip(total.chunks(16))
+        {
+            let mut buf = [0f32; 16];
+            buf[..a.len()].copy_from_slice(a);
+            _mm512_storeu_ps(buf.as_mut_ptr(), exp(_mm512_loadu_ps(buf.as_ptr())));
+            for (((a, l), t), &e) in a.iter_mut().zip(l.iter_mut()).zip(t).zip(&buf) {
+                *a = e;
+                *l = *l * e + t;
+            }
         }
     }
 
@@ -813,32 +880,31 @@ mod avx512 {
         o: &mut [f32],
         dpad: usize,
         p: &[f32],
-        v: &[f32],
+        v: super::Rows,
         alpha: &[f32],
         jcount: usize,
     ) {
         let rows = alpha.len();
-        assert!(rows % RP == 0 && dpad % 16 == 0 && jcount <= KB);
-        assert!(o.len() == rows * dpad && p.len() == rows * KB && v.len() == KB * dpad);
         let nv = super::avx512_chunk(dpad / 16);
-        assert!((dpad / 16) % nv == 0);
-        let (op, pp, vp, ap) = (o.as_mut_ptr(), p.as_ptr(), v.as_ptr(), alpha.as_ptr());
-        for i0 in (0..rows).step_by(RP) {
+        let rp = rows_pv(nv);
+        assert!(rows % rp == 0 && dpad % 16 == 0 && (dpad / 16) % nv == 0);
+        assert!(o.len() == rows * dpad && p.len() == rows * KB && jcount <= KB);
+        assert!(jcount == 0 || v.0.len() >= (jcount - 1) * v.1 + dpad);
+        let (op, pp, vp, ap) = (o.as_mut_ptr(), p.as_ptr(), v.0.as_ptr(), alpha.as_ptr());
+        let vstride = v.1;
+        for i0 in (0..rows).step_by(rp) {
             for c0 in (0..dpad).step_by(nv * 16) {
-                // SAFETY: rows `i0..i0 + RP` and columns `c0..c0 + nv·16` lie inside `o`
-                // (rows x dpad) and `v` (KB x dpad); `p` rows likewise; asserted above.
-                let (o, p, v, a) = (
-                    op.add(i0 * dpad + c0),
-                    pp.add(i0 * KB),
-                    vp.add(c0),
-                    ap.add(i0),
-                );
+                // SAFETY: rows `i0..i0 + rp` and columns `c0..c0 + nv·16` lie inside `o`
+                // (rows x dpad) and `p` (rows x KB); value rows `j < jcount` inside `v`;
+                // asserted above.
+                let (o, p, a) = (op.add(i0 * dpad + c0), pp.add(i0 * KB), ap.add(i0));
+                let v = (vp.add(c0), vstride);
                 match nv {
-                    1 => pv_tile::<1>(o, dpad, p, v, a, jcount),
-                    2 => pv_tile::<2>(o, dpad, p, v, a, jcount),
-                    3 => pv_tile::<3>(o, dpad, p, v, a, jcount),
-                    4 => pv_tile::<4>(o, dpad, p, v, a, jcount),
-                    _ => pv_tile::<5>(o, dpad, p, v, a, jcount),
+                    1 => pv_tile::<1, 6>(o, dpad, p, v, a, jcount),
+                    2 => pv_tile::<2, 6>(o, dpad, p, v, a, jcount),
+                    3 => pv_tile::<3, 6>(o, dpad, p, v, a, jcount),
+                    4 => pv_tile::<4, 6>(o, dpad, p, v, a, jcount),
+                    _ => pv_tile::<5, 4>(o, dpad, p, v, a, jcount),
                 }
             }
         }
@@ -847,18 +913,19 @@ mod avx512 {
     /// One `RP x (NV·16)` tile of `o = o·alpha + p·v`, accumulators in registers.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `o`, `p`, `v`, `alpha` point at a tile inside their buffers
-    /// (row strides `dpad`, `KB`, `dpad`) with `jcount` keys.
+    /// The CPU has AVX-512F; `o`, `p`, `v.0`, `alpha` point at a tile inside their buffers
+    /// (row strides `dpad`, `KB`, `v.1`) with `jcount` keys.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn pv_tile<const NV: usize>(
+    unsafe fn pv_tile<const NV: usize, const RP: usize>(
         o: *mut f32,
         dpad: usize,
         p: *const f32,
-        v: *const f32,
+        v: (*const f32, usize),
         alpha: *const f32,
         jcount: usize,
     ) {
+        let (v, vstride) = v;
         let mut acc = [[_mm512_setzero_ps(); NV]; RP];
         for (i, a) in acc.iter_mut().enumerate() {
             let s = _mm512_set1_ps(*alpha.add(i));
@@ -867,7 +934,7 @@ mod avx512 {
             }
         }
         for j in 0..jcount {
-            let vr = v.add(j * dpad);
+            let vr = v.add(j * vstride);
             let mut vv = [_mm512_setzero_ps(); NV];
             for (c, x) in vv.iter_mut().enumerate() {
                 *x = _mm512_loadu_ps(vr.add(c * 16));
@@ -1010,7 +1077,8 @@ mod avx2 {
     ) {
         let rows = vis.len();
         assert!(s.len() == rows * KB && m.len() == rows && l.len() == rows);
-        assert!(alpha.len() == rows);
+        assert!(alpha.len() == rows && rows <= super::ROW_BLOCK);
+        let mut total = [0f32; super::ROW_BLOCK];
         let sc = _mm256_set1_ps(scale);
         let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
         let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -1018,8 +1086,10 @@ mod avx2 {
             let rp = row.as_mut_ptr();
             let n = vis[r].min(KB);
             if n == 0 {
+                // Nothing changes: `exp(0) = 1` exactly, `Σp = 0`.
                 row.fill(0.0);
-                alpha[r] = 1.0;
+                alpha[r] = 0.0;
+                total[r] = 0.0;
                 continue;
             }
             let mut x = [ninf; 8];
@@ -1035,7 +1105,6 @@ mod avx2 {
                 _mm256_max_ps(_mm256_max_ps(x[4], x[5]), _mm256_max_ps(x[6], x[7])),
             ));
             let m_new = m[r].max(bm);
-            let a = (m[r] - m_new).exp();
             let mv = _mm256_set1_ps(m_new);
             let mut p = [ninf; 8];
             for c in 0..8 {
@@ -1043,13 +1112,26 @@ mod avx2 {
                 // SAFETY: as above.
                 _mm256_storeu_ps(rp.add(c * 8), p[c]);
             }
-            let total = hsum(_mm256_add_ps(
+            total[r] = hsum(_mm256_add_ps(
                 _mm256_add_ps(_mm256_add_ps(p[0], p[1]), _mm256_add_ps(p[2], p[3])),
                 _mm256_add_ps(_mm256_add_ps(p[4], p[5]), _mm256_add_ps(p[6], p[7])),
             ));
-            l[r] = l[r] * a + total;
+            alpha[r] = m[r] - m_new; // exponentiated below
             m[r] = m_new;
-            alpha[r] = a;
+        }
+        // `alpha = exp(m - m')` and `l = l·alpha + Σp`, 8 rows at a time.
+        for ((a, l), t) in alpha
+            .chunks_mut(8)
+            .zip(l.chunks_mut(8))
+            .zip(total.chunks(8))
+        {
+            let mut buf = [0f32; 8];
+            buf[..a.len()].copy_from_slice(a);
+            _mm256_storeu_ps(buf.as_mut_ptr(), exp(_mm256_loadu_ps(buf.as_ptr())));
+            for (((a, l), t), &e) in a.iter_mut().zip(l.iter_mut()).zip(t).zip(&buf) {
+                *a = e;
+                *l = *l * e + t;
+            }
         }
     }
 
@@ -1062,19 +1144,21 @@ mod avx2 {
         o: &mut [f32],
         dpad: usize,
         p: &[f32],
-        v: &[f32],
+        v: super::Rows,
         alpha: &[f32],
         jcount: usize,
     ) {
         let rows = alpha.len();
         assert!(rows % R == 0 && dpad % 16 == 0 && jcount <= KB);
-        assert!(o.len() == rows * dpad && p.len() == rows * KB && v.len() == KB * dpad);
-        let (op, pp, vp, ap) = (o.as_mut_ptr(), p.as_ptr(), v.as_ptr(), alpha.as_ptr());
+        assert!(o.len() == rows * dpad && p.len() == rows * KB);
+        assert!(jcount == 0 || v.0.len() >= (jcount - 1) * v.1 + dpad);
+        let (op, pp, vp, ap) = (o.as_mut_ptr(), p.as_ptr(), v.0.as_ptr(), alpha.as_ptr());
+        let vstride = v.1;
         for i0 in (0..rows).step_by(R) {
             for c0 in (0..dpad).step_by(16) {
                 // SAFETY (pointer accesses in this tile): rows `i0..i0 + R` and columns
-                // `c0..c0 + 16` lie inside `o` (rows x dpad) and `v` (KB x dpad); `p` rows
-                // likewise; `j < jcount <= KB`; asserted above.
+                // `c0..c0 + 16` lie inside `o` (rows x dpad) and `p` (rows x KB); value rows
+                // `j < jcount` inside `v`; asserted above.
                 let (o, p, v) = (op.add(i0 * dpad + c0), pp.add(i0 * KB), vp.add(c0));
                 let mut acc = [[_mm256_setzero_ps(); 2]; R];
                 for (i, a) in acc.iter_mut().enumerate() {
@@ -1083,7 +1167,7 @@ mod avx2 {
                     a[1] = _mm256_mul_ps(_mm256_loadu_ps(o.add(i * dpad + 8)), s);
                 }
                 for j in 0..jcount {
-                    let vr = v.add(j * dpad);
+                    let vr = v.add(j * vstride);
                     let (v0, v1) = (_mm256_loadu_ps(vr), _mm256_loadu_ps(vr.add(8)));
                     for (i, a) in acc.iter_mut().enumerate() {
                         let w = _mm256_set1_ps(*p.add(i * KB + j));
