@@ -508,10 +508,15 @@ fn rows_task(c: &Ctx, head: &Packed, bi: usize, r0: usize, n: usize, out: &mut [
     let mut q = Aligned::zeroed(rows * d);
     // Keys each row sees; padding rows see none.
     let mut limit = vec![0usize; rows];
-    for i in 0..n {
+    for (i, (lim, qr)) in limit
+        .iter_mut()
+        .zip(q.as_mut_slice().chunks_exact_mut(d))
+        .take(n)
+        .enumerate()
+    {
         let (gi, ti) = ((r0 + i) / c.t, (r0 + i) % c.t);
-        q.as_mut_slice()[i * d..(i + 1) * d].copy_from_slice(c.q.row(bi, gi, ti));
-        limit[i] = match c.causal_offset {
+        qr.copy_from_slice(c.q.row(bi, gi, ti));
+        *lim = match c.causal_offset {
             Some(p) => (p + ti + 1).min(c.need),
             None => c.need,
         };
@@ -770,7 +775,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn scores(q: &[f32], d: usize, kt: &[f32], s: &mut [f32]) {
         let rows = s.len() / KB;
-        assert!(rows % RS == 0 && q.len() == rows * d && kt.len() == d * KB);
+        assert!(rows.is_multiple_of(RS) && q.len() == rows * d && kt.len() == d * KB);
         let (qp, ktp, sp) = (q.as_ptr(), kt.as_ptr(), s.as_mut_ptr());
         for i0 in (0..rows).step_by(RS) {
             let mut acc = [[_mm512_setzero_ps(); 4]; RS];
@@ -887,7 +892,9 @@ mod avx512 {
         let rows = alpha.len();
         let nv = super::avx512_chunk(dpad / 16);
         let rp = rows_pv(nv);
-        assert!(rows % rp == 0 && dpad % 16 == 0 && (dpad / 16) % nv == 0);
+        assert!(
+            rows.is_multiple_of(rp) && dpad.is_multiple_of(16) && (dpad / 16).is_multiple_of(nv)
+        );
         assert!(o.len() == rows * dpad && p.len() == rows * KB && jcount <= KB);
         assert!(jcount == 0 || v.0.len() >= (jcount - 1) * v.1 + dpad);
         let (op, pp, vp, ap) = (o.as_mut_ptr(), p.as_ptr(), v.0.as_ptr(), alpha.as_ptr());
@@ -1036,7 +1043,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn scores(q: &[f32], d: usize, kt: &[f32], s: &mut [f32]) {
         let rows = s.len() / KB;
-        assert!(rows % R == 0 && q.len() == rows * d && kt.len() == d * KB);
+        assert!(rows.is_multiple_of(R) && q.len() == rows * d && kt.len() == d * KB);
         let (qp, ktp, sp) = (q.as_ptr(), kt.as_ptr(), s.as_mut_ptr());
         for i0 in (0..rows).step_by(R) {
             let qr = qp.add(i0 * d);
@@ -1149,7 +1156,7 @@ mod avx2 {
         jcount: usize,
     ) {
         let rows = alpha.len();
-        assert!(rows % R == 0 && dpad % 16 == 0 && jcount <= KB);
+        assert!(rows.is_multiple_of(R) && dpad.is_multiple_of(16) && jcount <= KB);
         assert!(o.len() == rows * dpad && p.len() == rows * KB);
         assert!(jcount == 0 || v.0.len() >= (jcount - 1) * v.1 + dpad);
         let (op, pp, vp, ap) = (o.as_mut_ptr(), p.as_ptr(), v.0.as_ptr(), alpha.as_ptr());
@@ -1291,7 +1298,8 @@ mod tests {
 
     /// `(b, g, t, l, d, causal offset)`: the vision and text shapes, head dims that are not
     /// a multiple of 16, decode, offsets, GQA, `L` around the key block, `L < p + T`.
-    const CASES: &[(usize, usize, usize, usize, usize, Option<usize>)] = &[
+    type Case = (usize, usize, usize, usize, usize, Option<usize>);
+    const CASES: &[Case] = &[
         (2, 1, 70, 70, 80, None),
         (2, 6, 37, 37, 128, Some(0)),
         (2, 6, 1, 150, 128, Some(149)),
@@ -1415,7 +1423,7 @@ mod tests {
             0.0,
         ];
         xs.extend(specials);
-        while xs.len() % 16 != 0 {
+        while !xs.len().is_multiple_of(16) {
             xs.push(-1.0);
         }
         let ulps = |a: f32, b: f32| (a.to_bits() as i64 - b.to_bits() as i64).abs();
