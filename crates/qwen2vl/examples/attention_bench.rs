@@ -87,7 +87,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("threads {threads}, best of {reps} calls");
     println!("{:<34} {:>10} {:>10}", "shape / path", "ms", "GFLOP/s");
     let line = |name: &str, ms: f64, flops: f64| {
-        println!("{name:<34} {ms:>10.2} {:>10.1}", flops / ms / 1e6);
+        println!("{name:<34} {ms:>10.3} {:>10.1}", flops / ms / 1e6);
     };
 
     // What the cores do on a plain f32 GEMM in the same run (the machine may be shared).

@@ -366,7 +366,7 @@ struct Packed {
     v: Option<Aligned>,
 }
 
-fn pack(k: &KvView, v: &KvView, b: usize, need: usize, dpad: usize) -> Packed {
+fn pack(isa: Isa, k: &KvView, v: &KvView, b: usize, need: usize, dpad: usize) -> Packed {
     let d = k.dims[2];
     let blocks = need.div_ceil(KEY_BLOCK);
     let mut kt = Aligned::zeroed(blocks * d * KEY_BLOCK);
@@ -377,15 +377,7 @@ fn pack(k: &KvView, v: &KvView, b: usize, need: usize, dpad: usize) -> Packed {
     {
         let keys = blk * KEY_BLOCK..need.min((blk + 1) * KEY_BLOCK);
         let rows: Vec<&[f32]> = keys.map(|j| k.row(b, j)).collect();
-        // 16 keys at a time, column by column: 16 rows (16 pages at most when they lie far
-        // apart) read in order, one cache line of the tile written per column.
-        for (g, group) in rows.chunks(16).enumerate() {
-            for (e, out) in tile.chunks_exact_mut(KEY_BLOCK).enumerate() {
-                for (y, r) in out[g * 16..].iter_mut().zip(group) {
-                    *y = r[e];
-                }
-            }
-        }
+        transpose_keys(isa, &rows, d, tile);
     }
     // Rows far apart (the vision tower's `(len, heads, hd)`: one 320-byte row per 5 KiB)
     // touch a page per key; copied, a block's values are 20 KiB in a row.
@@ -397,6 +389,32 @@ fn pack(k: &KvView, v: &KvView, b: usize, need: usize, dpad: usize) -> Packed {
         vp
     });
     Packed { kt, v }
+}
+
+/// `tile (d, KEY_BLOCK)` = the key `rows` (at most `KEY_BLOCK`, `d` values each)
+/// transposed. A decode step's keys are read once and transposed once: this is most of its
+/// cost, hence 8x8 blocks in registers where the CPU has AVX.
+fn transpose_keys(isa: Isa, rows: &[&[f32]], d: usize, tile: &mut [f32]) {
+    assert!(rows.len() <= KEY_BLOCK && tile.len() == d * KEY_BLOCK);
+    assert!(rows.iter().all(|r| r.len() == d));
+    // Keys `..keys8` and dims `..d8` done in 8x8 blocks.
+    let (mut keys8, mut d8) = (0, 0);
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx512 | Isa::Avx2) {
+        (keys8, d8) = (rows.len() / 8 * 8, d / 8 * 8);
+        // SAFETY: both instruction sets include AVX (an AVX-512 CPU has it, and the OS
+        // support `is_x86_feature_detected!("avx512f")` checks covers the 256-bit state).
+        unsafe { avx2::transpose8(&rows[..keys8], d8, tile) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
+    // The rest: every dim of the keys past `keys8`, the dims past `d8` of the others.
+    for (e, out) in tile.chunks_exact_mut(KEY_BLOCK).enumerate() {
+        let from = if e < d8 { keys8 } else { 0 };
+        for (y, r) in out[from..].iter_mut().zip(&rows[from..]) {
+            *y = r[e];
+        }
+    }
 }
 
 /// Fused attention on strided f32 views (shapes in the module doc) with instruction set
@@ -427,7 +445,7 @@ pub fn attention_f32(
         None => l,
     };
     let dpad = isa.dpad(d);
-    let pack_head = |bi| pack(k, v, bi, need, dpad);
+    let pack_head = |bi| pack(isa, k, v, bi, need, dpad);
     let packed: Vec<Packed> = if b > 1 && need * d * b >= SERIAL_WORK / 8 {
         (0..b).into_par_iter().map(pack_head).collect()
     } else {
@@ -1004,6 +1022,55 @@ mod avx2 {
         let y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
         let under = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(expc::LO));
         _mm256_andnot_ps(under, y)
+    }
+
+    /// `tile[e * KB + j] = rows[j][e]` for `j < rows.len()` (a multiple of 8) and `e < d8` (a
+    /// multiple of 8), by 8x8 blocks: 8 loads, 24 shuffles, 8 stores per 64 values.
+    ///
+    /// # Safety
+    /// The CPU has AVX.
+    #[target_feature(enable = "avx")]
+    pub unsafe fn transpose8(rows: &[&[f32]], d8: usize, tile: &mut [f32]) {
+        assert!(rows.len().is_multiple_of(8) && rows.len() <= KB && d8.is_multiple_of(8));
+        assert!(rows.iter().all(|r| r.len() >= d8) && tile.len() >= d8 * KB);
+        let out = tile.as_mut_ptr();
+        for (g, r) in rows.chunks_exact(8).enumerate() {
+            for e0 in (0..d8).step_by(8) {
+                // SAFETY: `e0 + 8 <= d8 <= r[u].len()`; the stores go to rows `e0..e0 + 8`,
+                // columns `g·8..g·8 + 8 <= KB` of `tile` (asserted above).
+                let x: [__m256; 8] =
+                    std::array::from_fn(|u| _mm256_loadu_ps(r[u].as_ptr().add(e0)));
+                let t0 = _mm256_unpacklo_ps(x[0], x[1]);
+                let t1 = _mm256_unpackhi_ps(x[0], x[1]);
+                let t2 = _mm256_unpacklo_ps(x[2], x[3]);
+                let t3 = _mm256_unpackhi_ps(x[2], x[3]);
+                let t4 = _mm256_unpacklo_ps(x[4], x[5]);
+                let t5 = _mm256_unpackhi_ps(x[4], x[5]);
+                let t6 = _mm256_unpacklo_ps(x[6], x[7]);
+                let t7 = _mm256_unpackhi_ps(x[6], x[7]);
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let y = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                for (e, &row) in y.iter().enumerate() {
+                    _mm256_storeu_ps(out.add((e0 + e) * KB + g * 8), row);
+                }
+            }
+        }
     }
 
     /// Max of 8 lanes in a fixed order.
