@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use qwen2vl::ops::attention::{attention_f32, Isa, KvView, QView};
+use qwen2vl::ops::attention::{attention_f32, attention_keys, Isa, Keys, KvView, QView};
 
 /// Best of `reps` calls, in milliseconds (after one warm-up call).
 fn time(reps: usize, mut f: impl FnMut()) -> f64 {
@@ -145,6 +145,25 @@ fn vision(reps: usize, isas: &[Isa], line: Line) -> Result<(), Box<dyn std::erro
         qwen2vl::nn::attention(&qs, &ks, &vs, scale, None).unwrap();
     });
     line("  nn::attention (fused, tensors)", ms, flops);
+    // As the serving engine's vision pass runs it: the query rows in pieces of 125 (units of
+    // ~1 GFLOP), the frame's keys packed once.
+    let pieces: Vec<Tensor> = (0..len)
+        .step_by(125)
+        .map(|s| qs.narrow(2, s, 125.min(len - s)))
+        .collect::<Result<_, _>>()?;
+    let ms = time(reps, || {
+        for p in &pieces {
+            qwen2vl::nn::attention(p, &ks, &vs, scale, None).unwrap();
+        }
+    });
+    line("  13 pieces, keys packed per piece", ms, flops);
+    let ms = time(reps, || {
+        let keys = Keys::pack(&ks, &vs).unwrap().expect("f32 CPU");
+        for p in &pieces {
+            attention_keys(p, &keys, scale, None).unwrap();
+        }
+    });
+    line("  13 pieces, keys packed once", ms, flops);
     Ok(())
 }
 

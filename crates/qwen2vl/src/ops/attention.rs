@@ -270,11 +270,7 @@ pub fn attention(
     scale: f64,
     causal_offset: Option<usize>,
 ) -> Result<Option<Tensor>> {
-    if !enabled()
-        || [q, k, v]
-            .iter()
-            .any(|x| !x.device().is_cpu() || x.dtype() != DType::F32)
-    {
+    if !applies(&[q, k, v]) {
         return Ok(None);
     }
     let (Ok((b, g, t, d)), Ok((kb, l, kd))) = (q.dims4(), k.dims3()) else {
@@ -286,14 +282,6 @@ pub fn attention(
     if b * g * t == 0 {
         return Ok(Some(Tensor::zeros((b, g, t, d), DType::F32, q.device())?));
     }
-    // The kernel reads rows where they lie but needs each row's `D` values adjacent.
-    let unit_rows = |x: &Tensor| -> Result<Tensor> {
-        Ok(if x.stride().last() == Some(&1) || d == 1 {
-            x.clone()
-        } else {
-            x.contiguous()?
-        })
-    };
     let (q, k, v) = (unit_rows(q)?, unit_rows(k)?, unit_rows(v)?);
     let out = {
         let (qs, ql) = q.storage_and_layout();
@@ -307,29 +295,56 @@ pub fn attention(
         else {
             return Ok(None);
         };
-        let (qst, kst, vst) = (ql.stride(), kl.stride(), vl.stride());
-        let qv = QView {
-            data: qd,
-            start: ql.start_offset(),
-            dims: [b, g, t, d],
-            strides: [qst[0], qst[1], qst[2]],
-        };
-        let kv = |data, start, st: &[usize]| KvView {
-            data,
-            start,
-            dims: [b, l, d],
-            strides: [st[0], st[1]],
-        };
-        let (kv, vv) = (
-            kv(kd.as_slice(), kl.start_offset(), kst),
-            kv(vd.as_slice(), vl.start_offset(), vst),
-        );
+        let qv = q_view(qd, ql, [b, g, t, d]);
+        let (kv, vv) = (kv_view(kd, kl, k.dims()), kv_view(vd, vl, k.dims()));
         if !qv.in_bounds() || !kv.in_bounds() || !vv.in_bounds() {
             return Ok(None);
         }
         attention_f32(Isa::detect(), &qv, &kv, &vv, scale as f32, causal_offset)
     };
     Ok(Some(Tensor::from_vec(out, (b, g, t, d), q.device())?))
+}
+
+/// Whether the fused kernel takes these tensors: f32 on the CPU, and not switched off.
+fn applies(xs: &[&Tensor]) -> bool {
+    enabled()
+        && xs
+            .iter()
+            .all(|x| x.device().is_cpu() && x.dtype() == DType::F32)
+}
+
+/// `x`, or a contiguous copy when its rows' values are not adjacent (the kernel reads rows
+/// where they lie but needs each row's values in a run).
+fn unit_rows(x: &Tensor) -> Result<Tensor> {
+    Ok(
+        if x.stride().last() == Some(&1) || x.dims().last() == Some(&1) {
+            x.clone()
+        } else {
+            x.contiguous()?
+        },
+    )
+}
+
+/// The view of a rank-4 `q` tensor's data (`dims` its shape).
+fn q_view<'a>(data: &'a [f32], l: &candle_core::Layout, dims: [usize; 4]) -> QView<'a> {
+    let st = l.stride();
+    QView {
+        data,
+        start: l.start_offset(),
+        dims,
+        strides: [st[0], st[1], st[2]],
+    }
+}
+
+/// The view of a rank-3 `k` or `v` tensor's data (`dims` its shape).
+fn kv_view<'a>(data: &'a [f32], l: &candle_core::Layout, dims: &[usize]) -> KvView<'a> {
+    let st = l.stride();
+    KvView {
+        data,
+        start: l.start_offset(),
+        dims: [dims[0], dims[1], dims[2]],
+        strides: [st[0], st[1]],
+    }
 }
 
 /// A zeroed f32 buffer whose data starts on a 64-byte boundary where the allocator allows
@@ -359,14 +374,22 @@ impl Aligned {
 
 /// One key/value head laid out for the tiles: keys transposed per block, `(blocks, D,
 /// KEY_BLOCK)` (keys past `need` are zero), and the values `(need, dpad)` with zero padding
-/// columns when `dpad > D` or the rows are not adjacent (else they are read where they lie:
-/// the KV cache).
+/// columns when `dpad > D`, the rows are not adjacent or the packing is kept ([`Keys`]);
+/// else they are read where they lie (the KV cache).
 struct Packed {
     kt: Aligned,
     v: Option<Aligned>,
 }
 
-fn pack(isa: Isa, k: &KvView, v: &KvView, b: usize, need: usize, dpad: usize) -> Packed {
+fn pack(
+    isa: Isa,
+    k: &KvView,
+    v: &KvView,
+    b: usize,
+    need: usize,
+    dpad: usize,
+    own_v: bool,
+) -> Packed {
     let d = k.dims[2];
     let blocks = need.div_ceil(KEY_BLOCK);
     let mut kt = Aligned::zeroed(blocks * d * KEY_BLOCK);
@@ -381,7 +404,7 @@ fn pack(isa: Isa, k: &KvView, v: &KvView, b: usize, need: usize, dpad: usize) ->
     }
     // Rows far apart (the vision tower's `(len, heads, hd)`: one 320-byte row per 5 KiB)
     // touch a page per key; copied, a block's values are 20 KiB in a row.
-    let v = (dpad > d || v.strides[1] != d).then(|| {
+    let v = (own_v || dpad > d || v.strides[1] != d).then(|| {
         let mut vp = Aligned::zeroed(need * dpad);
         for (j, out) in vp.as_mut_slice().chunks_exact_mut(dpad).enumerate() {
             out[..d].copy_from_slice(v.row(b, j));
@@ -435,22 +458,168 @@ pub fn attention_f32(
     let l = k.dims[1];
     assert!(k.dims == [b, l, d] && v.dims == k.dims && l > 0 && d > 0);
     assert!(q.in_bounds() && k.in_bounds() && v.in_bounds());
-    let mut out = vec![0f32; b * g * t * d];
-    if out.is_empty() {
-        return out;
+    if b * g * t == 0 {
+        return Vec::new();
     }
     // Keys any row sees: row `t` sees `min(p + t + 1, L)`.
     let need = match causal_offset {
         Some(p) => (p + t).min(l),
         None => l,
     };
+    let heads = pack_heads(isa, k, v, need, false);
+    run(isa, q, &heads, Some(v), need, scale, causal_offset)
+}
+
+/// Keys and values `(B, L, D)` laid out for the kernel once, for several calls over the same
+/// keys: the vision tower attends a frame's keys in pieces of query rows (units of work of
+/// the serving engine), and packing the frame for every piece would cost a fifth of the
+/// arithmetic. Calls with these keys give bit-identical results to [`attention_f32`] with
+/// the views they were packed from.
+pub struct Keys {
+    isa: Isa,
+    dims: [usize; 3],
+    heads: Vec<Packed>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("isa", &self.isa)
+            .field("dims", &self.dims)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Keys {
+    /// Packs strided views (values copied too, so the views may go).
+    ///
+    /// Panics (internal invariants) if `isa` is not available, `k` and `v` differ in shape,
+    /// `L = 0`, `D = 0` or a view reaches outside its data.
+    pub fn pack_f32(isa: Isa, k: &KvView, v: &KvView) -> Keys {
+        assert!(isa.available(), "{isa:?} is not available on this CPU");
+        let [_, l, d] = k.dims;
+        assert!(v.dims == k.dims && l > 0 && d > 0 && k.in_bounds() && v.in_bounds());
+        Keys {
+            isa,
+            dims: k.dims,
+            heads: pack_heads(isa, k, v, l, true),
+        }
+    }
+
+    /// Packs f32 CPU tensors `k, v: (B, L, D)` (views allowed), or `Ok(None)` when
+    /// [`attention`] would not take them (the caller keeps the tensors for
+    /// [`crate::nn::attention`]).
+    pub fn pack(k: &Tensor, v: &Tensor) -> Result<Option<Keys>> {
+        if !applies(&[k, v]) {
+            return Ok(None);
+        }
+        let Ok((_, l, d)) = k.dims3() else {
+            return Ok(None);
+        };
+        if v.dims() != k.dims() || l == 0 || d == 0 || d > MAX_HEAD_DIM {
+            return Ok(None);
+        }
+        let (k, v) = (unit_rows(k)?, unit_rows(v)?);
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(kd)), Storage::Cpu(CpuStorage::F32(vd))) = (&*ks, &*vs)
+        else {
+            return Ok(None);
+        };
+        let (kv, vv) = (kv_view(kd, kl, k.dims()), kv_view(vd, vl, k.dims()));
+        if !kv.in_bounds() || !vv.in_bounds() {
+            return Ok(None);
+        }
+        Ok(Some(Keys::pack_f32(Isa::detect(), &kv, &vv)))
+    }
+
+    /// `(B, L, D)`.
+    pub fn dims(&self) -> [usize; 3] {
+        self.dims
+    }
+}
+
+/// [`attention_f32`] over packed keys: `q: (B, G, T, D)` with `B` and `D` of `keys`.
+pub fn attention_f32_keys(
+    q: &QView,
+    keys: &Keys,
+    scale: f32,
+    causal_offset: Option<usize>,
+) -> Vec<f32> {
+    let [b, g, t, d] = q.dims;
+    let l = keys.dims[1];
+    assert!(keys.dims == [b, l, d] && q.in_bounds());
+    if b * g * t == 0 {
+        return Vec::new();
+    }
+    let need = match causal_offset {
+        Some(p) => (p + t).min(l),
+        None => l,
+    };
+    run(keys.isa, q, &keys.heads, None, need, scale, causal_offset)
+}
+
+/// [`attention`] over packed keys, or `Ok(None)` when `q` is not an f32 CPU tensor of the
+/// keys' `B` and `D` (the caller then takes [`crate::nn::attention`] with the tensors).
+pub fn attention_keys(
+    q: &Tensor,
+    keys: &Keys,
+    scale: f64,
+    causal_offset: Option<usize>,
+) -> Result<Option<Tensor>> {
+    if !applies(&[q]) {
+        return Ok(None);
+    }
+    let Ok((b, g, t, d)) = q.dims4() else {
+        return Ok(None);
+    };
+    if [b, d] != [keys.dims[0], keys.dims[2]] {
+        return Ok(None);
+    }
+    if b * g * t == 0 {
+        return Ok(Some(Tensor::zeros((b, g, t, d), DType::F32, q.device())?));
+    }
+    let q = unit_rows(q)?;
+    let out = {
+        let (qs, ql) = q.storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(qd)) = &*qs else {
+            return Ok(None);
+        };
+        let qv = q_view(qd, ql, [b, g, t, d]);
+        if !qv.in_bounds() {
+            return Ok(None);
+        }
+        attention_f32_keys(&qv, keys, scale as f32, causal_offset)
+    };
+    Ok(Some(Tensor::from_vec(out, (b, g, t, d), q.device())?))
+}
+
+/// Each kv head packed ([`pack`]), in parallel when there is enough to copy.
+fn pack_heads(isa: Isa, k: &KvView, v: &KvView, need: usize, own_v: bool) -> Vec<Packed> {
+    let [b, _, d] = k.dims;
     let dpad = isa.dpad(d);
-    let pack_head = |bi| pack(isa, k, v, bi, need, dpad);
-    let packed: Vec<Packed> = if b > 1 && need * d * b >= SERIAL_WORK / 8 {
+    let pack_head = |bi| pack(isa, k, v, bi, need, dpad, own_v);
+    if b > 1 && need * d * b >= SERIAL_WORK / 8 {
         (0..b).into_par_iter().map(pack_head).collect()
     } else {
         (0..b).map(pack_head).collect()
-    };
+    }
+}
+
+/// The tasks of one call: `q (B, G, T, D)` against packed `heads` (values in place from `v`
+/// where a head has none packed); `need` keys at most per row. Returns `(B, G, T, D)`.
+fn run(
+    isa: Isa,
+    q: &QView,
+    heads: &[Packed],
+    v: Option<&KvView>,
+    need: usize,
+    scale: f32,
+    causal_offset: Option<usize>,
+) -> Vec<f32> {
+    let [b, g, t, d] = q.dims;
+    let dpad = isa.dpad(d);
+    let mut out = vec![0f32; b * g * t * d];
     // Each kv head's `G·T` rows, `g`-major (row `r` is `(r / T, r % T)`), cut into tasks: a
     // contiguous range of rows is a contiguous range of the output. With `T >= ROW_BLOCK`
     // the tasks stay inside one query head (neighbouring positions, similar causal limits);
@@ -494,13 +663,13 @@ pub fn attention_f32(
         causal_offset,
         scale,
     };
-    let run = |(bi, r0, n, o): (usize, usize, usize, &mut [f32])| {
-        rows_task(&ctx, &packed[bi], bi, r0, n, o);
+    let task = |(bi, r0, n, o): (usize, usize, usize, &mut [f32])| {
+        rows_task(&ctx, &heads[bi], bi, r0, n, o);
     };
     if b * g * t * need * d < SERIAL_WORK {
-        jobs.into_iter().for_each(run);
+        jobs.into_iter().for_each(task);
     } else {
-        jobs.into_par_iter().for_each(run);
+        jobs.into_par_iter().for_each(task);
     }
     out
 }
@@ -509,7 +678,8 @@ pub fn attention_f32(
 struct Ctx<'a> {
     isa: Isa,
     q: &'a QView<'a>,
-    v: &'a KvView<'a>,
+    /// The values where a head has none packed.
+    v: Option<&'a KvView<'a>>,
     t: usize,
     d: usize,
     dpad: usize,
@@ -551,8 +721,9 @@ fn rows_task(c: &Ctx, head: &Packed, bi: usize, r0: usize, n: usize, out: &mut [
     let (vdata, vstart, vstride) = match &head.v {
         Some(p) => (p.as_slice(), 0, dpad),
         None => {
-            let [sb, sl] = c.v.strides;
-            (c.v.data, c.v.start + bi * sb, sl)
+            let v = c.v.expect("values in place for a head without packed ones");
+            let [sb, sl] = v.strides;
+            (v.data, v.start + bi * sb, sl)
         }
     };
     for blk in 0..blocks {
@@ -1472,6 +1643,40 @@ mod tests {
         }
     }
 
+    #[test]
+    fn packed_keys_give_the_same_bits_as_the_views() {
+        for (dims, past) in [
+            ([2, 6, 70, 100, 128], Some(30)),
+            ([3, 1, 130, 130, 72], None),
+        ] {
+            let x = Inputs::new(5, dims, true);
+            let [b, g, t, _, d] = dims;
+            let (q, k, v) = x.views();
+            for isa in ISAS.into_iter().filter(|i| i.available()) {
+                let whole = rows_alone(isa, &x, 0, t, past);
+                let keys = Keys::pack_f32(isa, &k, &v);
+                for (t0, t1) in [(0, t), (0, 1), (1, 49), (49, t), (t - 1, t)] {
+                    let mut qc = q;
+                    qc.start += t0 * q.strides[2];
+                    qc.dims[2] = t1 - t0;
+                    let scale = 1.0 / (d as f32).sqrt();
+                    let part = attention_f32_keys(&qc, &keys, scale, past.map(|p| p + t0));
+                    let n = t1 - t0;
+                    for bg in 0..b * g {
+                        let want = &whole[(bg * t + t0) * d..(bg * t + t1) * d];
+                        let got = &part[bg * n * d..(bg + 1) * n * d];
+                        assert!(
+                            want.iter()
+                                .zip(got)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{isa:?} rows {t0}..{t1} of head {bg} ({dims:?})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_vector_exp_is_within_two_ulp() {
@@ -1558,5 +1763,18 @@ mod tests {
         assert_eq!(empty.dims(), &[h, 1, 0, d]);
         let (k0, v0) = (ks.narrow(1, 0, 0).unwrap(), vs.narrow(1, 0, 0).unwrap());
         assert!(attention(&qs, &k0, &v0, 0.11, None).unwrap().is_none());
+        assert!(Keys::pack(&k0, &v0).unwrap().is_none());
+        // Packed keys: the same bits as the views, for any piece of the query rows.
+        let keys = Keys::pack(&ks, &vs).unwrap().expect("packed");
+        assert_eq!(keys.dims(), [h, len, d]);
+        let piece = qs.narrow(2, 17, 40).unwrap();
+        let a = attention_keys(&piece, &keys, 0.11, None)
+            .unwrap()
+            .expect("fused");
+        let b = got.narrow(2, 17, 40).unwrap();
+        assert_eq!(crate::ops::max_diff(&a, &b), 0.0);
+        assert!(attention_keys(&wide(&piece), &keys, 0.11, None)
+            .unwrap()
+            .is_none());
     }
 }
