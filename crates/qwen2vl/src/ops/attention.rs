@@ -17,6 +17,14 @@
 //! `o = o·exp(m - m') + Σ p_j v_j`; at the end `o / l`. Keys past a row's causal limit get
 //! `p = 0`; key blocks past every row's limit are never visited.
 //!
+//! Layout: the score tile wants keys along the vector lanes, so each call first transposes
+//! its keys per kv head into `(D, 64)` tiles (8x8 register blocks; for a decode step this is
+//! most of the cost, still under the blocked path's time). Values are read where they lie
+//! when their rows are adjacent (the KV cache), else copied once per call (the vision
+//! tower's rows lie 5 KiB apart). A caller that attends the same keys many times (the vision
+//! pass: a frame in pieces of query rows) packs them once with [`Keys`].
+//! `QWEN2VL_ATTENTION=blocked` sends every call to the blocked path (before/after runs).
+//!
 //! Determinism (tests rely on it: the vision tower cut into row chunks is bit-identical to the
 //! whole pass, a prompt prefilled unit by unit to one prefill): the result for one query row
 //! depends only on that row, its visible keys and the instruction set, never on which other
