@@ -696,7 +696,7 @@ struct Ctx<'a> {
     scale: f32,
 }
 
-/// Rows `r0..r0+n` (`g`-major, see [`attention_f32`]) of kv head `bi` into `out (n, D)`.
+/// Rows `r0..r0+n` (`g`-major, see [`run`]) of kv head `bi` into `out (n, D)`.
 fn rows_task(c: &Ctx, head: &Packed, bi: usize, r0: usize, n: usize, out: &mut [f32]) {
     let (d, dpad) = (c.d, c.dpad);
     let pad = c.isa.row_pad(d);
