@@ -223,20 +223,20 @@ impl RmsNorm {
 }
 
 /// Largest score matrix one attention block may build, in elements (256 MiB of f32).
-const MAX_SCORE_ELEMS: usize = 64 << 20;
+pub const MAX_SCORE_ELEMS: usize = 64 << 20;
 
-/// `softmax(q kᵀ · scale + mask) v`, computed in blocks of queries so the score matrix
-/// never exceeds [`MAX_SCORE_ELEMS`] (a 16k-patch image frame would otherwise need
-/// hundreds of GiB), and skipping keys a causal block cannot see.
+/// `softmax(q kᵀ · scale + mask) v`.
 ///
 /// - `q: (B, G, T, D)`: `G` query heads share each of the `B` key/value heads (GQA groups;
 ///   `G = 1` for plain multi-head attention with `B` heads).
-/// - `k, v: (B, L, D)`; may be views into a larger cache (only the last two dims need unit
-///   stride).
+/// - `k, v: (B, L, D)`; may be views (into a larger cache, or `(L, B, D)` rows transposed):
+///   only the last dim needs unit stride.
 /// - `causal_offset`: `Some(p)` when query `t` sits at position `p + t` and sees keys
 ///   `0..=p+t`; `None` for full attention.
 ///
-/// Returns `(B, G, T, D)`.
+/// Returns `(B, G, T, D)`. f32 on the CPU takes the fused kernel
+/// ([`crate::ops::attention`]: no score matrix, a row's result independent of the other
+/// rows in the call); anything else [`attention_blocked`].
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -244,10 +244,29 @@ pub fn attention(
     scale: f64,
     causal_offset: Option<usize>,
 ) -> Result<Tensor> {
-    attention_blocked(q, k, v, scale, causal_offset, MAX_SCORE_ELEMS)
+    if let Some(o) = crate::ops::attention::attention(q, k, v, scale, causal_offset)? {
+        return Ok(o);
+    }
+    // candle's matmul wants each key/value head's rows adjacent.
+    let rows_adjacent = |x: &Tensor| -> Result<Tensor> {
+        let (_, _, d) = x.dims3()?;
+        Ok(if x.stride()[1..] == [d, 1] {
+            x.clone()
+        } else {
+            x.contiguous()?
+        })
+    };
+    let (k, v) = (rows_adjacent(k)?, rows_adjacent(v)?);
+    attention_blocked(q, &k, &v, scale, causal_offset, MAX_SCORE_ELEMS)
 }
 
-fn attention_blocked(
+/// The blocked path of [`attention`] (the fused kernel's fallback, and its "before" in
+/// `examples/attention_bench.rs`): candle's matmul for `q kᵀ` in blocks of queries so the
+/// score matrix never exceeds `max_score_elems` (a 16k-patch image frame would otherwise
+/// need hundreds of GiB), skipping keys a causal block cannot see, then the softmax and a
+/// second matmul. Same shapes as [`attention`]; `k` and `v` need unit strides on their last
+/// two dims.
+pub fn attention_blocked(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

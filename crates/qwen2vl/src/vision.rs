@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor};
 use crate::config::VisionConfig;
 use crate::error::{Error, Result};
 use crate::nn::{attention, LayerNorm, Linear};
+use crate::ops::attention::{attention_keys, Keys};
 use crate::rope;
 use crate::weights::Weights;
 
@@ -80,10 +81,11 @@ impl VisionAttention {
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outs = Vec::with_capacity(segments.len());
         for &(start, len) in segments {
-            // (len, heads, hd) → (heads, 1, len, hd); keys/values (heads, len, hd).
+            // (len, heads, hd) → (heads, 1, len, hd); keys/values (heads, len, hd). Views:
+            // the fused kernel reads the rows where they lie.
             let qs = q.narrow(0, start, len)?.transpose(0, 1)?.unsqueeze(1)?;
-            let ks = k.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
-            let vs = v.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
+            let ks = k.narrow(0, start, len)?.transpose(0, 1)?;
+            let vs = v.narrow(0, start, len)?.transpose(0, 1)?;
             let o = attention(&qs, &ks, &vs, scale, None)?.squeeze(1)?; // (heads, len, hd)
             outs.push(o.transpose(0, 1)?.reshape((len, h * hd))?);
         }
@@ -112,12 +114,27 @@ impl VisionAttention {
     }
 
     /// Attention of query rows `q: (c, heads, head_dim)` of one frame over that frame's keys
-    /// and values `(heads, len, head_dim)` → `(c, embed)` (before `proj`).
-    fn attend_rows(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    /// and values `(heads, len, head_dim)` (or the same packed, `keys`: bit-identical, without
+    /// packing them again) → `(c, embed)` (before `proj`).
+    fn attend_rows(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        keys: Option<&Keys>,
+    ) -> Result<Tensor> {
         let (c, h, hd) = q.dims3()?;
         let scale = 1.0 / (hd as f64).sqrt();
         let qs = q.transpose(0, 1)?.unsqueeze(1)?; // (heads, 1, c, hd)
-        let o = attention(&qs, k, v, scale, None)?.squeeze(1)?; // (heads, c, hd)
+        let packed = match keys {
+            Some(keys) => attention_keys(&qs, keys, scale, None)?,
+            None => None,
+        };
+        let o = match packed {
+            Some(o) => o,
+            None => attention(&qs, k, v, scale, None)?,
+        };
+        let o = o.squeeze(1)?; // (heads, c, hd)
         Ok(o.transpose(0, 1)?.reshape((c, h * hd))?)
     }
 }
@@ -545,8 +562,10 @@ pub struct VisionPass<'t> {
     qkv_parts: [Vec<Tensor>; 3],
     /// The current block's q, k, v `(n, heads, head_dim)`.
     qkv: Option<[Tensor; 3]>,
-    /// A frame's keys and values `(heads, len, head_dim)`, by frame index.
-    frame: Option<(usize, Tensor, Tensor)>,
+    /// A frame's keys and values `(heads, len, head_dim)`, by frame index, and the same
+    /// packed once for the fused kernel (`None` where it does not apply): a large frame is
+    /// attended in many pieces of query rows.
+    frame: Option<(usize, Tensor, Tensor, Option<Keys>)>,
     /// The current block's attention outputs `(n, embed)` (before `proj`).
     attn: Option<Tensor>,
     /// The merger's output `(n / merge², hidden)`.
@@ -609,14 +628,17 @@ impl VisionPass<'_> {
                     if self.frame.as_ref().is_none_or(|f| f.0 != *i) {
                         let &(start, len) =
                             self.segments.get(*i).ok_or_else(|| stage_error("frame"))?;
-                        // (len, heads, hd) → (heads, len, hd).
-                        let ks = k.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
-                        let vs = v.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
-                        self.frame = Some((*i, ks, vs));
+                        // (len, heads, hd) → (heads, len, hd), views.
+                        let ks = k.narrow(0, start, len)?.transpose(0, 1)?;
+                        let vs = v.narrow(0, start, len)?.transpose(0, 1)?;
+                        let keys = Keys::pack(&ks, &vs)?;
+                        self.frame = Some((*i, ks, vs, keys));
                     }
-                    let (_, ks, vs) = self.frame.as_ref().ok_or_else(|| stage_error("frame"))?;
+                    let (_, ks, vs, keys) =
+                        self.frame.as_ref().ok_or_else(|| stage_error("frame"))?;
                     let qs = q.narrow(0, r.start, r.len())?;
-                    self.parts.push(attn.attend_rows(&qs, ks, vs)?);
+                    self.parts
+                        .push(attn.attend_rows(&qs, ks, vs, keys.as_ref())?);
                 }
             }
             Unit::Mlp(b, r) => {

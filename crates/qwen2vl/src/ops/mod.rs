@@ -1,5 +1,6 @@
 //! Kernels this crate owns. Each optimised kernel keeps a plain version beside it as its oracle.
 
+pub mod attention;
 pub mod fused;
 pub mod gemv;
 pub mod pool;
