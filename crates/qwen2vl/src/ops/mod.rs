@@ -1,6 +1,7 @@
 //! Kernels this crate owns. Each optimised kernel keeps a plain version beside it as its oracle.
 
 pub mod fused;
+pub mod gemm_bf16;
 pub mod gemv;
 pub mod pool;
 pub mod quant;
