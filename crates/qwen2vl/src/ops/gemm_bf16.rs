@@ -26,7 +26,8 @@
 //! pair-row costs three 64-byte loads of `W`, eight broadcasts of `x` and 24 `vdpbf16ps`.
 //! `k` is split into blocks of [`KC`] pairs so a tile's 48-column strip of `W` (24 KiB) stays
 //! in L1 while the row tiles of a block pass over it; the products are split into
-//! (rows × columns) blocks run on the calling thread and the team ([`super::team`]).
+//! (rows × columns) blocks run on rayon's pool (a decode step's few rows: on the spinning
+//! team, [`super::team`]).
 //!
 //! Determinism: every output element is one chain over `k` in order: for each pair, the
 //! accumulator plus the odd product, then plus the even product (each product of two bf16 is
@@ -268,12 +269,21 @@ impl PackedBf16 {
             out,
             isa,
         };
-        super::team::for_each(row_blocks * col_blocks, |t| {
+        let run = |t: usize| {
             let (rb, cb) = (t / col_blocks, t % col_blocks);
             let panels = rb * MC_PANELS..((rb + 1) * MC_PANELS).min(row_panels);
             let tile_range = cb * tiles_per_block..((cb + 1) * tiles_per_block).min(tiles);
             job.block(panels, tile_range);
-        });
+        };
+        // A decode step's few rows: the spinning team, as `gemv` (no wake-up per product).
+        // Prefill and the vision tower: rayon, whose workers then run the attention and
+        // element-wise passes between products without pollers beside them.
+        if m <= super::gemv::MAX_ROWS {
+            super::team::for_each(row_blocks * col_blocks, run);
+        } else {
+            use rayon::prelude::*;
+            (0..row_blocks * col_blocks).into_par_iter().for_each(run);
+        }
         Ok(y)
     }
 }
