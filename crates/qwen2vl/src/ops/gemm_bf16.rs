@@ -59,10 +59,19 @@ const KC: usize = 128;
 const MC_PANELS: usize = 24;
 /// Most 48-column tiles in one parallel block: its `W` for one `k` block is at most 768 KiB.
 const MAX_TILES_PER_BLOCK: usize = 16;
+/// Pair-rows of one AMX tile (16 rows of 64 bytes): the packed panels' `k` granule.
+const KSTEP: usize = 16;
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
 
 /// Which inner loop runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
+    /// AMX-BF16 tiles (`tdpbf16ps`, 32 × 32 blocks; see `amx.rs`), where the CPU and the OS
+    /// allow them.
+    #[cfg(target_arch = "x86_64")]
+    Amx,
     /// AVX-512 F with AVX512_BF16: `vdpbf16ps`, 8 × 48 tiles.
     #[cfg(target_arch = "x86_64")]
     Avx512Bf16,
@@ -88,7 +97,7 @@ impl Isa {
     /// Every path, fastest first.
     pub fn all() -> Vec<Isa> {
         #[cfg(target_arch = "x86_64")]
-        let all = vec![Isa::Avx512Bf16, Isa::Avx2Fma, Isa::Portable];
+        let all = vec![Isa::Amx, Isa::Avx512Bf16, Isa::Avx2Fma, Isa::Portable];
         #[cfg(not(target_arch = "x86_64"))]
         let all = vec![Isa::Portable];
         all
@@ -97,6 +106,8 @@ impl Isa {
     /// Whether this CPU has the instructions the path needs.
     pub fn available(self) -> bool {
         match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => amx::available(),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Bf16 => {
                 std::arch::is_x86_feature_detected!("avx512f")
@@ -148,7 +159,13 @@ pub struct PackedBf16 {
     k: usize,
     /// Pair-rows per panel: `ceil(k / 2)`.
     kp: usize,
-    /// `panels × kp` pair-rows, panel after panel.
+    /// Pair-rows stored per panel: `kp` rounded up to [`KSTEP`] (zeros), so an AMX tile of
+    /// 16 pair-rows never runs past its panel.
+    kstride: usize,
+    /// Panels stored: `ceil(n / 16)` rounded up to even (a zero panel), so AMX's tiles of
+    /// two panels never run past the end.
+    panels: usize,
+    /// `panels × kstride` pair-rows, panel after panel.
     data: Vec<Lanes>,
 }
 
@@ -179,25 +196,35 @@ impl PackedBf16 {
     fn pack(n: usize, k: usize, get: impl Fn(usize, usize) -> u16 + Sync) -> Self {
         use rayon::prelude::*;
         let kp = k.div_ceil(2);
-        let panels = n.div_ceil(NR);
-        let mut data = vec![Lanes::default(); panels * kp];
+        let kstride = kp.next_multiple_of(KSTEP);
+        let panels = n.div_ceil(NR).next_multiple_of(2);
+        let mut data = vec![Lanes::default(); panels * kstride];
         if kp > 0 {
-            data.par_chunks_mut(kp).enumerate().for_each(|(j, panel)| {
-                for c in 0..NR.min(n - j * NR) {
-                    let row = j * NR + c;
-                    for (p, lanes) in panel.iter_mut().enumerate() {
-                        let lo = get(row, 2 * p);
-                        let hi = if 2 * p + 1 < k {
-                            get(row, 2 * p + 1)
-                        } else {
-                            0
-                        };
-                        lanes.0[c] = pair(lo, hi);
+            data.par_chunks_mut(kstride)
+                .enumerate()
+                .for_each(|(j, panel)| {
+                    for c in 0..NR.min(n.saturating_sub(j * NR)) {
+                        let row = j * NR + c;
+                        for (p, lanes) in panel[..kp].iter_mut().enumerate() {
+                            let lo = get(row, 2 * p);
+                            let hi = if 2 * p + 1 < k {
+                                get(row, 2 * p + 1)
+                            } else {
+                                0
+                            };
+                            lanes.0[c] = pair(lo, hi);
+                        }
                     }
-                }
-            });
+                });
         }
-        PackedBf16 { n, k, kp, data }
+        PackedBf16 {
+            n,
+            k,
+            kp,
+            kstride,
+            panels,
+            data,
+        }
     }
 
     /// `(n, k)`.
@@ -244,6 +271,11 @@ impl PackedBf16 {
             if let Some(b) = bias {
                 y.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(b));
             }
+            return Ok(y);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Amx {
+            amx::matmul(self, x, m, bias, &mut y);
             return Ok(y);
         }
         let a = pack_x(x, m, k);
@@ -334,6 +366,13 @@ unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// One call's shared inputs.
 struct Job<'a> {
     /// Packed `x` ([`pack_x`]).
@@ -376,7 +415,7 @@ struct Tile {
 impl Job<'_> {
     /// Row micro-panels `panels` × 48-column tiles `tiles`, all of `k`.
     fn block(&self, panels: std::ops::Range<usize>, tiles: std::ops::Range<usize>) {
-        let (n, kp) = (self.w.n, self.w.kp);
+        let (n, kp, ks) = (self.w.n, self.w.kp, self.w.kstride);
         let total_panels = n.div_ceil(NR);
         let mut pc = 0;
         while pc < kp {
@@ -395,8 +434,8 @@ impl Job<'_> {
                         // SAFETY (both offsets): inside `a` (panel `i < m / MR` rounded up,
                         // pair-row `pc < kp`) and inside the weight (panel `p0 < panels`).
                         a: unsafe { self.a.as_ptr().add((i * kp + pc) * MR) },
-                        b: unsafe { self.w.data.as_ptr().add(p0 * kp + pc) as *const u32 },
-                        b_stride: kp * NR,
+                        b: unsafe { self.w.data.as_ptr().add(p0 * ks + pc) as *const u32 },
+                        b_stride: ks * NR,
                         // SAFETY: row `r0 < m`, column `col0 < n` of the `(m, n)` output.
                         c: unsafe { self.out.0.add(r0 * n + col0) },
                         ldc: n,
@@ -427,6 +466,8 @@ impl Job<'_> {
 /// pair-rows; `rows × cols` outputs), the CPU has `isa`.
 unsafe fn run_tile(isa: Isa, rows: usize, np: usize, t: &Tile) {
     match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Amx => unreachable!("AMX runs its own blocks"),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Bf16 => avx512::tile(rows, np, t),
         #[cfg(target_arch = "x86_64")]
