@@ -6,7 +6,7 @@
 //! ```text
 //! cargo run --release -p qwen2vl --example gemm_bf16 -- [THREADS (2)] [PATH]
 //! ```
-//! PATH: `avx512`, `avx2` or `portable` (default: the fastest this CPU has).
+//! PATH: `amx`, `avx512`, `avx2` or `portable` (default: the fastest this CPU has).
 
 use std::time::Instant;
 
@@ -16,14 +16,12 @@ use qwen2vl::ops::gemm_bf16::{Isa, PackedBf16};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let threads = std::env::args().nth(1).unwrap_or_else(|| "2".into());
     std::env::set_var("RAYON_NUM_THREADS", &threads);
-    let isa = match std::env::args().nth(2).as_deref() {
+    let isa = match std::env::args().nth(2) {
         None => Isa::detect(),
-        #[cfg(target_arch = "x86_64")]
-        Some("avx512") => Isa::Avx512Bf16,
-        #[cfg(target_arch = "x86_64")]
-        Some("avx2") => Isa::Avx2Fma,
-        Some("portable") => Isa::Portable,
-        Some(other) => return Err(format!("unknown path {other:?}").into()),
+        Some(name) => Isa::all()
+            .into_iter()
+            .find(|i| i.name() == name && i.available())
+            .ok_or(format!("path {name:?} unknown or not on this CPU"))?,
     };
     let dev = Device::Cpu;
     println!("threads {threads}, bf16 path {isa:?}");

@@ -55,23 +55,26 @@ fn argmax(x: &[f32]) -> usize {
         .unwrap_or(0)
 }
 
-/// Bounds, from the figures measured on these fixtures (17 cases, 2,515 positions; AVX512_BF16
-/// path): top-1 agreement 94.7%, max |Δlogit| 2.74, mean |Δlogit| 0.101, the last prompt
-/// position within 1.55 of the reference's f32 logits, and every flipped top-1 a near-tie
-/// (bf16's choice at most 0.97 below f32's top logit; logits reach ±34). The tiny fixture
-/// models have random weights and flat next-token distributions, so rounding noise flips
-/// near-ties; on a model shaped like a trained one (tests/quant_accuracy.rs) bf16 compute
-/// agrees on 99.9% of top-1 tokens. For scale, the old bf16 mode (every tensor bf16) was 2-3x
-/// further off here (max |Δ| 3.1-7.0, top-1 87-95% per case), and a wrong product (a
-/// swapped pair, a misplaced panel) moves logits by whole units everywhere: the mean bound
-/// is what catches it.
+/// Bounds, from the figures measured on these fixtures (17 cases, 2,515 positions), on the
+/// AMX path / the AVX512_BF16 path (`QWEN2VL_BF16_ISA=avx512`): top-1 agreement 94.5% / 94.7%,
+/// max |Δlogit| 4.11 / 2.74, mean |Δlogit| 0.100 / 0.101, the last prompt position within
+/// 2.23 / 1.55 of the reference's f32 logits, and every flipped top-1 a near-tie (bf16's
+/// choice at most 2.2 / 0.97 below f32's top logit; logits reach ±34). The two paths sum
+/// each pair in another order, and these random-weight models amplify any difference (a
+/// bf16 rounding that goes the other way): the maxima move, the mean does not. The tiny
+/// fixture models have flat next-token distributions, so rounding noise flips near-ties; on
+/// a model shaped like a trained one (tests/quant_accuracy.rs) bf16 compute agrees on 99.9%
+/// of top-1 tokens. For scale, the old bf16 mode (every tensor bf16) was further off here
+/// (max |Δ| 3.1-7.0, top-1 87-95% per case), and a wrong product (a swapped pair, a
+/// misplaced panel) moves logits by whole units everywhere: the mean bound is what catches
+/// it.
 const MIN_TOP1: f64 = 0.92;
-const MAX_ABS: f64 = 4.0;
+const MAX_ABS: f64 = 6.0;
 const MAX_MEAN_ABS: f64 = 0.15;
 /// Most a flipped position's bf16 choice may sit below f32's top logit.
-const MAX_FLIP_MARGIN: f64 = 1.5;
+const MAX_FLIP_MARGIN: f64 = 3.5;
 /// Most the last prompt position may differ from the reference's logits.
-const MAX_VS_REFERENCE: f32 = 2.5;
+const MAX_VS_REFERENCE: f32 = 3.5;
 
 #[test]
 fn bf16_compute_stays_close_to_f32_on_the_golden_cases() {

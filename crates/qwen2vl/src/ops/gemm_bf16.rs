@@ -83,15 +83,32 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The fastest path this CPU runs (detected once, cached).
+    /// The fastest path this CPU runs (detected once, cached), or the one the environment
+    /// names in `QWEN2VL_BF16_ISA` (`amx`, `avx512`, `avx2`, `portable`) when the CPU has it:
+    /// for before/after comparisons with one binary.
     pub fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
+            let named = std::env::var("QWEN2VL_BF16_ISA").ok();
             Isa::all()
                 .into_iter()
+                .filter(|i| named.as_deref().is_none_or(|n| n == i.name()))
                 .find(|i| i.available())
                 .unwrap_or(Isa::Portable)
         })
+    }
+
+    /// The path's short name (`amx`, `avx512`, `avx2`, `portable`).
+    pub fn name(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => "amx",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => "avx512",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => "avx2",
+            Isa::Portable => "portable",
+        }
     }
 
     /// Every path, fastest first.
