@@ -30,7 +30,7 @@ pub enum Linear {
 /// Why this split: `--dtype bf16` on the CPU means "the big products in bf16, everything
 /// else in f32". The activations stay f32 between products (norms, softmax, rotary,
 /// residual adds and the KV cache run in f32, as exact as the f32 model); only a product's
-/// input is rounded to bf16 (to nearest even, as torch) and multiplied with `vdpbf16ps`
+/// input is rounded to bf16 (to nearest even, as torch) and multiplied (AMX or `vdpbf16ps`)
 /// into f32 sums. Running every op on bf16 tensors would round the residual stream at every
 /// add and cost conversions for nothing: the products are where the time goes.
 #[derive(Debug, Clone)]

@@ -68,8 +68,8 @@ pub enum DTypeChoice {
     /// float16.
     F16,
     /// bfloat16 compute. On the CPU: every linear layer's weight rounded to bf16 and packed
-    /// at load, its input rounded to bf16 per product, multiplied with AVX512_BF16
-    /// `vdpbf16ps` into f32 sums (AVX2/portable fallbacks; [`crate::ops::gemm_bf16`]);
+    /// at load, its input rounded to bf16 per product, multiplied into f32 sums with AMX
+    /// tiles or AVX512_BF16 `vdpbf16ps` (AVX2/portable fallbacks; [`crate::ops::gemm_bf16`]);
     /// activations, norms, attention and the KV cache stay f32 (so the model's
     /// [`Qwen2VL::dtype`] is f32). On another device, bf16 tensors throughout.
     BF16,

@@ -6,10 +6,12 @@
 //!   `tensor.to(torch.bfloat16)`) into a packed copy at every call;
 //! - `b: (n,)` f32, optional; `y: (m, n)` f32.
 //!
-//! Why: the vision tower and the prefill are compute-bound, and AVX512_BF16's `vdpbf16ps`
-//! does 32 multiply-adds per instruction where an f32 FMA does 16 (torch's bf16 matmul of a
-//! vision-block shape runs ~2.5x faster than f32 on our machine). candle's CPU matmul has no
-//! bf16 kernel of its own.
+//! Why: the vision tower and the prefill are compute-bound, and the CPU's bf16 instructions
+//! do more multiply-adds per cycle than f32 FMAs: AMX's `tdpbf16ps` (16 × 16 × 32 per
+//! instruction; the `amx` child module, picked first where the CPU and the OS allow it) by
+//! several times, AVX512_BF16's `vdpbf16ps` (32 per instruction) on CPUs that issue it as
+//! fast as an FMA (on our Sapphire Rapids VM it issues at half that rate, so it barely beats
+//! f32 there). candle's CPU matmul has no bf16 kernel of its own.
 //!
 //! Layout. `vdpbf16ps` multiplies, in each 32-bit lane, a pair of bf16 from `x` with a pair
 //! from `W` and adds both products to that lane's f32 accumulator; a pair is two consecutive
@@ -17,7 +19,8 @@
 //! - `W` is stored as panels of [`NR`] = 16 output columns; a panel is `kp = ceil(k / 2)`
 //!   pair-rows of 16 lanes (64 bytes, one zmm), lane `c` of pair-row `p` holding
 //!   `(W[c, 2p], W[c, 2p + 1])`. `n` is padded to a multiple of 16 and `k` to an even
-//!   count with zeros.
+//!   count with zeros; the storage pads each panel to whole AMX tiles of 16 pair-rows and
+//!   the panel count to even (a 16-row pair-row block is exactly an AMX `B` tile).
 //! - `x` is packed per call in micro-panels of [`MR`] = 8 rows: pair-row `p` of a
 //!   micro-panel is 8 lanes, lane `r` holding `(x[r, 2p], x[r, 2p + 1])`, one 32-bit
 //!   broadcast per row in the kernel.
