@@ -28,7 +28,8 @@ pub struct ModelArgs {
     /// without it a GGUF model answers text only.
     #[arg(long, value_name = "PATH")]
     pub mmproj: Option<std::path::PathBuf>,
-    /// Compute dtype: f32 (default on CPU), f16, bf16 or f64.
+    /// Compute dtype: f32 (default on CPU: the reference's numbers), f16, bf16 (on the CPU:
+    /// the matrix products in bf16 with f32 sums, everything else f32) or f64.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Quantize the language model's weights as they load: q8_0 (8.5 bits a weight, close to

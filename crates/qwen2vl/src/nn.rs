@@ -5,19 +5,61 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Tensor};
 
 use crate::error::{Error, Result};
+use crate::ops::gemm_bf16::PackedBf16;
 use crate::ops::quant::QMatrix;
 use crate::weights::Weights;
 
 /// `y = x W^T + b` with `W: (out, in)`; `x: (..., in)` → `(..., out)`.
 ///
 /// Float weights are candle tensors; weights the load's quantization plan names
-/// (`--quant`, [`Weights::quant_for`]) are quantized blocks ([`QMatrix`]) with an f32 bias.
+/// (`--quant`, [`Weights::quant_for`]) are quantized blocks ([`QMatrix`]) with an f32 bias;
+/// with bf16 compute on the CPU (`--dtype bf16`, [`Weights::bf16_products`]) float weights
+/// are rounded to bf16 and packed once at load ([`PackedBf16`]).
 #[derive(Debug, Clone)]
 pub enum Linear {
     /// Float weights.
     Dense(candle_nn::Linear),
     /// Quantized weights.
     Quant(QLinear),
+    /// bf16 weights packed for [`crate::ops::gemm_bf16`].
+    Bf16(Bf16Linear),
+}
+
+/// A linear layer for bf16 compute: the weight rounded to bf16 and packed, the bias in f32.
+///
+/// Why this split: `--dtype bf16` on the CPU means "the big products in bf16, everything
+/// else in f32". The activations stay f32 between products (norms, softmax, rotary,
+/// residual adds and the KV cache run in f32, as exact as the f32 model); only a product's
+/// input is rounded to bf16 (to nearest even, as torch) and multiplied (AMX or `vdpbf16ps`)
+/// into f32 sums. Running every op on bf16 tensors would round the residual stream at every
+/// add and cost conversions for nothing: the products are where the time goes.
+#[derive(Debug, Clone)]
+pub struct Bf16Linear {
+    /// `(out, in)` packed.
+    pub weight: Arc<PackedBf16>,
+    /// `(out,)` in f32.
+    pub bias: Option<Vec<f32>>,
+    /// Where inputs and outputs live (the CPU).
+    pub device: candle_core::Device,
+}
+
+impl Bf16Linear {
+    /// `x: (..., in)` in any float dtype → `(..., out)` in `x`'s dtype (computed from `x`
+    /// in f32, rounded to bf16 for the product, f32 sums).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, k) = self.weight.dims();
+        let mut dims = x.dims().to_vec();
+        if dims.last() != Some(&k) {
+            return Err(Error::Internal(format!(
+                "a bf16 ({n}, {k}) layer got input {dims:?}"
+            )));
+        }
+        let m = x.elem_count() / k.max(1);
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let y = self.weight.matmul(&xs, m, self.bias.as_deref())?;
+        *dims.last_mut().expect("rank >= 1") = n;
+        Ok(Tensor::from_vec(y, dims, &self.device)?.to_dtype(x.dtype())?)
+    }
 }
 
 /// A linear layer with quantized weights.
@@ -66,6 +108,16 @@ impl Linear {
                 device: w.device().clone(),
             }));
         }
+        if w.bf16_products() {
+            return Ok(Linear::Bf16(Bf16Linear {
+                weight: Arc::new(w.get_packed_bf16(&name, out_dim, in_dim)?),
+                bias: match bias {
+                    Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                    None => None,
+                },
+                device: w.device().clone(),
+            }));
+        }
         let weight = w.get(&name, (out_dim, in_dim))?;
         Ok(Linear::Dense(candle_nn::Linear::new(weight, bias)))
     }
@@ -75,11 +127,25 @@ impl Linear {
         Linear::Dense(candle_nn::Linear::new(weight, None))
     }
 
+    /// From an existing weight `(out, in)` read from `w`, packed to bf16 when `w` packs
+    /// products ([`Weights::bf16_products`]); the float tensor is dropped then.
+    pub fn from_weight_in(w: &Weights, weight: Tensor) -> Result<Self> {
+        if !w.bf16_products() {
+            return Ok(Self::from_weight(weight));
+        }
+        Ok(Linear::Bf16(Bf16Linear {
+            weight: Arc::new(Weights::pack_bf16(&weight)?),
+            bias: None,
+            device: w.device().clone(),
+        }))
+    }
+
     /// Device of the weight.
     pub fn device(&self) -> &candle_core::Device {
         match self {
             Linear::Dense(l) => l.weight().device(),
             Linear::Quant(q) => &q.device,
+            Linear::Bf16(l) => &l.device,
         }
     }
 
@@ -88,7 +154,8 @@ impl Linear {
     /// A few rows on the CPU (decode: one per running sequence) take our small-batch kernel
     /// [`crate::ops::gemv`] (each weight row read once for all rows, and a row's result
     /// independent of the batch it sits in); other float products candle's matmul; quantized
-    /// weights [`QMatrix::matmul`] (in f32, the result in `x`'s dtype).
+    /// weights [`QMatrix::matmul`] (in f32, the result in `x`'s dtype); bf16-packed weights
+    /// [`PackedBf16::matmul`] for every row count (see [`Bf16Linear`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Dense(l) => {
@@ -98,6 +165,7 @@ impl Linear {
                 Ok(l.forward(x)?)
             }
             Linear::Quant(q) => Ok(Self::forward_quant(&[q], x)?.remove(0)),
+            Linear::Bf16(l) => l.forward(x),
         }
     }
 
@@ -110,7 +178,7 @@ impl Linear {
             .iter()
             .map(|l| match l {
                 Linear::Quant(q) => Some(q),
-                Linear::Dense(_) => None,
+                Linear::Dense(_) | Linear::Bf16(_) => None,
             })
             .collect();
         match quant {

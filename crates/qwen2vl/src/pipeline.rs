@@ -67,7 +67,11 @@ pub enum DTypeChoice {
     F32,
     /// float16.
     F16,
-    /// bfloat16 (slow on CPU: candle widens it per matmul).
+    /// bfloat16 compute. On the CPU: every linear layer's weight rounded to bf16 and packed
+    /// at load, its input rounded to bf16 per product, multiplied into f32 sums with AMX
+    /// tiles or AVX512_BF16 `vdpbf16ps` (AVX2/portable fallbacks; [`crate::ops::gemm_bf16`]);
+    /// activations, norms, attention and the KV cache stay f32 (so the model's
+    /// [`Qwen2VL::dtype`] is f32). On another device, bf16 tensors throughout.
     BF16,
     /// float64: slow; for checking agreement beyond float32 rounding.
     F64,

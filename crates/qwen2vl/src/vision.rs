@@ -36,7 +36,7 @@ impl PatchEmbed {
         )?;
         let kernel = kernel.reshape((cfg.embed_dim, cfg.patch_dim()))?;
         Ok(PatchEmbed {
-            proj: Linear::from_weight(kernel),
+            proj: Linear::from_weight_in(w, kernel)?,
         })
     }
 

@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::gguf::model::{dequantize_widened, qtype_of, requantized_to, GgufModel, Part, Source};
 use crate::gguf::GgmlType;
 use crate::mapped::{le16, par_decode, release_pages};
+use crate::ops::gemm_bf16::PackedBf16;
 use crate::ops::quant::plan::QuantPlan;
 use crate::ops::quant::{QMatrix, QType};
 
@@ -74,6 +75,9 @@ pub struct Weights {
     quant: Option<QuantPlan>,
     /// The GGUF files tensors come from instead of `maps` (then empty), when set.
     gguf: Option<Arc<GgufModel>>,
+    /// Float matrices of linear layers are packed to bf16 for bf16 compute
+    /// ([`Weights::set_bf16_products`]).
+    bf16_products: bool,
 }
 
 impl std::fmt::Debug for Weights {
@@ -177,6 +181,7 @@ impl Weights {
             done: Mutex::new((0, 0)),
             quant: None,
             gguf: None,
+            bf16_products: false,
         })
     }
 
@@ -193,6 +198,7 @@ impl Weights {
             done: Mutex::new((0, 0)),
             quant: None,
             gguf: Some(model),
+            bf16_products: false,
         }
     }
 
@@ -426,6 +432,36 @@ impl Weights {
     /// Quantizes the matrices `plan` names as they load (see [`Weights::quant_for`]).
     pub fn set_quant(&mut self, plan: QuantPlan) {
         self.quant = Some(plan);
+    }
+
+    /// Packs the float matrices of linear layers to bf16 as they load
+    /// ([`crate::ops::gemm_bf16::PackedBf16`]) while every other tensor stays in the compute
+    /// dtype: `--dtype bf16` on the CPU (see [`crate::nn::Linear`]). Only for a CPU device.
+    pub fn set_bf16_products(&mut self, on: bool) {
+        self.bf16_products = on && self.device.is_cpu();
+    }
+
+    /// Whether linear layers' float matrices are packed to bf16 (see
+    /// [`Weights::set_bf16_products`]).
+    pub fn bf16_products(&self) -> bool {
+        self.bf16_products
+    }
+
+    /// Reads matrix `name` `(n, k)` and rounds it to bf16, packed for
+    /// [`crate::ops::gemm_bf16`]; the float copy is dropped before this returns.
+    pub fn get_packed_bf16(&self, name: &str, n: usize, k: usize) -> Result<PackedBf16> {
+        let w = self.get(name, (n, k))?;
+        Self::pack_bf16(&w).map_err(|e| Error::Weights(format!("{name}: {e}")))
+    }
+
+    /// A matrix `(n, k)` already read, rounded to bf16 and packed.
+    pub fn pack_bf16(w: &Tensor) -> Result<PackedBf16> {
+        let (n, k) = w.dims2()?;
+        let w = w.flatten_all()?;
+        match w.dtype() {
+            DType::BF16 => PackedBf16::from_bf16(&w.to_vec1::<half::bf16>()?, n, k),
+            _ => PackedBf16::from_f32(&w.to_dtype(DType::F32)?.to_vec1::<f32>()?, n, k),
+        }
     }
 
     /// The format matrix `name` with rows of `k` values is to be quantized to, if any.

@@ -10,7 +10,8 @@
 //! tied embeddings are drawn wider than an initializer would (σ 0.1, the matrices σ 0.03) so
 //! the f32 model's mean top-1 probability is about 0.3, like a small trained model on real
 //! text. The figures are a proxy for a real checkpoint's, and a guard: each format within
-//! its bounds, and the divergence ordered by bits.
+//! its bounds, and the divergence ordered by bits. bf16 compute (`--dtype bf16`, issue 14)
+//! is measured on the same model and sequences beside them.
 
 use std::path::{Path, PathBuf};
 
@@ -235,6 +236,11 @@ fn load(dir: &Path, quant: Option<QuantScheme>) -> Qwen2VL {
         .0
 }
 
+/// bf16 compute's bounds on this model (see the measurement where they are checked).
+const BF16_MAX_KL: f64 = 0.0002;
+const BF16_MAX_ABS: f64 = 0.3;
+const BF16_MAX_MEAN_ABS: f64 = 0.03;
+
 #[test]
 fn each_format_stays_within_its_bounds() {
     let dir = write_model();
@@ -289,6 +295,32 @@ fn each_format_stays_within_its_bounds() {
                 "{scheme}: {f:?} (bounds top-1 ≥ {top1}, KL ≤ {kl})"
             ));
         }
+    }
+    // bf16 compute (`--dtype bf16`: bf16 products with f32 sums, f32 activations; issue 14)
+    // on the same model and sequences. Measured (AMX path / AVX512_BF16 path): top-1
+    // 99.8% / 99.9%, KL 0.000036 both, max |Δ| 0.055 / 0.056, mean |Δ| 0.0074 both (below
+    // q8_0 everywhere); held to the issue's 99% top-1 and ~5x the rest.
+    let bf16_model = Qwen2VL::load(&dir, DType::BF16, &Device::Cpu).unwrap().0;
+    let bf16: Vec<Vec<f32>> = seqs.iter().flat_map(|s| logits(&bf16_model, s)).collect();
+    drop(bf16_model);
+    let f = compare(&reference, &bf16);
+    eprintln!(
+        "{:<8} {:>7.4} {:>9.5} {:>9.6} {:>6.1}%",
+        "bf16",
+        f.max_abs,
+        f.mean_abs,
+        f.mean_kl,
+        100.0 * f.top1
+    );
+    if f.top1 < 0.99
+        || f.mean_kl > BF16_MAX_KL
+        || f.max_abs > BF16_MAX_ABS
+        || f.mean_abs > BF16_MAX_MEAN_ABS
+        || f.mean_abs == 0.0
+    {
+        failures.push(format!(
+            "bf16: {f:?} (bounds top-1 ≥ 0.99, KL ≤ {BF16_MAX_KL}, max|Δ| ≤ {BF16_MAX_ABS}, mean|Δ| ≤ {BF16_MAX_MEAN_ABS})"
+        ));
     }
     let _ = std::fs::remove_dir_all(&dir);
     assert!(failures.is_empty(), "{failures:#?}");

@@ -119,8 +119,27 @@ fn new_identity(config: &Qwen2VLConfig, dtype: DType) -> CacheKey {
     k.finish()
 }
 
+/// The dtype activations and the non-matrix weights load in for a requested `dtype`, and
+/// whether the linear layers' matrices are packed to bf16.
+///
+/// bf16 on the CPU is bf16 *compute*: the products' inputs rounded to bf16 and multiplied
+/// with AVX512_BF16 (or its fallbacks, [`crate::ops::gemm_bf16`]), everything else in f32
+/// (see [`crate::nn::Bf16Linear`] for why); the model's [`Qwen2VL::dtype`] is then f32.
+/// On another device bf16 stays bf16 tensors throughout.
+fn compute_dtype(dtype: DType, device: &Device) -> (DType, bool) {
+    if dtype == DType::BF16 && device.is_cpu() {
+        (DType::F32, true)
+    } else {
+        (dtype, false)
+    }
+}
+
 impl Qwen2VL {
     /// Loads `config.json` and the weights from a Hugging Face–format directory.
+    ///
+    /// `dtype` bf16 on the CPU loads the linear layers' matrices packed to bf16 and computes
+    /// everything else in f32 (see [`compute_dtype`]); other dtypes load every float tensor
+    /// in `dtype`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, LoadReport)> {
         Self::load_with_progress(dir, dtype, device, None)
     }
@@ -150,7 +169,9 @@ impl Qwen2VL {
         check_model_dir(dir)?;
         let start = Instant::now();
         let config = Qwen2VLConfig::from_file(&dir.join("config.json"))?;
-        let weights = Weights::from_dir(dir, dtype, device)?;
+        let (compute, bf16) = compute_dtype(dtype, device);
+        let mut weights = Weights::from_dir(dir, compute, device)?;
+        weights.set_bf16_products(bf16);
         Self::load_weights(config, weights, start, progress, text, vision)
     }
 
@@ -191,7 +212,9 @@ impl Qwen2VL {
             }
         }
         let config = model.config().clone();
-        let weights = Weights::from_gguf(model, dtype, device);
+        let (compute, bf16) = compute_dtype(dtype, device);
+        let mut weights = Weights::from_gguf(model, compute, device);
+        weights.set_bf16_products(bf16);
         Self::load_weights(config, weights, start, progress, text, vision)
     }
 
@@ -280,7 +303,8 @@ impl Qwen2VL {
         &self.config
     }
 
-    /// Compute dtype.
+    /// Compute dtype of the activations (f32 for a bf16-compute load on the CPU, whose
+    /// products alone run in bf16).
     pub fn dtype(&self) -> DType {
         self.dtype
     }

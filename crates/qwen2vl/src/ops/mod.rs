@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod fused;
+pub mod gemm_bf16;
 pub mod gemv;
 pub mod pool;
 pub mod quant;
