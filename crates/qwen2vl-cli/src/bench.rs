@@ -166,7 +166,9 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
         .with_max_new_tokens(args.new_tokens);
     request.ignore_eos = true;
     let (runs, per_run_peak) = timed_runs(&args, &pipeline, &request)?;
-    let floor = Floor::measure(&pipeline, &runs[0].0)?;
+    // Already checked by the load: a bad --dtype never gets here.
+    let dtype = args.model.dtype.parse().unwrap_or_default();
+    let floor = Floor::measure(&pipeline, &runs[0].0, dtype)?;
     let report = Report {
         threads: args
             .model
@@ -267,11 +269,14 @@ struct Floor {
 }
 
 impl Floor {
-    /// Counts the FLOPs of `gen`'s prompt and measures the product rate now.
+    /// Counts the FLOPs of `gen`'s prompt and measures the product rate of `dtype` (the
+    /// requested one) now.
     fn measure(
         pipeline: &qwen2vl::pipeline::Pipeline,
         gen: &Generation,
+        dtype: qwen2vl::pipeline::DTypeChoice,
     ) -> Result<Floor, CliError> {
+        let dtype = dtype.dtype();
         let model = pipeline.model();
         let cfg = model.config();
         let grids: Vec<[usize; 3]> = gen
@@ -289,7 +294,8 @@ impl Floor {
         let prefill_flops = cfg
             .text
             .prefill_flops(gen.usage.prompt_tokens.saturating_sub(cached), cached);
-        let peak_gflops = qwen2vl::nn::product_gflops(model.dtype(), model.device())?;
+        // The requested dtype, not the model's activations' (f32 for bf16 compute).
+        let peak_gflops = qwen2vl::nn::product_gflops(dtype, model.device())?;
         Ok(Floor {
             peak_gflops,
             vision_flops,

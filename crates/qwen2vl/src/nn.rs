@@ -219,11 +219,23 @@ impl Linear {
 /// `device`, through [`Linear`] (so through whatever kernel the model's own products of that
 /// dtype take), best of 5 after a warm-up; the rate `qwen2vl bench` divides FLOPs by for its
 /// arithmetic floor. Takes ~0.5 s on two cores in f32.
+///
+/// `dtype` is the dtype a model was loaded with: bf16 on the CPU measures the packed bf16
+/// products ([`Bf16Linear`], f32 activations) that such a model's layers use.
 pub fn product_gflops(dtype: DType, device: &candle_core::Device) -> Result<f64> {
     let (m, k, n) = (1024usize, 1280usize, 5120usize);
-    let x = Tensor::randn(0f32, 1.0, (m, k), device)?.to_dtype(dtype)?;
-    let w = Tensor::randn(0f32, 0.02, (n, k), device)?.to_dtype(dtype)?;
-    let layer = Linear::from_weight(w);
+    let w = Tensor::randn(0f32, 0.02, (n, k), device)?;
+    let (x, layer) = if dtype == DType::BF16 && device.is_cpu() {
+        let layer = Linear::Bf16(Bf16Linear {
+            weight: Arc::new(Weights::pack_bf16(&w)?),
+            bias: None,
+            device: device.clone(),
+        });
+        (Tensor::randn(0f32, 1.0, (m, k), device)?, layer)
+    } else {
+        let x = Tensor::randn(0f32, 1.0, (m, k), device)?.to_dtype(dtype)?;
+        (x, Linear::from_weight(w.to_dtype(dtype)?))
+    };
     let mut best = f64::INFINITY;
     for i in 0..6 {
         let t = std::time::Instant::now();
