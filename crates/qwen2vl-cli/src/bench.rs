@@ -459,7 +459,7 @@ impl Report {
             fl.peak_gflops
         ));
         out.push_str(&format!(
-            "                  (the {} product rate of {} threads here, measured after the runs)\n",
+            "                  (the {} product rate of {} thread(s) here, measured after the runs)\n",
             args.model.dtype, self.threads
         ));
         let pct = |f: Option<f64>| f.map_or("-".to_string(), |f| format!("{:.0}%", f * 100.0));
