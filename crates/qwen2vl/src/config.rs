@@ -7,6 +7,10 @@
 //!
 //! Newer checkpoints (transformers ≥ 4.52) nest the text fields under `text_config`; both
 //! layouts are accepted, the nested one taking precedence.
+//!
+//! The same file of a Qwen2 *text* checkpoint (`Qwen2ForCausalLM`: Qwen2 and Qwen2.5 0.5B–72B)
+//! parses into the same struct: `architectures` picks the [`Architecture`]; such a model has no
+//! vision tower and rotates with 1-D RoPE (mirrors `transformers.Qwen2Config`, 4.49).
 
 use std::path::Path;
 
@@ -60,6 +64,10 @@ fn d_video_token() -> u32 {
     151656
 }
 
+fn d_sliding_window() -> Option<usize> {
+    Some(4096)
+}
+
 /// `rope_scaling` of `config.json`: `{"type": "mrope", "mrope_section": [16, 24, 24]}`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RopeScaling {
@@ -69,8 +77,73 @@ pub struct RopeScaling {
     /// The newer name of `type` (files often carry both).
     #[serde(default)]
     pub rope_type: Option<String>,
-    /// Split of the rotary half-dimension into (temporal, height, width) sections.
+    /// Split of the rotary half-dimension into (temporal, height, width) sections (Qwen2-VL
+    /// only; empty when absent, as in a text model's `{"type": "yarn", ...}`).
+    #[serde(default)]
     pub mrope_section: Vec<usize>,
+}
+
+impl RopeScaling {
+    /// `rope_type`, else `type` ("mrope", "default", "yarn", …).
+    pub fn kind(&self) -> Option<&str> {
+        self.rope_type.as_deref().or(self.kind.as_deref())
+    }
+}
+
+/// The model a checkpoint's `config.json` names in `architectures`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Architecture {
+    /// `Qwen2VLForConditionalGeneration`: vision tower + Qwen2 decoder with M-RoPE.
+    #[default]
+    Qwen2VL,
+    /// `Qwen2ForCausalLM`: the Qwen2 decoder alone (Qwen2 / Qwen2.5 text models), 1-D RoPE,
+    /// no vision tower.
+    Qwen2,
+}
+
+impl Architecture {
+    /// The `architectures` names this engine runs.
+    pub const SUPPORTED: [&'static str; 2] =
+        ["Qwen2VLForConditionalGeneration", "Qwen2ForCausalLM"];
+
+    /// Its name in `config.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Qwen2VL => Self::SUPPORTED[0],
+            Architecture::Qwen2 => Self::SUPPORTED[1],
+        }
+    }
+
+    /// Whether checkpoints of this architecture have a vision tower.
+    pub fn has_vision(self) -> bool {
+        matches!(self, Architecture::Qwen2VL)
+    }
+
+    /// The architecture of a `config.json`: its first `architectures` entry, else its
+    /// `model_type` (`qwen2_vl`, `qwen2`), else Qwen2-VL (older hand-written files have
+    /// neither). Anything else is an error naming it and what is supported.
+    fn from_json(
+        architectures: Option<&[String]>,
+        model_type: Option<&str>,
+    ) -> std::result::Result<Self, String> {
+        let supported = || Self::SUPPORTED.join(", ");
+        match architectures.and_then(|a| a.first()) {
+            Some(a) if a == Self::SUPPORTED[0] => Ok(Architecture::Qwen2VL),
+            Some(a) if a == Self::SUPPORTED[1] => Ok(Architecture::Qwen2),
+            Some(a) => Err(format!(
+                "architecture {a} is not supported; supported: {}",
+                supported()
+            )),
+            None => match model_type {
+                None | Some("qwen2_vl") => Ok(Architecture::Qwen2VL),
+                Some("qwen2") => Ok(Architecture::Qwen2),
+                Some(m) => Err(format!(
+                    "model_type {m} (no \"architectures\") is not supported; supported: {}",
+                    supported()
+                )),
+            },
+        }
+    }
 }
 
 /// The text fields of `config.json` (Qwen2 decoder).
@@ -102,10 +175,22 @@ pub struct TextConfig {
     pub tie_word_embeddings: bool,
     #[serde(default)]
     pub use_sliding_window: bool,
+    /// `sliding_window` (HF's default 4096 when absent; `null` turns it off). See
+    /// [`TextConfig::context_len`] for what a text model makes of it.
+    #[serde(default = "d_sliding_window")]
+    pub sliding_window: Option<usize>,
+    /// Layers from this index on use the window when `use_sliding_window` (recorded only).
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
     #[serde(default)]
     pub bos_token_id: Option<u32>,
     #[serde(default)]
     pub eos_token_id: Option<u32>,
+    /// Set from [`Architecture`], not read from the file: a text-only model (`Qwen2ForCausalLM`)
+    /// rotates with 1-D RoPE (`Qwen2RotaryEmbedding`), i.e. one section over the whole
+    /// rotary half-dimension.
+    #[serde(skip)]
+    pub rope_1d: bool,
 }
 
 impl TextConfig {
@@ -140,11 +225,34 @@ impl TextConfig {
     }
 
     /// The M-RoPE sections; `[16, 24, 24]` when absent (the released checkpoints' value).
+    /// A text model's 1-D RoPE is one section `[head_dim / 2]`: every rotary frequency takes
+    /// the first (temporal) position id, which is exactly `Qwen2RotaryEmbedding`'s rotation.
     pub fn mrope_section(&self) -> Vec<usize> {
+        if self.rope_1d {
+            return vec![self.head_dim() / 2];
+        }
         self.rope_scaling
             .as_ref()
             .map(|r| r.mrope_section.clone())
+            .filter(|s| !s.is_empty())
             .unwrap_or_else(|| vec![16, 24, 24])
+    }
+
+    /// The context this engine serves: `max_position_embeddings`, and for a text model
+    /// (`Qwen2ForCausalLM`) at most `sliding_window`.
+    ///
+    /// transformers 4.49's eager and SDPA masks (`Qwen2Model._prepare_4d_causal_attention_mask_with_cache_position`)
+    /// hide keys more than `sliding_window` positions back in *every* layer whenever
+    /// `sliding_window` is set, whatever `use_sliding_window` and `max_window_layers` say
+    /// (only its flash-attention path honours them). Within `sliding_window` tokens no key is
+    /// hidden, so capping the context there gives the reference's numbers exactly; released
+    /// Qwen2 / Qwen2.5 configs have `sliding_window` ≥ `max_position_embeddings`, where the
+    /// cap changes nothing.
+    pub fn context_len(&self) -> usize {
+        match self.sliding_window {
+            Some(w) if self.rope_1d && w >= 2 => self.max_position_embeddings.min(w),
+            _ => self.max_position_embeddings,
+        }
     }
 }
 
@@ -247,9 +355,12 @@ impl VisionConfig {
     }
 }
 
-/// `config.json` of a Qwen2-VL checkpoint.
+/// `config.json` of a Qwen2-VL checkpoint, or of a Qwen2 text checkpoint (then `vision` holds
+/// defaults nothing uses).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Qwen2VLConfig {
+    /// What `architectures` names.
+    pub architecture: Architecture,
     pub text: TextConfig,
     pub vision: VisionConfig,
     pub vision_start_token_id: u32,
@@ -283,6 +394,10 @@ struct RawConfig {
     torch_dtype: Option<String>,
     #[serde(default)]
     dtype: Option<String>,
+    #[serde(default)]
+    architectures: Option<Vec<String>>,
+    #[serde(default)]
+    model_type: Option<String>,
 }
 
 impl Qwen2VLConfig {
@@ -301,6 +416,22 @@ impl Qwen2VLConfig {
             }
             text = serde_json::from_value(merged)?;
         }
+        let architecture =
+            Architecture::from_json(raw.architectures.as_deref(), raw.model_type.as_deref())
+                .map_err(serde::de::Error::custom)?;
+        if architecture == Architecture::Qwen2 {
+            text.rope_1d = true;
+            // transformers 4.49 would apply these scalings (yarn, dynamic NTK, linear…) to the
+            // rotary frequencies; running without them would give other numbers.
+            if let Some(kind) = text.rope_scaling.as_ref().and_then(RopeScaling::kind) {
+                if kind != "default" {
+                    return Err(serde::de::Error::custom(format!(
+                        "rope_scaling type {kind} is not supported for {}; supported: none (null) or \"default\"",
+                        architecture.name()
+                    )));
+                }
+            }
+        }
         if text.max_position_embeddings < 2 {
             // A context must hold a prompt token and an answer token; 0 would make every
             // "at most context - 1 tokens" message wrap around.
@@ -310,6 +441,7 @@ impl Qwen2VLConfig {
             )));
         }
         Ok(Qwen2VLConfig {
+            architecture,
             text,
             vision: raw.vision_config.unwrap_or_default(),
             vision_start_token_id: raw.vision_start_token_id,

@@ -179,7 +179,7 @@ impl EngineConfig {
     /// below 4096 tokens (or the four contexts, if smaller).
     pub fn default_kv_budget(pipeline: &Pipeline) -> usize {
         let cfg = &pipeline.model().config().text;
-        let context = cfg.max_position_embeddings;
+        let context = cfg.context_len();
         let per_token = kv_bytes_per_token(pipeline).max(1);
         let wanted = 4 * context;
         match mem_available_bytes() {

@@ -504,6 +504,9 @@ fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLCon
         }),
         tie_word_embeddings: text.tensor("output.weight").is_none(),
         use_sliding_window: false,
+        sliding_window: None,
+        max_window_layers: None,
+        rope_1d: false,
         bos_token_id: text.get_u32_opt("tokenizer.ggml.bos_token_id")?,
         eos_token_id: text.get_u32_opt("tokenizer.ggml.eos_token_id")?,
     };
@@ -574,6 +577,7 @@ fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLCon
         }
     };
     Ok(Qwen2VLConfig {
+        architecture: crate::config::Architecture::Qwen2VL,
         text: t,
         vision,
         vision_start_token_id: id(VISION_START)?,

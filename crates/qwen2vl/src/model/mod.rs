@@ -84,6 +84,18 @@ pub fn no_vision() -> Error {
     )
 }
 
+/// The error for images or videos given to a text model (`Qwen2ForCausalLM`): `part` names
+/// what was sent ("image 1 (message 2)", "an image").
+pub fn text_model_vision(part: impl std::fmt::Display) -> Error {
+    Error::bad_input(
+        format!(
+            "{part} was sent, but this model ({}) is a text model and has no vision tower",
+            crate::config::Architecture::Qwen2.name()
+        ),
+        "text-only messages (use a Qwen2-VL model for images and videos)",
+    )
+}
+
 /// What loading reported.
 #[derive(Debug, Clone, Default)]
 pub struct LoadReport {
@@ -244,6 +256,17 @@ impl Qwen2VL {
 
     /// Builds the model from already-mapped weights.
     pub fn from_weights(config: &Qwen2VLConfig, w: &Weights) -> Result<Self> {
+        if !config.architecture.has_vision() {
+            // A text checkpoint (`Qwen2ForCausalLM`): the decoder alone, same weight names.
+            return Ok(Qwen2VL {
+                config: config.clone(),
+                vision: None,
+                text: TextModel::load(w, &config.text)?,
+                device: w.device().clone(),
+                dtype: w.dtype(),
+                identity: new_identity(config, w.dtype()),
+            });
+        }
         if config.vision.hidden_size != config.text.hidden_size {
             return Err(Error::Weights(format!(
                 "vision_config.hidden_size {} differs from the text hidden_size {}",
@@ -298,7 +321,17 @@ impl Qwen2VL {
     /// The vision tower, or an error when the model was loaded without one (a GGUF text
     /// model without `--mmproj`).
     pub fn vision(&self) -> Result<&VisionTransformer> {
-        self.vision.as_ref().ok_or_else(no_vision)
+        self.vision.as_ref().ok_or_else(|| self.no_vision_error())
+    }
+
+    /// Why this model cannot read images or videos: a text architecture has no vision tower;
+    /// a GGUF Qwen2-VL was loaded without its projector.
+    pub fn no_vision_error(&self) -> Error {
+        if self.config.architecture.has_vision() {
+            no_vision()
+        } else {
+            text_model_vision("an image or video")
+        }
     }
 
     /// Whether the model has its vision tower.
@@ -381,7 +414,7 @@ impl Qwen2VL {
         max_chunk_patches: usize,
     ) -> Result<Vec<VisionItem>> {
         if !grids.is_empty() && self.vision.is_none() {
-            return Err(no_vision());
+            return Err(self.no_vision_error());
         }
         let dim = self.config.vision.patch_dim();
         if !pixel_values.len().is_multiple_of(dim) {

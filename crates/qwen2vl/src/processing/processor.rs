@@ -69,6 +69,9 @@ pub struct Processor {
     preprocessor: PreprocessorConfig,
     tokens: VisionTokens,
     merge: usize,
+    /// The checkpoint is a text model (`Qwen2ForCausalLM`): images and videos are refused
+    /// before anything is decoded.
+    text_only: bool,
 }
 
 impl std::fmt::Debug for Processor {
@@ -98,6 +101,7 @@ impl Processor {
                 video_pad: config.video_token_id,
             },
             merge: config.vision.spatial_merge_size,
+            text_only: !config.architecture.has_vision(),
         })
     }
 
@@ -113,7 +117,13 @@ impl Processor {
                 video_pad: config.video_token_id,
             },
             merge: config.vision.spatial_merge_size,
+            text_only: !config.architecture.has_vision(),
         })
+    }
+
+    /// Whether this is a text model's processor (images and videos are refused).
+    pub fn is_text_only(&self) -> bool {
+        self.text_only
     }
 
     /// The tokenizer.
@@ -138,6 +148,9 @@ impl Processor {
                 "the conversation has no messages",
                 "at least one message",
             ));
+        }
+        if self.text_only {
+            refuse_media(messages)?;
         }
         if let Some(max) = opts.max_prompt_tokens {
             check_text_bytes(messages, max)?;
@@ -492,6 +505,40 @@ fn check_text_bytes(messages: &[Message], max_tokens: usize) -> Result<()> {
 /// Ties a bad-input error to the image it concerns ("image 2 (message 3): ...").
 fn name_item(e: Error, image: usize, message: usize) -> Error {
     name_media(e, ItemKind::Image, image, message)
+}
+
+/// A text model's refusal of the first image or video of `messages`, naming it
+/// ("image 1 (message 2): an image part was sent, but this model … has no vision tower").
+fn refuse_media(messages: &[Message]) -> Result<()> {
+    for (m, message) in messages.iter().enumerate() {
+        let kind = message.iter_parts().find_map(|p| match p {
+            PartRef::Image(_) => Some(ItemKind::Image),
+            PartRef::Video(_) => Some(ItemKind::Video),
+            PartRef::Text(_) => None,
+        });
+        if let Some(kind) = kind {
+            let count = |k: ItemKind| {
+                messages[..m]
+                    .iter()
+                    .flat_map(Message::iter_parts)
+                    .filter(|p| match k {
+                        ItemKind::Image => matches!(p, PartRef::Image(_)),
+                        ItemKind::Video => matches!(p, PartRef::Video(_)),
+                    })
+                    .count()
+            };
+            let what = match kind {
+                ItemKind::Image => "an image part",
+                ItemKind::Video => "a video part",
+            };
+            return Err(crate::model::text_model_vision(what).about(Item {
+                kind,
+                index: count(kind) + 1,
+                message: m + 1,
+            }));
+        }
+    }
+    Ok(())
 }
 
 /// Ties a bad-input error to the item it concerns ("video 2 (message 3): ...").
