@@ -41,6 +41,7 @@ pub mod inputs;
 pub mod kv_cache;
 mod lru;
 mod mapped;
+pub mod memory;
 pub mod model;
 pub mod nn;
 pub mod ops;

@@ -21,7 +21,7 @@ use qwen2vl::generation::sampler::SamplingParams;
 use qwen2vl::generation::GenerateRequest;
 use qwen2vl::model::Qwen2VL;
 use qwen2vl::pipeline::{DTypeChoice, Pipeline};
-use qwen2vl::processing::messages::Message;
+use qwen2vl::processing::messages::{Content, ContentPart, Message};
 
 const MODELS: [&str; 2] = ["tiny-qwen2", "tiny-qwen2-untied"];
 
@@ -175,6 +175,25 @@ fn pipeline_generates_the_reference_tokens() {
                 inputs.input_ids,
                 r.u32s(&format!("{case}.input_ids")),
                 "{name}/{case}: prompt ids"
+            );
+            // The same turns as lists of one text part each (as the CLI and OpenAI clients
+            // send them) render as the strings do.
+            let as_parts: Vec<Message> = messages
+                .iter()
+                .map(|m| {
+                    let text = match &m.content {
+                        Content::Text(t) => t.clone(),
+                        Content::Parts(_) => unreachable!("the fixture's turns are strings"),
+                    };
+                    Message::parts(m.role, vec![ContentPart::text(text)])
+                })
+                .collect();
+            let parts_inputs = pipeline
+                .prepare(&GenerateRequest::new(as_parts))
+                .expect("prepare parts");
+            assert_eq!(
+                parts_inputs.input_ids, inputs.input_ids,
+                "{name}/{case}: parts"
             );
             let req = GenerateRequest::new(messages)
                 .with_sampling(SamplingParams::greedy())

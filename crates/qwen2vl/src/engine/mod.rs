@@ -201,12 +201,7 @@ pub fn kv_bytes_per_token(pipeline: &Pipeline) -> usize {
         * pipeline.model().dtype().size_in_bytes()
 }
 
-fn mem_available_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+use crate::memory::mem_available_bytes;
 
 /// Why a request was not accepted.
 #[derive(Debug, thiserror::Error)]

@@ -163,6 +163,22 @@ impl Qwen2VL {
         let start = Instant::now();
         let config = Qwen2VLConfig::from_file(&dir.join("config.json"))?;
         let weights = Weights::from_dir(dir, dtype, device)?;
+        if device.is_cpu() {
+            let plan = QuantPlan {
+                text,
+                vision,
+                layers: config.text.num_hidden_layers,
+            };
+            let needed = weights.resident_bytes(dtype, Some(&plan));
+            crate::memory::check_fits(
+                needed,
+                &format!(
+                    "the {} model in {}",
+                    config.architecture.name(),
+                    dir.display()
+                ),
+            )?;
+        }
         Self::load_weights(config, weights, start, progress, text, vision)
     }
 

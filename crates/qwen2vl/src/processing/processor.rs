@@ -149,9 +149,14 @@ impl Processor {
                 "at least one message",
             ));
         }
-        if self.text_only {
+        let flattened;
+        let messages = if self.text_only {
             refuse_media(messages)?;
-        }
+            flattened = text_parts_as_strings(messages);
+            flattened.as_slice()
+        } else {
+            messages
+        };
         if let Some(max) = opts.max_prompt_tokens {
             check_text_bytes(messages, max)?;
         }
@@ -539,6 +544,30 @@ fn refuse_media(messages: &[Message]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A text model's conversation with each list of text parts as one string, the parts
+/// joined by "\n" (what vLLM does for a chat template that prints `message['content']` as a
+/// string): Qwen2's and Qwen2.5's templates concatenate `message['content']` with `+`, which
+/// fails on a list, while the CLI and OpenAI clients send parts.
+fn text_parts_as_strings(messages: &[Message]) -> Vec<Message> {
+    use crate::processing::messages::{Content, ContentPart};
+    messages
+        .iter()
+        .map(|m| match &m.content {
+            Content::Parts(parts) => {
+                let texts: Vec<&str> = parts
+                    .iter()
+                    .filter_map(|p| match p {
+                        ContentPart::Text { text } => Some(text.as_str()),
+                        _ => None,
+                    })
+                    .collect();
+                Message::text(m.role, texts.join("\n"))
+            }
+            Content::Text(_) => m.clone(),
+        })
+        .collect()
 }
 
 /// Ties a bad-input error to the item it concerns ("video 2 (message 3): ...").
