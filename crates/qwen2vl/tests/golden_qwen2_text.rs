@@ -314,3 +314,40 @@ fn sliding_window_caps_the_context() {
     assert_eq!(c.architecture, Architecture::Qwen2VL);
     assert_eq!(c.text.context_len(), 32768);
 }
+
+/// `qwen2vl quantize` writes Qwen2-VL GGUF files only: a text model is refused naming its
+/// architecture (nothing is written that the loader could not read back), and loading it
+/// with `--quant` works as for Qwen2-VL.
+#[test]
+fn text_model_quantizes_at_load_not_to_gguf() {
+    let dir = common::fixtures().join("tiny-qwen2");
+    let out = std::env::temp_dir().join(format!("qwen2vl-q2t-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let e = qwen2vl::gguf::export::export(&dir, &out, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("Qwen2ForCausalLM checkpoint") && e.contains("--quant"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+    std::fs::remove_dir_all(&out).ok();
+    let p = Pipeline::load_with(
+        &dir,
+        &qwen2vl::pipeline::LoadOptions {
+            quant: Some(qwen2vl::ops::quant::plan::QuantScheme::Q8_0),
+            ..Default::default()
+        },
+    )
+    .expect("q8_0 load");
+    let req = GenerateRequest::new(vec![Message::user("Hello! Who are you?")])
+        .with_sampling(SamplingParams::greedy())
+        .with_max_new_tokens(3);
+    assert_eq!(
+        p.generate(&req, &mut |_| {})
+            .expect("generate")
+            .token_ids
+            .len(),
+        3
+    );
+}
