@@ -9,6 +9,9 @@ Presets (both written under tests/fixtures/):
                      the keys of Qwen2-0.5B-Instruct's config).
   tiny-qwen2-untied  hidden 16, 2 layers, 4 heads / 2 kv heads (head_dim 4), untied lm_head,
                      fp16 (sliding_window 131072 as in Qwen2-7B-Instruct's config).
+  tiny-qwen2-moe     Qwen2MoeForCausalLM: hidden 16, 2 layers (layer 0 a sparse MoE block of 4
+                     experts, top-2, norm_topk_prob false, a shared expert behind a sigmoid
+                     gate; layer 1 dense via mlp_only_layers), tied, bf16.
 
 The tokenizer is the Qwen2-VL one of tests/fixtures/tokenizer (its ids are those of the
 Qwen2 / Qwen2.5 tokenizers for every ordinary token and for <|endoftext|>, <|im_start|>,
@@ -28,7 +31,7 @@ case (a conversation):
 reference.json holds the messages of each case.
 
 Usage:
-  tools/reference/.venv/bin/python tools/reference/make_qwen2_text.py
+  tools/reference/.venv/bin/python tools/reference/make_qwen2_text.py [PRESET ...]
 """
 import json
 import os
@@ -60,6 +63,13 @@ GENERATION_CONFIG = {
     "transformers_version": "4.49.0",
 }
 
+# Qwen2MoeForCausalLM (57B-A14B's layout: routed experts, top-k without renormalising,
+# a shared expert behind a sigmoid gate): layer 0 sparse, layer 1 dense (mlp_only_layers).
+MOE = dict(
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=24,
+    norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1],
+)
+
 PRESETS = {
     "tiny-qwen2": dict(
         seed=20250101, dtype="bfloat16", hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
@@ -70,6 +80,11 @@ PRESETS = {
         seed=20250102, dtype="float16", hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=32, tie_word_embeddings=False, sliding_window=131072,
         max_position_embeddings=32768,
+    ),
+    "tiny-qwen2-moe": dict(
+        seed=20250103, dtype="bfloat16", hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=32, tie_word_embeddings=True, sliding_window=32768,
+        max_position_embeddings=32768, moe=MOE,
     ),
 }
 
@@ -87,8 +102,20 @@ MAX_NEW = 24
 
 
 def make_config(p):
-    from transformers import Qwen2Config
+    from transformers import Qwen2Config, Qwen2MoeConfig
 
+    if "moe" in p:
+        return Qwen2MoeConfig(
+            vocab_size=151936, hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],
+            num_hidden_layers=p["num_hidden_layers"], num_attention_heads=p["num_attention_heads"],
+            num_key_value_heads=p["num_key_value_heads"], hidden_act="silu",
+            max_position_embeddings=p["max_position_embeddings"], initializer_range=0.02, rms_norm_eps=1e-6,
+            use_cache=True, tie_word_embeddings=p["tie_word_embeddings"], rope_theta=1000000.0,
+            rope_scaling=None, use_sliding_window=False, sliding_window=p["sliding_window"],
+            max_window_layers=p["num_hidden_layers"], attention_dropout=0.0, bos_token_id=151643,
+            eos_token_id=151645, architectures=["Qwen2MoeForCausalLM"], torch_dtype=p["dtype"],
+            router_aux_loss_coef=0.001, output_router_logits=False, **p["moe"],
+        )
     return Qwen2Config(
         vocab_size=151936,
         hidden_size=p["hidden_size"],
@@ -116,16 +143,17 @@ def make_config(p):
 
 
 def build(name):
-    from transformers import AutoTokenizer, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, Qwen2ForCausalLM, Qwen2MoeForCausalLM
 
     p = PRESETS[name]
+    cls = Qwen2MoeForCausalLM if "moe" in p else Qwen2ForCausalLM
     out = os.path.join(FIXTURES, name)
     os.makedirs(out, exist_ok=True)
     for fn in os.listdir(out):
         os.remove(os.path.join(out, fn))
     cfg = make_config(p)
     torch.manual_seed(p["seed"])
-    model = Qwen2ForCausalLM(cfg).eval()
+    model = cls(cfg).eval()
     sd_dtype = getattr(torch, p["dtype"])
     with torch.no_grad():
         for pname, prm in model.named_parameters():
@@ -157,8 +185,8 @@ def build(name):
         f.write("\n")
 
     # The reference, as a user runs it: from_pretrained in float32, eager attention.
-    ref = Qwen2ForCausalLM.from_pretrained(out, torch_dtype=torch.float32, attn_implementation="eager").eval()
-    assert type(ref.model.layers[0].self_attn).__name__ == "Qwen2Attention"
+    ref = cls.from_pretrained(out, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    assert type(ref.model.layers[0].self_attn).__name__ in ("Qwen2Attention", "Qwen2MoeAttention")
     for k, v in model.state_dict().items():
         assert torch.equal(v, ref.state_dict()[k]), k
     tok = AutoTokenizer.from_pretrained(out)
@@ -196,8 +224,10 @@ def build(name):
 
 
 def main():
+    import sys
+
     torch.set_num_threads(1)
-    for name in PRESETS:
+    for name in sys.argv[1:] or PRESETS:
         build(name)
 
 

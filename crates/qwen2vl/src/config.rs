@@ -99,18 +99,25 @@ pub enum Architecture {
     /// `Qwen2ForCausalLM`: the Qwen2 decoder alone (Qwen2 / Qwen2.5 text models), 1-D RoPE,
     /// no vision tower.
     Qwen2,
+    /// `Qwen2MoeForCausalLM`: Qwen2 with mixture-of-experts MLPs ([`MoeConfig`]; Qwen2
+    /// 57B-A14B), text only.
+    Qwen2Moe,
 }
 
 impl Architecture {
     /// The `architectures` names this engine runs.
-    pub const SUPPORTED: [&'static str; 2] =
-        ["Qwen2VLForConditionalGeneration", "Qwen2ForCausalLM"];
+    pub const SUPPORTED: [&'static str; 3] = [
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2ForCausalLM",
+        "Qwen2MoeForCausalLM",
+    ];
 
     /// Its name in `config.json`.
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Qwen2VL => Self::SUPPORTED[0],
             Architecture::Qwen2 => Self::SUPPORTED[1],
+            Architecture::Qwen2Moe => Self::SUPPORTED[2],
         }
     }
 
@@ -130,6 +137,7 @@ impl Architecture {
         match architectures.and_then(|a| a.first()) {
             Some(a) if a == Self::SUPPORTED[0] => Ok(Architecture::Qwen2VL),
             Some(a) if a == Self::SUPPORTED[1] => Ok(Architecture::Qwen2),
+            Some(a) if a == Self::SUPPORTED[2] => Ok(Architecture::Qwen2Moe),
             Some(a) => Err(format!(
                 "architecture {a} is not supported; supported: {}",
                 supported()
@@ -137,12 +145,67 @@ impl Architecture {
             None => match model_type {
                 None | Some("qwen2_vl") => Ok(Architecture::Qwen2VL),
                 Some("qwen2") => Ok(Architecture::Qwen2),
+                Some("qwen2_moe") => Ok(Architecture::Qwen2Moe),
                 Some(m) => Err(format!(
                     "model_type {m} (no \"architectures\") is not supported; supported: {}",
                     supported()
                 )),
             },
         }
+    }
+}
+
+fn d_sparse_step() -> usize {
+    1
+}
+fn d_moe_intermediate() -> usize {
+    1408
+}
+fn d_shared_intermediate() -> usize {
+    5632
+}
+fn d_experts_per_tok() -> usize {
+    4
+}
+fn d_experts() -> usize {
+    60
+}
+
+/// The mixture-of-experts fields of a `Qwen2MoeForCausalLM` `config.json` (mirrors
+/// `transformers.Qwen2MoeConfig`, 4.49, with its defaults).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MoeConfig {
+    /// Every `decoder_sparse_step`-th layer (1-based) is sparse.
+    #[serde(default = "d_sparse_step")]
+    pub decoder_sparse_step: usize,
+    /// Hidden width of each routed expert's SwiGLU MLP.
+    #[serde(default = "d_moe_intermediate")]
+    pub moe_intermediate_size: usize,
+    /// Hidden width of the shared expert.
+    #[serde(default = "d_shared_intermediate")]
+    pub shared_expert_intermediate_size: usize,
+    /// Experts each token is routed to (top-k).
+    #[serde(default = "d_experts_per_tok")]
+    pub num_experts_per_tok: usize,
+    /// Routed experts per sparse layer.
+    #[serde(default = "d_experts")]
+    pub num_experts: usize,
+    /// Renormalise the top-k routing weights to sum to 1.
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+    /// Layers (0-based) that keep a dense MLP of `intermediate_size`.
+    #[serde(default)]
+    pub mlp_only_layers: Vec<usize>,
+}
+
+impl MoeConfig {
+    /// Whether decoder layer `layer` (0-based) has a sparse MoE block
+    /// (`Qwen2MoeDecoderLayer.__init__`).
+    pub fn is_sparse(&self, layer: usize) -> bool {
+        !self.mlp_only_layers.contains(&layer)
+            && self.num_experts > 0
+            && self.decoder_sparse_step > 0
+            && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 }
 
@@ -191,6 +254,10 @@ pub struct TextConfig {
     /// rotary half-dimension.
     #[serde(skip)]
     pub rope_1d: bool,
+    /// The mixture-of-experts fields, for a `Qwen2MoeForCausalLM` (set from
+    /// [`Architecture`]; `None` for dense models).
+    #[serde(skip)]
+    pub moe: Option<MoeConfig>,
 }
 
 impl TextConfig {
@@ -419,7 +486,17 @@ impl Qwen2VLConfig {
         let architecture =
             Architecture::from_json(raw.architectures.as_deref(), raw.model_type.as_deref())
                 .map_err(serde::de::Error::custom)?;
-        if architecture == Architecture::Qwen2 {
+        if architecture == Architecture::Qwen2Moe {
+            let moe: MoeConfig = serde_json::from_str(s)?;
+            if moe.num_experts_per_tok == 0 || moe.num_experts_per_tok > moe.num_experts {
+                return Err(serde::de::Error::custom(format!(
+                    "num_experts_per_tok is {} with {} experts; allowed: 1 to num_experts",
+                    moe.num_experts_per_tok, moe.num_experts
+                )));
+            }
+            text.moe = Some(moe);
+        }
+        if !architecture.has_vision() {
             text.rope_1d = true;
             // transformers 4.49 would apply these scalings (yarn, dynamic NTK, linear…) to the
             // rotary frequencies; running without them would give other numbers.

@@ -43,6 +43,7 @@ mod lru;
 mod mapped;
 pub mod memory;
 pub mod model;
+pub mod moe;
 pub mod nn;
 pub mod ops;
 pub mod pipeline;

@@ -1,7 +1,8 @@
-//! Qwen2 text models (`Qwen2ForCausalLM`) against transformers 4.49: tiny random checkpoints
-//! written by `tools/reference/make_qwen2_text.py` (`tests/fixtures/tiny-qwen2`: tied, bf16;
-//! `tiny-qwen2-untied`: untied, f16), their prompts rendered by the Qwen2-Instruct chat
-//! template of `tokenizer_config.json`.
+//! Qwen2 text models (`Qwen2ForCausalLM`, `Qwen2MoeForCausalLM`) against transformers 4.49:
+//! tiny random checkpoints written by `tools/reference/make_qwen2_text.py`
+//! (`tests/fixtures/tiny-qwen2`: tied, bf16; `tiny-qwen2-untied`: untied, f16;
+//! `tiny-qwen2-moe`: a sparse MoE layer and a dense one), their prompts rendered by the
+//! Qwen2-Instruct chat template of `tokenizer_config.json`.
 //!
 //! - prompt ids identical to `apply_chat_template(..., add_generation_prompt=True)`;
 //! - decoder layer 0 and last-position prefill logits within [`common::tolerance`] (as in
@@ -23,7 +24,7 @@ use qwen2vl::model::Qwen2VL;
 use qwen2vl::pipeline::{DTypeChoice, Pipeline};
 use qwen2vl::processing::messages::{Content, ContentPart, Message};
 
-const MODELS: [&str; 2] = ["tiny-qwen2", "tiny-qwen2-untied"];
+const MODELS: [&str; 3] = ["tiny-qwen2", "tiny-qwen2-untied", "tiny-qwen2-moe"];
 
 struct Reference {
     dir: PathBuf,
@@ -88,11 +89,23 @@ fn config_names_a_text_model() {
     for name in MODELS {
         let c = Qwen2VLConfig::from_file(&common::fixtures().join(name).join("config.json"))
             .expect("config");
-        assert_eq!(c.architecture, Architecture::Qwen2);
         assert!(c.text.rope_1d);
         assert_eq!(c.text.mrope_section(), vec![c.text.head_dim() / 2]);
-        assert!(c.text.sliding_window.is_some() && !c.text.use_sliding_window);
+        assert!(!c.text.use_sliding_window);
         assert_eq!(c.text.context_len(), 32768);
+        if name.ends_with("moe") {
+            assert_eq!(c.architecture, Architecture::Qwen2Moe);
+            let moe = c.text.moe.as_ref().expect("MoE fields");
+            assert_eq!((moe.num_experts, moe.num_experts_per_tok), (4, 2));
+            assert!(!moe.norm_topk_prob);
+            // Layer 0 sparse, layer 1 dense (mlp_only_layers = [1]).
+            assert!(moe.is_sparse(0) && !moe.is_sparse(1));
+            // Qwen2MoeConfig writes sliding_window null when use_sliding_window is false.
+            assert_eq!(c.text.sliding_window, None);
+        } else {
+            assert_eq!(c.architecture, Architecture::Qwen2);
+            assert!(c.text.moe.is_none() && c.text.sliding_window.is_some());
+        }
     }
 }
 
@@ -260,9 +273,16 @@ fn unknown_architecture_is_a_clear_error() {
     assert!(
         e.contains("architecture LlamaForCausalLM is not supported")
             && e.contains("Qwen2VLForConditionalGeneration")
-            && e.contains("Qwen2ForCausalLM"),
+            && e.contains("Qwen2ForCausalLM")
+            && e.contains("Qwen2MoeForCausalLM"),
         "{e}"
     );
+    let e = Qwen2VLConfig::from_json_str(
+        r#"{"architectures": ["Qwen2MoeForCausalLM"], "num_experts": 4, "num_experts_per_tok": 5}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("num_experts_per_tok is 5 with 4 experts"), "{e}");
     let e = Qwen2VLConfig::from_json_str(r#"{"model_type": "llama"}"#)
         .unwrap_err()
         .to_string();
@@ -273,7 +293,7 @@ fn unknown_architecture_is_a_clear_error() {
     let src = common::fixtures().join("tiny-qwen2");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    cfg["architectures"] = serde_json::json!(["Qwen2MoeForCausalLM"]);
+    cfg["architectures"] = serde_json::json!(["Qwen3MoeForCausalLM"]);
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(src.join(f), dir.join(f)).unwrap();
@@ -282,7 +302,7 @@ fn unknown_architecture_is_a_clear_error() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("config.json") && e.contains("Qwen2MoeForCausalLM is not supported"),
+        e.contains("config.json") && e.contains("Qwen3MoeForCausalLM is not supported"),
         "{e}"
     );
     // Rope scalings the reference would apply are refused rather than ignored.

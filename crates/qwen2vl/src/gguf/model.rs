@@ -527,6 +527,7 @@ fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLCon
         sliding_window: None,
         max_window_layers: None,
         rope_1d: text_only,
+        moe: None,
         bos_token_id: text.get_u32_opt("tokenizer.ggml.bos_token_id")?,
         eos_token_id: text.get_u32_opt("tokenizer.ggml.eos_token_id")?,
     };

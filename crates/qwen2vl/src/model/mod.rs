@@ -84,13 +84,13 @@ pub fn no_vision() -> Error {
     )
 }
 
-/// The error for images or videos given to a text model (`Qwen2ForCausalLM`): `part` names
-/// what was sent ("image 1 (message 2)", "an image").
-pub fn text_model_vision(part: impl std::fmt::Display) -> Error {
+/// The error for images or videos given to a text model (`Qwen2ForCausalLM`,
+/// `Qwen2MoeForCausalLM`): `part` names what was sent ("an image part").
+pub fn text_model_vision(part: impl std::fmt::Display, arch: crate::config::Architecture) -> Error {
     Error::bad_input(
         format!(
             "{part} was sent, but this model ({}) is a text model and has no vision tower",
-            crate::config::Architecture::Qwen2.name()
+            arch.name()
         ),
         "text-only messages (use a Qwen2-VL model for images and videos)",
     )
@@ -346,7 +346,7 @@ impl Qwen2VL {
         if self.config.architecture.has_vision() {
             no_vision()
         } else {
-            text_model_vision("an image or video")
+            text_model_vision("an image or video", self.config.architecture)
         }
     }
 

@@ -72,6 +72,8 @@ pub struct Processor {
     /// The checkpoint is a text model (`Qwen2ForCausalLM`): images and videos are refused
     /// before anything is decoded.
     text_only: bool,
+    /// The checkpoint's architecture (named when images are refused).
+    architecture: crate::config::Architecture,
 }
 
 impl std::fmt::Debug for Processor {
@@ -102,6 +104,7 @@ impl Processor {
             },
             merge: config.vision.spatial_merge_size,
             text_only: !config.architecture.has_vision(),
+            architecture: config.architecture,
         })
     }
 
@@ -118,6 +121,7 @@ impl Processor {
             },
             merge: config.vision.spatial_merge_size,
             text_only: !config.architecture.has_vision(),
+            architecture: config.architecture,
         })
     }
 
@@ -151,7 +155,7 @@ impl Processor {
         }
         let flattened;
         let messages = if self.text_only {
-            refuse_media(messages)?;
+            refuse_media(messages, self.architecture)?;
             flattened = text_parts_as_strings(messages);
             flattened.as_slice()
         } else {
@@ -514,7 +518,7 @@ fn name_item(e: Error, image: usize, message: usize) -> Error {
 
 /// A text model's refusal of the first image or video of `messages`, naming it
 /// ("image 1 (message 2): an image part was sent, but this model … has no vision tower").
-fn refuse_media(messages: &[Message]) -> Result<()> {
+fn refuse_media(messages: &[Message], arch: crate::config::Architecture) -> Result<()> {
     for (m, message) in messages.iter().enumerate() {
         let kind = message.iter_parts().find_map(|p| match p {
             PartRef::Image(_) => Some(ItemKind::Image),
@@ -536,7 +540,7 @@ fn refuse_media(messages: &[Message]) -> Result<()> {
                 ItemKind::Image => "an image part",
                 ItemKind::Video => "a video part",
             };
-            return Err(crate::model::text_model_vision(what).about(Item {
+            return Err(crate::model::text_model_vision(what, arch).about(Item {
                 kind,
                 index: count(kind) + 1,
                 message: m + 1,
