@@ -268,7 +268,8 @@ impl TextConfig {
 
     /// Floating-point operations (a multiply-add is 2) of a prefill of `tokens` prompt
     /// positions after `past` cached ones: per layer the q, k, v and o projections, causal
-    /// attention (position `i` attends to `past + i + 1` keys) and the MLP, then the LM head
+    /// attention (position `i` attends to `past + i + 1` keys) and the MLP (for a sparse MoE
+    /// layer the router, the top-k routed experts and the shared expert), then the LM head
     /// of the last position (the one whose logits give the first token). Element-wise work
     /// is left out. The 2B's 416-token prompt is about 1.1 TFLOP.
     pub fn prefill_flops(&self, tokens: usize, past: usize) -> f64 {
@@ -279,7 +280,19 @@ impl TextConfig {
             self.head_dim() as f64,
         );
         let projections = 2.0 * t * d * (2.0 * h * hd + 2.0 * kv * hd);
-        let mlp = 2.0 * t * 3.0 * d * self.intermediate_size as f64;
+        let dense = 2.0 * t * 3.0 * d * self.intermediate_size as f64;
+        // A sparse MoE layer: the router, each token's top-k experts and the shared one.
+        let sparse = self.moe.as_ref().map(|m| {
+            let widths = (m.num_experts_per_tok * m.moe_intermediate_size
+                + m.shared_expert_intermediate_size) as f64;
+            2.0 * t * d * (3.0 * widths + m.num_experts as f64 + 1.0)
+        });
+        let mlp: f64 = (0..self.num_hidden_layers)
+            .map(|i| match (&self.moe, sparse) {
+                (Some(m), Some(s)) if m.is_sparse(i) => s,
+                _ => dense,
+            })
+            .sum();
         // Σ over the new positions of the keys each sees, times q·kᵀ and p·v per head.
         let keys = t * past as f64 + t * (t + 1.0) / 2.0;
         let attention = 4.0 * keys * h * hd;
@@ -288,7 +301,7 @@ impl TextConfig {
         } else {
             0.0
         };
-        self.num_hidden_layers as f64 * (projections + mlp + attention) + head
+        self.num_hidden_layers as f64 * (projections + attention) + mlp + head
     }
 
     /// The M-RoPE sections; `[16, 24, 24]` when absent (the released checkpoints' value).
