@@ -76,8 +76,16 @@ impl SparseMoeBlock {
                 )
             })
             .collect::<Result<_>>()?;
+        // The router and the shared expert's gate stay float under --quant (as llama.cpp
+        // keeps `ffn_gate_inp` in f32): they are tiny, and rounding them could flip a
+        // token's choice of experts.
+        let float = |name: &str, rows: usize| -> Result<Linear> {
+            Ok(Linear::from_weight(
+                w.get(&format!("{prefix}.{name}.weight"), (rows, hidden))?,
+            ))
+        };
         Ok(SparseMoeBlock {
-            gate: Linear::load(w, &format!("{prefix}.gate"), hidden, cfg.num_experts, false)?,
+            gate: float("gate", cfg.num_experts)?,
             experts,
             shared_expert: Mlp::load_sized(
                 w,
@@ -85,13 +93,7 @@ impl SparseMoeBlock {
                 hidden,
                 cfg.shared_expert_intermediate_size,
             )?,
-            shared_expert_gate: Linear::load(
-                w,
-                &format!("{prefix}.shared_expert_gate"),
-                hidden,
-                1,
-                false,
-            )?,
+            shared_expert_gate: float("shared_expert_gate", 1)?,
             top_k: cfg.num_experts_per_tok,
             norm_topk_prob: cfg.norm_topk_prob,
         })

@@ -371,3 +371,109 @@ fn text_model_quantizes_at_load_not_to_gguf() {
         3
     );
 }
+
+/// `--quant` quantizes a MoE model's experts as it does dense matrices: a synthetic
+/// `Qwen2MoeForCausalLM` wide enough for q8_0 blocks (hidden 64, experts of width 64) gives
+/// nearly the float logits when loaded with q8_0, and the quantized load is smaller.
+#[test]
+fn quantized_moe_experts_stay_close_to_float() {
+    let dir = std::env::temp_dir().join(format!("qwen2vl-moe-q-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (d, e, inter, vocab) = (64usize, 4usize, 64usize, 256usize);
+    let cfg = serde_json::json!({
+        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+        "vocab_size": vocab, "hidden_size": d, "intermediate_size": inter,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "tie_word_embeddings": false, "sliding_window": null, "num_experts": e,
+        "num_experts_per_tok": 2, "moe_intermediate_size": inter,
+        "shared_expert_intermediate_size": inter, "norm_topk_prob": true,
+        "decoder_sparse_step": 1, "mlp_only_layers": []
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    // A deterministic LCG: the same weights on every run.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut rand = |shape: &[usize], scale: f32| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let s = 1.0 / (d as f32).sqrt();
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    t.insert("model.embed_tokens.weight".into(), rand(&[vocab, d], 1.0));
+    t.insert("lm_head.weight".into(), rand(&[vocab, d], s));
+    t.insert(
+        "model.norm.weight".into(),
+        rand(&[d], 0.1).affine(1.0, 1.0).unwrap(),
+    );
+    let mlp = |t: &mut HashMap<String, Tensor>,
+               rand: &mut dyn FnMut(&[usize], f32) -> Tensor,
+               p: String| {
+        t.insert(format!("{p}.gate_proj.weight"), rand(&[inter, d], s));
+        t.insert(format!("{p}.up_proj.weight"), rand(&[inter, d], s));
+        t.insert(
+            format!("{p}.down_proj.weight"),
+            rand(&[d, inter], 1.0 / (inter as f32).sqrt()),
+        );
+    };
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            t.insert(
+                format!("{p}.{n}.weight"),
+                rand(&[d], 0.1).affine(1.0, 1.0).unwrap(),
+            );
+        }
+        let a = format!("{p}.self_attn");
+        for (n, rows) in [("q_proj", d), ("k_proj", d / 2), ("v_proj", d / 2)] {
+            t.insert(format!("{a}.{n}.weight"), rand(&[rows, d], s));
+            t.insert(format!("{a}.{n}.bias"), rand(&[rows], 0.1));
+        }
+        t.insert(format!("{a}.o_proj.weight"), rand(&[d, d], s));
+        t.insert(format!("{p}.mlp.gate.weight"), rand(&[e, d], 2.0 * s));
+        t.insert(
+            format!("{p}.mlp.shared_expert_gate.weight"),
+            rand(&[1, d], s),
+        );
+        mlp(&mut t, &mut rand, format!("{p}.mlp.shared_expert"));
+        for k in 0..e {
+            mlp(&mut t, &mut rand, format!("{p}.mlp.experts.{k}"));
+        }
+    }
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 % vocab) as u32).collect();
+    let logits = |quant| {
+        let (m, report) =
+            Qwen2VL::load_quantized(&dir, DType::F32, &Device::Cpu, None, quant, None)
+                .expect("load");
+        assert!(report.unused.is_empty(), "{:?}", report.unused);
+        let pos = m.position_ids(&ids, &[], &[]).unwrap();
+        let mut cache = m.new_cache(ids.len()).unwrap();
+        common::flat(&m.prefill(&ids, &pos, None, None, &mut cache).unwrap())
+    };
+    // The experts' matrices are in the plan (the router and the shared gate stay float).
+    let plan = qwen2vl::ops::quant::plan::QuantPlan {
+        text: Some(qwen2vl::ops::quant::plan::QuantScheme::Q8_0),
+        vision: None,
+        layers: 2,
+    };
+    assert!(plan
+        .type_for("model.layers.1.mlp.experts.3.down_proj.weight", inter)
+        .is_some());
+    let float = logits(None);
+    let q8 = logits(Some(qwen2vl::ops::quant::plan::QuantScheme::Q8_0));
+    let scale = float.iter().fold(0f32, |a, b| a.max(b.abs()));
+    let d = common::max_abs_diff(&float, &q8);
+    println!("q8_0 MoE: logits max abs diff {d} (max |logit| {scale})");
+    assert!(d > 0.0, "the experts were not quantized");
+    assert!(d < 0.02 * scale, "q8_0 diff {d} vs max |logit| {scale}");
+    std::fs::remove_dir_all(&dir).ok();
+}
