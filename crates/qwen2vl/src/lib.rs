@@ -27,6 +27,7 @@
 //! # Ok::<(), qwen2vl::Error>(())
 //! ```
 
+pub mod architecture;
 pub mod config;
 pub mod encoder_cache;
 pub mod engine;
