@@ -35,7 +35,8 @@ pub struct BenchArgs {
     /// Size of the synthetic image, WIDTHxHEIGHT.
     #[arg(long, default_value = "640x480", value_parser = parse_size)]
     pub image_size: (u32, u32),
-    /// Text only: no image.
+    /// Text only: no image (the default for a model without a vision tower, such as a
+    /// Qwen2 text model; --image is refused there).
     #[arg(long)]
     pub no_image: bool,
     /// The prompt.
@@ -155,8 +156,20 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
     }
     let load_before = load_average();
     // The image first: a missing file should fail before the model loads.
-    let image = bench_image(&args)?;
+    let mut image = bench_image(&args)?;
     let pipeline = args.model.load()?;
+    if !pipeline.model().has_vision() {
+        // A text model (Qwen2ForCausalLM, or a GGUF without --mmproj) benchmarks text only:
+        // the default synthetic image is dropped; an explicit --image is refused.
+        if let Some(p) = &args.image {
+            return Err(CliError::Usage(format!(
+                "--image {}: {}",
+                p.display(),
+                pipeline.model().no_vision_error()
+            )));
+        }
+        image = None;
+    }
     let mut parts = Vec::new();
     if let Some((src, _)) = &image {
         parts.push(ContentPart::Image(ImagePart::new(src.clone())));

@@ -655,3 +655,65 @@ fn the_encoder_cache_flag_changes_no_answer() {
     let o = qwen2vl(&["run", "--encoder-cache-mb", "-1", "hi"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
+
+/// A Qwen2 text model (`Qwen2ForCausalLM`, `tests/fixtures/tiny-qwen2`): `run` answers text,
+/// an image is exit 2 naming it and the missing vision tower; `bench` runs text only by
+/// default and refuses an explicit `--image` with exit 2.
+#[test]
+fn text_model_runs_text_and_refuses_images() {
+    let model = fixtures().join("tiny-qwen2");
+    let model = model.to_str().unwrap();
+    let o = qwen2vl(&[
+        "run",
+        "--model",
+        model,
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        "Hello! Who are you?",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 4);
+    let image = fixtures().join("images/wide.png");
+    let o = qwen2vl(&[
+        "run",
+        "--model",
+        model,
+        "--image",
+        image.to_str().unwrap(),
+        "What is this?",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_clean_failure(
+        &o,
+        &["image 1 (message 1)", "no vision tower", "Qwen2ForCausalLM"],
+    );
+
+    let bench = |extra: &[&str]| {
+        let mut a = vec![
+            "bench",
+            "--model",
+            model,
+            "--new-tokens",
+            "2",
+            "--warmup",
+            "0",
+            "--runs",
+            "1",
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        qwen2vl(&a)
+    };
+    let o = bench(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["vision_ms"].is_null(), "{v}");
+    assert_eq!(v["image_tokens"], 0);
+    let o = bench(&["--image", image.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_clean_failure(&o, &["--image", "no vision tower"]);
+}

@@ -87,7 +87,7 @@ async fn handle(
 ) -> Result<Response, ApiError> {
     let body = read_body(state, body)?;
     let pipeline = state.backend.pipeline();
-    let context = pipeline.model().config().text.max_position_embeddings;
+    let context = pipeline.model().config().text.context_len();
     let req = request::parse(
         &body,
         pipeline.default_sampling(),

@@ -259,13 +259,7 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn models(State(st): State<Arc<AppState>>) -> Response {
-    let context = st
-        .backend
-        .pipeline()
-        .model()
-        .config()
-        .text
-        .max_position_embeddings;
+    let context = st.backend.pipeline().model().config().text.context_len();
     json(&openai::ModelList {
         object: "list",
         data: vec![openai::ModelCard {

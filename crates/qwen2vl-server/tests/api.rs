@@ -1234,3 +1234,39 @@ fn usage_and_metrics_count_the_prefix_cache() {
         assert!(t.contains(line), "{line}: {t}");
     }
 }
+
+/// A Qwen2 text model (`Qwen2ForCausalLM`) serves text, and an image or video part is a 400
+/// naming the part and saying the model has no vision tower.
+#[test]
+fn text_model_serves_text_and_refuses_images() {
+    let text = Arc::new(
+        Pipeline::load(
+            &fixtures().join("tiny-qwen2"),
+            qwen2vl::pipeline::DTypeChoice::F32,
+        )
+        .unwrap(),
+    );
+    let addr = start_with(
+        qwen2vl_server::backend::start(text, 2, 4, 0),
+        ServerConfig::default(),
+    );
+    let r = post(addr, &greedy(user("Hello! Who are you?"), 4));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["usage"]["completion_tokens"], 4);
+    let messages = json!([
+        {"role": "user", "content": "hi"},
+        {"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": data_uri("images/gray.png")}}
+        ]}
+    ]);
+    let r = post(addr, &greedy(messages, 4));
+    assert_eq!(r.status, 400, "{}", r.body);
+    let e = r.error();
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("image 1 (message 2)") && msg.contains("no vision tower"),
+        "{msg}"
+    );
+    assert_eq!(e["param"], "messages[1].content[1]", "{}", r.body);
+}

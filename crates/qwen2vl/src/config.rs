@@ -7,12 +7,18 @@
 //!
 //! Newer checkpoints (transformers ≥ 4.52) nest the text fields under `text_config`; both
 //! layouts are accepted, the nested one taking precedence.
+//!
+//! The same file of a Qwen2 *text* checkpoint (`Qwen2ForCausalLM`: Qwen2 and Qwen2.5 0.5B–72B)
+//! parses into the same struct: `architectures` picks the [`Architecture`]; such a model has no
+//! vision tower and rotates with 1-D RoPE (mirrors `transformers.Qwen2Config`, 4.49).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+
+pub use crate::architecture::{Architecture, MoeConfig};
 
 fn d_vocab() -> usize {
     152064
@@ -60,6 +66,10 @@ fn d_video_token() -> u32 {
     151656
 }
 
+fn d_sliding_window() -> Option<usize> {
+    Some(4096)
+}
+
 /// `rope_scaling` of `config.json`: `{"type": "mrope", "mrope_section": [16, 24, 24]}`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RopeScaling {
@@ -69,8 +79,17 @@ pub struct RopeScaling {
     /// The newer name of `type` (files often carry both).
     #[serde(default)]
     pub rope_type: Option<String>,
-    /// Split of the rotary half-dimension into (temporal, height, width) sections.
+    /// Split of the rotary half-dimension into (temporal, height, width) sections (Qwen2-VL
+    /// only; empty when absent, as in a text model's `{"type": "yarn", ...}`).
+    #[serde(default)]
     pub mrope_section: Vec<usize>,
+}
+
+impl RopeScaling {
+    /// `rope_type`, else `type` ("mrope", "default", "yarn", …).
+    pub fn kind(&self) -> Option<&str> {
+        self.rope_type.as_deref().or(self.kind.as_deref())
+    }
 }
 
 /// The text fields of `config.json` (Qwen2 decoder).
@@ -102,10 +121,26 @@ pub struct TextConfig {
     pub tie_word_embeddings: bool,
     #[serde(default)]
     pub use_sliding_window: bool,
+    /// `sliding_window` (HF's default 4096 when absent; `null` turns it off). See
+    /// [`TextConfig::context_len`] for what a text model makes of it.
+    #[serde(default = "d_sliding_window")]
+    pub sliding_window: Option<usize>,
+    /// Layers from this index on use the window when `use_sliding_window` (recorded only).
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
     #[serde(default)]
     pub bos_token_id: Option<u32>,
     #[serde(default)]
     pub eos_token_id: Option<u32>,
+    /// Set from [`Architecture`], not read from the file: a text-only model (`Qwen2ForCausalLM`)
+    /// rotates with 1-D RoPE (`Qwen2RotaryEmbedding`), i.e. one section over the whole
+    /// rotary half-dimension.
+    #[serde(skip)]
+    pub rope_1d: bool,
+    /// The mixture-of-experts fields, for a `Qwen2MoeForCausalLM` (set from
+    /// [`Architecture`]; `None` for dense models).
+    #[serde(skip)]
+    pub moe: Option<MoeConfig>,
 }
 
 impl TextConfig {
@@ -116,7 +151,8 @@ impl TextConfig {
 
     /// Floating-point operations (a multiply-add is 2) of a prefill of `tokens` prompt
     /// positions after `past` cached ones: per layer the q, k, v and o projections, causal
-    /// attention (position `i` attends to `past + i + 1` keys) and the MLP, then the LM head
+    /// attention (position `i` attends to `past + i + 1` keys) and the MLP (for a sparse MoE
+    /// layer the router, the top-k routed experts and the shared expert), then the LM head
     /// of the last position (the one whose logits give the first token). Element-wise work
     /// is left out. The 2B's 416-token prompt is about 1.1 TFLOP.
     pub fn prefill_flops(&self, tokens: usize, past: usize) -> f64 {
@@ -127,7 +163,19 @@ impl TextConfig {
             self.head_dim() as f64,
         );
         let projections = 2.0 * t * d * (2.0 * h * hd + 2.0 * kv * hd);
-        let mlp = 2.0 * t * 3.0 * d * self.intermediate_size as f64;
+        let dense = 2.0 * t * 3.0 * d * self.intermediate_size as f64;
+        // A sparse MoE layer: the router, each token's top-k experts and the shared one.
+        let sparse = self.moe.as_ref().map(|m| {
+            let widths = (m.num_experts_per_tok * m.moe_intermediate_size
+                + m.shared_expert_intermediate_size) as f64;
+            2.0 * t * d * (3.0 * widths + m.num_experts as f64 + 1.0)
+        });
+        let mlp: f64 = (0..self.num_hidden_layers)
+            .map(|i| match (&self.moe, sparse) {
+                (Some(m), Some(s)) if m.is_sparse(i) => s,
+                _ => dense,
+            })
+            .sum();
         // Σ over the new positions of the keys each sees, times q·kᵀ and p·v per head.
         let keys = t * past as f64 + t * (t + 1.0) / 2.0;
         let attention = 4.0 * keys * h * hd;
@@ -136,15 +184,38 @@ impl TextConfig {
         } else {
             0.0
         };
-        self.num_hidden_layers as f64 * (projections + mlp + attention) + head
+        self.num_hidden_layers as f64 * (projections + attention) + mlp + head
     }
 
     /// The M-RoPE sections; `[16, 24, 24]` when absent (the released checkpoints' value).
+    /// A text model's 1-D RoPE is one section `[head_dim / 2]`: every rotary frequency takes
+    /// the first (temporal) position id, which is exactly `Qwen2RotaryEmbedding`'s rotation.
     pub fn mrope_section(&self) -> Vec<usize> {
+        if self.rope_1d {
+            return vec![self.head_dim() / 2];
+        }
         self.rope_scaling
             .as_ref()
             .map(|r| r.mrope_section.clone())
+            .filter(|s| !s.is_empty())
             .unwrap_or_else(|| vec![16, 24, 24])
+    }
+
+    /// The context this engine serves: `max_position_embeddings`, and for a text model
+    /// (`Qwen2ForCausalLM`) at most `sliding_window`.
+    ///
+    /// transformers 4.49's eager and SDPA masks (`Qwen2Model._prepare_4d_causal_attention_mask_with_cache_position`)
+    /// hide keys more than `sliding_window` positions back in *every* layer whenever
+    /// `sliding_window` is set, whatever `use_sliding_window` and `max_window_layers` say
+    /// (only its flash-attention path honours them). Within `sliding_window` tokens no key is
+    /// hidden, so capping the context there gives the reference's numbers exactly; released
+    /// Qwen2 / Qwen2.5 configs have `sliding_window` ≥ `max_position_embeddings`, where the
+    /// cap changes nothing.
+    pub fn context_len(&self) -> usize {
+        match self.sliding_window {
+            Some(w) if self.rope_1d && w >= 2 => self.max_position_embeddings.min(w),
+            _ => self.max_position_embeddings,
+        }
     }
 }
 
@@ -247,9 +318,12 @@ impl VisionConfig {
     }
 }
 
-/// `config.json` of a Qwen2-VL checkpoint.
+/// `config.json` of a Qwen2-VL checkpoint, or of a Qwen2 text checkpoint (then `vision` holds
+/// defaults nothing uses).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Qwen2VLConfig {
+    /// What `architectures` names.
+    pub architecture: Architecture,
     pub text: TextConfig,
     pub vision: VisionConfig,
     pub vision_start_token_id: u32,
@@ -283,6 +357,10 @@ struct RawConfig {
     torch_dtype: Option<String>,
     #[serde(default)]
     dtype: Option<String>,
+    #[serde(default)]
+    architectures: Option<Vec<String>>,
+    #[serde(default)]
+    model_type: Option<String>,
 }
 
 impl Qwen2VLConfig {
@@ -301,6 +379,32 @@ impl Qwen2VLConfig {
             }
             text = serde_json::from_value(merged)?;
         }
+        let architecture =
+            Architecture::from_json(raw.architectures.as_deref(), raw.model_type.as_deref())
+                .map_err(serde::de::Error::custom)?;
+        if architecture == Architecture::Qwen2Moe {
+            let moe: MoeConfig = serde_json::from_str(s)?;
+            if moe.num_experts_per_tok == 0 || moe.num_experts_per_tok > moe.num_experts {
+                return Err(serde::de::Error::custom(format!(
+                    "num_experts_per_tok is {} with {} experts; allowed: 1 to num_experts",
+                    moe.num_experts_per_tok, moe.num_experts
+                )));
+            }
+            text.moe = Some(moe);
+        }
+        if !architecture.has_vision() {
+            text.rope_1d = true;
+            // transformers 4.49 would apply these scalings (yarn, dynamic NTK, linear…) to the
+            // rotary frequencies; running without them would give other numbers.
+            if let Some(kind) = text.rope_scaling.as_ref().and_then(RopeScaling::kind) {
+                if kind != "default" {
+                    return Err(serde::de::Error::custom(format!(
+                        "rope_scaling type {kind} is not supported for {}; supported: none (null) or \"default\"",
+                        architecture.name()
+                    )));
+                }
+            }
+        }
         if text.max_position_embeddings < 2 {
             // A context must hold a prompt token and an answer token; 0 would make every
             // "at most context - 1 tokens" message wrap around.
@@ -310,6 +414,7 @@ impl Qwen2VLConfig {
             )));
         }
         Ok(Qwen2VLConfig {
+            architecture,
             text,
             vision: raw.vision_config.unwrap_or_default(),
             vision_start_token_id: raw.vision_start_token_id,

@@ -27,6 +27,7 @@
 //! # Ok::<(), qwen2vl::Error>(())
 //! ```
 
+pub mod architecture;
 pub mod config;
 pub mod encoder_cache;
 pub mod engine;
@@ -41,7 +42,9 @@ pub mod inputs;
 pub mod kv_cache;
 mod lru;
 mod mapped;
+pub mod memory;
 pub mod model;
+pub mod moe;
 pub mod nn;
 pub mod ops;
 pub mod pipeline;

@@ -386,9 +386,10 @@ impl Pipeline {
         Ok(())
     }
 
-    /// The model's context length (`max_position_embeddings`).
+    /// The model's context length (`max_position_embeddings`; see
+    /// [`crate::config::TextConfig::context_len`]).
     pub fn context_len(&self) -> usize {
-        self.model.config().text.max_position_embeddings
+        self.model.config().text.context_len()
     }
 
     /// Checks a prompt of `prompt_len` tokens against the context and returns how many new

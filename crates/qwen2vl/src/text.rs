@@ -111,7 +111,12 @@ pub struct Mlp {
 
 impl Mlp {
     fn load(w: &Weights, prefix: &str, cfg: &TextConfig) -> Result<Self> {
-        let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Self::load_sized(w, prefix, cfg.hidden_size, cfg.intermediate_size)
+    }
+
+    /// `gate_proj`/`up_proj` `(i, d)` and `down_proj` `(d, i)` under `prefix` (an MoE expert
+    /// has its own width `i`).
+    pub(crate) fn load_sized(w: &Weights, prefix: &str, d: usize, i: usize) -> Result<Self> {
         Ok(Mlp {
             gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), d, i, false)?,
             up_proj: Linear::load(w, &format!("{prefix}.up_proj"), d, i, false)?,
@@ -119,11 +124,38 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x: (..., hidden)` → `(..., hidden)`.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let [g, u] =
             <[Tensor; 2]>::try_from(Linear::forward_group(&[&self.gate_proj, &self.up_proj], x)?)
                 .map_err(|_| Error::Internal("gate/up: two outputs expected".into()))?;
         self.down_proj.forward(&crate::ops::fused::silu_mul(g, &u)?)
+    }
+}
+
+/// A decoder layer's feed-forward part: the SwiGLU MLP, or (`Qwen2MoeForCausalLM`) a sparse
+/// mixture-of-experts block.
+#[derive(Debug, Clone)]
+enum FeedForward {
+    Dense(Mlp),
+    Sparse(crate::moe::SparseMoeBlock),
+}
+
+impl FeedForward {
+    fn load(w: &Weights, prefix: &str, layer: usize, cfg: &TextConfig) -> Result<Self> {
+        match &cfg.moe {
+            Some(moe) if moe.is_sparse(layer) => Ok(FeedForward::Sparse(
+                crate::moe::SparseMoeBlock::load(w, prefix, cfg.hidden_size, moe)?,
+            )),
+            _ => Ok(FeedForward::Dense(Mlp::load(w, prefix, cfg)?)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            FeedForward::Dense(m) => m.forward(x),
+            FeedForward::Sparse(m) => m.forward(x),
+        }
     }
 }
 
@@ -133,7 +165,7 @@ pub struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
+    mlp: FeedForward,
 }
 
 impl DecoderLayer {
@@ -154,7 +186,7 @@ impl DecoderLayer {
                 cfg.hidden_size,
                 eps,
             )?,
-            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+            mlp: FeedForward::load(w, &format!("{p}.mlp"), i, cfg)?,
         })
     }
 

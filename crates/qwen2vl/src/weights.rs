@@ -202,6 +202,24 @@ impl Weights {
         }
     }
 
+    /// About how many bytes the loaded model holds for its weights: every tensor of the
+    /// checkpoint in `dtype`, except the matrices `plan` quantizes, at their quantized size
+    /// ([`QuantPlan::type_for`]). Only the safetensors headers are read. A GGUF model gives 0
+    /// (its tensors mostly stay as stored; see [`crate::memory`]).
+    pub fn resident_bytes(&self, dtype: DType, plan: Option<&QuantPlan>) -> u64 {
+        self.index
+            .iter()
+            .map(|(name, e)| {
+                let numel: usize = e.shape.iter().product();
+                let quant = match (plan, e.shape.as_slice()) {
+                    (Some(p), [n, k]) => p.type_for(name, *k).map(|t| n * t.row_bytes(*k)),
+                    _ => None,
+                };
+                quant.unwrap_or(numel * dtype.size_in_bytes()) as u64
+            })
+            .sum()
+    }
+
     /// The GGUF files, when the weights come from them.
     pub fn gguf(&self) -> Option<&GgufModel> {
         self.gguf.as_deref()

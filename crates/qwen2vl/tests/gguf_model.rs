@@ -508,6 +508,9 @@ fn f16_gguf_matches_the_safetensors_model_in_f16() {
     assert_eq!(gg.model().config(), &{
         let mut c = st.model().config().clone();
         c.torch_dtype = None;
+        // Not in GGUF metadata (and unused by Qwen2-VL).
+        c.text.sliding_window = None;
+        c.text.max_window_layers = None;
         c
     });
     for image in [false, true] {
@@ -641,6 +644,49 @@ fn text_only_gguf_refuses_images() {
         .to_string();
     assert!(
         e.contains("loaded without its vision projector (--mmproj)"),
+        "{e}"
+    );
+}
+
+/// A plain `qwen2` GGUF (llama.cpp's architecture name for `Qwen2ForCausalLM`): the tiny
+/// model's text file with its keys under `qwen2.*` and no `rope.dimension_sections`. It loads
+/// as a text model (1-D RoPE, which on a text prompt is the M-RoPE of the same weights: the
+/// same tokens as the `qwen2vl` file), refuses images naming the missing vision tower, and
+/// refuses an mmproj.
+#[test]
+fn qwen2_text_gguf_loads_as_a_text_model() {
+    let path = tmp_dir().join("qwen2-text.gguf");
+    let ck = exporter();
+    let mut plan = ck.text_plan(scheme(OutType::F16), "tiny-qwen2").unwrap();
+    for (k, _) in plan.metadata.iter_mut() {
+        if let Some(rest) = k.strip_prefix("qwen2vl.") {
+            *k = format!("qwen2.{rest}");
+        }
+    }
+    plan.metadata
+        .retain(|(k, _)| k != "qwen2.rope.dimension_sections");
+    plan.set("general.architecture", "qwen2");
+    plan.write(&ck, &path, &mut |_| {}).unwrap();
+
+    let p = load(&path, None, DTypeChoice::F32, None);
+    assert_eq!(
+        p.model().config().architecture,
+        qwen2vl::config::Architecture::Qwen2
+    );
+    assert!(p.model().config().text.rope_1d && p.processor().is_text_only());
+    let want = greedy(&load(&files().f16, None, DTypeChoice::F32, None), false);
+    assert_eq!(greedy(&p, false), want);
+    let e = p
+        .generate(&request(true), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("image 1 (message 1)") && e.contains("no vision tower"),
+        "{e}"
+    );
+    let e = load_err(&path, Some(&mmproj()));
+    assert!(
+        e.contains("has no vision tower; --mmproj goes with a qwen2vl model"),
         "{e}"
     );
 }

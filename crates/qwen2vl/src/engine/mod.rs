@@ -179,7 +179,7 @@ impl EngineConfig {
     /// below 4096 tokens (or the four contexts, if smaller).
     pub fn default_kv_budget(pipeline: &Pipeline) -> usize {
         let cfg = &pipeline.model().config().text;
-        let context = cfg.max_position_embeddings;
+        let context = cfg.context_len();
         let per_token = kv_bytes_per_token(pipeline).max(1);
         let wanted = 4 * context;
         match mem_available_bytes() {
@@ -201,12 +201,7 @@ pub fn kv_bytes_per_token(pipeline: &Pipeline) -> usize {
         * pipeline.model().dtype().size_in_bytes()
 }
 
-fn mem_available_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+use crate::memory::mem_available_bytes;
 
 /// Why a request was not accepted.
 #[derive(Debug, thiserror::Error)]

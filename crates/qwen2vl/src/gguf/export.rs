@@ -392,6 +392,18 @@ impl Checkpoint {
             });
         }
         let config = Qwen2VLConfig::from_file(&config_path)?;
+        if !config.architecture.has_vision() {
+            // llama.cpp writes these as `general.architecture = "qwen2"`, which the loader
+            // does not read yet; a file we could not load back is not written.
+            return Err(Error::bad_input(
+                format!(
+                    "{} is a {} checkpoint; GGUF files are written for Qwen2-VL only",
+                    dir.display(),
+                    config.architecture.name()
+                ),
+                "a Qwen2VLForConditionalGeneration checkpoint (a text model quantizes as it loads with --quant)",
+            ));
+        }
         let raw_config = read_json(&config_path)?;
         let files = SafetensorsDir::open(dir)?;
         let stored: HashMap<String, String> =

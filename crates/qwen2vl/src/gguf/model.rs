@@ -1,7 +1,10 @@
 //! A Qwen2-VL checkpoint in llama.cpp's GGUF files: the text model (`general.architecture =
 //! "qwen2vl"`) and, optionally, the vision projector (`mmproj`, `general.architecture =
 //! "clip"`, `clip.projector_type = "qwen2vl_merger"`), as `convert_hf_to_gguf.py` writes them
-//! (and `llama-quantize` requantizes them).
+//! (and `llama-quantize` requantizes them). A Qwen2 text model (`general.architecture =
+//! "qwen2"`, the converter's name for `Qwen2ForCausalLM`) loads the same way: the same keys
+//! under `qwen2.*` without `rope.dimension_sections` (1-D RoPE), the same tensor names, and
+//! no projector.
 //!
 //! [`GgufModel`] reads everything the engine needs out of the two files: the config
 //! ([`GgufModel::config`], from the `qwen2vl.*` and `clip.vision.*` keys), the tokenizer
@@ -51,6 +54,8 @@ use crate::ops::quant::QType;
 
 /// The text model's architecture name.
 pub const TEXT_ARCH: &str = "qwen2vl";
+/// The architecture name of a Qwen2 text model (`Qwen2ForCausalLM`).
+pub const QWEN2_ARCH: &str = "qwen2";
 /// The projector type of Qwen2-VL's vision mmproj.
 pub const PROJECTOR: &str = "qwen2vl_merger";
 
@@ -169,11 +174,19 @@ impl GgufModel {
                 "this is a vision projector (general.architecture is 'clip'); pass it with --mmproj and the text model with --model",
             ));
         }
-        if arch != TEXT_ARCH {
+        if arch != TEXT_ARCH && arch != QWEN2_ARCH {
             return Err(err(
                 &text,
-                format!("general.architecture is '{arch}'; allowed: {TEXT_ARCH} (Qwen2-VL)"),
+                format!("general.architecture is '{arch}'; allowed: {TEXT_ARCH} (Qwen2-VL) or {QWEN2_ARCH} (Qwen2 text)"),
             ));
+        }
+        if arch == QWEN2_ARCH {
+            if let Some(v) = &vision {
+                return Err(err(
+                    v,
+                    format!("the text model is a {QWEN2_ARCH} (Qwen2 text) model, which has no vision tower; --mmproj goes with a {TEXT_ARCH} model"),
+                ));
+            }
         }
         if let Some(v) = &vision {
             let arch = v.get_str("general.architecture")?;
@@ -443,7 +456,9 @@ fn widen(x: f32) -> f64 {
 }
 
 fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLConfig> {
-    let a = |k: &str| format!("{TEXT_ARCH}.{k}");
+    let arch = text.get_str("general.architecture")?;
+    let text_only = arch == QWEN2_ARCH;
+    let a = |k: &str| format!("{arch}.{k}");
     let hidden = u(text, &a("embedding_length"))?;
     let heads = u(text, &a("attention.head_count"))?;
     let kv = u(text, &a("attention.head_count_kv"))?;
@@ -459,7 +474,12 @@ fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLCon
             ),
         ));
     }
-    let sections = text.get_i32_array(&a("rope.dimension_sections"))?;
+    // A qwen2 model has no sections (1-D RoPE, see `TextConfig::rope_1d`).
+    let sections: &[i32] = if text_only {
+        &[0, 0, 0]
+    } else {
+        text.get_i32_array(&a("rope.dimension_sections"))?
+    };
     if sections.len() < 3 || sections[..3].iter().any(|&s| s < 0) {
         return Err(err(
             text,
@@ -497,13 +517,17 @@ fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLCon
         max_position_embeddings: u(text, &a("context_length"))?,
         rms_norm_eps: widen(text.get_f32(&a("attention.layer_norm_rms_epsilon"))?),
         rope_theta: widen(text.get_f32(&a("rope.freq_base"))?),
-        rope_scaling: Some(RopeScaling {
+        rope_scaling: (!text_only).then(|| RopeScaling {
             kind: Some("mrope".into()),
             rope_type: None,
             mrope_section: sections[..3].iter().map(|&s| s as usize).collect(),
         }),
         tie_word_embeddings: text.tensor("output.weight").is_none(),
         use_sliding_window: false,
+        sliding_window: None,
+        max_window_layers: None,
+        rope_1d: text_only,
+        moe: None,
         bos_token_id: text.get_u32_opt("tokenizer.ggml.bos_token_id")?,
         eos_token_id: text.get_u32_opt("tokenizer.ggml.eos_token_id")?,
     };
@@ -573,7 +597,24 @@ fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLCon
             cfg
         }
     };
+    if text_only {
+        // Qwen2's vocabulary may lack the vision tokens (Qwen2.5's has them); a text model
+        // never uses them, so Qwen2-VL's ids stand in (as config.json's defaults do).
+        let dflt = |s: &str, d: u32| id(s).unwrap_or(d);
+        return Ok(Qwen2VLConfig {
+            architecture: crate::config::Architecture::Qwen2,
+            text: t,
+            vision,
+            vision_start_token_id: dflt(VISION_START, 151652),
+            vision_end_token_id: dflt(VISION_END, 151653),
+            vision_token_id: dflt("<|vision_pad|>", 151654),
+            image_token_id: dflt(IMAGE_PAD, 151655),
+            video_token_id: dflt(VIDEO_PAD, 151656),
+            torch_dtype: None,
+        });
+    }
     Ok(Qwen2VLConfig {
+        architecture: crate::config::Architecture::Qwen2VL,
         text: t,
         vision,
         vision_start_token_id: id(VISION_START)?,

@@ -84,6 +84,18 @@ pub fn no_vision() -> Error {
     )
 }
 
+/// The error for images or videos given to a text model (`Qwen2ForCausalLM`,
+/// `Qwen2MoeForCausalLM`): `part` names what was sent ("an image part").
+pub fn text_model_vision(part: impl std::fmt::Display, arch: crate::config::Architecture) -> Error {
+    Error::bad_input(
+        format!(
+            "{part} was sent, but this model ({}) is a text model and has no vision tower",
+            arch.name()
+        ),
+        "text-only messages (use a Qwen2-VL model for images and videos)",
+    )
+}
+
 /// What loading reported.
 #[derive(Debug, Clone, Default)]
 pub struct LoadReport {
@@ -172,6 +184,23 @@ impl Qwen2VL {
         let (compute, bf16) = compute_dtype(dtype, device);
         let mut weights = Weights::from_dir(dir, compute, device)?;
         weights.set_bf16_products(bf16);
+        if device.is_cpu() {
+            let plan = QuantPlan {
+                text,
+                vision,
+                layers: config.text.num_hidden_layers,
+            };
+            // The requested dtype: bf16 compute keeps its matrices in bf16.
+            let needed = weights.resident_bytes(dtype, Some(&plan));
+            crate::memory::check_fits(
+                needed,
+                &format!(
+                    "the {} model in {}",
+                    config.architecture.name(),
+                    dir.display()
+                ),
+            )?;
+        }
         Self::load_weights(config, weights, start, progress, text, vision)
     }
 
@@ -267,6 +296,17 @@ impl Qwen2VL {
 
     /// Builds the model from already-mapped weights.
     pub fn from_weights(config: &Qwen2VLConfig, w: &Weights) -> Result<Self> {
+        if !config.architecture.has_vision() {
+            // A text checkpoint (`Qwen2ForCausalLM`): the decoder alone, same weight names.
+            return Ok(Qwen2VL {
+                config: config.clone(),
+                vision: None,
+                text: TextModel::load(w, &config.text)?,
+                device: w.device().clone(),
+                dtype: w.dtype(),
+                identity: new_identity(config, w.dtype()),
+            });
+        }
         if config.vision.hidden_size != config.text.hidden_size {
             return Err(Error::Weights(format!(
                 "vision_config.hidden_size {} differs from the text hidden_size {}",
@@ -322,7 +362,17 @@ impl Qwen2VL {
     /// The vision tower, or an error when the model was loaded without one (a GGUF text
     /// model without `--mmproj`).
     pub fn vision(&self) -> Result<&VisionTransformer> {
-        self.vision.as_ref().ok_or_else(no_vision)
+        self.vision.as_ref().ok_or_else(|| self.no_vision_error())
+    }
+
+    /// Why this model cannot read images or videos: a text architecture has no vision tower;
+    /// a GGUF Qwen2-VL was loaded without its projector.
+    pub fn no_vision_error(&self) -> Error {
+        if self.config.architecture.has_vision() {
+            no_vision()
+        } else {
+            text_model_vision("an image or video", self.config.architecture)
+        }
     }
 
     /// Whether the model has its vision tower.
@@ -405,7 +455,7 @@ impl Qwen2VL {
         max_chunk_patches: usize,
     ) -> Result<Vec<VisionItem>> {
         if !grids.is_empty() && self.vision.is_none() {
-            return Err(no_vision());
+            return Err(self.no_vision_error());
         }
         let dim = self.config.vision.patch_dim();
         if !pixel_values.len().is_multiple_of(dim) {

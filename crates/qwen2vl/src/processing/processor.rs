@@ -69,6 +69,11 @@ pub struct Processor {
     preprocessor: PreprocessorConfig,
     tokens: VisionTokens,
     merge: usize,
+    /// The checkpoint is a text model (`Qwen2ForCausalLM`): images and videos are refused
+    /// before anything is decoded.
+    text_only: bool,
+    /// The checkpoint's architecture (named when images are refused).
+    architecture: crate::config::Architecture,
 }
 
 impl std::fmt::Debug for Processor {
@@ -98,6 +103,8 @@ impl Processor {
                 video_pad: config.video_token_id,
             },
             merge: config.vision.spatial_merge_size,
+            text_only: !config.architecture.has_vision(),
+            architecture: config.architecture,
         })
     }
 
@@ -113,7 +120,14 @@ impl Processor {
                 video_pad: config.video_token_id,
             },
             merge: config.vision.spatial_merge_size,
+            text_only: !config.architecture.has_vision(),
+            architecture: config.architecture,
         })
+    }
+
+    /// Whether this is a text model's processor (images and videos are refused).
+    pub fn is_text_only(&self) -> bool {
+        self.text_only
     }
 
     /// The tokenizer.
@@ -139,6 +153,14 @@ impl Processor {
                 "at least one message",
             ));
         }
+        let flattened;
+        let messages = if self.text_only {
+            refuse_media(messages, self.architecture)?;
+            flattened = text_parts_as_strings(messages);
+            flattened.as_slice()
+        } else {
+            messages
+        };
         if let Some(max) = opts.max_prompt_tokens {
             check_text_bytes(messages, max)?;
         }
@@ -492,6 +514,64 @@ fn check_text_bytes(messages: &[Message], max_tokens: usize) -> Result<()> {
 /// Ties a bad-input error to the image it concerns ("image 2 (message 3): ...").
 fn name_item(e: Error, image: usize, message: usize) -> Error {
     name_media(e, ItemKind::Image, image, message)
+}
+
+/// A text model's refusal of the first image or video of `messages`, naming it
+/// ("image 1 (message 2): an image part was sent, but this model … has no vision tower").
+fn refuse_media(messages: &[Message], arch: crate::config::Architecture) -> Result<()> {
+    for (m, message) in messages.iter().enumerate() {
+        let kind = message.iter_parts().find_map(|p| match p {
+            PartRef::Image(_) => Some(ItemKind::Image),
+            PartRef::Video(_) => Some(ItemKind::Video),
+            PartRef::Text(_) => None,
+        });
+        if let Some(kind) = kind {
+            let count = |k: ItemKind| {
+                messages[..m]
+                    .iter()
+                    .flat_map(Message::iter_parts)
+                    .filter(|p| match k {
+                        ItemKind::Image => matches!(p, PartRef::Image(_)),
+                        ItemKind::Video => matches!(p, PartRef::Video(_)),
+                    })
+                    .count()
+            };
+            let what = match kind {
+                ItemKind::Image => "an image part",
+                ItemKind::Video => "a video part",
+            };
+            return Err(crate::model::text_model_vision(what, arch).about(Item {
+                kind,
+                index: count(kind) + 1,
+                message: m + 1,
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// A text model's conversation with each list of text parts as one string, the parts
+/// joined by "\n" (what vLLM does for a chat template that prints `message['content']` as a
+/// string): Qwen2's and Qwen2.5's templates concatenate `message['content']` with `+`, which
+/// fails on a list, while the CLI and OpenAI clients send parts.
+fn text_parts_as_strings(messages: &[Message]) -> Vec<Message> {
+    use crate::processing::messages::{Content, ContentPart};
+    messages
+        .iter()
+        .map(|m| match &m.content {
+            Content::Parts(parts) => {
+                let texts: Vec<&str> = parts
+                    .iter()
+                    .filter_map(|p| match p {
+                        ContentPart::Text { text } => Some(text.as_str()),
+                        _ => None,
+                    })
+                    .collect();
+                Message::text(m.role, texts.join("\n"))
+            }
+            Content::Text(_) => m.clone(),
+        })
+        .collect()
 }
 
 /// Ties a bad-input error to the item it concerns ("video 2 (message 3): ...").
