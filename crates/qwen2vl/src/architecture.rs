@@ -122,3 +122,15 @@ impl MoeConfig {
             && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 }
+
+/// The error for images or videos given to a text model (`Qwen2ForCausalLM`,
+/// `Qwen2MoeForCausalLM`): `part` names what was sent ("an image part").
+pub fn text_model_vision(part: impl std::fmt::Display, arch: Architecture) -> crate::error::Error {
+    crate::error::Error::bad_input(
+        format!(
+            "{part} was sent, but this model ({}) is a text model and has no vision tower",
+            arch.name()
+        ),
+        "text-only messages (use a Qwen2-VL model for images and videos)",
+    )
+}

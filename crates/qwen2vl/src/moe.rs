@@ -14,8 +14,7 @@ use candle_core::{DType, Tensor};
 
 use crate::config::MoeConfig;
 use crate::error::{Error, Result};
-use crate::nn::Linear;
-use crate::text::Mlp;
+use crate::nn::{Linear, Mlp};
 use crate::weights::Weights;
 
 /// `Qwen2MoeSparseMoeBlock`: checkpoint names under `model.layers.N.mlp`: `gate`,

@@ -253,6 +253,35 @@ pub fn product_gflops(dtype: DType, device: &candle_core::Device) -> Result<f64>
     Ok(2.0 * (m * k * n) as f64 / best / 1e9)
 }
 
+/// SwiGLU MLP: `down(silu(gate(x)) * up(x))` (`Qwen2MLP`; a decoder layer's, and each
+/// expert of a sparse MoE block).
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    /// `gate_proj`/`up_proj` `(i, d)` and `down_proj` `(d, i)` under `prefix` (an MoE expert
+    /// has its own width `i`).
+    pub(crate) fn load_sized(w: &Weights, prefix: &str, d: usize, i: usize) -> Result<Self> {
+        Ok(Mlp {
+            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), d, i, false)?,
+            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), d, i, false)?,
+            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), i, d, false)?,
+        })
+    }
+
+    /// `x: (..., hidden)` → `(..., hidden)`.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let [g, u] =
+            <[Tensor; 2]>::try_from(Linear::forward_group(&[&self.gate_proj, &self.up_proj], x)?)
+                .map_err(|_| Error::Internal("gate/up: two outputs expected".into()))?;
+        self.down_proj.forward(&crate::ops::fused::silu_mul(g, &u)?)
+    }
+}
+
 /// LayerNorm over the last dimension (`torch.nn.LayerNorm`).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {

@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::nn::{attention, Linear, RmsNorm};
+use crate::nn::{attention, Linear, Mlp, RmsNorm};
 use crate::vision::{row_chunks, MIN_CHUNK_ROWS, MIN_PRODUCT_ROWS, UNIT_FLOPS};
 use crate::weights::Weights;
 
@@ -101,38 +101,6 @@ impl Attention {
     }
 }
 
-/// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
-#[derive(Debug, Clone)]
-pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    fn load(w: &Weights, prefix: &str, cfg: &TextConfig) -> Result<Self> {
-        Self::load_sized(w, prefix, cfg.hidden_size, cfg.intermediate_size)
-    }
-
-    /// `gate_proj`/`up_proj` `(i, d)` and `down_proj` `(d, i)` under `prefix` (an MoE expert
-    /// has its own width `i`).
-    pub(crate) fn load_sized(w: &Weights, prefix: &str, d: usize, i: usize) -> Result<Self> {
-        Ok(Mlp {
-            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), d, i, false)?,
-            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), d, i, false)?,
-            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), i, d, false)?,
-        })
-    }
-
-    /// `x: (..., hidden)` → `(..., hidden)`.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let [g, u] =
-            <[Tensor; 2]>::try_from(Linear::forward_group(&[&self.gate_proj, &self.up_proj], x)?)
-                .map_err(|_| Error::Internal("gate/up: two outputs expected".into()))?;
-        self.down_proj.forward(&crate::ops::fused::silu_mul(g, &u)?)
-    }
-}
-
 /// A decoder layer's feed-forward part: the SwiGLU MLP, or (`Qwen2MoeForCausalLM`) a sparse
 /// mixture-of-experts block.
 #[derive(Debug, Clone)]
@@ -147,7 +115,12 @@ impl FeedForward {
             Some(moe) if moe.is_sparse(layer) => Ok(FeedForward::Sparse(
                 crate::moe::SparseMoeBlock::load(w, prefix, cfg.hidden_size, moe)?,
             )),
-            _ => Ok(FeedForward::Dense(Mlp::load(w, prefix, cfg)?)),
+            _ => Ok(FeedForward::Dense(Mlp::load_sized(
+                w,
+                prefix,
+                cfg.hidden_size,
+                cfg.intermediate_size,
+            )?)),
         }
     }
 

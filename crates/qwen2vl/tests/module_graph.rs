@@ -290,6 +290,8 @@ const LAYERS: &[(&str, &[&str])] = &[
         &[
             "error",
             "config",
+            "architecture",
+            "memory",
             "weights",
             "gguf",
             "ops",
@@ -304,7 +306,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     ("inputs", &["processing"]),
-    ("compute", &["nn", "vision", "text", "model"]),
+    ("compute", &["nn", "vision", "text", "moe", "model"]),
     ("answer", &["generation"]),
     ("drivers", &["pipeline", "engine"]),
 ];

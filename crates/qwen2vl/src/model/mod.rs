@@ -84,17 +84,7 @@ pub fn no_vision() -> Error {
     )
 }
 
-/// The error for images or videos given to a text model (`Qwen2ForCausalLM`,
-/// `Qwen2MoeForCausalLM`): `part` names what was sent ("an image part").
-pub fn text_model_vision(part: impl std::fmt::Display, arch: crate::config::Architecture) -> Error {
-    Error::bad_input(
-        format!(
-            "{part} was sent, but this model ({}) is a text model and has no vision tower",
-            arch.name()
-        ),
-        "text-only messages (use a Qwen2-VL model for images and videos)",
-    )
-}
+pub use crate::architecture::text_model_vision;
 
 /// What loading reported.
 #[derive(Debug, Clone, Default)]

@@ -540,11 +540,13 @@ fn refuse_media(messages: &[Message], arch: crate::config::Architecture) -> Resu
                 ItemKind::Image => "an image part",
                 ItemKind::Video => "a video part",
             };
-            return Err(crate::model::text_model_vision(what, arch).about(Item {
-                kind,
-                index: count(kind) + 1,
-                message: m + 1,
-            }));
+            return Err(
+                crate::architecture::text_model_vision(what, arch).about(Item {
+                    kind,
+                    index: count(kind) + 1,
+                    message: m + 1,
+                }),
+            );
         }
     }
     Ok(())
