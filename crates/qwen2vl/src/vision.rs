@@ -471,9 +471,11 @@ pub const MIN_CHUNK_ROWS: usize = 65;
 /// which costs about as much as multiplying a few dozen rows by it: with chunks of
 /// [`UNIT_FLOPS`] alone the 2B's vision MLP ran in chunks of 65 rows and the decoder's in
 /// chunks of 65 too, and that packing took ~15% of the vision tower's time (perf,
-/// `gemm_common::...::vectorize` next to the microkernel). 512 rows make it a few percent; a
-/// unit of the 2B then lasts ~80 ms on two cores, still shorter than one decode step.
-pub const MIN_PRODUCT_ROWS: usize = 512;
+/// `gemm_common::...::vectorize` next to the microkernel). 512 rows cut the 2B's vision
+/// tower from 22.8 to 16.4 s on two cores; 1024 to 15.2–15.8 s (A/B back to back, quiet
+/// machine, docs/benchmarks.md). A unit of the 2B then lasts up to ~160 ms in f32 on two
+/// cores, still about half a decode step.
+pub const MIN_PRODUCT_ROWS: usize = 1024;
 
 /// About this many floating-point operations make one unit of a [`VisionPass`] or of a
 /// [`crate::text::LayerPass`] (milliseconds of a CPU's matmul on the real shapes; about
