@@ -1146,18 +1146,11 @@ fn a_video_url_as_a_data_uri_with_nframes() {
     assert_eq!(eight, 2 * four);
 }
 
-#[test]
-fn metrics_count_the_encoder_cache() {
-    // A pipeline of its own with a cache (the shared one has none): the same image twice is
-    // a miss then a hit, with the same answer, and /metrics says so.
-    let pipeline = Pipeline::load_with(
-        &fixtures().join("tiny-qwen2vl"),
-        &qwen2vl::pipeline::LoadOptions {
-            encoder_cache_mb: 16,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+/// A server of its own on the tiny model loaded with `opts`, asked the same greedy question
+/// about one image twice; both answers must be 200 and the same. Returns the server and both
+/// responses.
+fn the_same_image_twice(opts: qwen2vl::pipeline::LoadOptions) -> (SocketAddr, Resp, Resp) {
+    let pipeline = Pipeline::load_with(&fixtures().join("tiny-qwen2vl"), &opts).unwrap();
     let addr = start_with(
         qwen2vl_server::backend::start(Arc::new(pipeline), 4, 16, 0),
         ServerConfig::default(),
@@ -1173,6 +1166,17 @@ fn metrics_count_the_encoder_cache() {
         first.json()["choices"][0]["message"],
         second.json()["choices"][0]["message"]
     );
+    (addr, first, second)
+}
+
+#[test]
+fn metrics_count_the_encoder_cache() {
+    // A pipeline of its own with a cache (the shared one has none): the same image twice is
+    // a miss then a hit, with the same answer, and /metrics says so.
+    let (addr, _, _) = the_same_image_twice(qwen2vl::pipeline::LoadOptions {
+        encoder_cache_mb: 16,
+        ..Default::default()
+    });
     wait_idle(addr);
     let t = get(addr, "/metrics", &[]).body;
     for line in [
@@ -1193,29 +1197,10 @@ fn usage_and_metrics_count_the_prefix_cache() {
     // A pipeline of its own with a prefix cache: the same request twice reuses the first's
     // keys and values (all but the last prompt position, in whole blocks), answers the same,
     // and says so in `usage.prompt_tokens_details.cached_tokens` and /metrics.
-    let pipeline = Pipeline::load_with(
-        &fixtures().join("tiny-qwen2vl"),
-        &qwen2vl::pipeline::LoadOptions {
-            prefix_cache_mb: 16,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let addr = start_with(
-        qwen2vl_server::backend::start(Arc::new(pipeline), 4, 16, 0),
-        ServerConfig::default(),
-    );
-    let body = greedy(
-        user_with(json!({"type": "image_url", "image_url": {"url": data_uri("images/wide.png")}})),
-        4,
-    );
-    let first = post(addr, &body);
-    assert_eq!(first.status, 200, "{}", first.body);
-    let second = post(addr, &body);
-    assert_eq!(
-        first.json()["choices"][0]["message"],
-        second.json()["choices"][0]["message"]
-    );
+    let (addr, first, second) = the_same_image_twice(qwen2vl::pipeline::LoadOptions {
+        prefix_cache_mb: 16,
+        ..Default::default()
+    });
     let cached = |r: &Resp| r.json()["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
     assert_eq!(cached(&first), Some(0), "{}", first.body);
     let reused = cached(&second).unwrap_or(0);

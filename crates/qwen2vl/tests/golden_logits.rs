@@ -4,18 +4,12 @@
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use common::ReferencePrompt;
 use qwen2vl::model::Qwen2VL;
 
 fn load(case: &common::Case, dtype: DType) -> Qwen2VL {
-    let (model, report) = Qwen2VL::load(&case.model_dir(), dtype, &Device::Cpu).expect("load");
-    assert!(
-        report.unused.is_empty(),
-        "unused tensors: {:?}",
-        report.unused
-    );
-    model
+    common::load_model(&case.model_dir(), dtype)
 }
 
 #[test]

@@ -75,13 +75,7 @@ impl Reference {
 }
 
 fn load_model(dir: &std::path::Path) -> Qwen2VL {
-    let (model, report) = Qwen2VL::load(dir, DType::F32, &Device::Cpu).expect("load");
-    assert!(
-        report.unused.is_empty(),
-        "unused tensors: {:?}",
-        report.unused
-    );
-    model
+    common::load_model(dir, DType::F32)
 }
 
 #[test]

@@ -11,6 +11,18 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
+/// The model in `dir`, loaded in `dtype` on the CPU; fails if the checkpoint holds tensors
+/// the model did not use (a misnamed weight would otherwise go unnoticed).
+pub fn load_model(dir: &Path, dtype: DType) -> qwen2vl::model::Qwen2VL {
+    let (model, report) = qwen2vl::model::Qwen2VL::load(dir, dtype, &Device::Cpu).expect("load");
+    assert!(
+        report.unused.is_empty(),
+        "unused tensors: {:?}",
+        report.unused
+    );
+    model
+}
+
 /// The processor of the tiny fixture model.
 pub fn tiny_processor() -> qwen2vl::processing::processor::Processor {
     let dir = fixtures().join("tiny-qwen2vl");
