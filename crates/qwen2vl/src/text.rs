@@ -348,6 +348,8 @@ struct Embeddings {
 enum EmbeddingTable {
     Dense(Tensor),
     Quant(std::sync::Arc<crate::ops::quant::QMatrix>),
+    /// f16/bf16 rows left in the checkpoint, widened on lookup (f32 compute).
+    Half(std::sync::Arc<crate::ops::gemm_half::HalfMatrix>),
 }
 
 impl Embeddings {
@@ -362,7 +364,10 @@ impl Embeddings {
             (None, Some(t)) => EmbeddingTable::Quant(std::sync::Arc::new(
                 w.get_quantized(name, vocab, hidden, t)?,
             )),
-            (None, None) => EmbeddingTable::Dense(w.get(name, (vocab, hidden))?),
+            (None, None) => match w.get_half(name, vocab, hidden)? {
+                Some(h) => EmbeddingTable::Half(std::sync::Arc::new(h)),
+                None => EmbeddingTable::Dense(w.get(name, (vocab, hidden))?),
+            },
         };
         Ok(Embeddings {
             table,
@@ -377,6 +382,11 @@ impl Embeddings {
             EmbeddingTable::Dense(t) => Linear::from_weight(t.clone()),
             EmbeddingTable::Quant(q) => Linear::Quant(crate::nn::QLinear {
                 weight: q.clone(),
+                bias: None,
+                device: self.device.clone(),
+            }),
+            EmbeddingTable::Half(h) => Linear::Half(crate::nn::HalfLinear {
+                weight: h.clone(),
                 bias: None,
                 device: self.device.clone(),
             }),
@@ -395,6 +405,19 @@ impl Embeddings {
                 let mut out = vec![0f32; ids.len() * k];
                 for (row, &id) in out.chunks_exact_mut(k).zip(ids) {
                     q.dequantize_row(id as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), k), &self.device)?.to_dtype(self.dtype)?)
+            }
+            EmbeddingTable::Half(h) => {
+                let (vocab, k) = h.dims();
+                let mut out = vec![0f32; ids.len() * k];
+                for (row, &id) in out.chunks_exact_mut(k).zip(ids) {
+                    if id as usize >= vocab {
+                        return Err(Error::Internal(format!(
+                            "token id {id} is outside the {vocab}-row embedding table"
+                        )));
+                    }
+                    h.row_f32(id as usize, row);
                 }
                 Ok(Tensor::from_vec(out, (ids.len(), k), &self.device)?.to_dtype(self.dtype)?)
             }

@@ -29,6 +29,7 @@ use crate::gguf::model::{dequantize_widened, qtype_of, requantized_to, GgufModel
 use crate::gguf::GgmlType;
 use crate::mapped::{le16, par_decode, release_pages};
 use crate::ops::gemm_bf16::PackedBf16;
+use crate::ops::gemm_half::{HalfKind, HalfMatrix};
 use crate::ops::quant::plan::QuantPlan;
 use crate::ops::quant::{QMatrix, QType};
 
@@ -61,7 +62,7 @@ pub type ProgressFn = std::sync::Arc<dyn Fn(LoadProgress) + Send + Sync>;
 
 /// The memory-mapped safetensors files of one checkpoint.
 pub struct Weights {
-    maps: Vec<(PathBuf, Mmap)>,
+    maps: Vec<(PathBuf, Arc<Mmap>)>,
     /// name → where its bytes are, recorded once when the headers are parsed.
     index: HashMap<String, TensorEntry>,
     used: Mutex<BTreeSet<String>>,
@@ -88,6 +89,14 @@ impl std::fmt::Debug for Weights {
             .field("dtype", &self.dtype)
             .finish()
     }
+}
+
+/// False when the environment sets `QWEN2VL_HALF_WEIGHTS=0`: f32 compute then widens 16-bit
+/// matrices at load as it used to ([`Weights::get_half`]; for before/after comparisons with
+/// one binary). Read once.
+pub fn half_in_place() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("QWEN2VL_HALF_WEIGHTS").map_or(true, |v| v != "0"))
 }
 
 fn weights_err(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -169,7 +178,7 @@ impl Weights {
                 };
                 index.insert(name, entry);
             }
-            maps.push((path.clone(), mmap));
+            maps.push((path.clone(), Arc::new(mmap)));
         }
         Ok(Weights {
             maps,
@@ -204,7 +213,8 @@ impl Weights {
 
     /// About how many bytes the loaded model holds for its weights: every tensor of the
     /// checkpoint in `dtype`, except the matrices `plan` quantizes, at their quantized size
-    /// ([`QuantPlan::type_for`]). Only the safetensors headers are read. A GGUF model gives 0
+    /// ([`QuantPlan::type_for`]), and the f16/bf16 matrices f32 compute reads in place
+    /// ([`Weights::get_half`]), at 2 bytes a value. Only the safetensors headers are read. A GGUF model gives 0
     /// (its tensors mostly stay as stored; see [`crate::memory`]).
     pub fn resident_bytes(&self, dtype: DType, plan: Option<&QuantPlan>) -> u64 {
         self.index
@@ -215,7 +225,13 @@ impl Weights {
                     (Some(p), [n, k]) => p.type_for(name, *k).map(|t| n * t.row_bytes(*k)),
                     _ => None,
                 };
-                quant.unwrap_or(numel * dtype.size_in_bytes()) as u64
+                // f32 compute reads 16-bit matrices in place (`get_half`): 2 bytes each.
+                let in_place = dtype == DType::F32
+                    && half_in_place()
+                    && e.shape.len() == 2
+                    && matches!(e.dtype, StDtype::F16 | StDtype::BF16);
+                let size = if in_place { 2 } else { dtype.size_in_bytes() };
+                quant.unwrap_or(numel * size) as u64
             })
             .sum()
     }
@@ -318,6 +334,99 @@ impl Weights {
             file.release(bytes);
         }
         Ok(Some(matrix))
+    }
+
+    /// Matrix `name` `(n, k)` left where the checkpoint stores it, as 16-bit floats
+    /// ([`HalfMatrix`]: no copy, no widening), when f32 compute on the CPU reads a matrix
+    /// stored in f16 or bf16 (Qwen2-VL's safetensors, a GGUF's f16 projector). `None` when
+    /// that does not apply (then [`Weights::get`] reads it, with its errors for a missing
+    /// tensor or a wrong shape): another dtype or device, bf16 products, quantized or f32
+    /// storage, the patch kernel's stacked frames, or `QWEN2VL_HALF_WEIGHTS=0`.
+    ///
+    /// Why: widening to f32 doubles the memory of these matrices and most of a load's time
+    /// goes into the kernel zeroing the pages of the copy; the f32 products read the 16-bit
+    /// values exactly ([`crate::ops::gemm_half`]).
+    pub fn get_half(&self, name: &str, n: usize, k: usize) -> Result<Option<HalfMatrix>> {
+        if !half_in_place()
+            || self.dtype != DType::F32
+            || !self.device.is_cpu()
+            || self.bf16_products
+        {
+            return Ok(None);
+        }
+        let Some(model) = &self.gguf else {
+            let Some(stored) = self.resolve(name) else {
+                return Ok(None);
+            };
+            let entry = &self.index[&stored];
+            let kind = match entry.dtype {
+                StDtype::F16 => HalfKind::F16,
+                StDtype::BF16 => HalfKind::Bf16,
+                _ => return Ok(None),
+            };
+            if entry.shape != [n, k] {
+                return Ok(None);
+            }
+            let (_, mmap) = &self.maps[entry.file];
+            let bytes = &mmap[entry.bytes.clone()];
+            let m = HalfMatrix::new(kind, k, &[bytes], mmap.clone())
+                .map_err(|e| Error::Weights(format!("tensor {stored}: {e}")))?;
+            self.record(&stored, bytes.len() as u64);
+            return Ok(Some(m));
+        };
+        let Some(src) = model.locate(name) else {
+            return Ok(None);
+        };
+        if matches!(src, Source::Frames(..)) {
+            return Ok(None);
+        }
+        let (part, names) = src.tensors();
+        let Some(file) = model.file(part) else {
+            return Ok(None);
+        };
+        let mut infos = Vec::with_capacity(names.len());
+        for t in &names {
+            infos.push(file.tensor_info(t)?);
+        }
+        let kind = match infos[0].ggml_type() {
+            GgmlType::F16 => HalfKind::F16,
+            GgmlType::BF16 => HalfKind::Bf16,
+            _ => return Ok(None),
+        };
+        for &info in &infos {
+            if info.ggml_type() != infos[0].ggml_type() || info.ne()[0] as usize != k {
+                return Ok(None);
+            }
+        }
+        let mut rows = Vec::with_capacity(infos.len());
+        for &info in &infos {
+            let bytes = file.bytes_of(info)?;
+            rows.push(match src {
+                Source::RowSlice(_, _, r) => {
+                    bytes.get(r.start * 2 * k..r.end * 2 * k).ok_or_else(|| {
+                        Error::Weights(format!(
+                            "tensor {} has no rows {r:?} for {name}",
+                            info.name()
+                        ))
+                    })?
+                }
+                _ => bytes,
+            });
+        }
+        let total: usize = rows.iter().map(|r| r.len()).sum();
+        if total != 2 * n * k {
+            return Err(Error::Weights(format!(
+                "tensor {name} ({}) holds {} rows of {k}, expected {n}",
+                names.join(" + "),
+                total / (2 * k).max(1)
+            )));
+        }
+        let m = HalfMatrix::new(kind, k, &rows, model.clone())
+            .map_err(|e| Error::Weights(format!("{name}: {e}")))?;
+        for info in infos {
+            self.record(info.name(), file.bytes_of(info)?.len() as u64);
+        }
+        Ok(Some(m))
     }
 
     /// Notes that stored tensor `stored` (`bytes` long) was read, and reports progress.

@@ -126,3 +126,69 @@ fn sharded_index_and_missing_files() {
         .to_string();
     assert!(e.contains("model.safetensors"), "{e}");
 }
+
+#[test]
+fn f32_compute_reads_16_bit_matrices_in_place_with_the_widened_values() {
+    let d = scratch("in-place");
+    let v = Tensor::new(
+        &[
+            [1.5f32, -2.25, 7.0],
+            [0.125, 3.0, -0.5],
+            [1e-3, 65504.0, -1e-4],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    write(
+        &d.join("model.safetensors"),
+        &[
+            ("a", v.clone()),
+            ("b", v.to_dtype(DType::BF16).unwrap()),
+            ("c", v.to_dtype(DType::F16).unwrap()),
+            (
+                "vec",
+                v.flatten_all().unwrap().to_dtype(DType::BF16).unwrap(),
+            ),
+        ],
+    );
+    let w = Weights::from_dir(&d, DType::F32, &Device::Cpu).unwrap();
+    // f32 storage and 1-D tensors are read (copied) as before.
+    assert!(w.get_half("a", 3, 3).unwrap().is_none());
+    assert!(w.get_half("vec", 9, 1).unwrap().is_none());
+    // A wrong shape is left to `get`, which names it.
+    assert!(w.get_half("b", 9, 1).unwrap().is_none());
+    assert!(w.get_half("missing", 3, 3).unwrap().is_none());
+    for name in ["b", "c"] {
+        let h = w
+            .get_half(name, 3, 3)
+            .unwrap()
+            .expect("16-bit matrix in place");
+        assert_eq!(h.dims(), (3, 3));
+        let widened = w.get(name, (3, 3)).unwrap().flatten_all().unwrap();
+        assert_eq!(h.to_f32(), widened.to_vec1::<f32>().unwrap(), "{name}");
+        // And its product is the f32 product of those values.
+        let x = [1.0f32, 2.0, 3.0];
+        let y = h.matmul(&x, 1, None).unwrap();
+        let wv = widened.to_vec1::<f32>().unwrap();
+        for (j, &yj) in y.iter().enumerate() {
+            let want: f64 = (0..3).map(|t| x[t] as f64 * wv[j * 3 + t] as f64).sum();
+            assert!(
+                (yj as f64 - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{name} row {j}"
+            );
+        }
+    }
+    // It counts as read, and at 2 bytes a value in the memory estimate.
+    assert!(!w.unused().contains(&"b".to_string()));
+    let all_f32 = Weights::from_dir(&d, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        all_f32.resident_bytes(DType::F32, None),
+        (9 * 4 + 9 * 2 + 9 * 2 + 9 * 4) as u64
+    );
+    // Other compute dtypes never read in place.
+    let f64w = Weights::from_dir(&d, DType::F64, &Device::Cpu).unwrap();
+    assert!(f64w.get_half("b", 3, 3).unwrap().is_none());
+    let mut bf = Weights::from_dir(&d, DType::F32, &Device::Cpu).unwrap();
+    bf.set_bf16_products(true);
+    assert!(bf.get_half("b", 3, 3).unwrap().is_none());
+}

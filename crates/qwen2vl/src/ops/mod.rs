@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod fused;
 pub mod gemm_bf16;
+pub mod gemm_half;
 pub mod gemv;
 pub mod pool;
 pub mod quant;
