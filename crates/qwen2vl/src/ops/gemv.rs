@@ -451,10 +451,23 @@ mod portable {
     }
 }
 
+/// How far ahead of the weights being read the AVX2 path asks for them (bytes;
+/// `QWEN2VL_GEMV_PREFETCH` overrides it, 0 = only the hardware prefetchers).
+#[cfg(target_arch = "x86_64")]
+fn prefetch_ahead() -> usize {
+    static A: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *A.get_or_init(|| {
+        std::env::var("QWEN2VL_GEMV_PREFETCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2048)
+    })
+}
+
 /// AVX2 + FMA: four `__m256` accumulators per output, products fused into them.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{reduce_lanes, WeightElem, ACCS, LANES, STEP};
+    use super::{prefetch_ahead, reduce_lanes, WeightElem, ACCS, LANES, STEP};
     use std::arch::x86_64::*;
 
     /// Per output `a`: lane `l` of accumulator `q` takes the products `t = c + 8q + l` for
@@ -480,7 +493,17 @@ mod avx2 {
         let wp = w.as_ptr();
         let mut acc = [[_mm256_setzero_ps(); ACCS]; MR];
         let mut c = 0;
+        let step_bytes = STEP * std::mem::size_of::<W>();
+        let ahead = prefetch_ahead();
         while c < k32 {
+            // Ask for the weights `ahead` bytes on (past this row: the next row of the block,
+            // which is contiguous); a prefetch never faults, so `wrapping_add`.
+            let pf = (wp.add(c) as *const i8).wrapping_add(ahead);
+            let mut off = 0;
+            while off < step_bytes {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(off));
+                off += 64;
+            }
             // c + 32 <= k32 <= k: every load below is inside its slice.
             for q in 0..ACCS {
                 let wv = W::load8(wp.add(c + q * LANES));
