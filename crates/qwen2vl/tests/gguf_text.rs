@@ -440,3 +440,37 @@ fn gguf_loads_are_checked_against_free_memory() {
     }
     std::fs::remove_dir_all(&out).ok();
 }
+
+/// A window below the context travels in the file (`qwen2.attention.sliding_window`, which
+/// llama.cpp's qwen2 graph does not read): the GGUF of `reference-swa.json`'s model gives
+/// transformers' 24 greedy tokens past the window, as the safetensors model does.
+#[test]
+fn a_sliding_window_travels_in_the_file() {
+    let dir = tmp("swa-model");
+    let meta = common::tiny_qwen2_swa(&dir);
+    let r = candle_core::safetensors::load(
+        common::fixtures().join("tiny-qwen2/reference-swa.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let want: Vec<u32> = r["greedy_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect();
+    let out = export_to(&dir, "swa", None);
+    let path = file_in(&out);
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!(
+        f.get("qwen2.attention.sliding_window"),
+        Some(&qwen2vl::gguf::MetaValue::U32(12))
+    );
+    let p = load(&path, None);
+    assert_eq!(p.model().config().text.attention_window(), Some(12));
+    let messages: Vec<Message> = serde_json::from_value(meta["messages"].clone()).unwrap();
+    let req = GenerateRequest::new(messages)
+        .with_sampling(SamplingParams::greedy())
+        .with_max_new_tokens(want.len());
+    assert_eq!(p.generate(&req, &mut |_| {}).unwrap().token_ids, want);
+}

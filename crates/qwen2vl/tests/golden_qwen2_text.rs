@@ -367,27 +367,10 @@ fn where_the_sliding_window_applies() {
 #[test]
 fn sliding_window_matches_the_reference() {
     let src = common::fixtures().join("tiny-qwen2");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("reference-swa.json")).unwrap())
-            .unwrap();
     let r = candle_core::safetensors::load(src.join("reference-swa.safetensors"), &Device::Cpu)
         .unwrap();
     let dir = std::env::temp_dir().join(format!("qwen2vl-swa-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    for (k, v) in meta["config"].as_object().unwrap() {
-        cfg[k] = v.clone();
-    }
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    for f in [
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "generation_config.json",
-    ] {
-        std::fs::copy(src.join(f), dir.join(f)).unwrap();
-    }
+    let meta = common::tiny_qwen2_swa(&dir);
     let model = load_model(&dir);
     assert_eq!(model.config().text.attention_window(), Some(12));
     let ids: Vec<u32> = r["input_ids"]

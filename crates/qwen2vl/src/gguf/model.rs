@@ -546,8 +546,13 @@ fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLCon
             mrope_section: sections[..3].iter().map(|&s| s as usize).collect(),
         }),
         tie_word_embeddings: text.tensor("output.weight").is_none(),
-        use_sliding_window: false,
-        sliding_window: None,
+        // `{arch}.attention.sliding_window`: written by `qwen2vl quantize` for a model whose
+        // window hides keys within its context (the converter writes none for these
+        // architectures); applied in every layer as transformers does.
+        use_sliding_window: text.contains_key(&a("attention.sliding_window")),
+        sliding_window: text
+            .get_u32_opt(&a("attention.sliding_window"))?
+            .map(|w| w as usize),
         max_window_layers: None,
         rope_1d: text_only,
         moe: if arch == QWEN2MOE_ARCH {

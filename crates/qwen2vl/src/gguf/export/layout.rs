@@ -456,6 +456,12 @@ impl Checkpoint {
                 out.set(&a("expert_weights_norm"), true);
             }
         }
+        // A window that hides keys within the context (transformers applies it in every
+        // layer; see TextConfig::attention_window): llama.cpp's key, which its qwen2 and
+        // qwen2moe graphs do not read, for this loader. Released configs have none.
+        if let Some(w) = t.attention_window() {
+            out.set(&a("attention.sliding_window"), u(w, "sliding_window")?);
+        }
         if arch != TEXT_ARCH {
             // 1-D RoPE: no sections.
             return Ok(());
