@@ -9,8 +9,9 @@
 //!   `ffn_gate_inp`, shared expert `ffn_*_shexp` and its gate `ffn_gate_inp_shexp`);
 //! - an f16 file answers as the safetensors model does: the same greedy tokens, logits
 //!   within f16 rounding;
-//! - a quantized file (experts in q8_0 included) gives the logits of `--quant` at load bit
-//!   for bit;
+//! - a quantized file (experts in q8_0, and in q4_K / q6_K on a model wide enough for them)
+//!   gives the logits of `--quant` at load bit for bit;
+//! - a sliding window below the context travels in the file;
 //! - a GGUF model's weights are checked against the free memory before they are read.
 
 mod common;
@@ -50,10 +51,16 @@ fn tmp(name: &str) -> PathBuf {
 /// bf16 weights from a fixed LCG, and the tokenizer files of `tiny-qwen2-moe`. Wide enough
 /// for q8_0 blocks in every expert.
 fn write_sparse_moe(dir: &Path) {
-    let (d, e, inter, shared, vocab) = (32usize, 4usize, 32usize, 64usize, 151936usize);
+    write_sparse_moe_sized(dir, 32, 32, 64);
+}
+
+/// [`write_sparse_moe`] with hidden size `d`, experts of width `inter` and a shared expert of
+/// width `shared`.
+fn write_sparse_moe_sized(dir: &Path, d: usize, inter: usize, shared: usize) {
+    let (e, vocab) = (4usize, 151936usize);
     let cfg = serde_json::json!({
         "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
-        "vocab_size": vocab, "hidden_size": d, "intermediate_size": 64,
+        "vocab_size": vocab, "hidden_size": d, "intermediate_size": shared,
         "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
         "tie_word_embeddings": true, "sliding_window": null, "use_sliding_window": false,
@@ -473,4 +480,33 @@ fn a_sliding_window_travels_in_the_file() {
         .with_sampling(SamplingParams::greedy())
         .with_max_new_tokens(want.len());
     assert_eq!(p.generate(&req, &mut |_| {}).unwrap().token_ids, want);
+}
+
+/// Experts in k-quants: a sparse MoE wide enough for 256-value blocks (hidden 256), written
+/// as q4_k_m, holds llama.cpp's mix in its stacked experts (q4_K; q6_K for the down
+/// projections of the last layer, `use_more_bits`) and loads, each expert read out of its
+/// stack as stored, to the logits of `--quant q4_k_m`, bit for bit.
+#[test]
+fn k_quant_experts_are_quant_at_load() {
+    let dir = tmp("k-moe");
+    write_sparse_moe_sized(&dir, 256, 256, 256);
+    let out = export_to(&dir, "k", Some(QuantScheme::Q4KM));
+    let path = file_in(&out);
+    let f = GgufFile::open(&path).unwrap();
+    for (name, ty) in [
+        ("blk.0.ffn_gate_exps.weight", "q4_K"),
+        ("blk.0.ffn_down_exps.weight", "q4_K"),
+        ("blk.1.ffn_up_exps.weight", "q4_K"),
+        ("blk.1.ffn_down_exps.weight", "q6_K"),
+        ("blk.1.ffn_gate_inp.weight", "f32"),
+    ] {
+        let t = f.tensor_info(name).unwrap();
+        assert_eq!(t.ggml_type().name(), ty, "{name}");
+    }
+    let gg = load(&path, None);
+    let st = load(&dir, Some(QuantScheme::Q4KM));
+    let (a, b) = (prompt_logits(&st), prompt_logits(&gg));
+    assert!(a == b, "max |Δlogit| {}", common::max_abs_diff(&a, &b));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&out).ok();
 }
