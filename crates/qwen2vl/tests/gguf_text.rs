@@ -383,24 +383,27 @@ fn quantized_files_are_quant_at_load() {
 fn gguf_loads_are_checked_against_free_memory() {
     use qwen2vl::ops::quant::plan::QuantPlan;
     use qwen2vl::weights::Weights;
-    let dir = common::fixtures().join("tiny-qwen2-untied");
-    let st = Weights::from_dir(&dir, DType::F32, &Device::Cpu).unwrap();
-    for scheme in [None, Some(QuantScheme::Q8_0)] {
-        let plan = QuantPlan {
-            text: scheme,
-            vision: None,
-            layers: 2,
-        };
-        let out = export_to(&dir, "m", scheme);
-        let model = qwen2vl::gguf::model::GgufModel::open(&file_in(&out), None).unwrap();
-        let gg = Weights::from_gguf(std::sync::Arc::new(model), DType::F32, &Device::Cpu);
-        let (a, b) = (
-            st.resident_bytes(DType::F32, Some(&plan)),
-            gg.resident_bytes(DType::F32, None),
-        );
-        assert_eq!(a, b, "{scheme:?}");
-        assert!(a > 0);
+    let untied = common::fixtures().join("tiny-qwen2-untied");
+    for dir in [untied.as_path(), sparse_moe()] {
+        let st = Weights::from_dir(dir, DType::F32, &Device::Cpu).unwrap();
+        for scheme in [None, Some(QuantScheme::Q8_0)] {
+            let plan = QuantPlan {
+                text: scheme,
+                vision: None,
+                layers: 2,
+            };
+            let out = export_to(dir, "m", scheme);
+            let model = qwen2vl::gguf::model::GgufModel::open(&file_in(&out), None).unwrap();
+            let gg = Weights::from_gguf(std::sync::Arc::new(model), DType::F32, &Device::Cpu);
+            let (a, b) = (
+                st.resident_bytes(DType::F32, Some(&plan)),
+                gg.resident_bytes(DType::F32, None),
+            );
+            assert_eq!(a, b, "{} {scheme:?}", dir.display());
+            assert!(a > 0);
+        }
     }
+    let dir = untied;
 
     // A file whose first MLP matrix claims 2^36 f16 values (a 128 GiB file, 256 GiB in f32), its data a
     // hole in a sparse file: refused up front, before a byte of it is read.
