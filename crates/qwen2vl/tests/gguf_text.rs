@@ -292,6 +292,23 @@ fn llama_cpp_text_files_when_given() {
         let gg = load(&dir.join(format!("{stem}-q8_0.gguf")), None);
         assert_eq!(greedy(&gg), greedy(&st), "{stem} q8_0");
     }
+    // `llama-quantize tiny-qwen2moe-f16.gguf tiny-qwen2moe-q4_k_m.gguf Q4_K_M`, when present:
+    // rows of 32 fit no k-quant, so its experts are llama-quantize's q5_0 fallback (widened
+    // at load); the logits stay near the float model's.
+    let q4 = dir.join("tiny-qwen2moe-q4_k_m.gguf");
+    if q4.is_file() {
+        let f = GgufFile::open(&q4).unwrap();
+        let t = f.tensor_info("blk.0.ffn_up_exps.weight").unwrap();
+        assert_eq!(t.ggml_type().name(), "q5_0");
+        let (a, b) = (
+            prompt_logits(&load(sparse_moe(), None)),
+            prompt_logits(&load(&q4, None)),
+        );
+        let max = common::max_abs_diff(&a, &b);
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+        eprintln!("llama-quantize's q4_k_m MoE vs f32: max |Δlogit| {max} (max |logit| {scale})");
+        assert!(max < 0.1 * scale, "{max}");
+    }
 }
 
 /// An f16 file answers as the f32 safetensors model: the same greedy tokens and the same
