@@ -21,7 +21,16 @@ committed), and writes `tests/fixtures/gguf/llamacpp-qwen2-text.json`: every met
 the four files with its type and value, and every tensor with its ggml type, `ne` and the
 sha256 of its bytes (the manifest format of `make_gguf_models.py`). `tests/gguf_text.rs`
 writes the same files with the engine's exporter and holds them to it (the f16 files byte
-for byte); with QWEN2VL_LLAMACPP_TEXT_GGUF_DIR=DIR it also loads the converter's own files.
+for byte); with QWEN2VL_LLAMACPP_TEXT_GGUF_DIR=DIR it also loads the converter's own files,
+and DIR/tiny-qwen2moe-q4_k_m.gguf when present, made by llama.cpp's own quantizer:
+
+    llama-quantize DIR/tiny-qwen2moe-f16.gguf DIR/tiny-qwen2moe-q4_k_m.gguf Q4_K_M
+
+(its rows of 32 values fit no k-quant: the experts become llama-quantize's q5_0 fallback).
+
+llama.cpp's qwen2moe loader requires `output.weight`, so neither the converter's file nor ours
+of this tied model loads there (real Qwen2 MoE checkpoints are untied; an untied variant of
+this model exported by `qwen2vl quantize` passed llama.cpp's tensor checks).
 """
 
 import argparse
