@@ -452,6 +452,35 @@ fn sliding_window_matches_the_reference() {
             .unwrap();
     }
     assert_eq!(got, want_ids, "greedy tokens");
+
+    // Two sequences decoded in one batch (one past its window, one within it) get the
+    // logits each gets alone.
+    let prefilled = |n: usize| {
+        let p = model.position_ids(&ids[..n], &[], &[]).unwrap();
+        let mut c = model.new_cache(n + 4).unwrap();
+        model
+            .prefill_hidden(&ids[..n], &p, None, None, &mut c, None)
+            .unwrap();
+        c
+    };
+    let (mut a, mut b) = (prefilled(ids.len()), prefilled(9));
+    let batched = common::flat(
+        &model
+            .decode_step(&[want_ids[0], 42], &[0, 0], &mut [&mut a, &mut b])
+            .unwrap(),
+    );
+    let (mut a, mut b) = (prefilled(ids.len()), prefilled(9));
+    let mut alone = common::flat(
+        &model
+            .decode_step(&[want_ids[0]], &[0], &mut [&mut a])
+            .unwrap(),
+    );
+    alone.extend(common::flat(
+        &model.decode_step(&[42], &[0], &mut [&mut b]).unwrap(),
+    ));
+    let d = common::max_abs_diff(&batched, &alone);
+    assert!(d < 1e-4, "batched decode: {d}");
+
     let messages: Vec<Message> = serde_json::from_value(meta["messages"].clone()).unwrap();
     let pipeline = Pipeline::load(&dir, DTypeChoice::F32).unwrap();
     let req = GenerateRequest::new(messages)
