@@ -154,6 +154,12 @@ impl Checkpoint {
                 continue;
             }
             if let Some((layer, k, proj)) = expert_of(hf) {
+                let experts = self.config.text.moe.as_ref().map_or(0, |m| m.num_experts);
+                if k >= experts {
+                    return Err(Error::Weights(format!(
+                        "{hf}: expert {k}, but config.json has {experts} experts (num_experts)"
+                    )));
+                }
                 // The experts of a layer are one stacked tensor, written at expert 0's place.
                 if k == 0 {
                     tensors.push(self.stacked_experts(&plan, scheme, layer, proj)?);
