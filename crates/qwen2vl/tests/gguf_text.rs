@@ -32,8 +32,24 @@ use qwen2vl::pipeline::{DTypeChoice, LoadOptions, Pipeline};
 use qwen2vl::processing::messages::Message;
 use serde_json::Value as Json;
 
+/// A scratch directory, removed when dropped.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A fresh directory of its own (tests run in parallel).
-fn tmp(name: &str) -> PathBuf {
+fn tmp(name: &str) -> Scratch {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let d = std::env::temp_dir().join(format!(
@@ -42,7 +58,7 @@ fn tmp(name: &str) -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    Scratch(d)
 }
 
 /// Writes an all-sparse `Qwen2MoeForCausalLM` into `dir`: 2 layers, hidden 32, 4 experts of
@@ -146,12 +162,27 @@ fn write_sparse_moe_sized(dir: &Path, d: usize, inter: usize, shared: usize) {
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
 }
 
-/// The sparse MoE checkpoint, written once per test process.
+/// The sparse MoE checkpoint (10 MB), written once into the temporary directory and reused
+/// by later runs (it is the same every time): written under a name of its own, then renamed.
 fn sparse_moe() -> &'static Path {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        let d = tmp("sparse-moe");
-        write_sparse_moe(&d);
+        let d = std::env::temp_dir().join("qwen2vl-gguf-text-sparse-moe-v1");
+        if !d.join("complete").is_file() {
+            let part = std::env::temp_dir().join(format!(
+                "qwen2vl-gguf-text-sparse-moe-{}.partial",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&part);
+            std::fs::create_dir_all(&part).unwrap();
+            write_sparse_moe(&part);
+            std::fs::write(part.join("complete"), b"").unwrap();
+            let _ = std::fs::remove_dir_all(&d);
+            if std::fs::rename(&part, &d).is_err() {
+                // Another test process got there first.
+                let _ = std::fs::remove_dir_all(&part);
+            }
+        }
         d
     })
 }
@@ -170,7 +201,7 @@ fn sparse_moe_checkpoint_is_written() {
 }
 
 /// `dir` exported as `<name>-<scheme>.gguf` into a fresh directory; that directory.
-fn export_to(dir: &Path, name: &str, quant: Option<QuantScheme>) -> PathBuf {
+fn export_to(dir: &Path, name: &str, quant: Option<QuantScheme>) -> Scratch {
     let out = tmp(&format!("{name}-{}", quant.map_or("f16", |q| q.name())));
     let written = export(
         dir,
@@ -465,7 +496,6 @@ fn gguf_loads_are_checked_against_free_memory() {
             "{e}"
         );
     }
-    std::fs::remove_dir_all(&out).ok();
 }
 
 /// A window below the context travels in the file (`qwen2.attention.sliding_window`, which
@@ -527,6 +557,4 @@ fn k_quant_experts_are_quant_at_load() {
     let st = load(&dir, Some(QuantScheme::Q4KM));
     let (a, b) = (prompt_logits(&st), prompt_logits(&gg));
     assert!(a == b, "max |Δlogit| {}", common::max_abs_diff(&a, &b));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::remove_dir_all(&out).ok();
 }
