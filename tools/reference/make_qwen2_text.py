@@ -30,8 +30,11 @@ case (a conversation):
   <case>.greedy_ids  int64 (k,)       generate(do_sample=False, max_new_tokens=24, repetition_penalty=1)
 reference.json holds the messages of each case.
 
+Sliding window ("swa", after tiny-qwen2): see build_swa; writes
+tests/fixtures/tiny-qwen2/reference-swa.{safetensors,json} and leaves the checkpoint as it is.
+
 Usage:
-  tools/reference/.venv/bin/python tools/reference/make_qwen2_text.py [PRESET ...]
+  tools/reference/.venv/bin/python tools/reference/make_qwen2_text.py [PRESET ... | swa]
 """
 import json
 import os
@@ -223,12 +226,82 @@ def build(name):
               f"{len(tensors[case + '.greedy_ids'])} greedy, top-2 gap {m['top2_gap']:.3f}")
 
 
+# The sliding-window reference: tests/fixtures/tiny-qwen2 with these config.json changes.
+SWA = dict(sliding_window=12, use_sliding_window=True, max_window_layers=1)
+SWA_CASE = "two_turns"
+
+
+def build_swa():
+    """tests/fixtures/tiny-qwen2/reference-swa.{safetensors,json}: tiny-qwen2 with a 12-token
+    sliding window (SWA) on a 60-token prompt, as transformers 4.49 computes it in eager and in
+    SDPA attention (the default; both mask keys more than `sliding_window` positions back, in
+    every layer, whatever `max_window_layers` says: Qwen2Model._prepare_4d_causal_attention_mask_
+    with_cache_position; only flash_attention_2 reads max_window_layers). Records, for the case
+    SWA_CASE: input_ids, every position's hidden state after the last layer and the final norm,
+    the last position's logits, the greedy continuation (its decode steps see the window
+    too), and, to show the window matters, the last logits without it."""
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    out = os.path.join(FIXTURES, "tiny-qwen2")
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok.apply_chat_template(CASES[SWA_CASE], add_generation_prompt=True, return_tensors="pt")
+    res = {}
+    for impl in ["eager", "sdpa"]:
+        m = Qwen2ForCausalLM.from_pretrained(
+            out, torch_dtype=torch.float32, attn_implementation=impl, **SWA
+        ).eval()
+        assert m.config.sliding_window == SWA["sliding_window"] and m.config.use_sliding_window
+        with torch.no_grad():
+            o = m(input_ids=ids, output_hidden_states=True)
+            gen = m.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
+                max_new_tokens=MAX_NEW, repetition_penalty=1.0, temperature=None, top_p=None,
+                top_k=None, eos_token_id=[151645, 151643], pad_token_id=151643,
+            )
+        res[impl] = (o, gen)
+    o, gen = res["sdpa"]
+    e, egen = res["eager"]
+    assert torch.equal(gen, egen), "eager and sdpa disagree on the greedy tokens"
+    assert (o.logits - e.logits).abs().max() < 1e-4
+    plain = Qwen2ForCausalLM.from_pretrained(
+        out, torch_dtype=torch.float32, attn_implementation="sdpa", sliding_window=None
+    ).eval()
+    with torch.no_grad():
+        p = plain(input_ids=ids)
+    tensors = {
+        "input_ids": ids[0].to(torch.int64).contiguous(),
+        "final_hidden": o.hidden_states[-1][0].float().contiguous(),
+        "logits": o.logits[0, -1].float().contiguous(),
+        "greedy_ids": gen[0, ids.shape[1]:].to(torch.int64).contiguous(),
+        "logits_no_window": p.logits[0, -1].float().contiguous(),
+    }
+    # hidden_states[-1] is the last layer's output after the final norm (4.49 appends each
+    # layer's input, then the normed output: [-2] is the last layer's *input*).
+    save_file(tensors, os.path.join(out, "reference-swa.safetensors"))
+    meta = {
+        "config": SWA,
+        "messages": CASES[SWA_CASE],
+        "prompt_tokens": int(ids.shape[1]),
+        "max_new_tokens": MAX_NEW,
+        "max_abs_logit_change_from_the_window": float((tensors["logits"] - tensors["logits_no_window"]).abs().max()),
+        "greedy_text": tok.decode(tensors["greedy_ids"]),
+    }
+    with open(os.path.join(out, "reference-swa.json"), "w") as f:
+        json.dump(meta, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    print(f"tiny-qwen2 SWA: {meta}")
+
+
 def main():
     import sys
 
     torch.set_num_threads(1)
-    for name in sys.argv[1:] or PRESETS:
-        build(name)
+    names = sys.argv[1:] or [*PRESETS, "swa"]
+    for name in names:
+        if name == "swa":
+            build_swa()
+        else:
+            build(name)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 //! `qwen2vl quantize` from the command line: the tiny model quantized to a directory that
 //! `qwen2vl run --model DIR` then answers from, as `--quant` of the safetensors does; and
-//! the flag errors. (The files themselves are tested in the library's `tests/gguf_model.rs`.)
+//! the flag errors. (The files themselves are tested in the library's `tests/gguf_model.rs`
+//! and, for the text models, `tests/gguf_text.rs`.)
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -86,6 +87,59 @@ fn quantize_then_run_the_directory() {
     assert!(reference.status.success(), "{}", stderr(&reference));
     assert!(!stdout(&ours).trim().is_empty());
     assert_eq!(stdout(&ours), stdout(&reference));
+}
+
+/// A text model (`Qwen2MoeForCausalLM`, experts included) quantizes to one `qwen2moe` file
+/// that answers as `--quant q8_0` of the safetensors does (greedy); `--vision-quant` is refused for it
+/// (it has no vision tower).
+#[test]
+fn a_text_model_quantizes_to_one_file() {
+    let moe = fixtures().join("tiny-qwen2-moe").display().to_string();
+    let out = scratch("moe").join("out");
+    let out_s = out.display().to_string();
+    let o = qwen2vl(&[
+        "quantize", "--model", &moe, "--quant", "q8_0", "--out", &out_s, "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary = stdout(&o);
+    assert!(
+        summary.contains("wrote 1 file:") && summary.contains("tiny-qwen2-moe-q8_0.gguf"),
+        "{summary}"
+    );
+    // Greedy: the GGUF keeps only some sampling defaults of generation_config.json.
+    let common = [
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "-q",
+        "Hello! Who are you?",
+    ];
+    let ours = qwen2vl(&[&["run", "--model", &out_s][..], &common].concat());
+    assert!(ours.status.success(), "{}", stderr(&ours));
+    let reference = qwen2vl(&[&["run", "--model", &moe, "--quant", "q8_0"][..], &common].concat());
+    assert!(reference.status.success(), "{}", stderr(&reference));
+    assert!(!stdout(&ours).trim().is_empty());
+    assert_eq!(stdout(&ours), stdout(&reference));
+
+    let out2 = scratch("moe-vision").join("out").display().to_string();
+    let o = qwen2vl(&[
+        "quantize",
+        "--model",
+        &moe,
+        "--quant",
+        "q8_0",
+        "--vision-quant",
+        "q8_0",
+        "--out",
+        &out2,
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("Qwen2MoeForCausalLM checkpoint, which has no vision tower"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// Bad flags are usage errors (exit 2) that say what is allowed, before any work.

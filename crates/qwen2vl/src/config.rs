@@ -122,10 +122,11 @@ pub struct TextConfig {
     #[serde(default)]
     pub use_sliding_window: bool,
     /// `sliding_window` (HF's default 4096 when absent; `null` turns it off). See
-    /// [`TextConfig::context_len`] for what a text model makes of it.
+    /// [`TextConfig::attention_window`] for where it applies.
     #[serde(default = "d_sliding_window")]
     pub sliding_window: Option<usize>,
-    /// Layers from this index on use the window when `use_sliding_window` (recorded only).
+    /// Layers from this index on use the window when `use_sliding_window`, in transformers'
+    /// flash-attention path only (recorded; see [`TextConfig::attention_window`]).
     #[serde(default)]
     pub max_window_layers: Option<usize>,
     #[serde(default)]
@@ -201,21 +202,36 @@ impl TextConfig {
             .unwrap_or_else(|| vec![16, 24, 24])
     }
 
-    /// The context this engine serves: `max_position_embeddings`, and for a text model
-    /// (`Qwen2ForCausalLM`) at most `sliding_window`.
-    ///
-    /// transformers 4.49's eager and SDPA masks (`Qwen2Model._prepare_4d_causal_attention_mask_with_cache_position`)
-    /// hide keys more than `sliding_window` positions back in *every* layer whenever
-    /// `sliding_window` is set, whatever `use_sliding_window` and `max_window_layers` say
-    /// (only its flash-attention path honours them). Within `sliding_window` tokens no key is
-    /// hidden, so capping the context there gives the reference's numbers exactly; released
-    /// Qwen2 / Qwen2.5 configs have `sliding_window` ≥ `max_position_embeddings`, where the
-    /// cap changes nothing.
+    /// The context this engine serves: `max_position_embeddings`.
     pub fn context_len(&self) -> usize {
-        match self.sliding_window {
-            Some(w) if self.rope_1d && w >= 2 => self.max_position_embeddings.min(w),
-            _ => self.max_position_embeddings,
+        self.max_position_embeddings
+    }
+
+    /// The sliding window of every decoder layer's attention, if any: query position `i`
+    /// sees keys `i - window + 1 ..= i` (fewer at the start). `None`: plain causal attention.
+    ///
+    /// This is what transformers 4.49 computes in its default attention paths (SDPA, and
+    /// eager): `Qwen2Model._prepare_4d_causal_attention_mask_with_cache_position`
+    /// (`modeling_qwen2.py` lines 738-745, the same in `modeling_qwen2_moe.py` and
+    /// `modeling_qwen2_vl.py`) hides key `j` from query `i` when `j <= i - sliding_window`,
+    /// in one mask shared by *every* layer, whenever `config.sliding_window` is not `None`.
+    /// `use_sliding_window` and `max_window_layers` are read only to pass `sliding_window=`
+    /// to the attention function (`modeling_qwen2.py` lines 174-180), which only
+    /// flash-attention 2 uses; SDPA and eager take it in `**kwargs` and ignore it. What sets
+    /// `config.sliding_window`:
+    /// - `Qwen2Config` and `Qwen2VLConfig` keep `sliding_window` as given (default 4096),
+    ///   whatever `use_sliding_window` says (`configuration_qwen2.py` line 177);
+    /// - `Qwen2MoeConfig` sets it to `None` unless `use_sliding_window`
+    ///   (`configuration_qwen2_moe.py` line 207).
+    ///
+    /// A window at or beyond `max_position_embeddings` never hides a key within the context
+    /// (released Qwen2, Qwen2.5 and Qwen2-VL configs), so it is `None` here.
+    pub fn attention_window(&self) -> Option<usize> {
+        if self.moe.is_some() && !self.use_sliding_window {
+            return None;
         }
+        self.sliding_window
+            .filter(|&w| w >= 1 && w < self.max_position_embeddings)
     }
 }
 

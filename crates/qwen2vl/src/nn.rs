@@ -434,6 +434,57 @@ pub fn attention(
     attention_blocked(q, &k, &v, scale, causal_offset, MAX_SCORE_ELEMS)
 }
 
+/// [`attention`] for queries at positions `offset + t`, causal, and with a sliding `window`
+/// when given: query position `i` then sees keys `i + 1 - window ..= i` only (transformers'
+/// mask hides key `j` when `j <= i - window`; see
+/// [`crate::config::TextConfig::attention_window`]).
+///
+/// The rows whose window reaches back to key 0 run as one causal call; each later row runs on
+/// its own `window` keys (a narrowed view of the cache, no mask), so a row's attention is the
+/// kernel's for that row alone, however a prompt is cut into chunks or batched. (One call
+/// per row past the window: fine for the rare configs that set a window below the context,
+/// not tuned for long prompts.)
+pub fn attention_causal(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    offset: usize,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let t = q.dim(2)?;
+    let Some(w) = window.filter(|&w| offset + t > w) else {
+        return attention(q, k, v, scale, Some(offset));
+    };
+    // Rows at positions below `w` see keys from 0.
+    let plain = w.saturating_sub(offset).min(t);
+    let mut outs = Vec::with_capacity(t - plain + 1);
+    if plain > 0 {
+        outs.push(attention(
+            &q.narrow(2, 0, plain)?,
+            k,
+            v,
+            scale,
+            Some(offset),
+        )?);
+    }
+    for r in plain..t {
+        let first = offset + r + 1 - w;
+        outs.push(attention(
+            &q.narrow(2, r, 1)?,
+            &k.narrow(1, first, w)?,
+            &v.narrow(1, first, w)?,
+            scale,
+            None,
+        )?);
+    }
+    if outs.len() == 1 {
+        Ok(outs.pop().expect("one part"))
+    } else {
+        Ok(Tensor::cat(&outs, 2)?)
+    }
+}
+
 /// The blocked path of [`attention`] (the fused kernel's fallback, and its "before" in
 /// `examples/attention_bench.rs`): candle's matmul for `q kᵀ` in blocks of queries so the
 /// score matrix never exceeds `max_score_elems` (a 16k-patch image frame would otherwise
@@ -580,6 +631,59 @@ mod tests {
                 let got = attention_blocked(&q, &k, &v, 0.5, offset, max).unwrap();
                 assert!(max_diff(&got, &want) < 1e-5, "max {max} offset {offset:?}");
             }
+        }
+    }
+
+    /// The sliding window equals an explicit mask (key `j` hidden from position `i` when
+    /// `j <= i - window`, transformers' rule) on top of the causal one, for windows shorter
+    /// than, equal to and longer than the keys, and offsets before and past the window.
+    #[test]
+    fn windowed_attention_equals_a_masked_softmax() {
+        let dev = Device::Cpu;
+        let (b, g, d) = (2, 3, 8);
+        for &(t, past) in &[(9, 0), (1, 20), (6, 7), (1, 3)] {
+            let l = past + t;
+            let q = Tensor::randn(0f32, 1.0, (b, g, t, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (b, l, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, l, d), &dev).unwrap();
+            for w in [1, 3, 5, l, l + 4] {
+                let mask: Vec<f32> = (0..t)
+                    .flat_map(|r| {
+                        let i = past + r;
+                        (0..l).map(move |j| {
+                            if j <= i && j + w > i {
+                                0.0
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        })
+                    })
+                    .collect();
+                let mask = Tensor::from_vec(mask, (t, l), &dev).unwrap();
+                let s = (q
+                    .reshape((b, g * t, d))
+                    .unwrap()
+                    .matmul(&k.t().unwrap())
+                    .unwrap()
+                    * 0.4)
+                    .unwrap()
+                    .reshape((b, g, t, l))
+                    .unwrap()
+                    .broadcast_add(&mask)
+                    .unwrap()
+                    .reshape((b, g * t, l))
+                    .unwrap();
+                let want = candle_nn::ops::softmax(&s, D::Minus1)
+                    .unwrap()
+                    .matmul(&v)
+                    .unwrap()
+                    .reshape((b, g, t, d))
+                    .unwrap();
+                let got = attention_causal(&q, &k, &v, 0.4, past, Some(w)).unwrap();
+                assert!(max_diff(&got, &want) < 1e-5, "t {t} past {past} window {w}");
+            }
+            let plain = attention_causal(&q, &k, &v, 0.4, past, None).unwrap();
+            assert!(max_diff(&plain, &naive(&q, &k, &v, 0.4, Some(past))) < 1e-5);
         }
     }
 }

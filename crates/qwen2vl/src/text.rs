@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::nn::{attention, Linear, Mlp, RmsNorm};
+use crate::nn::{attention_causal, Linear, Mlp, RmsNorm};
 use crate::vision::{row_chunks, MIN_CHUNK_ROWS, MIN_PRODUCT_ROWS, UNIT_FLOPS};
 use crate::weights::Weights;
 
@@ -25,6 +25,8 @@ pub struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// The sliding window, if any ([`TextConfig::attention_window`]).
+    window: Option<usize>,
 }
 
 impl Attention {
@@ -43,6 +45,7 @@ impl Attention {
             num_heads: h,
             num_kv_heads: kv,
             head_dim: hd,
+            window: cfg.attention_window(),
         })
     }
 
@@ -89,7 +92,7 @@ impl Attention {
                 .transpose(0, 1)?
                 .contiguous()?
                 .reshape((kv, group, t, hd))?;
-            let o = attention(&qi, &keys, &values, scale, Some(past))?; // (kv, group, T, hd)
+            let o = attention_causal(&qi, &keys, &values, scale, past, self.window)?; // (kv, group, T, hd)
             let o = o
                 .reshape((h, t, hd))?
                 .transpose(0, 1)?
@@ -222,7 +225,7 @@ impl DecoderLayer {
             .contiguous()?
             .reshape((kv, h / kv, c, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let o = attention(&q, &keys, &values, scale, Some(past + rows.start))?;
+        let o = attention_causal(&q, &keys, &values, scale, past + rows.start, a.window)?;
         let o = o
             .reshape((h, c, hd))?
             .transpose(0, 1)?

@@ -214,9 +214,18 @@ impl Weights {
     /// About how many bytes the loaded model holds for its weights: every tensor of the
     /// checkpoint in `dtype`, except the matrices `plan` quantizes, at their quantized size
     /// ([`QuantPlan::type_for`]), and the f16/bf16 matrices f32 compute reads in place
-    /// ([`Weights::get_half`]), at 2 bytes a value. Only the safetensors headers are read. A GGUF model gives 0
-    /// (its tensors mostly stay as stored; see [`crate::memory`]).
+    /// ([`Weights::get_half`]) at 2 bytes a value. Only the safetensors headers (or the GGUF
+    /// tensor table) are read. A GGUF tensor stored in a format the kernels run (q8_0, q4_K,
+    /// q6_K) counts its stored bytes, q5_K its q8_0 size (it is requantized), the other types
+    /// their elements in `dtype` (or the plan's size for a float matrix under `--quant`, or
+    /// 2 bytes for an f16/bf16 matrix read in place).
     pub fn resident_bytes(&self, dtype: DType, plan: Option<&QuantPlan>) -> u64 {
+        if let Some(g) = &self.gguf {
+            return g
+                .entries()
+                .map(|(name, src)| gguf_resident(g, name, src, dtype, plan))
+                .sum();
+        }
         self.index
             .iter()
             .map(|(name, e)| {
@@ -329,9 +338,9 @@ impl Weights {
         } else {
             QMatrix::from_row_parts(t, n, k, &rows)?
         };
-        for (info, bytes, _) in parts {
-            self.record(info.name(), bytes.len() as u64);
-            file.release(bytes);
+        for (info, _, rows) in parts {
+            self.record(info.name(), rows.len() as u64);
+            file.release(rows);
         }
         Ok(Some(matrix))
     }
@@ -445,12 +454,48 @@ impl Weights {
 
     /// One GGUF tensor in the compute dtype, in PyTorch order.
     fn gguf_tensor(&self, model: &GgufModel, part: Part, name: &str) -> Result<Tensor> {
+        self.gguf_rows(model, part, name, None)
+    }
+
+    /// Rows `rows` of a GGUF tensor seen as `(elements / ne[0], ne[0])` (a 1-D tensor's
+    /// rows are its elements), or all of it in its own shape: only those rows' bytes are
+    /// read and converted (one expert of a stacked `ffn_*_exps`, not all of them).
+    fn gguf_rows(
+        &self,
+        model: &GgufModel,
+        part: Part,
+        name: &str,
+        rows: Option<&std::ops::Range<usize>>,
+    ) -> Result<Tensor> {
         let file = model
             .file(part)
             .ok_or_else(|| Error::Weights(format!("no vision projector for tensor {name}")))?;
         let info = file.tensor_info(name)?;
-        let bytes = file.bytes_of(info)?;
-        let shape = Shape::from(info.shape());
+        let whole = file.bytes_of(info)?;
+        let (bytes, shape) = match rows {
+            None => (whole, Shape::from(info.shape())),
+            Some(r) => {
+                let ne = info.ne();
+                let (n, width) = if ne.len() == 1 {
+                    (ne[0] as usize, 1)
+                } else {
+                    let k = ne[0] as usize;
+                    ((info.n_elements() as usize) / k.max(1), k)
+                };
+                let row_bytes = whole.len() / n.max(1);
+                if r.end > n || r.start > r.end || (ne.len() == 1 && row_bytes * n != whole.len()) {
+                    return Err(Error::Weights(format!(
+                        "GGUF tensor {name} has {n} rows of {width}; rows {r:?} were asked for"
+                    )));
+                }
+                let shape = if ne.len() == 1 {
+                    Shape::from(r.len())
+                } else {
+                    Shape::from((r.len(), width))
+                };
+                (&whole[r.start * row_bytes..r.end * row_bytes], shape)
+            }
+        };
         let fail = |e: String| Error::Weights(format!("GGUF tensor {name}: {e}"));
         let float = |d: StDtype| convert(d, bytes, &shape, self.dtype, &self.device).map_err(fail);
         let t = match info.ggml_type() {
@@ -514,16 +559,7 @@ impl Weights {
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::cat(&parts, 0)?
             }
-            Source::RowSlice(p, n, r) => {
-                let whole = self.gguf_tensor(model, *p, n)?;
-                if whole.dim(0)? < r.end {
-                    return Err(Error::Weights(format!(
-                        "GGUF tensor {n} has {} rows; {name} needs rows {r:?}",
-                        whole.dim(0)?
-                    )));
-                }
-                whole.narrow(0, r.start, r.len())?.contiguous()?
-            }
+            Source::RowSlice(p, n, r) => self.gguf_rows(model, *p, n, Some(r))?,
             Source::Frames(p, a, b) => {
                 let (a, b) = (
                     self.gguf_tensor(model, *p, a)?,
@@ -538,6 +574,12 @@ impl Weights {
                 }
                 Tensor::stack(&[a, b], 2)?
             }
+        };
+        // llama.cpp stores some `(1, n)` matrices as `[n]` (the MoE shared expert's gate).
+        let t = if t.rank() == 1 && shape.dims() == [1, t.dim(0)?] {
+            t.reshape(shape.dims())?
+        } else {
+            t
         };
         if t.dims() != shape.dims() {
             let (_, names) = src.tensors();
@@ -704,6 +746,63 @@ impl Weights {
             .collect();
         v.sort();
         v
+    }
+}
+
+/// The bytes Hugging Face tensor `name` (held at `src`) takes once loaded; see
+/// [`Weights::resident_bytes`].
+fn gguf_resident(
+    model: &GgufModel,
+    name: &str,
+    src: &Source,
+    dtype: DType,
+    plan: Option<&QuantPlan>,
+) -> u64 {
+    let (part, names) = src.tensors();
+    let Some(file) = model.file(part) else {
+        return 0;
+    };
+    let infos: Vec<_> = names.iter().filter_map(|n| file.tensor(n)).collect();
+    let Some(&first) = infos.first() else {
+        return 0;
+    };
+    let k = first.ne()[0].max(1);
+    let (elements, stored): (u64, u64) = match src {
+        Source::RowSlice(_, _, r) => {
+            let (rows, width) = if first.ne().len() == 1 {
+                (first.ne()[0], 1)
+            } else {
+                (first.n_elements() / k, k)
+            };
+            let bytes = first.byte_len().unwrap_or(0);
+            let part = r.len() as u64;
+            (part * width, bytes / rows.max(1) * part)
+        }
+        _ => infos.iter().fold((0, 0), |(e, b), i| {
+            (e + i.n_elements(), b + i.byte_len().unwrap_or(0))
+        }),
+    };
+    let float = elements * dtype.size_in_bytes() as u64;
+    let t = first.ggml_type();
+    let matrix = first.ne().len() >= 2 && !matches!(src, Source::Frames(..));
+    if qtype_of(t).is_some() {
+        stored
+    } else if let Some(q) = requantized_to(t) {
+        elements / k * q.row_bytes(k as usize) as u64
+    } else if matches!(t, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) && matrix {
+        match plan.and_then(|p| p.type_for(name, k as usize)) {
+            Some(q) => elements / k * q.row_bytes(k as usize) as u64,
+            // f32 compute reads 16-bit matrices in place (`Weights::get_half`).
+            None if dtype == DType::F32
+                && half_in_place()
+                && matches!(t, GgmlType::F16 | GgmlType::BF16) =>
+            {
+                elements * 2
+            }
+            None => float,
+        }
+    } else {
+        float
     }
 }
 

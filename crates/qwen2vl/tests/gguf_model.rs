@@ -13,6 +13,8 @@
 //! checked byte for byte against ours and loaded too.
 
 mod common;
+#[path = "common/manifest.rs"]
+mod manifest;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -247,130 +249,22 @@ fn files() -> &'static Files {
     })
 }
 
-/// "UINT32", "ARRAY/STRING", … as gguf-py names them (the manifest's spelling).
-fn type_name(v: &MetaValue) -> String {
-    let scalar = |v: &MetaValue| match v {
-        MetaValue::U8(_) => "UINT8",
-        MetaValue::I8(_) => "INT8",
-        MetaValue::U16(_) => "UINT16",
-        MetaValue::I16(_) => "INT16",
-        MetaValue::U32(_) => "UINT32",
-        MetaValue::I32(_) => "INT32",
-        MetaValue::U64(_) => "UINT64",
-        MetaValue::I64(_) => "INT64",
-        MetaValue::F32(_) => "FLOAT32",
-        MetaValue::F64(_) => "FLOAT64",
-        MetaValue::Bool(_) => "BOOL",
-        MetaValue::Str(_) => "STRING",
-        MetaValue::Array(_) => "ARRAY",
-    };
-    match v {
-        MetaValue::Array(a) => {
-            let elem = match a {
-                MetaArray::Str(_) => "STRING",
-                MetaArray::I32(_) => "INT32",
-                MetaArray::F32(_) => "FLOAT32",
-                MetaArray::U32(_) => "UINT32",
-                _ => "OTHER",
-            };
-            format!("ARRAY/{elem}")
-        }
-        v => scalar(v).to_string(),
-    }
-}
-
-/// A metadata value as the manifest writes it (long arrays and strings by length only).
-fn same_value(ours: &MetaValue, theirs: &Json) -> bool {
-    if let Some(len) = theirs.get("len") {
-        let n = match ours {
-            MetaValue::Array(a) => a.len(),
-            MetaValue::Str(s) => s.len(),
-            _ => return false,
-        };
-        return len.as_u64() == Some(n as u64);
-    }
-    match ours {
-        MetaValue::F32(x) => theirs.as_f64().map(|t| t as f32) == Some(*x),
-        MetaValue::Array(MetaArray::F32(v)) => {
-            let t: Vec<f32> = theirs
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect();
-            &t == v
-        }
-        MetaValue::Array(MetaArray::I32(v)) => {
-            theirs
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_i64().unwrap() as i32)
-                .collect::<Vec<_>>()
-                == *v
-        }
-        MetaValue::Str(s) => theirs.as_str() == Some(s),
-        MetaValue::Bool(b) => theirs.as_bool() == Some(*b),
-        v => v.as_integer().map(|i| i as i64) == theirs.as_i64(),
-    }
-}
-
-fn check_against_manifest(ours: &GgufFile, theirs: &Json) {
-    let what = ours.origin().to_string();
-    let meta = theirs["metadata"].as_object().unwrap();
-    let mut keys: Vec<&str> = ours.metadata().map(|(k, _)| k).collect();
-    keys.sort();
-    let mut want: Vec<&str> = meta.keys().map(String::as_str).collect();
-    want.sort();
-    assert_eq!(keys, want, "{what}: metadata keys");
-    for (k, v) in ours.metadata() {
-        let t = &meta[k];
-        assert_eq!(
-            type_name(v),
-            t["type"].as_str().unwrap(),
-            "{what}: type of {k}"
-        );
-        assert!(
-            same_value(v, &t["value"]),
-            "{what}: {k} = {v:?}, llama.cpp: {}",
-            t["value"]
-        );
-    }
-    let tensors = theirs["tensors"].as_object().unwrap();
-    assert_eq!(ours.tensors().len(), tensors.len(), "{what}: tensor count");
-    for t in ours.tensors() {
-        let m = tensors
-            .get(t.name())
-            .unwrap_or_else(|| panic!("{what}: llama.cpp has no tensor {}", t.name()));
-        let ty = m["type"].as_str().unwrap().to_ascii_lowercase();
-        assert_eq!(
-            t.ggml_type().name().to_ascii_lowercase(),
-            ty,
-            "{what}: {}",
-            t.name()
-        );
-        let ne: Vec<u64> = m["ne"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect();
-        assert_eq!(t.ne(), ne.as_slice(), "{what}: ne of {}", t.name());
-    }
-}
-
 /// Our writer's files have the keys, types and tensors llama.cpp's converter wrote, and our
 /// vision projector is the converter's byte for byte (tensor data and metadata values).
 #[test]
 fn the_layout_is_the_llama_cpp_converters() {
-    let manifest = json(&gguf_fixtures().join("llamacpp-tiny-qwen2vl.json"));
+    let theirs = json(&gguf_fixtures().join("llamacpp-tiny-qwen2vl.json"));
     let f = files();
     for (path, name) in [
         (&f.f16, "tiny-qwen2vl-f16.gguf"),
         (&f.q8_0, "tiny-qwen2vl-q8_0.gguf"),
         (&f.mmproj, "mmproj-tiny-qwen2vl-f16.gguf"),
     ] {
-        check_against_manifest(&GgufFile::open(path).unwrap(), &manifest["files"][name]);
+        manifest::check(
+            &GgufFile::open(path).unwrap(),
+            &theirs["files"][name],
+            false,
+        );
     }
     let ours = GgufFile::open(&f.mmproj).unwrap();
     let theirs = GgufFile::open(&mmproj()).unwrap();

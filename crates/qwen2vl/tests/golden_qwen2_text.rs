@@ -309,43 +309,193 @@ fn unknown_architecture_is_a_clear_error() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// transformers 4.49 masks keys more than `sliding_window` back in every layer whenever the
-/// window is set: the context is capped there.
+/// Where transformers 4.49's default (SDPA / eager) attention applies a sliding window: in
+/// every layer whenever `config.sliding_window` is set below the context, whatever
+/// `use_sliding_window` and `max_window_layers` say; a `Qwen2MoeConfig` drops the window
+/// unless `use_sliding_window` (see `TextConfig::attention_window`). The context is
+/// `max_position_embeddings` either way.
 #[test]
-fn sliding_window_caps_the_context() {
-    let c = Qwen2VLConfig::from_json_str(
-        r#"{"architectures": ["Qwen2ForCausalLM"], "max_position_embeddings": 32768, "sliding_window": 4096, "use_sliding_window": true}"#,
-    )
-    .unwrap();
-    assert_eq!(c.text.context_len(), 4096);
-    let c = Qwen2VLConfig::from_json_str(
-        r#"{"architectures": ["Qwen2ForCausalLM"], "max_position_embeddings": 32768, "sliding_window": null}"#,
-    )
-    .unwrap();
-    assert_eq!(c.text.context_len(), 32768);
-    // Qwen2-VL keeps its own behaviour (its configs set sliding_window = the context).
-    let c = Qwen2VLConfig::from_json_str(r#"{"max_position_embeddings": 32768}"#).unwrap();
-    assert_eq!(c.architecture, Architecture::Qwen2VL);
-    assert_eq!(c.text.context_len(), 32768);
+fn where_the_sliding_window_applies() {
+    let window = |json: &str| {
+        let c = Qwen2VLConfig::from_json_str(json).unwrap();
+        assert_eq!(c.text.context_len(), 32768);
+        c.text.attention_window()
+    };
+    let qwen2 = r#""architectures": ["Qwen2ForCausalLM"], "max_position_embeddings": 32768"#;
+    let moe = r#""architectures": ["Qwen2MoeForCausalLM"], "max_position_embeddings": 32768"#;
+    for (json, want) in [
+        (
+            format!(
+                r#"{{{qwen2}, "sliding_window": 4096, "use_sliding_window": true, "max_window_layers": 28}}"#
+            ),
+            Some(4096),
+        ),
+        (
+            format!(r#"{{{qwen2}, "sliding_window": 4096, "use_sliding_window": false}}"#),
+            Some(4096),
+        ),
+        // HF's default window (4096) when the key is absent.
+        (format!(r#"{{{qwen2}}}"#), Some(4096)),
+        (format!(r#"{{{qwen2}, "sliding_window": null}}"#), None),
+        // At or beyond the context it never hides a key (the released configs).
+        (format!(r#"{{{qwen2}, "sliding_window": 131072}}"#), None),
+        (format!(r#"{{{qwen2}, "sliding_window": 32768}}"#), None),
+        (
+            format!(r#"{{{moe}, "sliding_window": 4096, "use_sliding_window": false}}"#),
+            None,
+        ),
+        (
+            format!(r#"{{{moe}, "sliding_window": 4096, "use_sliding_window": true}}"#),
+            Some(4096),
+        ),
+        // Qwen2-VL keeps its window as Qwen2 does (its configs set it to the context).
+        (
+            r#"{"max_position_embeddings": 32768, "sliding_window": 32768}"#.to_string(),
+            None,
+        ),
+    ] {
+        assert_eq!(window(&json), want, "{json}");
+    }
 }
 
-/// `qwen2vl quantize` writes Qwen2-VL GGUF files only: a text model is refused naming its
-/// architecture (nothing is written that the loader could not read back), and loading it
-/// with `--quant` works as for Qwen2-VL.
+/// A sliding window as transformers 4.49 applies it (`reference-swa.*`, from
+/// `make_qwen2_text.py swa`: tiny-qwen2 with `sliding_window` 12, `use_sliding_window`
+/// true and `max_window_layers` 1, on a 54-token prompt; eager and SDPA agree): every
+/// position's final (normed) hidden state and the last logits within [`common::tolerance`], and the
+/// 24 greedy tokens (decode steps past the window) identical, through the raw model and the
+/// pipeline. A prefill in two parts gives the whole prefill's numbers.
 #[test]
-fn text_model_quantizes_at_load_not_to_gguf() {
-    let dir = common::fixtures().join("tiny-qwen2");
-    let out = std::env::temp_dir().join(format!("qwen2vl-q2t-{}", std::process::id()));
-    std::fs::create_dir_all(&out).unwrap();
-    let e = qwen2vl::gguf::export::export(&dir, &out, &Default::default())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("Qwen2ForCausalLM checkpoint") && e.contains("--quant"),
-        "{e}"
+fn sliding_window_matches_the_reference() {
+    let src = common::fixtures().join("tiny-qwen2");
+    let r = candle_core::safetensors::load(src.join("reference-swa.safetensors"), &Device::Cpu)
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("qwen2vl-swa-{}", std::process::id()));
+    let meta = common::tiny_qwen2_swa(&dir);
+    let model = load_model(&dir);
+    assert_eq!(model.config().text.attention_window(), Some(12));
+    let ids: Vec<u32> = r["input_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect();
+    assert!(ids.len() > 12 * 4);
+    let positions = model.position_ids(&ids, &[], &[]).unwrap();
+    let mut cache = model.new_cache(ids.len() + 32).unwrap();
+    let h = model
+        .prefill_hidden(&ids, &positions, None, None, &mut cache, None)
+        .unwrap();
+    let want = common::flat(&r["final_hidden"]);
+    let normed = model.text().final_norm(&h).unwrap();
+    let (d, tol) = (
+        common::max_abs_diff(&common::flat(&normed), &want),
+        common::tolerance(&want),
     );
-    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
-    std::fs::remove_dir_all(&out).ok();
+    println!("swa: final hidden states max abs diff {d:e} (tolerance {tol:e})");
+    assert!(d <= tol, "hidden {d} > {tol}");
+    let logits = model
+        .text()
+        .logits(&qwen2vl::text::TextModel::last_position(&h).unwrap())
+        .unwrap();
+    let want = common::flat(&r["logits"]);
+    let (d, tol) = (
+        common::max_abs_diff(&common::flat(&logits), &want),
+        common::tolerance(&want),
+    );
+    println!("swa: logits max abs diff {d:e} (tolerance {tol:e})");
+    assert!(d <= tol, "logits {d} > {tol}");
+    // The window matters here: without it the logits are far off.
+    let plain = common::flat(&r["logits_no_window"]);
+    assert!(common::max_abs_diff(&plain, &want) > 100.0 * tol);
+
+    // The same prompt prefilled in two parts (the second after 30 cached positions, as
+    // after a prefix-cache hit, its window reaching into the first part): the same numbers
+    // (within the products' rounding: row counts change the GEMM's blocking).
+    let mut parts = model.new_cache(ids.len()).unwrap();
+    let head = model.position_ids(&ids[..30], &[], &[]).unwrap();
+    let a = model
+        .prefill_hidden(&ids[..30], &head, None, None, &mut parts, None)
+        .unwrap();
+    let b = model
+        .prefill_hidden(
+            &ids[30..],
+            &positions.tail(30),
+            None,
+            None,
+            &mut parts,
+            None,
+        )
+        .unwrap();
+    let joined = Tensor::cat(&[a, b], 1).unwrap();
+    let d = common::max_abs_diff(&common::flat(&joined), &common::flat(&h));
+    assert!(d < 1e-4, "prefill in two parts: {d}");
+
+    // Greedy decoding: every step past the window.
+    let want_ids: Vec<u32> = r["greedy_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect();
+    let mut logits = logits.squeeze(0).unwrap();
+    let mut got = Vec::new();
+    while got.len() < want_ids.len() {
+        let tok = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        got.push(tok);
+        if tok == 151645 || tok == 151643 {
+            break;
+        }
+        logits = model
+            .decode_step(&[tok], &[positions.rope_delta], &mut [&mut cache])
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+    }
+    assert_eq!(got, want_ids, "greedy tokens");
+
+    // Two sequences decoded in one batch (one past its window, one within it) get the
+    // logits each gets alone.
+    let prefilled = |n: usize| {
+        let p = model.position_ids(&ids[..n], &[], &[]).unwrap();
+        let mut c = model.new_cache(n + 4).unwrap();
+        model
+            .prefill_hidden(&ids[..n], &p, None, None, &mut c, None)
+            .unwrap();
+        c
+    };
+    let (mut a, mut b) = (prefilled(ids.len()), prefilled(9));
+    let batched = common::flat(
+        &model
+            .decode_step(&[want_ids[0], 42], &[0, 0], &mut [&mut a, &mut b])
+            .unwrap(),
+    );
+    let (mut a, mut b) = (prefilled(ids.len()), prefilled(9));
+    let mut alone = common::flat(
+        &model
+            .decode_step(&[want_ids[0]], &[0], &mut [&mut a])
+            .unwrap(),
+    );
+    alone.extend(common::flat(
+        &model.decode_step(&[42], &[0], &mut [&mut b]).unwrap(),
+    ));
+    let d = common::max_abs_diff(&batched, &alone);
+    assert!(d < 1e-4, "batched decode: {d}");
+
+    let messages: Vec<Message> = serde_json::from_value(meta["messages"].clone()).unwrap();
+    let pipeline = Pipeline::load(&dir, DTypeChoice::F32).unwrap();
+    let req = GenerateRequest::new(messages)
+        .with_sampling(SamplingParams::greedy())
+        .with_max_new_tokens(want_ids.len());
+    let gen = pipeline.generate(&req, &mut |_| {}).unwrap();
+    assert_eq!(gen.token_ids, want_ids, "pipeline greedy tokens");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A text model loads with `--quant` as Qwen2-VL does (`qwen2vl quantize` of a text model:
+/// `tests/gguf_text.rs`).
+#[test]
+fn text_model_quantizes_at_load() {
+    let dir = common::fixtures().join("tiny-qwen2");
     let p = Pipeline::load_with(
         &dir,
         &qwen2vl::pipeline::LoadOptions {

@@ -1,5 +1,13 @@
 //! Writing a safetensors Qwen2-VL checkpoint as GGUF files (`qwen2vl quantize`), in the
-//! layout of llama.cpp's converter (`convert_hf_to_gguf.py`, commit 0c1e570).
+//! layout of llama.cpp's converter (`convert_hf_to_gguf.py`, commit 0c1e570). The Qwen2 text
+//! models are written as the converter writes them too: one file, `general.architecture`
+//! `qwen2` (`Qwen2ForCausalLM`) or `qwen2moe` (`Qwen2MoeForCausalLM`: each layer's experts
+//! stacked in `ffn_{gate,up,down}_exps`, the router `ffn_gate_inp` and the shared expert's
+//! gate `ffn_gate_inp_shexp` in f32, the `qwen2moe.expert_*` keys; `tests/gguf_text.rs`
+//! holds both to the converter's own files, `tests/fixtures/gguf/llamacpp-qwen2-text.json`).
+//! Two things llama.cpp's `qwen2moe` cannot hold are written for this loader only: the dense
+//! MLPs of `mlp_only_layers` (as `ffn_{gate,up,down}`) and `norm_topk_prob: true`
+//! (`qwen2moe.expert_weights_norm`).
 //!
 //! # Why GGUF
 //!
@@ -45,7 +53,8 @@
 //! tensor is read from the memory map, converted or quantized and written before the next
 //! is read, so at most one tensor is held in f32 at a time (plus its encoded bytes: the peak
 //! is set by the largest tensor, the embedding table, 0.9 GB in f32 for the 2B, 2.2 GB for
-//! the 7B), and the mapped pages are released as each tensor is copied. Each file is written under a
+//! the 7B; for a MoE model a layer's stacked experts, 2.4 GB for one of Qwen2-57B-A14B's),
+//! and the mapped pages are released as each tensor is copied. Each file is written under a
 //! temporary name in the output directory and renamed when complete, so an interrupted run
 //! leaves no file under the final name.
 
@@ -125,6 +134,16 @@ pub fn ggml_type_of(t: QType) -> GgmlType {
 /// `out/mmproj-<name>-<vision scheme>.gguf` (see the module docs); `out` must exist.
 pub fn export(dir: &Path, out: &Path, options: &ExportOptions) -> Result<Exported> {
     let ck = Checkpoint::open(dir)?;
+    if let (Some(q), false) = (options.vision_quant, ck.has_vision()) {
+        return Err(Error::bad_input(
+            format!(
+                "--vision-quant {q} was given, but {} is a {} checkpoint, which has no vision tower",
+                dir.display(),
+                ck.config().architecture.name()
+            ),
+            "--vision-quant with a Qwen2-VL checkpoint only",
+        ));
+    }
     let name = options.name.clone().unwrap_or_else(|| default_name(dir));
     let (text_file, mmproj_file) = file_names(&name, options.quant, options.vision_quant);
     let mut plans = vec![(out.join(text_file), ck.text_plan(options.quant, &name)?)];
@@ -392,18 +411,6 @@ impl Checkpoint {
             });
         }
         let config = Qwen2VLConfig::from_file(&config_path)?;
-        if !config.architecture.has_vision() {
-            // llama.cpp writes these as `general.architecture = "qwen2"`, which the loader
-            // does not read yet; a file we could not load back is not written.
-            return Err(Error::bad_input(
-                format!(
-                    "{} is a {} checkpoint; GGUF files are written for Qwen2-VL only",
-                    dir.display(),
-                    config.architecture.name()
-                ),
-                "a Qwen2VLForConditionalGeneration checkpoint (a text model quantizes as it loads with --quant)",
-            ));
-        }
         let raw_config = read_json(&config_path)?;
         let files = SafetensorsDir::open(dir)?;
         let stored: HashMap<String, String> =

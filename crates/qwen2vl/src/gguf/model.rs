@@ -4,7 +4,10 @@
 //! (and `llama-quantize` requantizes them). A Qwen2 text model (`general.architecture =
 //! "qwen2"`, the converter's name for `Qwen2ForCausalLM`) loads the same way: the same keys
 //! under `qwen2.*` without `rope.dimension_sections` (1-D RoPE), the same tensor names, and
-//! no projector.
+//! no projector. So does a Qwen2 mixture of experts (`"qwen2moe"`, `Qwen2MoeForCausalLM`),
+//! with `qwen2moe.expert_count`, `expert_used_count`, `expert_feed_forward_length` and
+//! `expert_shared_feed_forward_length` (see `moe_config` for the defaults and which layers are
+//! sparse) and the expert tensors below.
 //!
 //! [`GgufModel`] reads everything the engine needs out of the two files: the config
 //! ([`GgufModel::config`], from the `qwen2vl.*` and `clip.vision.*` keys), the tokenizer
@@ -20,6 +23,10 @@
 //! | `model.layers.N.self_attn.{q,k,v}_proj` | `blk.N.attn_{q,k,v}`, or rows of a fused `blk.N.attn_qkv` |
 //! | `model.layers.N.self_attn.o_proj` | `blk.N.attn_output` |
 //! | `model.layers.N.mlp.{gate,up,down}_proj` | `blk.N.ffn_{gate,up,down}` |
+//! | `model.layers.N.mlp.gate` (MoE router) | `blk.N.ffn_gate_inp` |
+//! | `model.layers.N.mlp.experts.K.{gate,up,down}_proj` | matrix K of `blk.N.ffn_{gate,up,down}_exps` (`ne = [in, out, experts]`: rows `K·out..(K+1)·out`) |
+//! | `model.layers.N.mlp.shared_expert.{gate,up,down}_proj` | `blk.N.ffn_{gate,up,down}_shexp` |
+//! | `model.layers.N.mlp.shared_expert_gate` `(1, hidden)` | `blk.N.ffn_gate_inp_shexp` (`[hidden, 1]`, or `[hidden]`) |
 //! | `model.norm` / `lm_head` | `output_norm` / `output` (absent when tied) |
 //! | `visual.patch_embed.proj.weight` `(embed, 3, 2, p, p)` | `v.patch_embd.weight` (frame 0) and `v.patch_embd.weight.1` (frame 1), each `(embed, 3, p, p)` |
 //! | `visual.blocks.N.norm1` / `norm2` | `v.blk.N.ln1` / `ln2` |
@@ -56,6 +63,8 @@ use crate::ops::quant::QType;
 pub const TEXT_ARCH: &str = "qwen2vl";
 /// The architecture name of a Qwen2 text model (`Qwen2ForCausalLM`).
 pub const QWEN2_ARCH: &str = "qwen2";
+/// The architecture name of a Qwen2 mixture-of-experts model (`Qwen2MoeForCausalLM`).
+pub const QWEN2MOE_ARCH: &str = "qwen2moe";
 /// The projector type of Qwen2-VL's vision mmproj.
 pub const PROJECTOR: &str = "qwen2vl_merger";
 
@@ -75,7 +84,9 @@ pub enum Source {
     One(Part, String),
     /// Several tensors stacked along the first (row) dimension (a vision `qkv`).
     Rows(Part, Vec<String>),
-    /// A range of rows of one tensor (q, k or v of a fused `attn_qkv`).
+    /// A range of rows of one tensor (q, k or v of a fused `attn_qkv`; one expert's matrix of
+    /// a stacked `ffn_*_exps`). Rows count in the tensor seen as `(elements / ne[0], ne[0])`
+    /// (a 1-D tensor's rows are its elements).
     RowSlice(Part, String, Range<usize>),
     /// The two temporal frames of the patch kernel, stacked at dimension 2.
     Frames(Part, String, String),
@@ -174,17 +185,17 @@ impl GgufModel {
                 "this is a vision projector (general.architecture is 'clip'); pass it with --mmproj and the text model with --model",
             ));
         }
-        if arch != TEXT_ARCH && arch != QWEN2_ARCH {
+        if arch != TEXT_ARCH && arch != QWEN2_ARCH && arch != QWEN2MOE_ARCH {
             return Err(err(
                 &text,
-                format!("general.architecture is '{arch}'; allowed: {TEXT_ARCH} (Qwen2-VL) or {QWEN2_ARCH} (Qwen2 text)"),
+                format!("general.architecture is '{arch}'; allowed: {TEXT_ARCH} (Qwen2-VL), {QWEN2_ARCH} (Qwen2 text) or {QWEN2MOE_ARCH} (Qwen2 MoE text)"),
             ));
         }
-        if arch == QWEN2_ARCH {
+        if arch != TEXT_ARCH {
             if let Some(v) = &vision {
                 return Err(err(
                     v,
-                    format!("the text model is a {QWEN2_ARCH} (Qwen2 text) model, which has no vision tower; --mmproj goes with a {TEXT_ARCH} model"),
+                    format!("the text model is a {arch} (text-only) model, which has no vision tower; --mmproj goes with a {TEXT_ARCH} model"),
                 ));
             }
         }
@@ -245,6 +256,11 @@ impl GgufModel {
         }
     }
 
+    /// Where the text model's file came from (its path), as messages name it.
+    pub fn text_origin(&self) -> &str {
+        self.text.origin()
+    }
+
     /// Whether the vision projector was given.
     pub fn has_vision(&self) -> bool {
         self.vision.is_some()
@@ -261,6 +277,13 @@ impl GgufModel {
         let (part, names) = s.tensors();
         let f = self.file(part)?;
         names.iter().all(|n| f.tensor(n).is_some()).then_some(s)
+    }
+
+    /// Every Hugging Face tensor the files hold, with where it lives (in no set order).
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &Source)> {
+        self.index
+            .keys()
+            .filter_map(|name| self.locate(name).map(|s| (name.as_str(), s)))
     }
 
     /// Where the Hugging Face tensor `name` would live (whether or not the files hold it).
@@ -457,7 +480,7 @@ fn widen(x: f32) -> f64 {
 
 fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLConfig> {
     let arch = text.get_str("general.architecture")?;
-    let text_only = arch == QWEN2_ARCH;
+    let text_only = arch != TEXT_ARCH;
     let a = |k: &str| format!("{arch}.{k}");
     let hidden = u(text, &a("embedding_length"))?;
     let heads = u(text, &a("attention.head_count"))?;
@@ -523,11 +546,20 @@ fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLCon
             mrope_section: sections[..3].iter().map(|&s| s as usize).collect(),
         }),
         tie_word_embeddings: text.tensor("output.weight").is_none(),
-        use_sliding_window: false,
-        sliding_window: None,
+        // `{arch}.attention.sliding_window`: written by `qwen2vl quantize` for a model whose
+        // window hides keys within its context (the converter writes none for these
+        // architectures); applied in every layer as transformers does.
+        use_sliding_window: text.contains_key(&a("attention.sliding_window")),
+        sliding_window: text
+            .get_u32_opt(&a("attention.sliding_window"))?
+            .map(|w| w as usize),
         max_window_layers: None,
         rope_1d: text_only,
-        moe: None,
+        moe: if arch == QWEN2MOE_ARCH {
+            Some(moe_config(text, arch)?)
+        } else {
+            None
+        },
         bos_token_id: text.get_u32_opt("tokenizer.ggml.bos_token_id")?,
         eos_token_id: text.get_u32_opt("tokenizer.ggml.eos_token_id")?,
     };
@@ -602,7 +634,11 @@ fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLCon
         // never uses them, so Qwen2-VL's ids stand in (as config.json's defaults do).
         let dflt = |s: &str, d: u32| id(s).unwrap_or(d);
         return Ok(Qwen2VLConfig {
-            architecture: crate::config::Architecture::Qwen2,
+            architecture: if t.moe.is_some() {
+                crate::config::Architecture::Qwen2Moe
+            } else {
+                crate::config::Architecture::Qwen2
+            },
             text: t,
             vision,
             vision_start_token_id: dflt(VISION_START, 151652),
@@ -623,6 +659,57 @@ fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLCon
         image_token_id: id(IMAGE_PAD)?,
         video_token_id: id(VIDEO_PAD)?,
         torch_dtype: None,
+    })
+}
+
+/// The mixture-of-experts fields of a `qwen2moe` file: `expert_count`, `expert_used_count`,
+/// `expert_feed_forward_length` and `expert_shared_feed_forward_length` (llama.cpp's
+/// defaults when absent: `feed_forward_length / expert_used_count` and
+/// `feed_forward_length`), `expert_weights_norm` (absent: false, as llama.cpp's qwen2moe
+/// graph never renormalises). Every layer with a router (`blk.N.ffn_gate_inp`) is sparse;
+/// the others (llama.cpp's files have none; ours keep `mlp_only_layers`) are dense.
+fn moe_config(text: &GgufFile, arch: &str) -> Result<crate::config::MoeConfig> {
+    let a = |k: &str| format!("{arch}.{k}");
+    let experts = u(text, &a("expert_count"))?;
+    let used = u(text, &a("expert_used_count"))?;
+    let ff = u(text, &a("feed_forward_length"))?;
+    if experts == 0 || used == 0 || used > experts {
+        return Err(err(
+            text,
+            format!(
+                "expert_count {experts}, expert_used_count {used}: not a valid mixture of experts"
+            ),
+        ));
+    }
+    if let Some(g) = text.get_u32_opt(&a("expert_gating_func"))? {
+        if g != 1 {
+            return Err(err(
+                text,
+                format!(
+                    "{} is {g}; allowed: 1 (softmax, Qwen2-MoE's router)",
+                    a("expert_gating_func")
+                ),
+            ));
+        }
+    }
+    let opt =
+        |k: &str| -> Result<Option<usize>> { Ok(text.get_u32_opt(&a(k))?.map(|v| v as usize)) };
+    let layers = u(text, &a("block_count"))?;
+    Ok(crate::config::MoeConfig {
+        decoder_sparse_step: 1,
+        moe_intermediate_size: opt("expert_feed_forward_length")?.unwrap_or(ff / used),
+        shared_expert_intermediate_size: opt("expert_shared_feed_forward_length")?.unwrap_or(ff),
+        num_experts_per_tok: used,
+        num_experts: experts,
+        norm_topk_prob: text
+            .get_bool_opt(&a("expert_weights_norm"))?
+            .unwrap_or(false),
+        mlp_only_layers: (0..layers)
+            .filter(|i| {
+                text.tensor(&format!("blk.{i}.ffn_gate_inp.weight"))
+                    .is_none()
+            })
+            .collect(),
     })
 }
 
@@ -681,6 +768,39 @@ fn build_index(cfg: &Qwen2VLConfig, text: &GgufFile, vision: bool) -> HashMap<St
                 format!("{hf}.mlp.{h}_proj.weight"),
                 one(Text, format!("{g}.ffn_{gg}.weight")),
             );
+        }
+        if let Some(moe) = &t.moe {
+            // Router, shared expert and its gate; expert K's matrices are the K-th of the
+            // stacked `ffn_*_exps` (PyTorch `(experts, out, in)`).
+            m.insert(
+                format!("{hf}.mlp.gate.weight"),
+                one(Text, format!("{g}.ffn_gate_inp.weight")),
+            );
+            m.insert(
+                format!("{hf}.mlp.shared_expert_gate.weight"),
+                one(Text, format!("{g}.ffn_gate_inp_shexp.weight")),
+            );
+            for p in ["gate", "up", "down"] {
+                m.insert(
+                    format!("{hf}.mlp.shared_expert.{p}_proj.weight"),
+                    one(Text, format!("{g}.ffn_{p}_shexp.weight")),
+                );
+                let rows = if p == "down" {
+                    t.hidden_size
+                } else {
+                    moe.moe_intermediate_size
+                };
+                for k in 0..moe.num_experts {
+                    m.insert(
+                        format!("{hf}.mlp.experts.{k}.{p}_proj.weight"),
+                        Source::RowSlice(
+                            Text,
+                            format!("{g}.ffn_{p}_exps.weight"),
+                            k * rows..(k + 1) * rows,
+                        ),
+                    );
+                }
+            }
         }
     }
     if !vision {

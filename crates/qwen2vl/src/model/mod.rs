@@ -232,8 +232,21 @@ impl Qwen2VL {
         }
         let config = model.config().clone();
         let (compute, bf16) = compute_dtype(dtype, device);
+        let what = model.text_origin().to_string();
         let mut weights = Weights::from_gguf(model, compute, device);
         weights.set_bf16_products(bf16);
+        if device.is_cpu() {
+            let plan = QuantPlan {
+                text,
+                vision,
+                layers: config.text.num_hidden_layers,
+            };
+            let needed = weights.resident_bytes(dtype, Some(&plan));
+            crate::memory::check_fits(
+                needed,
+                &format!("the {} model in {what}", config.architecture.name()),
+            )?;
+        }
         Self::load_weights(config, weights, start, progress, text, vision)
     }
 

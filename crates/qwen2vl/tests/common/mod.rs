@@ -11,6 +11,31 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
+/// `tests/fixtures/tiny-qwen2` with the sliding window of `reference-swa.json` (its
+/// `config` keys set in config.json), written into `dir`; the reference's metadata.
+pub fn tiny_qwen2_swa(dir: &Path) -> serde_json::Value {
+    let src = fixtures().join("tiny-qwen2");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("reference-swa.json")).unwrap())
+            .unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    for (k, v) in meta["config"].as_object().unwrap() {
+        cfg[k] = v.clone();
+    }
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    meta
+}
+
 /// The model in `dir`, loaded in `dtype` on the CPU; fails if the checkpoint holds tensors
 /// the model did not use (a misnamed weight would otherwise go unnoticed).
 pub fn load_model(dir: &Path, dtype: DType) -> qwen2vl::model::Qwen2VL {

@@ -12,8 +12,9 @@ use super::{
     always_f32, file_type, matrix_type, ne_of, read_json, size_label, title_name, Checkpoint,
     GgufPlan, PlannedTensor, TensorSource,
 };
+use crate::config::Architecture;
 use crate::error::{Error, Result};
-use crate::gguf::model::{PROJECTOR, TEXT_ARCH};
+use crate::gguf::model::{PROJECTOR, QWEN2MOE_ARCH, QWEN2_ARCH, TEXT_ARCH};
 use crate::gguf::{GgmlType, MetaArray, MetaValue};
 use crate::ops::quant::plan::{QuantPlan, QuantScheme};
 
@@ -41,6 +42,11 @@ pub fn gguf_text_name(hf: &str) -> Option<String> {
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
+        "mlp.gate" => "ffn_gate_inp",
+        "mlp.shared_expert_gate" => "ffn_gate_inp_shexp",
+        "mlp.shared_expert.gate_proj" => "ffn_gate_shexp",
+        "mlp.shared_expert.up_proj" => "ffn_up_shexp",
+        "mlp.shared_expert.down_proj" => "ffn_down_shexp",
         _ => return None,
     };
     Some(format!("blk.{i}.{g}.{suffix}"))
@@ -72,6 +78,41 @@ fn gguf_vision_name(hf: &str) -> Option<String> {
     Some(format!("{g}.{suffix}"))
 }
 
+/// gguf-py's size label of a text model: the parameter count, or for a mixture of experts
+/// `<experts>x<shared + one expert's parameters>` ("4x4.9M"; `get_total_parameter_count`
+/// counts a stacked `*_exps` tensor's parameters divided by its experts).
+fn text_size_label(plan: &GgufPlan) -> String {
+    let (mut shared, mut expert, mut experts, mut stacks) = (0u64, 0u64, 0u64, 0u64);
+    for t in &plan.tensors {
+        let n: u64 = t.ne.iter().product();
+        match t.ne.get(2) {
+            Some(&e) if t.name.contains("_exps.") && e > 0 => {
+                expert += n / e;
+                experts += e;
+                stacks += 1;
+            }
+            _ => shared += n,
+        }
+    }
+    if stacks == 0 {
+        return size_label(plan.parameters());
+    }
+    format!("{}x{}", experts / stacks, size_label(shared + expert))
+}
+
+/// `(layer, expert, projection)` of a routed expert's matrix
+/// (`model.layers.3.mlp.experts.7.up_proj.weight` → `(3, 7, "up_proj")`).
+fn expert_of(hf: &str) -> Option<(usize, usize, &str)> {
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once(".mlp.experts.")?;
+    let (k, rest) = rest.split_once('.')?;
+    let proj = rest.strip_suffix(".weight")?;
+    if !matches!(proj, "gate_proj" | "up_proj" | "down_proj") {
+        return None;
+    }
+    Some((layer.parse().ok()?, k.parse().ok()?, proj))
+}
+
 /// The error for a checkpoint tensor the layout has no place for.
 fn unknown_tensor(name: &str, file: &str) -> Error {
     Error::Weights(format!(
@@ -89,6 +130,16 @@ impl Checkpoint {
         }
     }
 
+    /// The text model's `general.architecture`: `qwen2vl`, or llama.cpp's names of the text
+    /// models, `qwen2` and `qwen2moe`.
+    pub fn text_arch(&self) -> &'static str {
+        match self.config.architecture {
+            Architecture::Qwen2VL => TEXT_ARCH,
+            Architecture::Qwen2 => QWEN2_ARCH,
+            Architecture::Qwen2Moe => QWEN2MOE_ARCH,
+        }
+    }
+
     /// The text model's file: metadata and tensors, matrices as `scheme` says (`None`: f16).
     pub fn text_plan(&self, scheme: Option<QuantScheme>, name: &str) -> Result<GgufPlan> {
         let plan = self.quant_plan(scheme, None);
@@ -102,9 +153,25 @@ impl Checkpoint {
             if hf == "lm_head.weight" && self.config.text.tie_word_embeddings {
                 continue;
             }
+            if let Some((layer, k, proj)) = expert_of(hf) {
+                let experts = self.config.text.moe.as_ref().map_or(0, |m| m.num_experts);
+                if k >= experts {
+                    return Err(Error::Weights(format!(
+                        "{hf}: expert {k}, but config.json has {experts} experts (num_experts)"
+                    )));
+                }
+                // The experts of a layer are one stacked tensor, written at expert 0's place.
+                if k == 0 {
+                    tensors.push(self.stacked_experts(&plan, scheme, layer, proj)?);
+                }
+                continue;
+            }
             let g = gguf_text_name(hf).ok_or_else(|| unknown_tensor(hf, "text model"))?;
             let shape = self.shape(hf)?;
-            let ggml_type = if always_f32(hf, &shape) {
+            // The MoE router and the shared expert's gate stay f32, as the converter writes
+            // them and as the loader keeps them under --quant.
+            let router = g.contains(".ffn_gate_inp");
+            let ggml_type = if always_f32(hf, &shape) || router {
                 GgmlType::F32
             } else {
                 matrix_type(&plan, scheme, hf, shape[shape.len() - 1])
@@ -121,10 +188,10 @@ impl Checkpoint {
             metadata: Vec::new(),
             tensors,
         };
-        let label = size_label(out.parameters());
+        let label = text_size_label(&out);
         self.general(
             &mut out,
-            TEXT_ARCH,
+            self.text_arch(),
             file_type(scheme),
             &label,
             "model",
@@ -133,6 +200,56 @@ impl Checkpoint {
         self.text_hparams(&mut out)?;
         self.tokenizer_keys(&mut out)?;
         Ok(out)
+    }
+
+    /// `blk.N.ffn_{gate,up,down}_exps.weight`: the `num_experts` matrices of `proj` in layer
+    /// `layer` stacked in expert order (PyTorch `(experts, out, in)`, as the converter's
+    /// `torch.stack`), in the type `--quant` gives expert 0's matrix (all of them get the
+    /// same; row-wise quantization makes the stack's blocks each expert's own).
+    fn stacked_experts(
+        &self,
+        plan: &QuantPlan,
+        scheme: Option<QuantScheme>,
+        layer: usize,
+        proj: &str,
+    ) -> Result<PlannedTensor> {
+        let experts = self.config.text.moe.as_ref().map_or(0, |m| m.num_experts);
+        let names: Vec<String> = (0..experts)
+            .map(|k| format!("model.layers.{layer}.mlp.experts.{k}.{proj}.weight"))
+            .collect();
+        let first = names.first().ok_or_else(|| {
+            Error::Weights(format!(
+                "layer {layer} has expert tensors, but config.json has no num_experts"
+            ))
+        })?;
+        let shape = self.shape(first)?;
+        let [rows, k] = shape[..] else {
+            return Err(Error::Weights(format!(
+                "{first} has shape {shape:?}; expected a matrix"
+            )));
+        };
+        let ggml_type = matrix_type(plan, scheme, first, k);
+        for n in &names {
+            let s = self.shape(n)?;
+            if s != shape {
+                return Err(Error::Weights(format!(
+                    "{n} has shape {s:?}, but {first} has {shape:?}: experts must match to be stacked"
+                )));
+            }
+            if matrix_type(plan, scheme, n, k) != ggml_type {
+                return Err(Error::Internal(format!(
+                    "{n}: the experts of a layer would get different types"
+                )));
+            }
+        }
+        let short = proj.trim_end_matches("_proj");
+        Ok(PlannedTensor {
+            name: format!("blk.{layer}.ffn_{short}_exps.weight"),
+            ggml_type,
+            ne: vec![k as u64, rows as u64, experts as u64],
+            source: TensorSource::Stack(names.clone()),
+            hf_name: first.clone(),
+        })
     }
 
     /// The vision projector's file, matrices as `scheme` says (`None`: f16).
@@ -294,7 +411,8 @@ impl Checkpoint {
                 Error::bad_input(format!("config.json {what} = {x}"), "at most 4294967295")
             })
         };
-        let a = |k: &str| format!("{TEXT_ARCH}.{k}");
+        let arch = self.text_arch();
+        let a = |k: &str| format!("{arch}.{k}");
         out.set(
             &a("block_count"),
             u(t.num_hidden_layers, "num_hidden_layers")?,
@@ -321,6 +439,39 @@ impl Checkpoint {
             &a("attention.layer_norm_rms_epsilon"),
             t.rms_norm_eps as f32,
         );
+        if let Some(m) = &t.moe {
+            out.set(&a("expert_count"), u(m.num_experts, "num_experts")?);
+            out.set(
+                &a("expert_used_count"),
+                u(m.num_experts_per_tok, "num_experts_per_tok")?,
+            );
+            out.set(
+                &a("expert_feed_forward_length"),
+                u(m.moe_intermediate_size, "moe_intermediate_size")?,
+            );
+            out.set(
+                &a("expert_shared_feed_forward_length"),
+                u(
+                    m.shared_expert_intermediate_size,
+                    "shared_expert_intermediate_size",
+                )?,
+            );
+            // llama.cpp's qwen2moe never renormalises (the released models do not); the key
+            // is written only for a model that does, for this loader.
+            if m.norm_topk_prob {
+                out.set(&a("expert_weights_norm"), true);
+            }
+        }
+        // A window that hides keys within the context (transformers applies it in every
+        // layer; see TextConfig::attention_window): llama.cpp's key, which its qwen2 and
+        // qwen2moe graphs do not read, for this loader. Released configs have none.
+        if let Some(w) = t.attention_window() {
+            out.set(&a("attention.sliding_window"), u(w, "sliding_window")?);
+        }
+        if arch != TEXT_ARCH {
+            // 1-D RoPE: no sections.
+            return Ok(());
+        }
         let mut sections: Vec<i32> = t
             .rope_scaling
             .as_ref()

@@ -96,7 +96,12 @@ impl QuantPlan {
     pub fn type_for(&self, name: &str, k: usize) -> Option<QType> {
         let vision = name.starts_with("visual.") || name.contains(".visual.");
         let scheme = if vision { self.vision? } else { self.text? };
-        if name.contains("patch_embed") {
+        // The patch kernel, and a MoE block's router and shared-expert gate: they stay float
+        // (`moe.rs`; tiny, and rounding them could flip a token's choice of experts).
+        if name.contains("patch_embed")
+            || name.ends_with(".mlp.gate.weight")
+            || name.ends_with(".mlp.shared_expert_gate.weight")
+        {
             return None;
         }
         let wanted = match scheme {
@@ -177,6 +182,14 @@ mod tests {
             Some(QType::Q8_0)
         );
         assert_eq!(plan.type_for("visual.patch_embed.proj.weight", 1176), None);
+        assert_eq!(plan.type_for("model.layers.0.mlp.gate.weight", 64), None);
+        assert_eq!(
+            plan.type_for("model.layers.0.mlp.shared_expert_gate.weight", 64),
+            None
+        );
+        assert!(plan
+            .type_for("model.layers.0.mlp.experts.0.gate_proj.weight", 64)
+            .is_some());
         assert_eq!("Q4_K_M".parse::<QuantScheme>().unwrap(), QuantScheme::Q4KM);
         let e = "q3".parse::<QuantScheme>().unwrap_err().to_string();
         assert!(e.contains("q3") && e.contains("q4_k_m"), "{e}");
