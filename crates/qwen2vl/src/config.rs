@@ -1,7 +1,8 @@
 //! Serde mirrors of the checkpoint's JSON files, with Hugging Face's defaults.
 //!
 //! - `config.json` → [`Qwen2VLConfig`] (mirrors `transformers.Qwen2VLConfig`, 4.49), with the
-//!   vision tower in [`VisionConfig`] (mirrors `Qwen2VLVisionConfig`).
+//!   vision tower in [`VisionConfig`] (mirrors `Qwen2VLVisionConfig`; a Qwen2.5-VL checkpoint's
+//!   `vision_config` is read as [`Qwen25VisionConfig`], mirrors `Qwen2_5_VLVisionConfig`).
 //! - `preprocessor_config.json` → [`PreprocessorConfig`] (mirrors `Qwen2VLImageProcessor`).
 //! - `generation_config.json` → [`GenerationConfig`] (mirrors `GenerationConfig`).
 //!
@@ -274,6 +275,111 @@ pub struct VisionConfig {
     pub spatial_merge_size: usize,
     #[serde(default = "d_v_temporal")]
     pub temporal_patch_size: usize,
+    /// What a Qwen2.5-VL tower adds (set from [`Qwen25VisionConfig`], not read here); `None`
+    /// for Qwen2-VL's.
+    #[serde(skip)]
+    pub qwen25: Option<Qwen25Vision>,
+}
+
+/// What Qwen2.5-VL's vision tower has beyond Qwen2-VL's: RMSNorm instead of LayerNorm (blocks
+/// and merger), a SwiGLU MLP with biases of `intermediate_size`, attention within windows
+/// of `window_size` pixels except in `fullatt_block_indexes`, and absolute-time video
+/// positions (`tokens_per_second`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Qwen25Vision {
+    /// Hidden width of the blocks' SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Side of an attention window in pixels (112: 4x4 merged tokens of 28 pixels).
+    pub window_size: usize,
+    /// Blocks (0-based) that attend over whole frames; the others attend within windows.
+    pub fullatt_block_indexes: Vec<usize>,
+    /// Temporal M-RoPE ids per second of video.
+    pub tokens_per_second: f64,
+}
+
+impl Qwen25Vision {
+    /// Side of a window in merged tokens (`window_size / merge / patch`, the reference's
+    /// `vit_merger_window_size`).
+    pub fn window_merged(&self, cfg: &VisionConfig) -> usize {
+        self.window_size / cfg.spatial_merge_size / cfg.patch_size
+    }
+}
+
+fn d_q25_depth() -> usize {
+    32
+}
+fn d_q25_hidden() -> usize {
+    3584
+}
+fn d_q25_intermediate() -> usize {
+    3420
+}
+fn d_q25_tokens_per_second() -> f64 {
+    4.0
+}
+fn d_q25_window() -> usize {
+    112
+}
+fn d_q25_fullatt() -> Vec<usize> {
+    vec![7, 15, 23, 31]
+}
+
+/// `vision_config` of a Qwen2.5-VL `config.json` (mirrors `Qwen2_5_VLVisionConfig`, 4.49,
+/// with its defaults). Its `hidden_size` is the blocks' width (Qwen2-VL's `embed_dim`) and
+/// `out_hidden_size` the merger's output (Qwen2-VL's `hidden_size`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Qwen25VisionConfig {
+    #[serde(default = "d_q25_depth")]
+    pub depth: usize,
+    #[serde(default = "d_q25_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_q25_intermediate")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_v_heads")]
+    pub num_heads: usize,
+    #[serde(default = "d_v_chans", alias = "in_chans")]
+    pub in_channels: usize,
+    #[serde(default = "d_v_patch")]
+    pub patch_size: usize,
+    #[serde(default = "d_v_merge")]
+    pub spatial_merge_size: usize,
+    #[serde(default = "d_v_temporal")]
+    pub temporal_patch_size: usize,
+    #[serde(default = "d_q25_tokens_per_second")]
+    pub tokens_per_second: f64,
+    #[serde(default = "d_q25_window")]
+    pub window_size: usize,
+    #[serde(default = "d_q25_hidden")]
+    pub out_hidden_size: usize,
+    #[serde(default = "d_q25_fullatt")]
+    pub fullatt_block_indexes: Vec<usize>,
+}
+
+impl Qwen25VisionConfig {
+    /// The tower's fields under Qwen2-VL's names, with the additions in
+    /// [`VisionConfig::qwen25`].
+    pub fn to_vision(&self) -> VisionConfig {
+        VisionConfig {
+            depth: self.depth,
+            embed_dim: self.hidden_size,
+            hidden_size: self.out_hidden_size,
+            hidden_act: self.hidden_act.clone(),
+            mlp_ratio: self.intermediate_size as f64 / self.hidden_size.max(1) as f64,
+            num_heads: self.num_heads,
+            in_chans: self.in_channels,
+            patch_size: self.patch_size,
+            spatial_merge_size: self.spatial_merge_size,
+            temporal_patch_size: self.temporal_patch_size,
+            qwen25: Some(Qwen25Vision {
+                intermediate_size: self.intermediate_size,
+                window_size: self.window_size,
+                fullatt_block_indexes: self.fullatt_block_indexes.clone(),
+                tokens_per_second: self.tokens_per_second,
+            }),
+        }
+    }
 }
 
 impl Default for VisionConfig {
@@ -287,9 +393,13 @@ impl VisionConfig {
     pub fn head_dim(&self) -> usize {
         self.embed_dim / self.num_heads
     }
-    /// Hidden width of the vision MLP (`embed_dim * mlp_ratio`).
+    /// Hidden width of the vision MLP (`embed_dim * mlp_ratio`; Qwen2.5-VL's
+    /// `intermediate_size`).
     pub fn mlp_hidden_dim(&self) -> usize {
-        (self.embed_dim as f64 * self.mlp_ratio) as usize
+        match &self.qwen25 {
+            Some(q) => q.intermediate_size,
+            None => (self.embed_dim as f64 * self.mlp_ratio) as usize,
+        }
     }
     /// Length of one flattened patch: `in_chans * temporal_patch_size * patch_size²` (1176).
     pub fn patch_dim(&self) -> usize {
@@ -342,7 +452,7 @@ struct RawConfig {
     #[serde(default)]
     text_config: Option<serde_json::Value>,
     #[serde(default)]
-    vision_config: Option<VisionConfig>,
+    vision_config: Option<serde_json::Value>,
     #[serde(default = "d_vision_start")]
     vision_start_token_id: u32,
     #[serde(default = "d_vision_end")]
@@ -413,16 +523,36 @@ impl Qwen2VLConfig {
                 text.max_position_embeddings
             )));
         }
+        let vision = match (architecture, raw.vision_config) {
+            (Architecture::Qwen25VL, v) => {
+                let v = v.unwrap_or_else(|| serde_json::json!({}));
+                serde_json::from_value::<Qwen25VisionConfig>(v)?.to_vision()
+            }
+            (_, Some(v)) => serde_json::from_value(v)?,
+            (_, None) => VisionConfig::default(),
+        };
         Ok(Qwen2VLConfig {
             architecture,
             text,
-            vision: raw.vision_config.unwrap_or_default(),
+            vision,
             vision_start_token_id: raw.vision_start_token_id,
             vision_end_token_id: raw.vision_end_token_id,
             vision_token_id: raw.vision_token_id,
             image_token_id: raw.image_token_id,
             video_token_id: raw.video_token_id,
             torch_dtype: raw.torch_dtype.or(raw.dtype),
+        })
+    }
+
+    /// How videos' temporal patches become temporal M-RoPE ids: for Qwen2.5-VL, absolute
+    /// time from each video's seconds per temporal patch (`second_per_grid_ts`, 1.0 for a
+    /// video not listed) and `tokens_per_second`; `None` (one id per temporal patch) for
+    /// the other architectures.
+    pub fn video_times(&self, second_per_grid_ts: &[f32]) -> Option<crate::rope::VideoTimes> {
+        let q = self.vision.qwen25.as_ref()?;
+        Some(crate::rope::VideoTimes {
+            second_per_grid_ts: second_per_grid_ts.to_vec(),
+            tokens_per_second: q.tokens_per_second as f32,
         })
     }
 

@@ -571,6 +571,7 @@ fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLCon
                     None => 2,
                 },
                 temporal_patch_size: 2,
+                qwen25: None,
             };
             if cfg.num_heads == 0
                 || !cfg.embed_dim.is_multiple_of(cfg.num_heads)
