@@ -411,7 +411,9 @@ impl VisionConfig {
     /// attention within each frame of `h * w` patches (`q·kᵀ` and `p·v`), output
     /// projection and MLP, then the merger. Element-wise work (norms, GELU, softmax,
     /// rotary) is left out: it is what the arithmetic floor does not count. The 2B's
-    /// tower on a 640x480 image (1564 patches) is about 2.4 TFLOP.
+    /// tower on a 640x480 image (1564 patches) is about 2.4 TFLOP. A Qwen2.5-VL tower's MLP
+    /// has three matrices, and its blocks outside `fullatt_block_indexes` attend within
+    /// windows.
     pub fn flops(&self, grids: &[[usize; 3]]) -> f64 {
         let e = self.embed_dim as f64;
         let n: f64 = grids.iter().map(|g| (g[0] * g[1] * g[2]) as f64).sum();
@@ -419,12 +421,31 @@ impl VisionConfig {
             .iter()
             .map(|g| g[0] as f64 * ((g[1] * g[2]) as f64).powi(2))
             .sum();
+        let (mlp_mats, attention) = match &self.qwen25 {
+            None => (2.0, self.depth as f64 * 4.0 * frames * e),
+            Some(q) => {
+                let windows: f64 = crate::rope::vision_window_index(
+                    grids,
+                    self.spatial_merge_size,
+                    q.window_merged(self),
+                )
+                .1
+                .iter()
+                .map(|w| (w.1 as f64).powi(2))
+                .sum();
+                let full = (0..self.depth)
+                    .filter(|b| q.fullatt_block_indexes.contains(b))
+                    .count() as f64;
+                let windowed = self.depth as f64 - full;
+                (3.0, 4.0 * e * (full * frames + windowed * windows))
+            }
+        };
         let md = e * (self.spatial_merge_size * self.spatial_merge_size) as f64;
         let merged = n / (self.spatial_merge_size * self.spatial_merge_size) as f64;
         let embed = 2.0 * n * self.patch_dim() as f64 * e;
-        let block = 2.0 * n * e * (4.0 * e + 2.0 * self.mlp_hidden_dim() as f64) + 4.0 * frames * e;
+        let block = 2.0 * n * e * (4.0 * e + mlp_mats * self.mlp_hidden_dim() as f64);
         let merger = 2.0 * merged * md * (md + self.hidden_size as f64);
-        embed + self.depth as f64 * block + merger
+        embed + self.depth as f64 * block + attention + merger
     }
 }
 
@@ -899,6 +920,66 @@ mod tests {
         let rest = c.text.prefill_flops(16, 400);
         assert!(rest < p / 20.0 && rest > c.text.prefill_flops(16, 0));
         assert_eq!(c.text.prefill_flops(0, 10), 0.0);
+    }
+
+    /// Qwen2.5-VL-7B-Instruct's `config.json`, as published on the hub.
+    const QWEN25_VL_7B: &str = r#"{
+  "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0,
+  "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+  "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
+  "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 3584,
+  "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 128000,
+  "max_window_layers": 28, "model_type": "qwen2_5_vl", "num_attention_heads": 28,
+  "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+  "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": false,
+  "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": true,
+  "use_sliding_window": false,
+  "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280,
+    "intermediate_size": 3420, "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584,
+    "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+    "temporal_patch_size": 2},
+  "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+  "vocab_size": 152064
+}"#;
+
+    #[test]
+    fn qwen25_vl_config_maps_onto_the_vision_fields() {
+        let c = Qwen2VLConfig::from_json_str(QWEN25_VL_7B).unwrap();
+        assert_eq!(c.architecture, Architecture::Qwen25VL);
+        assert!(c.architecture.has_vision());
+        let v = &c.vision;
+        // hidden_size is the blocks' width, out_hidden_size the merger's output.
+        assert_eq!((v.depth, v.embed_dim, v.hidden_size, v.num_heads), (32, 1280, 3584, 16));
+        assert_eq!((v.head_dim(), v.mlp_hidden_dim(), v.patch_dim()), (80, 3420, 1176));
+        let q = v.qwen25.as_ref().expect("Qwen2.5-VL fields");
+        assert_eq!(q.fullatt_block_indexes, vec![7, 15, 23, 31]);
+        assert_eq!((q.window_size, q.window_merged(v)), (112, 4));
+        assert_eq!(q.tokens_per_second, 2.0);
+        assert_eq!(c.text.mrope_section(), vec![16, 24, 24]);
+        assert!(!c.text.rope_1d);
+        let times = c.video_times(&[0.5]).expect("video times");
+        assert_eq!((times.tokens_per_second, times.second_per_grid_ts), (2.0, vec![0.5]));
+        // Qwen2-VL has neither.
+        let old = Qwen2VLConfig::from_json_str(&official(&B7)).unwrap();
+        assert!(old.vision.qwen25.is_none() && old.video_times(&[0.5]).is_none());
+        // HF's defaults where the file says nothing (Qwen2_5_VLVisionConfig, 4.49).
+        let bare = Qwen2VLConfig::from_json_str(
+            r#"{"model_type": "qwen2_5_vl", "vision_config": {"out_hidden_size": 2048}}"#,
+        )
+        .unwrap();
+        let q = bare.vision.qwen25.as_ref().unwrap();
+        assert_eq!((bare.vision.embed_dim, bare.vision.hidden_size), (3584, 2048));
+        assert_eq!((q.intermediate_size, q.tokens_per_second), (3420, 4.0));
+        assert_eq!(bare.vision.hidden_act, "silu");
+        // Flops: the MLP has three matrices; windowed blocks attend within 8x8-patch windows.
+        let f = v.flops(&[[1, 32, 32]]);
+        let (n, e, i) = (1024.0, 1280.0, 3420.0);
+        let want = 2.0 * n * 1176.0 * e
+            + 32.0 * 2.0 * n * e * (4.0 * e + 3.0 * i)
+            + 4.0 * e * (4.0 * n * n + 28.0 * 16.0 * 64.0 * 64.0)
+            + 2.0 * (n / 4.0) * 4.0 * e * (4.0 * e + 3584.0);
+        assert!((f - want).abs() < 1e-9 * want, "{f} vs {want}");
     }
 
     #[test]

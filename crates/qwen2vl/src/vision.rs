@@ -927,8 +927,13 @@ mod tests {
     use candle_core::DType;
 
     fn tiny_tower() -> VisionTransformer {
+        fixture_tower("tiny-qwen2vl")
+    }
+
+    fn fixture_tower(model: &str) -> VisionTransformer {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/tiny-qwen2vl");
+            .join("../../tests/fixtures")
+            .join(model);
         let cfg = Qwen2VLConfig::from_file(&dir.join("config.json")).expect("config");
         let w = Weights::from_dir(&dir, DType::F32, &Device::Cpu).expect("weights");
         VisionTransformer::load(&w, &cfg.vision).expect("tower")
@@ -997,6 +1002,30 @@ mod tests {
             assert_eq!(got.len(), n / 4 * tower.config().hidden_size);
             assert_eq!(got, plain, "rows {rows}");
         }
+    }
+
+    #[test]
+    fn a_qwen25_pass_cut_into_row_chunks_is_bit_identical_to_the_plain_pass() {
+        let tower = fixture_tower("tiny-qwen25vl");
+        assert!(tower.config().qwen25.is_some());
+        // A 22x30 frame (11x15 merged: 3x4 windows of 4x4, the last row and column partial),
+        // a two-frame video of 8x8 (one window a frame, the reference's empty padding window
+        // dropped) and an 18x10 frame.
+        let grids = [[1, 22, 30], [2, 8, 8], [1, 18, 10]];
+        let n: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+        let pv = pixels(n, tower.config().patch_dim());
+        let plain = flat(&tower.forward_plain(&pv, &grids).expect("plain"));
+        assert_eq!(flat(&tower.forward(&pv, &grids).expect("forward")), plain);
+        for rows in [1, MIN_CHUNK_ROWS] {
+            let pass = tower
+                .begin_with_rows(&pv, &grids, Some(rows))
+                .expect("begin");
+            assert_eq!(pass.progress().1, tower.pass_units(&grids, Some(rows)));
+            assert_eq!(flat(&pass.finish().expect("finish")), plain, "rows {rows}");
+        }
+        // Each frame alone gives its rows of the pack: windows never cross frames.
+        let alone = flat(&tower.forward_plain(&pv.narrow(0, 0, 660).expect("rows"), &grids[..1]).expect("alone"));
+        assert_eq!(alone[..], plain[..alone.len()]);
     }
 
     #[test]
