@@ -40,6 +40,15 @@ impl Architecture {
         }
     }
 
+    /// What the boxes in this model's answers are measured in: Qwen2.5-VL writes pixels of
+    /// the resized image, Qwen2-VL thousandths of the image.
+    pub fn box_coordinates(self) -> crate::grounding::BoxCoordinates {
+        match self {
+            Architecture::Qwen25VL => crate::grounding::BoxCoordinates::ResizedPixels,
+            _ => crate::grounding::BoxCoordinates::Thousandths,
+        }
+    }
+
     /// Whether checkpoints of this architecture have a vision tower.
     pub fn has_vision(self) -> bool {
         matches!(self, Architecture::Qwen2VL | Architecture::Qwen25VL)
