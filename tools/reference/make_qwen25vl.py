@@ -3,8 +3,10 @@
 
   tests/fixtures/tiny-qwen25vl/   Qwen2_5_VLForConditionalGeneration: text hidden 32, 2 layers,
       2 heads / 1 kv head, tied embeddings, mrope_section [2, 3, 3]; vision tower of depth 4,
-      width 32, 2 heads, SwiGLU width 56, window_size 112 (4x4 merged tokens), block 1 the only
-      full-attention block, tokens_per_second 2 (Qwen2.5-VL-7B's); bf16, one model.safetensors,
+      width 32, 2 heads, SwiGLU width 56, window_size 112 (4x4 merged tokens), blocks 1 and 3
+      full-attention, 0 and 2 windowed (every second block: a pattern llama.cpp's converter can
+      write as clip.vision.n_wa_pattern = 2, as the released [7, 15, 23, 31] is 8),
+      tokens_per_second 2 (Qwen2.5-VL-7B's); bf16, one model.safetensors,
       4.49 key naming (model.layers.*, visual.*), config.json laid out like
       Qwen2.5-VL-3B-Instruct's on the hub (vision_config with in_chans, spatial_patch_size).
 
@@ -31,10 +33,10 @@ import make_tiny_model  # noqa: E402
 OUT = os.path.join(FIXTURES, "tiny-qwen25vl")
 SEED = 20250201
 DTYPE = "bfloat16"
-TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            intermediate_size=64, mrope_section=[2, 3, 3])
-VISION = dict(depth=4, hidden_size=32, intermediate_size=56, num_heads=2, out_hidden_size=32,
-              window_size=112, fullatt_block_indexes=[1], tokens_per_second=2)
+TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, mrope_section=[2, 3, 3])
+VISION = dict(depth=4, hidden_size=32, intermediate_size=56, num_heads=2, out_hidden_size=64,
+              window_size=112, fullatt_block_indexes=[1, 3], tokens_per_second=2)
 
 # Qwen2.5-VL's preprocessor_config.json (the same image processor as Qwen2-VL's)
 PREPROCESSOR_CONFIG = dict(make_tiny_model.PREPROCESSOR_CONFIG, processor_class="Qwen2_5_VLProcessor")

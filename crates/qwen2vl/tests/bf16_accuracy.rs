@@ -115,11 +115,11 @@ struct Bounds {
 }
 
 /// The tiny Qwen2.5-VL model's cases under bf16 compute. Measured (AMX, 4 cases, 1,819
-/// positions): max |Δlogit| 7.2-11.5 per case, mean 0.156, top-1 93.8%, every flip within
-/// 3.6 of f32's top logit, the last prompt position within 2.8 of the reference. This random
-/// model amplifies rounding more than the Qwen2-VL fixtures (its f32 logits are 10x further
-/// from float64 than theirs on qwen25_image), so the bounds sit above its own figures; a
-/// wrong product still moves the mean by whole units.
+/// positions): max |Δlogit| 5.6-6.4 per case, mean 0.27, top-1 90.3%, every flip within 2.6
+/// of f32's top logit, the last prompt position within 2.5 of the reference. Its vision
+/// tower alone moves by 0.6-0.7% of its output's mean magnitude (the Qwen2-VL fixtures':
+/// 0.3%; twice the blocks, a three-matrix MLP), and its random decoder amplifies that more,
+/// so the bounds sit above its own figures; a wrong product moves the mean by whole units.
 #[test]
 fn bf16_compute_stays_close_to_f32_on_the_qwen25vl_cases() {
     let cases: Vec<_> = common::case_names()
@@ -131,11 +131,11 @@ fn bf16_compute_stays_close_to_f32_on_the_qwen25vl_cases() {
     check(
         &cases,
         Bounds {
-            min_top1: MIN_TOP1,
-            max_abs: 16.0,
-            max_mean_abs: 0.2,
-            max_flip_margin: 5.0,
-            max_vs_reference: 5.0,
+            min_top1: 0.87,
+            max_abs: 9.0,
+            max_mean_abs: 0.4,
+            max_flip_margin: 4.0,
+            max_vs_reference: 4.0,
         },
     );
 }
