@@ -950,8 +950,14 @@ mod tests {
         assert!(c.architecture.has_vision());
         let v = &c.vision;
         // hidden_size is the blocks' width, out_hidden_size the merger's output.
-        assert_eq!((v.depth, v.embed_dim, v.hidden_size, v.num_heads), (32, 1280, 3584, 16));
-        assert_eq!((v.head_dim(), v.mlp_hidden_dim(), v.patch_dim()), (80, 3420, 1176));
+        assert_eq!(
+            (v.depth, v.embed_dim, v.hidden_size, v.num_heads),
+            (32, 1280, 3584, 16)
+        );
+        assert_eq!(
+            (v.head_dim(), v.mlp_hidden_dim(), v.patch_dim()),
+            (80, 3420, 1176)
+        );
         let q = v.qwen25.as_ref().expect("Qwen2.5-VL fields");
         assert_eq!(q.fullatt_block_indexes, vec![7, 15, 23, 31]);
         assert_eq!((q.window_size, q.window_merged(v)), (112, 4));
@@ -959,7 +965,10 @@ mod tests {
         assert_eq!(c.text.mrope_section(), vec![16, 24, 24]);
         assert!(!c.text.rope_1d);
         let times = c.video_times(&[0.5]).expect("video times");
-        assert_eq!((times.tokens_per_second, times.second_per_grid_ts), (2.0, vec![0.5]));
+        assert_eq!(
+            (times.tokens_per_second, times.second_per_grid_ts),
+            (2.0, vec![0.5])
+        );
         // Qwen2-VL has neither.
         let old = Qwen2VLConfig::from_json_str(&official(&B7)).unwrap();
         assert!(old.vision.qwen25.is_none() && old.video_times(&[0.5]).is_none());
@@ -969,7 +978,10 @@ mod tests {
         )
         .unwrap();
         let q = bare.vision.qwen25.as_ref().unwrap();
-        assert_eq!((bare.vision.embed_dim, bare.vision.hidden_size), (3584, 2048));
+        assert_eq!(
+            (bare.vision.embed_dim, bare.vision.hidden_size),
+            (3584, 2048)
+        );
         assert_eq!((q.intermediate_size, q.tokens_per_second), (3420, 4.0));
         assert_eq!(bare.vision.hidden_act, "silu");
         // Flops: the MLP has three matrices; windowed blocks attend within 8x8-patch windows.

@@ -433,13 +433,19 @@ mod tests {
         // Images keep t = start; at 4 fps (0.5 s a patch) times are 0, 1, 2: Qwen2-VL's ids.
         let img = [1, 9, 9, 2];
         let p = mrope_position_ids_timed(&img, T, &[[1, 2, 4]], &[], 2, Some(&times)).unwrap();
-        assert_eq!(p, mrope_position_ids(&img, T, &[[1, 2, 4]], &[], 2).unwrap());
+        assert_eq!(
+            p,
+            mrope_position_ids(&img, T, &[[1, 2, 4]], &[], 2).unwrap()
+        );
         let quick = VideoTimes {
             second_per_grid_ts: vec![0.5],
             tokens_per_second: 2.0,
         };
         let p = mrope_position_ids_timed(&ids, T, &[], &[[3, 2, 4]], 2, Some(&quick)).unwrap();
-        assert_eq!(p, mrope_position_ids(&ids, T, &[], &[[3, 2, 4]], 2).unwrap());
+        assert_eq!(
+            p,
+            mrope_position_ids(&ids, T, &[], &[[3, 2, 4]], 2).unwrap()
+        );
     }
 
     #[test]
@@ -457,7 +463,10 @@ mod tests {
         // One frame of 6x10 patches = 3x5 merged tokens, windows of 2x2 tokens: windows
         // (rows 0-1: cols 0-1, 2-3, 4), (row 2: cols 0-1, 2-3, 4).
         let (order, windows) = vision_window_index(&[[1, 6, 10]], 2, 2);
-        assert_eq!(order, vec![0, 1, 5, 6, 2, 3, 7, 8, 4, 9, 10, 11, 12, 13, 14]);
+        assert_eq!(
+            order,
+            vec![0, 1, 5, 6, 2, 3, 7, 8, 4, 9, 10, 11, 12, 13, 14]
+        );
         let lens: Vec<usize> = windows.iter().map(|w| w.1).collect();
         assert_eq!(lens, vec![16, 16, 8, 8, 8, 4]);
         assert_eq!(windows[1].0, 16);

@@ -171,8 +171,7 @@ impl Qwen25VisionMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = self.gate_proj.forward(x)?;
         let u = self.up_proj.forward(x)?;
-        self.down_proj
-            .forward(&crate::ops::fused::silu_mul(g, &u)?)
+        self.down_proj.forward(&crate::ops::fused::silu_mul(g, &u)?)
     }
 }
 
@@ -1024,7 +1023,11 @@ mod tests {
             assert_eq!(flat(&pass.finish().expect("finish")), plain, "rows {rows}");
         }
         // Each frame alone gives its rows of the pack: windows never cross frames.
-        let alone = flat(&tower.forward_plain(&pv.narrow(0, 0, 660).expect("rows"), &grids[..1]).expect("alone"));
+        let alone = flat(
+            &tower
+                .forward_plain(&pv.narrow(0, 0, 660).expect("rows"), &grids[..1])
+                .expect("alone"),
+        );
         assert_eq!(alone[..], plain[..alone.len()]);
     }
 

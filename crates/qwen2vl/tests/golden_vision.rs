@@ -96,8 +96,8 @@ fn qwen25_windows_change_the_output() {
     for name in common::case_names() {
         let case = common::Case::load(&name);
         let dir = case.model_dir();
-        let mut cfg = qwen2vl::config::Qwen2VLConfig::from_file(&dir.join("config.json"))
-            .expect("config");
+        let mut cfg =
+            qwen2vl::config::Qwen2VLConfig::from_file(&dir.join("config.json")).expect("config");
         let Some(q) = cfg.vision.qwen25.as_mut() else {
             continue;
         };

@@ -273,9 +273,11 @@ impl<'t> Sequence<'t> {
         let ttft_ms = first.saturating_duration_since(start).as_secs_f64() * 1e3;
         let decode_ms = now.saturating_duration_since(first).as_secs_f64() * 1e3;
         let steps = self.token_ids.len().saturating_sub(1);
-        let grounding =
-            Some(crate::grounding::Grounding::parse_for(&self.marked, self.coordinates))
-                .filter(|g| g.has_shapes());
+        let grounding = Some(crate::grounding::Grounding::parse_for(
+            &self.marked,
+            self.coordinates,
+        ))
+        .filter(|g| g.has_shapes());
         let n = prompt.prompt_tokens;
         let finish = self.finish.unwrap_or(FinishReason::Length);
         Generation {

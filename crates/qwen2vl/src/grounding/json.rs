@@ -1,11 +1,11 @@
 //! Qwen2.5-VL's boxes: JSON objects in the answer text with `"bbox_2d": [x1, y1, x2, y2]` and
 //! usually a `"label"`, most often a list in a fenced block:
 //!
-//! ```text
+//! ````text
 //! ```json
 //! [{"bbox_2d": [135, 114, 1016, 672], "label": "the red car"}]
 //! ```
-//! ```
+//! ````
 //!
 //! The coordinates are pixels of the image as the model saw it (after `smart_resize`), not
 //! Qwen2-VL's [0, 1000) (see [`super::BoxCoordinates`]). The JSON stays in the clean text
@@ -109,7 +109,10 @@ mod tests {
         let b = objs[0].boxes[0];
         assert_eq!((b.number, b.x1, b.y1, b.x2, b.y2), (3, 135, 114, 1016, 672));
         let s = objs[0].span;
-        assert!(text[s.start..s.end].starts_with("{\"bbox_2d\"") && text[s.start..s.end].ends_with("car\"}"));
+        assert!(
+            text[s.start..s.end].starts_with("{\"bbox_2d\"")
+                && text[s.start..s.end].ends_with("car\"}")
+        );
         let b = objs[1].boxes[0];
         assert_eq!((b.number, b.x1, b.y1, b.x2, b.y2), (4, 2, 0, 20, 40));
         assert_eq!(objs[1].label, None);
@@ -139,7 +142,11 @@ mod tests {
         // MAX_JSON_ATTEMPTS tries of at most MAX_JSON_OBJECT_BYTES each.
         assert!(t.elapsed().as_secs() < 5);
         // A box past the attempts cap is not looked for.
-        let late = format!("{}{}", "{} ".repeat(MAX_JSON_ATTEMPTS), r#"{"bbox_2d": [1, 2, 3, 4]}"#);
+        let late = format!(
+            "{}{}",
+            "{} ".repeat(MAX_JSON_ATTEMPTS),
+            r#"{"bbox_2d": [1, 2, 3, 4]}"#
+        );
         assert!(json_boxes(&late, 1).is_empty());
     }
 

@@ -213,7 +213,11 @@ impl Grounding {
         let mut g = Grounding::parse(answer);
         g.coordinates = coordinates;
         if coordinates == BoxCoordinates::ResizedPixels {
-            let shapes: usize = g.objects.iter().map(|o| o.boxes.len() + o.quads.len()).sum();
+            let shapes: usize = g
+                .objects
+                .iter()
+                .map(|o| o.boxes.len() + o.quads.len())
+                .sum();
             let found = json::json_boxes(&g.text, shapes + 1);
             g.objects.extend(found);
         }
@@ -951,7 +955,8 @@ mod tests {
     fn qwen25_boxes_in_resized_pixels() {
         // A 640x480 image the model saw as 644x476: a JSON box and a marked-up one, both in
         // resized pixels.
-        let answer = "<|object_ref_start|>sky<|object_ref_end|><|box_start|>(0,0),(644,238)<|box_end|> and
+        let answer =
+            "<|object_ref_start|>sky<|object_ref_end|><|box_start|>(0,0),(644,238)<|box_end|> and
 ```json
 [{\"bbox_2d\": [322, 119, 644, 476], \"label\": \"car\"}]
 ```";
@@ -974,8 +979,14 @@ mod tests {
             old.image_pixel_shapes((640, 480), (644, 476)),
             old.pixel_shapes(640, 480)
         );
-        assert_eq!(old.pixel_shapes(640, 480)[0].points, vec![[0, 0], [412, 114]]);
-        assert!(serde_json::to_value(&old).unwrap().get("coordinates").is_none());
+        assert_eq!(
+            old.pixel_shapes(640, 480)[0].points,
+            vec![[0, 0], [412, 114]]
+        );
+        assert!(serde_json::to_value(&old)
+            .unwrap()
+            .get("coordinates")
+            .is_none());
     }
 
     #[test]

@@ -189,13 +189,15 @@ impl Processor {
         let input_ids = self.expand_pads(ids, &images, &videos)?;
         let image_grid_thw: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
         let video_grid_thw: Vec<[usize; 3]> = videos.iter().map(|v| v.grid_thw).collect();
-        let times = self.tokens_per_second.map(|tokens_per_second| rope::VideoTimes {
-            second_per_grid_ts: videos
-                .iter()
-                .map(|v| second_per_grid_t(self.preprocessor.temporal_patch_size, v.fps))
-                .collect(),
-            tokens_per_second,
-        });
+        let times = self
+            .tokens_per_second
+            .map(|tokens_per_second| rope::VideoTimes {
+                second_per_grid_ts: videos
+                    .iter()
+                    .map(|v| second_per_grid_t(self.preprocessor.temporal_patch_size, v.fps))
+                    .collect(),
+                tokens_per_second,
+            });
         let positions = rope::mrope_position_ids_timed(
             &input_ids,
             self.tokens,
