@@ -42,6 +42,10 @@ pub fn vision_rope_ids(grids: &[[usize; 3]], merge: usize) -> Vec<(u32, u32)> {
     ids
 }
 
+/// A window order: merged-token indices in window order, and each window's `(start, len)` in
+/// patch rows (see [`vision_window_index`]).
+pub type WindowIndex = (Vec<usize>, Vec<(usize, usize)>);
+
 /// Qwen2.5-VL's window order of the merged tokens of `grids` (mirrors
 /// `Qwen2_5_VisionTransformerPretrainedModel.get_window_index`, transformers 4.49).
 ///
@@ -54,11 +58,7 @@ pub fn vision_rope_ids(grids: &[[usize; 3]], merge: usize) -> Vec<(u32, u32)> {
 /// order) of the merged token at position `j` of the window order, and `windows` the
 /// `(start, len)` of each non-empty window in patch rows (`merge²` rows a token) of the
 /// reordered sequence (the reference's `cu_window_seqlens` after `unique_consecutive`).
-pub fn vision_window_index(
-    grids: &[[usize; 3]],
-    merge: usize,
-    window: usize,
-) -> (Vec<usize>, Vec<(usize, usize)>) {
+pub fn vision_window_index(grids: &[[usize; 3]], merge: usize, window: usize) -> WindowIndex {
     let window = window.max(1);
     let unit = merge * merge;
     let mut order = Vec::new();

@@ -442,7 +442,7 @@ impl VisionTransformer {
 
     /// Qwen2.5-VL's window order of `grids` (see [`rope::vision_window_index`]); `None` for
     /// Qwen2-VL, whose blocks all attend over whole frames.
-    fn window_index(&self, grids: &[[usize; 3]]) -> Option<(Vec<usize>, Vec<(usize, usize)>)> {
+    fn window_index(&self, grids: &[[usize; 3]]) -> Option<rope::WindowIndex> {
         let q = self.cfg.qwen25.as_ref()?;
         Some(rope::vision_window_index(
             grids,

@@ -154,13 +154,12 @@ fn check(cases: &[common::Case], bounds: Bounds) {
     let mut worst_flip = 0f64;
     for case in cases {
         let name = &case.name;
-        let case = case;
-        let f32_model = load(&case, DType::F32);
-        let bf16_model = load(&case, DType::BF16);
+        let f32_model = load(case, DType::F32);
+        let bf16_model = load(case, DType::BF16);
         // bf16 compute keeps the activations in f32.
         assert_eq!(bf16_model.dtype(), DType::F32);
-        let want = logits(&case, &f32_model);
-        let got = logits(&case, &bf16_model);
+        let want = logits(case, &f32_model);
+        let got = logits(case, &bf16_model);
         let (mut case_max, mut case_agree) = (0f64, 0usize);
         for (w, g) in want.iter().zip(&got) {
             for (&a, &b) in w.iter().zip(g) {

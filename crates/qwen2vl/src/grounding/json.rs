@@ -46,7 +46,7 @@ pub(super) fn json_boxes(text: &str, first_number: usize) -> Vec<GroundedObject>
         let Some(Ok(value)) = values.next() else {
             continue;
         };
-        let Some(b) = value.get("bbox_2d").and_then(|b| corners(b)) else {
+        let Some(b) = value.get("bbox_2d").and_then(corners) else {
             continue;
         };
         let stop = start + values.byte_offset();
