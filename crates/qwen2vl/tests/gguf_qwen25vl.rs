@@ -102,3 +102,20 @@ fn f16_gguf_matches_the_safetensors_model_in_f16() {
     assert_eq!(x.token_ids, y.token_ids);
     assert_eq!(x.videos.len(), 1);
 }
+
+/// `qwen2vl quantize` does not write Qwen2.5-VL projectors yet: refused before any file is
+/// written, naming what to do instead.
+#[test]
+fn export_refuses_the_qwen25_projector() {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("gguf-qwen25vl-export-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let (what, allowed) = common::bad_input(qwen2vl::gguf::export::export(
+        &tiny(),
+        &out,
+        &Default::default(),
+    ));
+    assert!(what.contains("Qwen2.5-VL"), "{what}");
+    assert!(allowed.contains("--quant"), "{allowed}");
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+}
