@@ -13,6 +13,12 @@ Pipeline (the reference's):
   image_inputs, video_inputs = qwen_vl_utils.process_vision_info(messages)
   inputs = processor(text=[text], images=image_inputs, videos=video_inputs, return_tensors="pt")
   position_ids, rope_delta = model.get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask)
+
+Qwen2.5-VL cases (model tiny-qwen25vl, from make_qwen25vl.py) give the processor each video's
+sampling rate, as later qwen-vl-utils' process_vision_info(..., return_video_kwargs=True) does
+({"fps": [nframes / total_frames * video_fps]}; a frame list: its "fps", default 2.0): 0.0.8
+returns none, and without it the processor assumes 2 fps whatever the sampling. The
+processor's second_per_grid_ts (temporal_patch_size / fps) is recorded.
   vision_embeds = model.visual(pixel_values, grid_thw=image_grid_thw)
   logits / hidden states: model(**inputs, output_hidden_states=True)
   greedy_ids: model.generate(**inputs, do_sample=False, max_new_tokens=N) (explicit GenerationConfig)
@@ -21,6 +27,7 @@ Usage: python tools/reference/dump_reference.py [--case NAME ...] [--no-f64]
 """
 import argparse
 import base64
+import contextlib
 import copy
 import io
 import json
@@ -35,6 +42,7 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from make_tiny_model import load_reference_model  # noqa: E402
+from make_qwen25vl import load_reference_model as load_qwen25vl  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -163,6 +171,32 @@ CASES = {
             {"type": "image", "image": "data:image/png;base64,<small.png>"},
             txt("What is in this small picture?")]}],
     ),
+    # Qwen2.5-VL (issue 15): merged grids that the 4x4 windows do not divide (17x23; 7x11
+    # and 9x5; 10x14 video frames), videos at two sampling rates (2 fps: 1 s a temporal
+    # patch; 3 fps on a 10 fps clip samples 8 of 30 frames, 2.67 fps: 0.75 s, so
+    # 0.75 * 2 tokens/s gives temporal ids 0, 1, 3, 4, truncated).
+    "qwen25_image": dict(
+        model="tiny-qwen25vl",
+        messages=[{"role": "user", "content": [img("photo640.png"), txt("Describe this image.")]}],
+    ),
+    "qwen25_two_images": dict(
+        model="tiny-qwen25vl",
+        messages=[{"role": "user", "content": [img("wide.png"), img("tall.png"),
+                                               txt("Compare these two images. Which one is taller?")]}],
+    ),
+    "qwen25_video_fps2": dict(
+        model="tiny-qwen25vl",
+        messages=[{"role": "user", "content": [
+            {"type": "video", "video": "../../video/clip.mp4", "fps": 2.0},
+            txt("What moves in the video?")]}],
+    ),
+    "qwen25_image_video_fps3": dict(
+        model="tiny-qwen25vl",
+        messages=[{"role": "user", "content": [
+            img("wide.png"),
+            {"type": "video", "video": "../../video/clip.mp4", "fps": 3.0},
+            txt("What moves in the video, and what is in the picture?")]}],
+    ),
 }
 
 
@@ -289,11 +323,65 @@ class Runner:
         from transformers import AutoProcessor
 
         self.model_dir = model_dir
+        with open(os.path.join(model_dir, "config.json")) as f:
+            self.qwen25 = json.load(f)["architectures"][0] == "Qwen2_5_VLForConditionalGeneration"
+        load = load_qwen25vl if self.qwen25 else load_reference_model
         self.processor = AutoProcessor.from_pretrained(model_dir)
-        assert type(self.processor).__name__ == "Qwen2VLProcessor"
+        want = "Qwen2_5_VLProcessor" if self.qwen25 else "Qwen2VLProcessor"
+        assert type(self.processor).__name__ == want, type(self.processor).__name__
         assert type(self.processor.image_processor).__name__ == "Qwen2VLImageProcessor"
-        self.model = load_reference_model(model_dir, torch.float32, "eager")
-        self.model64 = load_reference_model(model_dir, torch.float64, "eager") if f64 else None
+        self.model = load(model_dir, torch.float32, "eager")
+        self.model64 = load(model_dir, torch.float64, "eager") if f64 else None
+
+
+def video_sample_fps(ele):
+    """The rate of the frames qwen-vl-utils samples from a video item (what its later versions
+    return in video_kwargs): nframes / total_frames * video_fps, read with the torchvision
+    backend as 0.0.8 does; a frame list: the item's fps (default 2.0)."""
+    from qwen_vl_utils import vision_process as vp
+    from torchvision import io as tvio
+
+    if not isinstance(ele["video"], str):
+        return float(ele.get("fps", vp.FPS))
+    assert vp.get_video_reader_backend() == "torchvision"
+    video, _, info = tvio.read_video(ele["video"], start_pts=ele.get("video_start", 0.0),
+                                     end_pts=ele.get("video_end", None), pts_unit="sec",
+                                     output_format="TCHW")
+    total, video_fps = video.size(0), info["video_fps"]
+    nframes = vp.smart_nframes(ele, total_frames=total, video_fps=video_fps)
+    return nframes / max(total, 1e-6) * video_fps
+
+
+class Float64Math:
+    """While active, transformers 4.49's Qwen2.5-VL computes in float64 where its float64 run
+    would drop to float32: the vision tower's rotary step (`apply_rotary_pos_emb_vision`
+    casts q and k with `.float()`) and the eager softmaxes (`dtype=torch.float32`). Used for
+    the Qwen2.5-VL cases' float64 noise floor only: with those steps in float32 the "f64" run
+    is itself 1.3e-4 away from float64 on qwen25_image (measured), a case whose logits move
+    ten times more with rounding than the Qwen2-VL cases'."""
+
+    def __enter__(self):
+        import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as m
+
+        self.m, self.rot, self.softmax = m, m.apply_rotary_pos_emb_vision, torch.nn.functional.softmax
+        softmax = self.softmax
+
+        def rot(q, k, cos, sin):
+            if q.dtype != torch.float64:
+                return self.rot(q, k, cos, sin)
+            cos, sin = cos.unsqueeze(-2).double(), sin.unsqueeze(-2).double()
+            return (q * cos) + (m.rotate_half(q) * sin), (k * cos) + (m.rotate_half(k) * sin)
+
+        def sm(x, dim=None, dtype=None, **kw):
+            return softmax(x, dim=dim, dtype=torch.float64 if x.dtype == torch.float64 else dtype, **kw)
+
+        m.apply_rotary_pos_emb_vision = rot
+        torch.nn.functional.softmax = sm
+        return self
+
+    def __exit__(self, *exc):
+        self.m.apply_rotary_pos_emb_vision = self.rot
+        torch.nn.functional.softmax = self.softmax
 
 
 def greedy(model, inputs, max_new_tokens):
@@ -318,6 +406,25 @@ def top2_gap(logits):
     return (t[..., 0] - t[..., 1])
 
 
+def f64_noise_floor(info, t, runner, inputs, grid, image_inputs, new_ids, max_new_tokens):
+    """The case computed in float64: how far float32 is from it (summary.json)."""
+    m64, logits = runner.model64, t["logits"]
+    # second_per_grid_ts (a list) stays as it is: it sets position ids, not activations.
+    inputs64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+                for k, v in inputs.items()}
+    m64.rope_deltas = None
+    o64 = m64(**inputs64, output_hidden_states=True, use_cache=False)
+    info["f32_vs_f64_logits_max_abs"] = float((o64.logits[0, -1] - logits.double()).abs().max())
+    info["f32_vs_f64_layer0_max_abs"] = float((o64.hidden_states[1][0] - t["layer0_out"].double()).abs().max())
+    info["f32_vs_f64_final_hidden_max_abs"] = float(
+        (o64.hidden_states[-1][0, -1] - t["final_hidden"].double()).abs().max())
+    if image_inputs:
+        ve64 = m64.visual(inputs64["pixel_values"], grid_thw=grid)
+        info["f32_vs_f64_vision_max_abs"] = float((ve64 - t["vision_embeds"].double()).abs().max())
+    new64, _ = greedy(m64, inputs64, max_new_tokens)
+    info["f64_greedy_same"] = bool(torch.equal(new64, new_ids))
+
+
 @torch.no_grad()
 def run_case(name, spec, runner, max_new_tokens=32):
     case_dir = os.path.join(CASES_DIR, name)
@@ -329,7 +436,12 @@ def run_case(name, spec, runner, max_new_tokens=32):
     text = proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     msgs_abs = absolutize(messages, case_dir)
     image_inputs, video_inputs = process_vision_info(msgs_abs)
-    inputs = proc(text=[text], images=image_inputs, videos=video_inputs, return_tensors="pt")
+    video_kwargs = {}
+    if runner.qwen25 and video_inputs:
+        from qwen_vl_utils.vision_process import extract_vision_info
+
+        video_kwargs["fps"] = [video_sample_fps(e) for e in extract_vision_info(msgs_abs) if "video" in e]
+    inputs = proc(text=[text], images=image_inputs, videos=video_inputs, return_tensors="pt", **video_kwargs)
     input_ids = inputs["input_ids"]
     attn = inputs["attention_mask"]
     assert attn.all()
@@ -368,10 +480,19 @@ def run_case(name, spec, runner, max_new_tokens=32):
         t["pixel_values_videos"] = pvv
         t["video_grid_thw"] = vgrid.to(torch.int64)
         info["video_grid_thw"] = vgrid.tolist()
+        if runner.qwen25:
+            # A list of Python floats (temporal_patch_size / fps) even with return_tensors="pt";
+            # get_rope_index multiplies an int64 range by one, in float32 (the default dtype).
+            spg = inputs["second_per_grid_ts"]
+            spg = spg.tolist() if torch.is_tensor(spg) else list(spg)
+            t["second_per_grid_ts"] = torch.tensor(spg, dtype=torch.float32)
+            info["video_sample_fps"] = video_kwargs["fps"]
+            info["second_per_grid_ts"] = spg
         n_vid_tokens = int((input_ids == model.config.video_token_id).sum())
         assert n_vid_tokens == int(vgrid.prod(-1).sum()) // 4
 
-    position_ids, rope_delta = model.get_rope_index(input_ids, grid, vgrid, attn)
+    rope_kwargs = {"second_per_grid_ts": inputs.get("second_per_grid_ts")} if runner.qwen25 else {}
+    position_ids, rope_delta = model.get_rope_index(input_ids, grid, vgrid, attention_mask=attn, **rope_kwargs)
     t["position_ids"] = position_ids[:, 0, :].to(torch.int64)
     t["rope_delta"] = rope_delta.reshape(1).to(torch.int64)
     info["rope_delta"] = int(rope_delta.reshape(-1)[0])
@@ -415,19 +536,10 @@ def run_case(name, spec, runner, max_new_tokens=32):
 
     # f32 noise floor: the same computation in float64
     if runner.model64 is not None:
-        m64 = runner.model64
-        inputs64 = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
-        m64.rope_deltas = None
-        o64 = m64(**inputs64, output_hidden_states=True, use_cache=False)
-        info["f32_vs_f64_logits_max_abs"] = float((o64.logits[0, -1] - logits.double()).abs().max())
-        info["f32_vs_f64_layer0_max_abs"] = float((o64.hidden_states[1][0] - t["layer0_out"].double()).abs().max())
-        info["f32_vs_f64_final_hidden_max_abs"] = float(
-            (o64.hidden_states[-1][0, -1] - t["final_hidden"].double()).abs().max())
-        if image_inputs:
-            ve64 = m64.visual(inputs64["pixel_values"], grid_thw=grid)
-            info["f32_vs_f64_vision_max_abs"] = float((ve64 - t["vision_embeds"].double()).abs().max())
-        new64, _ = greedy(m64, inputs64, max_new_tokens)
-        info["f64_greedy_same"] = bool(torch.equal(new64, new_ids))
+        with Float64Math() if runner.qwen25 else contextlib.nullcontext():
+            f64_noise_floor(info, t, runner, inputs, grid, image_inputs, new_ids, max_new_tokens)
+        if runner.qwen25:
+            info["f64_run"] = "vision rotary and softmaxes in float64 (Float64Math)"
 
     for k, v in t.items():
         if v.is_floating_point():

@@ -28,6 +28,12 @@ the vision depth only, so `visual.merger.mlp.2` cannot be mapped for a 2-block t
 not map tensor 'visual.merger.mlp.2.bias'"; the released models have 32 blocks). The map is
 built for at least 3 blocks here; nothing else changes.
 
+With --qwen25 it converts tests/fixtures/tiny-qwen25vl instead, vision projector only:
+tests/fixtures/gguf/mmproj-tiny-qwen25vl-f16.gguf (`clip.projector_type = "qwen2.5vl_merger"`,
+`clip.vision.n_wa_pattern = 2`, SwiGLU `ffn_gate/up/down`; made with llama.cpp's converter as of
+its `conversion/qwenvl.py` layout, commit not recorded in that checkout). `tests/gguf_qwen25vl.rs`
+pairs it with a text file written by the engine's exporter (the decoder is Qwen2-VL's).
+
 sentencepiece must be importable (the converter imports it before falling back to the GPT-2
 vocabulary): `pip install --target /tmp/convpkgs sentencepiece` and add it to PYTHONPATH.
 """
@@ -119,10 +125,19 @@ def main() -> None:
     ap.add_argument("--llama-cpp", required=True, type=Path, help="llama.cpp source tree")
     ap.add_argument("--model", type=Path, default=ROOT / "tests/fixtures/tiny-qwen2vl")
     ap.add_argument("--out", type=Path, default=Path("/tmp/qwen2vl-gguf"))
+    ap.add_argument("--qwen25", action="store_true", help="the tiny Qwen2.5-VL's mmproj only")
     a = ap.parse_args()
     llama = a.llama_cpp.resolve()
     sys.path.insert(0, str(llama / "gguf-py"))
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.qwen25:
+        name = "mmproj-tiny-qwen25vl-f16.gguf"
+        out = a.out / name
+        convert(llama, [str(ROOT / "tests/fixtures/tiny-qwen25vl"), "--mmproj", "--outtype", "f16",
+                        "--outfile", str(out)])
+        shutil.copy(out, ROOT / "tests/fixtures/gguf" / name)
+        print(f"wrote {ROOT / 'tests/fixtures/gguf' / name}")
+        return
     files = {
         "tiny-qwen2vl-f16.gguf": ["--outtype", "f16"],
         "tiny-qwen2vl-q8_0.gguf": ["--outtype", "q8_0"],

@@ -89,7 +89,8 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
         }
     })?;
     if let Some(answer) = &test_answer {
-        replace_answer(&mut gen, answer);
+        let coordinates = pipeline.model().config().architecture.box_coordinates();
+        replace_answer_for(&mut gen, answer, coordinates);
         if !json {
             // In small pieces, as a model would stream it.
             let chars: Vec<char> = answer.chars().collect();
@@ -103,10 +104,15 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
         .images
         .last()
         .map(|i| (i.original_hw.1 as u32, i.original_hw.0 as u32));
+    // What that image was resized to: Qwen2.5-VL's boxes are in its pixels.
+    let resized = gen
+        .images
+        .last()
+        .map(|i| (i.resized_hw.1 as u32, i.resized_hw.0 as u32));
     let shapes = gen
         .grounding
         .as_ref()
-        .map(|g| pixel_shapes(g, image_size))
+        .map(|g| pixel_shapes(g, image_size.zip(resized)))
         .unwrap_or_default();
     if json {
         print_json(&gen, pipeline.load_ms(), image_size, &shapes)?;
@@ -208,18 +214,19 @@ fn print_shapes(shapes: &[PixelShape], have_image: bool) {
     }
     println!();
     if !have_image {
-        println!("(no image in the request: coordinates are the model's, 0-1000)");
+        println!("(no image in the request: coordinates are the model's own: 0-1000 for Qwen2-VL, resized-image pixels for Qwen2.5-VL)");
     }
     for s in shapes {
         println!("{}", shape_line(s));
     }
 }
 
-/// The shapes in pixels of the image (`(width, height)`), or in the model's coordinates
-/// (0-1000) when the request had no image.
-fn pixel_shapes(g: &Grounding, image_size: Option<(u32, u32)>) -> Vec<PixelShape> {
-    match image_size {
-        Some((w, h)) => g.pixel_shapes(w, h),
+/// The shapes in pixels of the image (`(original, resized)` sizes, each `(width, height)`),
+/// or in the model's coordinates (0-1000 for Qwen2-VL, resized-image pixels for Qwen2.5-VL)
+/// when the request had no image.
+fn pixel_shapes(g: &Grounding, sizes: Option<((u32, u32), (u32, u32))>) -> Vec<PixelShape> {
+    match sizes {
+        Some((original, resized)) => g.image_pixel_shapes(original, resized),
         None => g.shapes(),
     }
 }
@@ -271,10 +278,20 @@ fn test_answer() -> Option<String> {
 /// Makes `gen` describe `answer` (what the model would have produced with those markers):
 /// `text` as skip_special_tokens would show it, `grounding` parsed from it.
 pub(crate) fn replace_answer(gen: &mut Generation, answer: &str) {
+    replace_answer_for(gen, answer, qwen2vl::grounding::BoxCoordinates::Thousandths);
+}
+
+/// [`replace_answer`] for a model whose boxes are in `coordinates` (Qwen2.5-VL: pixels of the
+/// resized image, JSON boxes included).
+pub(crate) fn replace_answer_for(
+    gen: &mut Generation,
+    answer: &str,
+    coordinates: qwen2vl::grounding::BoxCoordinates,
+) {
     let mut text = answer.to_string();
     for m in qwen2vl::grounding::MARKERS {
         text = text.replace(m, "");
     }
     gen.text = text;
-    gen.grounding = Some(Grounding::parse(answer)).filter(Grounding::has_shapes);
+    gen.grounding = Some(Grounding::parse_for(answer, coordinates)).filter(Grounding::has_shapes);
 }

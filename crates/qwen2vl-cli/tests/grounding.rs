@@ -310,3 +310,55 @@ fn boxes_without_an_image_are_listed_in_model_coordinates() {
     assert!(stdout.contains("0-1000"), "{stdout}");
     assert!(stdout.ends_with("[1] a: (10, 20)-(1000, 40)\n"), "{stdout}");
 }
+
+/// A Qwen2.5-VL answers in pixels of the image as it saw it (photo640.png is resized to
+/// 644x476), here as JSON: the listing, `--json` and `--draw-boxes` map the box onto the
+/// 640x480 original.
+#[cfg(debug_assertions)]
+#[test]
+fn qwen25_json_boxes_map_from_the_resized_image() {
+    let d = scratch("qwen25");
+    let out = d.join("out.png");
+    let model = fixtures()
+        .join("tiny-qwen25vl")
+        .to_string_lossy()
+        .into_owned();
+    let answer = "```json\n[{\"bbox_2d\": [322, 119, 644, 476], \"label\": \"car\"}]\n```";
+    let photo = image("photo640.png");
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "run",
+            "--model",
+            &model,
+            "--image",
+            &photo,
+            "--max-new-tokens",
+            "2",
+            "--temperature",
+            "0",
+        ];
+        a.extend_from_slice(extra);
+        a.push("Find the car.");
+        qwen2vl(&a, Some(answer))
+    };
+    let o = run(&["--draw-boxes", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(
+        stdout,
+        format!("{answer}\n\n[1] car: (320, 120)-(639, 479)\n")
+    );
+    let drawn = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(drawn.dimensions(), (640, 480));
+    assert_eq!(drawn.get_pixel(320, 300).0, SHAPE1);
+    let o = run(&["--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let g = &v["grounding"];
+    assert_eq!(g["coordinates"], "resized_pixels");
+    assert_eq!(g["objects"][0]["boxes"][0]["x2"], 644);
+    assert_eq!(
+        g["pixels"]["shapes"][0]["points"],
+        serde_json::json!([[320, 120], [639, 479]])
+    );
+}

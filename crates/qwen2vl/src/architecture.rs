@@ -10,6 +10,9 @@ pub enum Architecture {
     /// `Qwen2VLForConditionalGeneration`: vision tower + Qwen2 decoder with M-RoPE.
     #[default]
     Qwen2VL,
+    /// `Qwen2_5_VLForConditionalGeneration`: Qwen2.5-VL's vision tower (RMSNorm, SwiGLU,
+    /// window attention) + the same decoder; video positions in absolute time.
+    Qwen25VL,
     /// `Qwen2ForCausalLM`: the Qwen2 decoder alone (Qwen2 / Qwen2.5 text models), 1-D RoPE,
     /// no vision tower.
     Qwen2,
@@ -20,10 +23,11 @@ pub enum Architecture {
 
 impl Architecture {
     /// The `architectures` names this engine runs.
-    pub const SUPPORTED: [&'static str; 3] = [
+    pub const SUPPORTED: [&'static str; 4] = [
         "Qwen2VLForConditionalGeneration",
         "Qwen2ForCausalLM",
         "Qwen2MoeForCausalLM",
+        "Qwen2_5_VLForConditionalGeneration",
     ];
 
     /// Its name in `config.json`.
@@ -32,16 +36,26 @@ impl Architecture {
             Architecture::Qwen2VL => Self::SUPPORTED[0],
             Architecture::Qwen2 => Self::SUPPORTED[1],
             Architecture::Qwen2Moe => Self::SUPPORTED[2],
+            Architecture::Qwen25VL => Self::SUPPORTED[3],
+        }
+    }
+
+    /// What the boxes in this model's answers are measured in: Qwen2.5-VL writes pixels of
+    /// the resized image, Qwen2-VL thousandths of the image.
+    pub fn box_coordinates(self) -> crate::grounding::BoxCoordinates {
+        match self {
+            Architecture::Qwen25VL => crate::grounding::BoxCoordinates::ResizedPixels,
+            _ => crate::grounding::BoxCoordinates::Thousandths,
         }
     }
 
     /// Whether checkpoints of this architecture have a vision tower.
     pub fn has_vision(self) -> bool {
-        matches!(self, Architecture::Qwen2VL)
+        matches!(self, Architecture::Qwen2VL | Architecture::Qwen25VL)
     }
 
     /// The architecture of a `config.json`: its first `architectures` entry, else its
-    /// `model_type` (`qwen2_vl`, `qwen2`), else Qwen2-VL (older hand-written files have
+    /// `model_type` (`qwen2_vl`, `qwen2_5_vl`, `qwen2`, `qwen2_moe`), else Qwen2-VL (older hand-written files have
     /// neither). Anything else is an error naming it and what is supported.
     pub(crate) fn from_json(
         architectures: Option<&[String]>,
@@ -52,6 +66,7 @@ impl Architecture {
             Some(a) if a == Self::SUPPORTED[0] => Ok(Architecture::Qwen2VL),
             Some(a) if a == Self::SUPPORTED[1] => Ok(Architecture::Qwen2),
             Some(a) if a == Self::SUPPORTED[2] => Ok(Architecture::Qwen2Moe),
+            Some(a) if a == Self::SUPPORTED[3] => Ok(Architecture::Qwen25VL),
             Some(a) => Err(format!(
                 "architecture {a} is not supported; supported: {}",
                 supported()
@@ -60,6 +75,7 @@ impl Architecture {
                 None | Some("qwen2_vl") => Ok(Architecture::Qwen2VL),
                 Some("qwen2") => Ok(Architecture::Qwen2),
                 Some("qwen2_moe") => Ok(Architecture::Qwen2Moe),
+                Some("qwen2_5_vl") => Ok(Architecture::Qwen25VL),
                 Some(m) => Err(format!(
                     "model_type {m} (no \"architectures\") is not supported; supported: {}",
                     supported()

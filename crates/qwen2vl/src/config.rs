@@ -1,7 +1,8 @@
 //! Serde mirrors of the checkpoint's JSON files, with Hugging Face's defaults.
 //!
 //! - `config.json` → [`Qwen2VLConfig`] (mirrors `transformers.Qwen2VLConfig`, 4.49), with the
-//!   vision tower in [`VisionConfig`] (mirrors `Qwen2VLVisionConfig`).
+//!   vision tower in [`VisionConfig`] (mirrors `Qwen2VLVisionConfig`; a Qwen2.5-VL checkpoint's
+//!   `vision_config` is read as [`Qwen25VisionConfig`], mirrors `Qwen2_5_VLVisionConfig`).
 //! - `preprocessor_config.json` → [`PreprocessorConfig`] (mirrors `Qwen2VLImageProcessor`).
 //! - `generation_config.json` → [`GenerationConfig`] (mirrors `GenerationConfig`).
 //!
@@ -290,6 +291,111 @@ pub struct VisionConfig {
     pub spatial_merge_size: usize,
     #[serde(default = "d_v_temporal")]
     pub temporal_patch_size: usize,
+    /// What a Qwen2.5-VL tower adds (set from [`Qwen25VisionConfig`], not read here); `None`
+    /// for Qwen2-VL's.
+    #[serde(skip)]
+    pub qwen25: Option<Qwen25Vision>,
+}
+
+/// What Qwen2.5-VL's vision tower has beyond Qwen2-VL's: RMSNorm instead of LayerNorm (blocks
+/// and merger), a SwiGLU MLP with biases of `intermediate_size`, attention within windows
+/// of `window_size` pixels except in `fullatt_block_indexes`, and absolute-time video
+/// positions (`tokens_per_second`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Qwen25Vision {
+    /// Hidden width of the blocks' SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Side of an attention window in pixels (112: 4x4 merged tokens of 28 pixels).
+    pub window_size: usize,
+    /// Blocks (0-based) that attend over whole frames; the others attend within windows.
+    pub fullatt_block_indexes: Vec<usize>,
+    /// Temporal M-RoPE ids per second of video.
+    pub tokens_per_second: f64,
+}
+
+impl Qwen25Vision {
+    /// Side of a window in merged tokens (`window_size / merge / patch`, the reference's
+    /// `vit_merger_window_size`).
+    pub fn window_merged(&self, cfg: &VisionConfig) -> usize {
+        self.window_size / cfg.spatial_merge_size / cfg.patch_size
+    }
+}
+
+fn d_q25_depth() -> usize {
+    32
+}
+fn d_q25_hidden() -> usize {
+    3584
+}
+fn d_q25_intermediate() -> usize {
+    3420
+}
+fn d_q25_tokens_per_second() -> f64 {
+    4.0
+}
+fn d_q25_window() -> usize {
+    112
+}
+fn d_q25_fullatt() -> Vec<usize> {
+    vec![7, 15, 23, 31]
+}
+
+/// `vision_config` of a Qwen2.5-VL `config.json` (mirrors `Qwen2_5_VLVisionConfig`, 4.49,
+/// with its defaults). Its `hidden_size` is the blocks' width (Qwen2-VL's `embed_dim`) and
+/// `out_hidden_size` the merger's output (Qwen2-VL's `hidden_size`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Qwen25VisionConfig {
+    #[serde(default = "d_q25_depth")]
+    pub depth: usize,
+    #[serde(default = "d_q25_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_q25_intermediate")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_v_heads")]
+    pub num_heads: usize,
+    #[serde(default = "d_v_chans", alias = "in_chans")]
+    pub in_channels: usize,
+    #[serde(default = "d_v_patch")]
+    pub patch_size: usize,
+    #[serde(default = "d_v_merge")]
+    pub spatial_merge_size: usize,
+    #[serde(default = "d_v_temporal")]
+    pub temporal_patch_size: usize,
+    #[serde(default = "d_q25_tokens_per_second")]
+    pub tokens_per_second: f64,
+    #[serde(default = "d_q25_window")]
+    pub window_size: usize,
+    #[serde(default = "d_q25_hidden")]
+    pub out_hidden_size: usize,
+    #[serde(default = "d_q25_fullatt")]
+    pub fullatt_block_indexes: Vec<usize>,
+}
+
+impl Qwen25VisionConfig {
+    /// The tower's fields under Qwen2-VL's names, with the additions in
+    /// [`VisionConfig::qwen25`].
+    pub fn to_vision(&self) -> VisionConfig {
+        VisionConfig {
+            depth: self.depth,
+            embed_dim: self.hidden_size,
+            hidden_size: self.out_hidden_size,
+            hidden_act: self.hidden_act.clone(),
+            mlp_ratio: self.intermediate_size as f64 / self.hidden_size.max(1) as f64,
+            num_heads: self.num_heads,
+            in_chans: self.in_channels,
+            patch_size: self.patch_size,
+            spatial_merge_size: self.spatial_merge_size,
+            temporal_patch_size: self.temporal_patch_size,
+            qwen25: Some(Qwen25Vision {
+                intermediate_size: self.intermediate_size,
+                window_size: self.window_size,
+                fullatt_block_indexes: self.fullatt_block_indexes.clone(),
+                tokens_per_second: self.tokens_per_second,
+            }),
+        }
+    }
 }
 
 impl Default for VisionConfig {
@@ -303,9 +409,13 @@ impl VisionConfig {
     pub fn head_dim(&self) -> usize {
         self.embed_dim / self.num_heads
     }
-    /// Hidden width of the vision MLP (`embed_dim * mlp_ratio`).
+    /// Hidden width of the vision MLP (`embed_dim * mlp_ratio`; Qwen2.5-VL's
+    /// `intermediate_size`).
     pub fn mlp_hidden_dim(&self) -> usize {
-        (self.embed_dim as f64 * self.mlp_ratio) as usize
+        match &self.qwen25 {
+            Some(q) => q.intermediate_size,
+            None => (self.embed_dim as f64 * self.mlp_ratio) as usize,
+        }
     }
     /// Length of one flattened patch: `in_chans * temporal_patch_size * patch_size²` (1176).
     pub fn patch_dim(&self) -> usize {
@@ -317,7 +427,9 @@ impl VisionConfig {
     /// attention within each frame of `h * w` patches (`q·kᵀ` and `p·v`), output
     /// projection and MLP, then the merger. Element-wise work (norms, GELU, softmax,
     /// rotary) is left out: it is what the arithmetic floor does not count. The 2B's
-    /// tower on a 640x480 image (1564 patches) is about 2.4 TFLOP.
+    /// tower on a 640x480 image (1564 patches) is about 2.4 TFLOP. A Qwen2.5-VL tower's MLP
+    /// has three matrices, and its blocks outside `fullatt_block_indexes` attend within
+    /// windows.
     pub fn flops(&self, grids: &[[usize; 3]]) -> f64 {
         let e = self.embed_dim as f64;
         let n: f64 = grids.iter().map(|g| (g[0] * g[1] * g[2]) as f64).sum();
@@ -325,12 +437,31 @@ impl VisionConfig {
             .iter()
             .map(|g| g[0] as f64 * ((g[1] * g[2]) as f64).powi(2))
             .sum();
+        let (mlp_mats, attention) = match &self.qwen25 {
+            None => (2.0, self.depth as f64 * 4.0 * frames * e),
+            Some(q) => {
+                let windows: f64 = crate::rope::vision_window_index(
+                    grids,
+                    self.spatial_merge_size,
+                    q.window_merged(self),
+                )
+                .1
+                .iter()
+                .map(|w| (w.1 as f64).powi(2))
+                .sum();
+                let full = (0..self.depth)
+                    .filter(|b| q.fullatt_block_indexes.contains(b))
+                    .count() as f64;
+                let windowed = self.depth as f64 - full;
+                (3.0, 4.0 * e * (full * frames + windowed * windows))
+            }
+        };
         let md = e * (self.spatial_merge_size * self.spatial_merge_size) as f64;
         let merged = n / (self.spatial_merge_size * self.spatial_merge_size) as f64;
         let embed = 2.0 * n * self.patch_dim() as f64 * e;
-        let block = 2.0 * n * e * (4.0 * e + 2.0 * self.mlp_hidden_dim() as f64) + 4.0 * frames * e;
+        let block = 2.0 * n * e * (4.0 * e + mlp_mats * self.mlp_hidden_dim() as f64);
         let merger = 2.0 * merged * md * (md + self.hidden_size as f64);
-        embed + self.depth as f64 * block + merger
+        embed + self.depth as f64 * block + attention + merger
     }
 }
 
@@ -358,7 +489,7 @@ struct RawConfig {
     #[serde(default)]
     text_config: Option<serde_json::Value>,
     #[serde(default)]
-    vision_config: Option<VisionConfig>,
+    vision_config: Option<serde_json::Value>,
     #[serde(default = "d_vision_start")]
     vision_start_token_id: u32,
     #[serde(default = "d_vision_end")]
@@ -429,16 +560,36 @@ impl Qwen2VLConfig {
                 text.max_position_embeddings
             )));
         }
+        let vision = match (architecture, raw.vision_config) {
+            (Architecture::Qwen25VL, v) => {
+                let v = v.unwrap_or_else(|| serde_json::json!({}));
+                serde_json::from_value::<Qwen25VisionConfig>(v)?.to_vision()
+            }
+            (_, Some(v)) => serde_json::from_value(v)?,
+            (_, None) => VisionConfig::default(),
+        };
         Ok(Qwen2VLConfig {
             architecture,
             text,
-            vision: raw.vision_config.unwrap_or_default(),
+            vision,
             vision_start_token_id: raw.vision_start_token_id,
             vision_end_token_id: raw.vision_end_token_id,
             vision_token_id: raw.vision_token_id,
             image_token_id: raw.image_token_id,
             video_token_id: raw.video_token_id,
             torch_dtype: raw.torch_dtype.or(raw.dtype),
+        })
+    }
+
+    /// How videos' temporal patches become temporal M-RoPE ids: for Qwen2.5-VL, absolute
+    /// time from each video's seconds per temporal patch (`second_per_grid_ts`, 1.0 for a
+    /// video not listed) and `tokens_per_second`; `None` (one id per temporal patch) for
+    /// the other architectures.
+    pub fn video_times(&self, second_per_grid_ts: &[f32]) -> Option<crate::rope::VideoTimes> {
+        let q = self.vision.qwen25.as_ref()?;
+        Some(crate::rope::VideoTimes {
+            second_per_grid_ts: second_per_grid_ts.to_vec(),
+            tokens_per_second: q.tokens_per_second as f32,
         })
     }
 
@@ -785,6 +936,78 @@ mod tests {
         let rest = c.text.prefill_flops(16, 400);
         assert!(rest < p / 20.0 && rest > c.text.prefill_flops(16, 0));
         assert_eq!(c.text.prefill_flops(0, 10), 0.0);
+    }
+
+    /// Qwen2.5-VL-7B-Instruct's `config.json`, as published on the hub.
+    const QWEN25_VL_7B: &str = r#"{
+  "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0,
+  "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+  "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
+  "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 3584,
+  "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 128000,
+  "max_window_layers": 28, "model_type": "qwen2_5_vl", "num_attention_heads": 28,
+  "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+  "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": false,
+  "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": true,
+  "use_sliding_window": false,
+  "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280,
+    "intermediate_size": 3420, "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584,
+    "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+    "temporal_patch_size": 2},
+  "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+  "vocab_size": 152064
+}"#;
+
+    #[test]
+    fn qwen25_vl_config_maps_onto_the_vision_fields() {
+        let c = Qwen2VLConfig::from_json_str(QWEN25_VL_7B).unwrap();
+        assert_eq!(c.architecture, Architecture::Qwen25VL);
+        assert!(c.architecture.has_vision());
+        let v = &c.vision;
+        // hidden_size is the blocks' width, out_hidden_size the merger's output.
+        assert_eq!(
+            (v.depth, v.embed_dim, v.hidden_size, v.num_heads),
+            (32, 1280, 3584, 16)
+        );
+        assert_eq!(
+            (v.head_dim(), v.mlp_hidden_dim(), v.patch_dim()),
+            (80, 3420, 1176)
+        );
+        let q = v.qwen25.as_ref().expect("Qwen2.5-VL fields");
+        assert_eq!(q.fullatt_block_indexes, vec![7, 15, 23, 31]);
+        assert_eq!((q.window_size, q.window_merged(v)), (112, 4));
+        assert_eq!(q.tokens_per_second, 2.0);
+        assert_eq!(c.text.mrope_section(), vec![16, 24, 24]);
+        assert!(!c.text.rope_1d);
+        let times = c.video_times(&[0.5]).expect("video times");
+        assert_eq!(
+            (times.tokens_per_second, times.second_per_grid_ts),
+            (2.0, vec![0.5])
+        );
+        // Qwen2-VL has neither.
+        let old = Qwen2VLConfig::from_json_str(&official(&B7)).unwrap();
+        assert!(old.vision.qwen25.is_none() && old.video_times(&[0.5]).is_none());
+        // HF's defaults where the file says nothing (Qwen2_5_VLVisionConfig, 4.49).
+        let bare = Qwen2VLConfig::from_json_str(
+            r#"{"model_type": "qwen2_5_vl", "vision_config": {"out_hidden_size": 2048}}"#,
+        )
+        .unwrap();
+        let q = bare.vision.qwen25.as_ref().unwrap();
+        assert_eq!(
+            (bare.vision.embed_dim, bare.vision.hidden_size),
+            (3584, 2048)
+        );
+        assert_eq!((q.intermediate_size, q.tokens_per_second), (3420, 4.0));
+        assert_eq!(bare.vision.hidden_act, "silu");
+        // Flops: the MLP has three matrices; windowed blocks attend within 8x8-patch windows.
+        let f = v.flops(&[[1, 32, 32]]);
+        let (n, e, i) = (1024.0, 1280.0, 3420.0);
+        let want = 2.0 * n * 1176.0 * e
+            + 32.0 * 2.0 * n * e * (4.0 * e + 3.0 * i)
+            + 4.0 * e * (4.0 * n * n + 28.0 * 16.0 * 64.0 * 64.0)
+            + 2.0 * (n / 4.0) * 4.0 * e * (4.0 * e + 3584.0);
+        assert!((f - want).abs() < 1e-9 * want, "{f} vs {want}");
     }
 
     #[test]

@@ -428,13 +428,14 @@ impl Pipeline {
         inputs: &ModelInputs,
         max_new: usize,
     ) -> Result<Sequence<'_>> {
-        Sequence::new(
+        Ok(Sequence::new(
             self.processor.tokenizer(),
             req.sampling.clone(),
             self.stop_criteria(req, max_new),
             inputs.input_ids.clone(),
             req.stream_grounding_markup,
-        )
+        )?
+        .with_box_coordinates(self.model.config().architecture.box_coordinates()))
     }
 
     /// A [`PrefillJob`] for `inputs` that looks their images and videos up in the encoder

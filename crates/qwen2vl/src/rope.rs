@@ -42,6 +42,64 @@ pub fn vision_rope_ids(grids: &[[usize; 3]], merge: usize) -> Vec<(u32, u32)> {
     ids
 }
 
+/// A window order: merged-token indices in window order, and each window's `(start, len)` in
+/// patch rows (see [`vision_window_index`]).
+pub type WindowIndex = (Vec<usize>, Vec<(usize, usize)>);
+
+/// Qwen2.5-VL's window order of the merged tokens of `grids` (mirrors
+/// `Qwen2_5_VisionTransformerPretrainedModel.get_window_index`, transformers 4.49).
+///
+/// Each frame's `(h/merge) x (w/merge)` merged tokens are cut into windows of `window` x
+/// `window` tokens, in raster order of windows and of tokens within a window; windows on the
+/// bottom and right edges are smaller (the reference pads them with -100 and drops the
+/// padding). Frames stay in order, so each frame's tokens stay together.
+///
+/// Returns `(order, windows)`: `order[j]` is the index (over all grids, in the processor's
+/// order) of the merged token at position `j` of the window order, and `windows` the
+/// `(start, len)` of each non-empty window in patch rows (`merge²` rows a token) of the
+/// reordered sequence (the reference's `cu_window_seqlens` after `unique_consecutive`).
+pub fn vision_window_index(grids: &[[usize; 3]], merge: usize, window: usize) -> WindowIndex {
+    let window = window.max(1);
+    let unit = merge * merge;
+    let mut order = Vec::new();
+    let mut windows = Vec::new();
+    let mut base = 0;
+    let mut row = 0;
+    for &[t, h, w] in grids {
+        let (gh, gw) = (h / merge, w / merge);
+        // The reference pads by `window - g % window`: a whole empty window when `g` divides.
+        let (nh, nw) = (gh / window + 1, gw / window + 1);
+        for ft in 0..t {
+            let frame = base + ft * gh * gw;
+            for wy in 0..nh {
+                for wx in 0..nw {
+                    let rows = wy * window..((wy + 1) * window).min(gh);
+                    let cols = wx * window..((wx + 1) * window).min(gw);
+                    let len = rows.len() * cols.len();
+                    if len == 0 {
+                        continue;
+                    }
+                    for r in rows {
+                        order.extend(cols.clone().map(|c| frame + r * gw + c));
+                    }
+                    windows.push((row, len * unit));
+                    row += len * unit;
+                }
+            }
+        }
+        base += t * gh * gw;
+    }
+    (order, windows)
+}
+
+/// The temporal M-RoPE id of temporal patch `index` of a Qwen2.5-VL video:
+/// `int(index * second_per_grid_t * tokens_per_second)` in float32, as transformers 4.49's
+/// `get_rope_index` computes it (`expanded_range * second_per_grid_t * tokens_per_second`,
+/// an int64 range times a float32 tensor, then `.long()`, which truncates toward zero).
+pub fn video_time_id(index: usize, second_per_grid_t: f32, tokens_per_second: f32) -> i64 {
+    ((index as f32 * second_per_grid_t) * tokens_per_second) as i64
+}
+
 /// Cos/sin tables for the vision tower's 2-D rotary embedding.
 ///
 /// `head_dim` is the vision head size (80); the rotary frequencies are over `head_dim / 2`
@@ -143,6 +201,32 @@ pub fn mrope_position_ids(
     video_grids: &[[usize; 3]],
     merge: usize,
 ) -> Result<MropePositions> {
+    mrope_position_ids_timed(input_ids, tokens, image_grids, video_grids, merge, None)
+}
+
+/// How a video's temporal patches map to temporal M-RoPE ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VideoTimes {
+    /// Seconds each video's temporal patch spans (the processor's `second_per_grid_ts`:
+    /// `temporal_patch_size / fps`), one per video in prompt order.
+    pub second_per_grid_ts: Vec<f32>,
+    /// Temporal ids per second (`vision_config.tokens_per_second`).
+    pub tokens_per_second: f32,
+}
+
+/// [`mrope_position_ids`] with Qwen2.5-VL's absolute-time video positions when `times` is
+/// given: temporal patch `k` of a video gets `t = start + `[`video_time_id`]`(k, ...)`
+/// instead of `start + k` (images keep `t = start`); the text after it resumes at
+/// `max(all ids so far) + 1`. A video without an entry in `second_per_grid_ts` takes 1.0
+/// (the reference's default when the processor gave none).
+pub fn mrope_position_ids_timed(
+    input_ids: &[u32],
+    tokens: VisionTokens,
+    image_grids: &[[usize; 3]],
+    video_grids: &[[usize; 3]],
+    merge: usize,
+    times: Option<&VideoTimes>,
+) -> Result<MropePositions> {
     let n = input_ids.len();
     let mut ids: [Vec<i64>; 3] = [
         Vec::with_capacity(n),
@@ -168,11 +252,24 @@ pub fn mrope_position_ids(
             i += 1;
             continue;
         };
+        let (item, is_video) = (queue.next, queue.kind == "video");
         let grid = queue.take()?;
         let run = input_ids[i..].iter().take_while(|&&x| x == tok).count();
-        let count = push_vision_block(&mut ids, next, grid, merge, run, queue.kind)?;
+        // Temporal id of each temporal patch, relative to the block's start.
         let [t, h, w] = grid;
-        next += t.max(h / merge).max(w / merge) as i64;
+        let time: Vec<i64> = match times {
+            Some(times) if is_video => {
+                let s = times.second_per_grid_ts.get(item).copied().unwrap_or(1.0);
+                (0..t)
+                    .map(|k| video_time_id(k, s, times.tokens_per_second))
+                    .collect()
+            }
+            Some(_) => vec![0; t],
+            None => (0..t as i64).collect(),
+        };
+        let count = push_vision_block(&mut ids, next, grid, &time, merge, run, queue.kind)?;
+        let last = time.iter().copied().max().unwrap_or(0);
+        next += 1 + last.max((h / merge) as i64 - 1).max((w / merge) as i64 - 1);
         i += count;
     }
     let (next_image, next_video) = (images.next, videos.next);
@@ -226,13 +323,14 @@ impl<'a> GridQueue<'a> {
 }
 
 /// Appends the ids of one vision item of grid `(t, h, w)` starting at `start`: `t = start +
-/// frame`, `h = start + row`, `w = start + col` in merged units. `run` is the number of pad
-/// tokens the prompt has there; it must equal the item's merged token count, which is
+/// time[frame]`, `h = start + row`, `w = start + col` in merged units. `run` is the number of
+/// pad tokens the prompt has there; it must equal the item's merged token count, which is
 /// returned.
 fn push_vision_block(
     ids: &mut [Vec<i64>; 3],
     start: i64,
     [t, h, w]: [usize; 3],
+    time: &[i64],
     merge: usize,
     run: usize,
     kind: &str,
@@ -247,10 +345,10 @@ fn push_vision_block(
             "as many pad tokens as merged vision tokens",
         ));
     }
-    for ft in 0..t {
+    for &ft in time.iter().take(t) {
         for r in 0..gh {
             for c in 0..gw {
-                ids[0].push(start + ft as i64);
+                ids[0].push(start + ft);
                 ids[1].push(start + r as i64);
                 ids[2].push(start + c as i64);
             }
@@ -317,6 +415,72 @@ mod tests {
         assert!(err.to_string().contains("needs 4 pad tokens"), "{err}");
         let err = mrope_position_ids(&[1, 2], T, &[[1, 4, 4]], &[], 2).unwrap_err();
         assert!(err.to_string().contains("placeholders"), "{err}");
+    }
+
+    #[test]
+    fn video_in_absolute_time_by_hand() {
+        // Video grid (3, 2, 4) at 1 fps: 2 s per temporal patch, 2 ids a second → t = 0, 4, 8.
+        let times = VideoTimes {
+            second_per_grid_ts: vec![2.0],
+            tokens_per_second: 2.0,
+        };
+        let ids = [1, 8, 8, 8, 8, 8, 8, 2];
+        let p = mrope_position_ids_timed(&ids, T, &[], &[[3, 2, 4]], 2, Some(&times)).unwrap();
+        assert_eq!(p.ids[0], vec![0, 1, 1, 5, 5, 9, 9, 10]);
+        assert_eq!(p.ids[1], vec![0, 1, 1, 1, 1, 1, 1, 10]);
+        assert_eq!(p.ids[2], vec![0, 1, 2, 1, 2, 1, 2, 10]);
+        assert_eq!(p.rope_delta, 10 + 1 - 8);
+        // Images keep t = start; at 4 fps (0.5 s a patch) times are 0, 1, 2: Qwen2-VL's ids.
+        let img = [1, 9, 9, 2];
+        let p = mrope_position_ids_timed(&img, T, &[[1, 2, 4]], &[], 2, Some(&times)).unwrap();
+        assert_eq!(
+            p,
+            mrope_position_ids(&img, T, &[[1, 2, 4]], &[], 2).unwrap()
+        );
+        let quick = VideoTimes {
+            second_per_grid_ts: vec![0.5],
+            tokens_per_second: 2.0,
+        };
+        let p = mrope_position_ids_timed(&ids, T, &[], &[[3, 2, 4]], 2, Some(&quick)).unwrap();
+        assert_eq!(
+            p,
+            mrope_position_ids(&ids, T, &[], &[[3, 2, 4]], 2).unwrap()
+        );
+    }
+
+    #[test]
+    fn video_time_truncates_in_float32() {
+        // 2 / 3 fps in f32 is 0.6666667: 3 * 0.6666667 * 2 = 4.0000005 → 4, not 3.
+        assert_eq!(video_time_id(3, 2.0f32 / 3.0, 2.0), 4);
+        assert_eq!(video_time_id(1, 2.0f32 / 3.0, 2.0), 1);
+        // 0.7 s a patch, 4 ids a second: 2.8 → 2 (truncated, not rounded).
+        assert_eq!(video_time_id(1, 0.7, 4.0), 2);
+        assert_eq!(video_time_id(0, 0.7, 4.0), 0);
+    }
+
+    #[test]
+    fn windows_by_hand() {
+        // One frame of 6x10 patches = 3x5 merged tokens, windows of 2x2 tokens: windows
+        // (rows 0-1: cols 0-1, 2-3, 4), (row 2: cols 0-1, 2-3, 4).
+        let (order, windows) = vision_window_index(&[[1, 6, 10]], 2, 2);
+        assert_eq!(
+            order,
+            vec![0, 1, 5, 6, 2, 3, 7, 8, 4, 9, 10, 11, 12, 13, 14]
+        );
+        let lens: Vec<usize> = windows.iter().map(|w| w.1).collect();
+        assert_eq!(lens, vec![16, 16, 8, 8, 8, 4]);
+        assert_eq!(windows[1].0, 16);
+        // A frame that the windows divide (4x4 tokens, windows of 2): no empty windows; two
+        // frames and a second grid continue the numbering.
+        let (order, windows) = vision_window_index(&[[2, 8, 8], [1, 2, 2]], 2, 2);
+        assert_eq!(windows.len(), 4 + 4 + 1);
+        assert_eq!(&order[..8], &[0, 1, 4, 5, 2, 3, 6, 7]);
+        assert_eq!(&order[16..20], &[16, 17, 20, 21]);
+        assert_eq!(order[32], 32);
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..33).collect::<Vec<_>>());
+        assert_eq!(windows.iter().map(|w| w.1).sum::<usize>(), 33 * 4);
     }
 
     #[test]

@@ -1,4 +1,8 @@
-//! The vision tower (mirrors `Qwen2VisionTransformerPretrainedModel`, transformers 4.49).
+//! The vision tower (mirrors `Qwen2VisionTransformerPretrainedModel`, transformers 4.49, and
+//! Qwen2.5-VL's `Qwen2_5_VisionTransformerPretrainedModel`: RMSNorm, a SwiGLU MLP with
+//! biases, and attention within windows of merged tokens except in the full-attention
+//! blocks; the patches are put in window order before the blocks and the merged rows back
+//! in the processor's order after the merger).
 //!
 //! `pixel_values (n_patches, 1176)` + grids → `(n_patches / merge², text_hidden)`.
 //! Patches of several images/videos are packed in one sequence; attention is full within
@@ -11,7 +15,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::VisionConfig;
 use crate::error::{Error, Result};
-use crate::nn::{attention, LayerNorm, Linear};
+use crate::nn::{attention, LayerNorm, Linear, RmsNorm};
 use crate::ops::attention::{attention_keys, Keys};
 use crate::rope;
 use crate::weights::Weights;
@@ -139,6 +143,79 @@ impl VisionAttention {
     }
 }
 
+/// Qwen2.5-VL's block MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))`, each with a bias
+/// (`Qwen2_5_VLMLP(bias=True)`).
+#[derive(Debug, Clone)]
+pub struct Qwen25VisionMlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Qwen25VisionMlp {
+    fn load(w: &Weights, prefix: &str, cfg: &VisionConfig) -> Result<Self> {
+        if cfg.hidden_act != "silu" {
+            return Err(Error::Weights(format!(
+                "Qwen2.5-VL vision hidden_act {:?} is not supported (allowed: silu)",
+                cfg.hidden_act
+            )));
+        }
+        let (d, i) = (cfg.embed_dim, cfg.mlp_hidden_dim());
+        Ok(Qwen25VisionMlp {
+            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), d, i, true)?,
+            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), d, i, true)?,
+            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), i, d, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate_proj.forward(x)?;
+        let u = self.up_proj.forward(x)?;
+        self.down_proj.forward(&crate::ops::fused::silu_mul(g, &u)?)
+    }
+}
+
+/// A block's MLP: Qwen2-VL's [`VisionMlp`] or Qwen2.5-VL's [`Qwen25VisionMlp`].
+#[derive(Debug, Clone)]
+enum BlockMlp {
+    Qwen2(VisionMlp),
+    Qwen25(Qwen25VisionMlp),
+}
+
+impl BlockMlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            BlockMlp::Qwen2(m) => m.forward(x),
+            BlockMlp::Qwen25(m) => m.forward(x),
+        }
+    }
+}
+
+/// The vision tower's norms: LayerNorm in Qwen2-VL, RMSNorm (`Qwen2RMSNorm`) in Qwen2.5-VL;
+/// eps 1e-6 in both.
+#[derive(Debug, Clone)]
+enum VisionNorm {
+    Layer(LayerNorm),
+    Rms(RmsNorm),
+}
+
+impl VisionNorm {
+    fn load(w: &Weights, prefix: &str, cfg: &VisionConfig) -> Result<Self> {
+        Ok(if cfg.qwen25.is_some() {
+            VisionNorm::Rms(RmsNorm::load(w, prefix, cfg.embed_dim, LN_EPS)?)
+        } else {
+            VisionNorm::Layer(LayerNorm::load(w, prefix, cfg.embed_dim, LN_EPS)?)
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            VisionNorm::Layer(n) => n.forward(x),
+            VisionNorm::Rms(n) => n.forward(x),
+        }
+    }
+}
+
 /// `fc2(quick_gelu(fc1(x)))`.
 #[derive(Debug, Clone)]
 pub struct VisionMlp {
@@ -188,23 +265,27 @@ impl VisionMlp {
     }
 }
 
-/// Pre-norm transformer block (`Qwen2VLVisionBlock`).
+/// Pre-norm transformer block (`Qwen2VLVisionBlock`, `Qwen2_5_VLVisionBlock`).
 #[derive(Debug, Clone)]
 pub struct VisionBlock {
-    norm1: LayerNorm,
+    norm1: VisionNorm,
     attn: VisionAttention,
-    norm2: LayerNorm,
-    mlp: VisionMlp,
+    norm2: VisionNorm,
+    mlp: BlockMlp,
 }
 
 impl VisionBlock {
     fn load(w: &Weights, i: usize, cfg: &VisionConfig) -> Result<Self> {
         let p = format!("visual.blocks.{i}");
         Ok(VisionBlock {
-            norm1: LayerNorm::load(w, &format!("{p}.norm1"), cfg.embed_dim, LN_EPS)?,
+            norm1: VisionNorm::load(w, &format!("{p}.norm1"), cfg)?,
             attn: VisionAttention::load(w, &format!("{p}.attn"), cfg)?,
-            norm2: LayerNorm::load(w, &format!("{p}.norm2"), cfg.embed_dim, LN_EPS)?,
-            mlp: VisionMlp::load(w, &format!("{p}.mlp"), cfg)?,
+            norm2: VisionNorm::load(w, &format!("{p}.norm2"), cfg)?,
+            mlp: if cfg.qwen25.is_some() {
+                BlockMlp::Qwen25(Qwen25VisionMlp::load(w, &format!("{p}.mlp"), cfg)?)
+            } else {
+                BlockMlp::Qwen2(VisionMlp::load(w, &format!("{p}.mlp"), cfg)?)
+            },
         })
     }
 
@@ -224,12 +305,12 @@ impl VisionBlock {
     }
 }
 
-/// LayerNorm → concatenate each 2x2 block of neighbouring patches → Linear → GELU → Linear
-/// (`PatchMerger`; weights `ln_q`, `mlp.0`, `mlp.2`). The processor already orders patches
-/// so a block is 4 consecutive rows, so "concatenate" is a reshape.
+/// LayerNorm (RMSNorm in Qwen2.5-VL) → concatenate each 2x2 block of neighbouring patches →
+/// Linear → GELU → Linear (`PatchMerger`; weights `ln_q`, `mlp.0`, `mlp.2`). The processor
+/// already orders patches so a block is 4 consecutive rows, so "concatenate" is a reshape.
 #[derive(Debug, Clone)]
 pub struct PatchMerger {
-    ln_q: LayerNorm,
+    ln_q: VisionNorm,
     fc1: Linear,
     fc2: Linear,
     merged_dim: usize,
@@ -239,7 +320,7 @@ impl PatchMerger {
     fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
         let merged_dim = cfg.embed_dim * cfg.spatial_merge_size * cfg.spatial_merge_size;
         Ok(PatchMerger {
-            ln_q: LayerNorm::load(w, "visual.merger.ln_q", cfg.embed_dim, LN_EPS)?,
+            ln_q: VisionNorm::load(w, "visual.merger.ln_q", cfg)?,
             fc1: Linear::load(w, "visual.merger.mlp.0", merged_dim, merged_dim, true)?,
             fc2: Linear::load(w, "visual.merger.mlp.2", merged_dim, cfg.hidden_size, true)?,
             merged_dim,
@@ -305,13 +386,13 @@ impl VisionTransformer {
     /// the merger): the oracle of [`VisionTransformer::forward`]'s cut into units.
     pub fn forward_plain(&self, pixel_values: &Tensor, grids: &[[usize; 3]]) -> Result<Tensor> {
         self.check(pixel_values, grids)?;
-        let (cos, sin) = self.rope_tables(pixel_values, grids)?;
-        let segments = frame_segments(grids);
-        let mut x = self.patch_embed.forward(pixel_values)?;
-        for block in &self.blocks {
-            x = block.forward(&x, &cos, &sin, &segments)?;
+        let l = self.layout(pixel_values, grids)?;
+        let mut x = self.patch_embed.forward(&l.pixels)?;
+        for (b, block) in self.blocks.iter().enumerate() {
+            let segments = self.block_segments(b, &l.frames, l.windows.as_deref());
+            x = block.forward(&x, &l.cos, &l.sin, segments)?;
         }
-        self.merger.forward(&x)
+        l.restore(self.merger.forward(&x)?)
     }
 
     /// Starts a pass that the caller runs one unit of work per [`VisionPass::step`] (see
@@ -330,15 +411,16 @@ impl VisionTransformer {
         rows: Option<usize>,
     ) -> Result<VisionPass<'_>> {
         self.check(pixel_values, grids)?;
-        let (cos, sin) = self.rope_tables(pixel_values, grids)?;
-        let segments = frame_segments(grids);
-        let plan = self.plan(&segments, rows);
+        let l = self.layout(pixel_values, grids)?;
+        let plan = self.plan(&l.frames, l.windows.as_deref(), rows);
         Ok(VisionPass {
             tower: self,
-            pixels: pixel_values.clone(),
-            cos,
-            sin,
-            segments,
+            pixels: l.pixels,
+            cos: l.cos,
+            sin: l.sin,
+            segments: l.frames,
+            windows: l.windows,
+            restore: l.restore,
             plan,
             next: 0,
             x: None,
@@ -353,7 +435,73 @@ impl VisionTransformer {
 
     /// Units of work of a pass over `grids` (see [`VisionPass::step`]).
     pub fn pass_units(&self, grids: &[[usize; 3]], rows: Option<usize>) -> usize {
-        self.plan(&frame_segments(grids), rows).len()
+        let windows = self.window_index(grids).map(|(_, w)| w);
+        self.plan(&frame_segments(grids), windows.as_deref(), rows)
+            .len()
+    }
+
+    /// Qwen2.5-VL's window order of `grids` (see [`rope::vision_window_index`]); `None` for
+    /// Qwen2-VL, whose blocks all attend over whole frames.
+    fn window_index(&self, grids: &[[usize; 3]]) -> Option<rope::WindowIndex> {
+        let q = self.cfg.qwen25.as_ref()?;
+        Some(rope::vision_window_index(
+            grids,
+            self.cfg.spatial_merge_size,
+            q.window_merged(&self.cfg),
+        ))
+    }
+
+    /// The attention segments of block `b`: the frames for Qwen2-VL and Qwen2.5-VL's
+    /// full-attention blocks, else the windows.
+    fn block_segments<'s>(
+        &self,
+        b: usize,
+        frames: &'s [(usize, usize)],
+        windows: Option<&'s [(usize, usize)]>,
+    ) -> &'s [(usize, usize)] {
+        match (windows, &self.cfg.qwen25) {
+            (Some(w), Some(q)) if !q.fullatt_block_indexes.contains(&b) => w,
+            _ => frames,
+        }
+    }
+
+    /// The rows a pass runs over: the patches in the order the blocks see them (Qwen2.5-VL:
+    /// window order, whole 2x2 merge blocks moved together, as the reference reorders the
+    /// embedded patches and their rotary rows by `window_index`), their rope tables, the
+    /// frames' and windows' segments of that order, and the index that puts the merged
+    /// rows back in the processor's order (the reference's `argsort(window_index)`).
+    fn layout(&self, pixel_values: &Tensor, grids: &[[usize; 3]]) -> Result<Layout> {
+        let device = pixel_values.device();
+        let mut ids = rope::vision_rope_ids(grids, self.cfg.spatial_merge_size);
+        let frames = frame_segments(grids);
+        let (pixels, windows, restore) = match self.window_index(grids) {
+            None => (pixel_values.clone(), None, None),
+            Some((order, windows)) => {
+                let unit = self.cfg.spatial_merge_size * self.cfg.spatial_merge_size;
+                let rows: Vec<u32> = order
+                    .iter()
+                    .flat_map(|&j| (j * unit..(j + 1) * unit).map(|r| r as u32))
+                    .collect();
+                ids = rows.iter().map(|&r| ids[r as usize]).collect();
+                let mut restore = vec![0u32; order.len()];
+                for (pos, &j) in order.iter().enumerate() {
+                    restore[j] = pos as u32;
+                }
+                let n = rows.len();
+                let pixels = pixel_values.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
+                let restore = Tensor::from_vec(restore, order.len(), device)?;
+                (pixels, Some(windows), Some(restore))
+            }
+        };
+        let (cos, sin) = self.rope_tables(&ids, pixel_values)?;
+        Ok(Layout {
+            pixels,
+            cos,
+            sin,
+            frames,
+            windows,
+            restore,
+        })
     }
 
     /// Checks `pixel_values (n, patch_dim)` against `grids`.
@@ -387,23 +535,29 @@ impl VisionTransformer {
         Ok(())
     }
 
-    /// The 2-D rope tables `(n, head_dim/2)` of the patches of `grids`.
-    fn rope_tables(&self, pixel_values: &Tensor, grids: &[[usize; 3]]) -> Result<(Tensor, Tensor)> {
-        let n: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+    /// The 2-D rope tables `(n, head_dim/2)` of patches with (row, col) `ids`, in the dtype
+    /// and on the device of `pixel_values`.
+    fn rope_tables(&self, ids: &[(u32, u32)], pixel_values: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = ids.len();
         let dtype = pixel_values.dtype();
         let device = pixel_values.device();
-        let ids = rope::vision_rope_ids(grids, self.cfg.spatial_merge_size);
-        let (cos, sin) = rope::vision_cos_sin(&ids, self.cfg.head_dim(), VISION_ROPE_THETA);
+        let (cos, sin) = rope::vision_cos_sin(ids, self.cfg.head_dim(), VISION_ROPE_THETA);
         let half = self.cfg.head_dim() / 2;
         let cos = Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?;
         Ok((cos, sin))
     }
 
-    /// The units of a pass over frames `segments`, in order (see [`VisionPass`]).
-    fn plan(&self, segments: &[(usize, usize)], rows: Option<usize>) -> Vec<Unit> {
+    /// The units of a pass over `frames`, in order (see [`VisionPass`]); the blocks that
+    /// attend within `windows` cut their attention by those instead.
+    fn plan(
+        &self,
+        frames: &[(usize, usize)],
+        windows: Option<&[(usize, usize)]>,
+        rows: Option<usize>,
+    ) -> Vec<Unit> {
         let cfg = &self.cfg;
-        let n: usize = segments.iter().map(|s| s.1).sum();
+        let n: usize = frames.iter().map(|s| s.1).sum();
         let merge2 = cfg.spatial_merge_size * cfg.spatial_merge_size;
         let e = cfg.embed_dim as f64;
         let md = self.merger.merged_dim as f64;
@@ -427,6 +581,7 @@ impl VisionTransformer {
             // chunks of query rows.
             let mut pieces = Vec::new();
             let mut work = 0.0;
+            let segments = self.block_segments(b, frames, windows);
             for (i, &(start, len)) in segments.iter().enumerate() {
                 let per_row = 4.0 * len as f64 * e;
                 for r in row_chunks(start..start + len, rows_for(per_row)) {
@@ -512,8 +667,8 @@ enum Unit {
     Embed(Range<usize>),
     /// Block `.0`: LayerNorm, qkv and rope of these rows.
     Qkv(usize, Range<usize>),
-    /// Block `.0`: attention of these query rows, each piece within one frame
-    /// (frame index, rows).
+    /// Block `.0`: attention of these query rows, each piece within one frame or window
+    /// (its index among the block's segments, rows).
     Attend(usize, Vec<(usize, Range<usize>)>),
     /// Block `.0`: output projection, residual, LayerNorm, MLP, residual of these rows.
     Mlp(usize, Range<usize>),
@@ -552,7 +707,12 @@ pub struct VisionPass<'t> {
     pixels: Tensor,
     cos: Tensor,
     sin: Tensor,
+    /// Each frame's `(start, len)` rows.
     segments: Vec<(usize, usize)>,
+    /// Each window's `(start, len)` rows (Qwen2.5-VL; the rows are in window order).
+    windows: Option<Vec<(usize, usize)>>,
+    /// Where each merged row of the processor's order is in the window order (Qwen2.5-VL).
+    restore: Option<Tensor>,
     plan: Vec<Unit>,
     /// The next unit of `plan`.
     next: usize,
@@ -628,8 +788,10 @@ impl VisionPass<'_> {
                 for (i, r) in pieces {
                     let [q, k, v] = self.qkv.as_ref().ok_or_else(|| stage_error("qkv"))?;
                     if self.frame.as_ref().is_none_or(|f| f.0 != *i) {
-                        let &(start, len) =
-                            self.segments.get(*i).ok_or_else(|| stage_error("frame"))?;
+                        let &(start, len) = tower
+                            .block_segments(*b, &self.segments, self.windows.as_deref())
+                            .get(*i)
+                            .ok_or_else(|| stage_error("frame"))?;
                         // (len, heads, hd) → (heads, len, hd), views.
                         let ks = k.narrow(0, start, len)?.transpose(0, 1)?;
                         let vs = v.narrow(0, start, len)?.transpose(0, 1)?;
@@ -684,7 +846,11 @@ impl VisionPass<'_> {
                 self.attn = None;
             }
             Unit::Merge(_) => {
-                self.out = Some(cat_rows(std::mem::take(&mut self.parts))?);
+                let out = cat_rows(std::mem::take(&mut self.parts))?;
+                self.out = Some(match &self.restore {
+                    Some(r) => out.index_select(r, 0)?,
+                    None => out,
+                });
                 self.x = None;
             }
         }
@@ -693,6 +859,29 @@ impl VisionPass<'_> {
 
     fn hidden(&self) -> Result<&Tensor> {
         self.x.as_ref().ok_or_else(|| stage_error("hidden states"))
+    }
+}
+
+/// The rows of one pass as the blocks see them (see [`VisionTransformer::layout`]).
+struct Layout {
+    /// `(n, patch_dim)`, in window order for Qwen2.5-VL.
+    pixels: Tensor,
+    /// `(n, head_dim/2)` each, in the same order.
+    cos: Tensor,
+    sin: Tensor,
+    frames: Vec<(usize, usize)>,
+    windows: Option<Vec<(usize, usize)>>,
+    /// `(n / merge²,)`: the merged rows back in the processor's order.
+    restore: Option<Tensor>,
+}
+
+impl Layout {
+    /// The merger's output `(n / merge², hidden)` in the processor's order.
+    fn restore(&self, merged: Tensor) -> Result<Tensor> {
+        Ok(match &self.restore {
+            Some(r) => merged.index_select(r, 0)?,
+            None => merged,
+        })
     }
 }
 
@@ -737,8 +926,13 @@ mod tests {
     use candle_core::DType;
 
     fn tiny_tower() -> VisionTransformer {
+        fixture_tower("tiny-qwen2vl")
+    }
+
+    fn fixture_tower(model: &str) -> VisionTransformer {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/tiny-qwen2vl");
+            .join("../../tests/fixtures")
+            .join(model);
         let cfg = Qwen2VLConfig::from_file(&dir.join("config.json")).expect("config");
         let w = Weights::from_dir(&dir, DType::F32, &Device::Cpu).expect("weights");
         VisionTransformer::load(&w, &cfg.vision).expect("tower")
@@ -807,6 +1001,34 @@ mod tests {
             assert_eq!(got.len(), n / 4 * tower.config().hidden_size);
             assert_eq!(got, plain, "rows {rows}");
         }
+    }
+
+    #[test]
+    fn a_qwen25_pass_cut_into_row_chunks_is_bit_identical_to_the_plain_pass() {
+        let tower = fixture_tower("tiny-qwen25vl");
+        assert!(tower.config().qwen25.is_some());
+        // A 22x30 frame (11x15 merged: 3x4 windows of 4x4, the last row and column partial),
+        // a two-frame video of 8x8 (one window a frame, the reference's empty padding window
+        // dropped) and an 18x10 frame.
+        let grids = [[1, 22, 30], [2, 8, 8], [1, 18, 10]];
+        let n: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+        let pv = pixels(n, tower.config().patch_dim());
+        let plain = flat(&tower.forward_plain(&pv, &grids).expect("plain"));
+        assert_eq!(flat(&tower.forward(&pv, &grids).expect("forward")), plain);
+        for rows in [1, MIN_CHUNK_ROWS] {
+            let pass = tower
+                .begin_with_rows(&pv, &grids, Some(rows))
+                .expect("begin");
+            assert_eq!(pass.progress().1, tower.pass_units(&grids, Some(rows)));
+            assert_eq!(flat(&pass.finish().expect("finish")), plain, "rows {rows}");
+        }
+        // Each frame alone gives its rows of the pack: windows never cross frames.
+        let alone = flat(
+            &tower
+                .forward_plain(&pv.narrow(0, 0, 660).expect("rows"), &grids[..1])
+                .expect("alone"),
+        );
+        assert_eq!(alone[..], plain[..alone.len()]);
     }
 
     #[test]

@@ -25,10 +25,11 @@ fn logits(case: &common::Case, model: &Qwen2VL) -> Vec<Vec<f32>> {
     let mut ids = p.ids.clone();
     ids.extend(case.u32s("greedy_ids"));
     let positions = model
-        .position_ids(
+        .position_ids_timed(
             &ids,
             &case.grids("image_grid_thw"),
             &case.grids("video_grid_thw"),
+            &case.second_per_grid_ts(),
         )
         .expect("positions");
     let mut cache = model.new_cache(ids.len()).expect("cache");
@@ -76,20 +77,89 @@ const MAX_FLIP_MARGIN: f64 = 3.5;
 /// Most the last prompt position may differ from the reference's logits.
 const MAX_VS_REFERENCE: f32 = 3.5;
 
+/// Whether a case's model is a Qwen2.5-VL.
+fn is_qwen25(case: &common::Case) -> bool {
+    let cfg = qwen2vl::config::Qwen2VLConfig::from_file(&case.model_dir().join("config.json"))
+        .expect("config");
+    cfg.vision.qwen25.is_some()
+}
+
+/// The Qwen2-VL and text cases: the bounds above were measured on them. (The tiny
+/// Qwen2.5-VL model is far more sensitive to rounding; see the next test.)
 #[test]
 fn bf16_compute_stays_close_to_f32_on_the_golden_cases() {
+    let cases: Vec<_> = common::case_names()
+        .into_iter()
+        .map(|n| common::Case::load(&n))
+        .filter(|c| !is_qwen25(c))
+        .collect();
+    check(
+        &cases,
+        Bounds {
+            min_top1: MIN_TOP1,
+            max_abs: MAX_ABS,
+            max_mean_abs: MAX_MEAN_ABS,
+            max_flip_margin: MAX_FLIP_MARGIN,
+            max_vs_reference: MAX_VS_REFERENCE,
+        },
+    );
+}
+
+/// What [`check`] allows.
+struct Bounds {
+    min_top1: f64,
+    max_abs: f64,
+    max_mean_abs: f64,
+    max_flip_margin: f64,
+    max_vs_reference: f32,
+}
+
+/// The tiny Qwen2.5-VL model's cases under bf16 compute. Measured (AMX, 4 cases, 1,819
+/// positions): max |Δlogit| 5.6-6.4 per case, mean 0.27, top-1 90.3%, every flip within 2.6
+/// of f32's top logit, the last prompt position within 2.5 of the reference. Its vision
+/// tower alone moves by 0.6-0.7% of its output's mean magnitude (the Qwen2-VL fixtures':
+/// 0.3%; twice the blocks, a three-matrix MLP), and its random decoder amplifies that more,
+/// so the bounds sit above its own figures; a wrong product moves the mean by whole units.
+#[test]
+fn bf16_compute_stays_close_to_f32_on_the_qwen25vl_cases() {
+    let cases: Vec<_> = common::case_names()
+        .into_iter()
+        .map(|n| common::Case::load(&n))
+        .filter(is_qwen25)
+        .collect();
+    assert!(cases.len() >= 4, "{} Qwen2.5-VL cases", cases.len());
+    check(
+        &cases,
+        Bounds {
+            min_top1: 0.87,
+            max_abs: 9.0,
+            max_mean_abs: 0.4,
+            max_flip_margin: 4.0,
+            max_vs_reference: 4.0,
+        },
+    );
+}
+
+fn check(cases: &[common::Case], bounds: Bounds) {
+    let Bounds {
+        min_top1,
+        max_abs: max_abs_bound,
+        max_mean_abs,
+        max_flip_margin,
+        max_vs_reference: max_vs_reference_bound,
+    } = bounds;
     let (mut max_abs, mut sum_abs, mut count) = (0f64, 0f64, 0usize);
     let (mut agree, mut positions) = (0usize, 0usize);
     let mut max_vs_reference = 0f32;
     let mut worst_flip = 0f64;
-    for name in common::case_names() {
-        let case = common::Case::load(&name);
-        let f32_model = load(&case, DType::F32);
-        let bf16_model = load(&case, DType::BF16);
+    for case in cases {
+        let name = &case.name;
+        let f32_model = load(case, DType::F32);
+        let bf16_model = load(case, DType::BF16);
         // bf16 compute keeps the activations in f32.
         assert_eq!(bf16_model.dtype(), DType::F32);
-        let want = logits(&case, &f32_model);
-        let got = logits(&case, &bf16_model);
+        let want = logits(case, &f32_model);
+        let got = logits(case, &bf16_model);
         let (mut case_max, mut case_agree) = (0f64, 0usize);
         for (w, g) in want.iter().zip(&got) {
             for (&a, &b) in w.iter().zip(g) {
@@ -127,18 +197,21 @@ fn bf16_compute_stays_close_to_f32_on_the_golden_cases() {
     assert!(mean_abs > 0.0, "bf16 logits equal the f32 ones");
     // ...and only bf16's rounding separates them: a wrong product (a transposed or
     // misaligned panel, a lost pair of k) moves the logits by whole units.
-    assert!(top1 >= MIN_TOP1, "top-1 agreement {top1} < {MIN_TOP1}");
-    assert!(max_abs <= MAX_ABS, "max |Δlogit| {max_abs} > {MAX_ABS}");
+    assert!(top1 >= min_top1, "top-1 agreement {top1} < {min_top1}");
     assert!(
-        mean_abs <= MAX_MEAN_ABS,
-        "mean |Δlogit| {mean_abs} > {MAX_MEAN_ABS}"
+        max_abs <= max_abs_bound,
+        "max |Δlogit| {max_abs} > {max_abs_bound}"
     );
     assert!(
-        worst_flip <= MAX_FLIP_MARGIN,
-        "a top-1 flip {worst_flip} below f32's top logit (> {MAX_FLIP_MARGIN}): not a near-tie"
+        mean_abs <= max_mean_abs,
+        "mean |Δlogit| {mean_abs} > {max_mean_abs}"
     );
     assert!(
-        max_vs_reference <= MAX_VS_REFERENCE,
-        "last position vs reference {max_vs_reference} > {MAX_VS_REFERENCE}"
+        worst_flip <= max_flip_margin,
+        "a top-1 flip {worst_flip} below f32's top logit (> {max_flip_margin}): not a near-tie"
+    );
+    assert!(
+        max_vs_reference <= max_vs_reference_bound,
+        "last position vs reference {max_vs_reference} > {max_vs_reference_bound}"
     );
 }

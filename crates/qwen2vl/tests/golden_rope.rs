@@ -1,8 +1,9 @@
-//! M-RoPE position ids against the reference's `get_rope_index` (exact).
+//! M-RoPE position ids against the reference's `get_rope_index` (exact); Qwen2.5-VL videos
+//! in absolute time from the case's `second_per_grid_ts`.
 
 mod common;
 
-use qwen2vl::rope::{mrope_position_ids, VisionTokens};
+use qwen2vl::rope::{mrope_position_ids_timed, VisionTokens};
 
 #[test]
 fn position_ids_match_reference_exactly() {
@@ -17,12 +18,14 @@ fn position_ids_match_reference_exactly() {
             image_pad: cfg.image_token_id,
             video_pad: cfg.video_token_id,
         };
-        let p = mrope_position_ids(
+        let seconds = case.second_per_grid_ts();
+        let p = mrope_position_ids_timed(
             &ids,
             tokens,
             &case.grids("image_grid_thw"),
             &case.grids("video_grid_thw"),
             cfg.vision.spatial_merge_size,
+            cfg.video_times(&seconds).as_ref(),
         )
         .expect("position ids");
         let want = case.i64s("position_ids");

@@ -78,7 +78,9 @@ pub struct Generation {
     /// Boxes and quads in the answer (`None` when there are none): parsed from a decode that
     /// keeps the grounding markers, which `text` (like transformers' `skip_special_tokens=True`)
     /// drops, leaving only "the red car(120,340),(560,780)". Coordinates are the model's
-    /// [0, 1000); map them to an image with [`crate::grounding::Grounding::pixel_shapes`].
+    /// ([`crate::grounding::Grounding::coordinates`]: Qwen2-VL's [0, 1000), Qwen2.5-VL's
+    /// pixels of the resized image, its JSON `bbox_2d` boxes included); map them to an image
+    /// with [`crate::grounding::Grounding::image_pixel_shapes`].
     pub grounding: Option<crate::grounding::Grounding>,
 }
 

@@ -99,6 +99,8 @@ pub struct Sequence<'t> {
     marked: String,
     finish: Option<FinishReason>,
     first_token_at: Option<Instant>,
+    /// What the model's box coordinates mean (for `Generation::grounding`).
+    coordinates: crate::grounding::BoxCoordinates,
 }
 
 impl<'t> Sequence<'t> {
@@ -127,7 +129,15 @@ impl<'t> Sequence<'t> {
             marked: String::new(),
             finish: None,
             first_token_at: None,
+            coordinates: Default::default(),
         })
+    }
+
+    /// Reads the answer's boxes as a model whose coordinates mean `coordinates` writes them
+    /// (Qwen2-VL's thousandths by default; Qwen2.5-VL's resized pixels, JSON included).
+    pub fn with_box_coordinates(mut self, coordinates: crate::grounding::BoxCoordinates) -> Self {
+        self.coordinates = coordinates;
+        self
     }
 
     /// Samples the next token from one row of logits `(vocab,)`, records it, decodes it and
@@ -263,8 +273,11 @@ impl<'t> Sequence<'t> {
         let ttft_ms = first.saturating_duration_since(start).as_secs_f64() * 1e3;
         let decode_ms = now.saturating_duration_since(first).as_secs_f64() * 1e3;
         let steps = self.token_ids.len().saturating_sub(1);
-        let grounding =
-            Some(crate::grounding::Grounding::parse(&self.marked)).filter(|g| g.has_shapes());
+        let grounding = Some(crate::grounding::Grounding::parse_for(
+            &self.marked,
+            self.coordinates,
+        ))
+        .filter(|g| g.has_shapes());
         let n = prompt.prompt_tokens;
         let finish = self.finish.unwrap_or(FinishReason::Length);
         Generation {

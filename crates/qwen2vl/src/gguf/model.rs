@@ -1,6 +1,8 @@
 //! A Qwen2-VL checkpoint in llama.cpp's GGUF files: the text model (`general.architecture =
 //! "qwen2vl"`) and, optionally, the vision projector (`mmproj`, `general.architecture =
-//! "clip"`, `clip.projector_type = "qwen2vl_merger"`), as `convert_hf_to_gguf.py` writes them
+//! "clip"`, `clip.projector_type = "qwen2vl_merger"`; Qwen2.5-VL's: `"qwen2.5vl_merger"`, with
+//! `clip.vision.n_wa_pattern` for its full-attention blocks, see [`PROJECTOR_QWEN25`]), as
+//! `convert_hf_to_gguf.py` writes them
 //! (and `llama-quantize` requantizes them). A Qwen2 text model (`general.architecture =
 //! "qwen2"`, the converter's name for `Qwen2ForCausalLM`) loads the same way: the same keys
 //! under `qwen2.*` without `rope.dimension_sections` (1-D RoPE), the same tensor names, and
@@ -33,6 +35,7 @@
 //! | `visual.blocks.N.attn.qkv` | `v.blk.N.attn_q`, `attn_k`, `attn_v` stacked as rows |
 //! | `visual.blocks.N.attn.proj` | `v.blk.N.attn_out` |
 //! | `visual.blocks.N.mlp.fc1` / `fc2` | `v.blk.N.ffn_up` / `ffn_down` |
+//! | `visual.blocks.N.mlp.{gate,up,down}_proj` (Qwen2.5-VL) | `v.blk.N.ffn_{gate,up,down}` |
 //! | `visual.merger.ln_q` / `mlp.0` / `mlp.2` | `v.post_ln` / `mm.0` / `mm.2` |
 //!
 //! A GGUF matrix with `ne = [in, out]` has the bytes of the row-major `(out, in)` PyTorch
@@ -67,6 +70,14 @@ pub const QWEN2_ARCH: &str = "qwen2";
 pub const QWEN2MOE_ARCH: &str = "qwen2moe";
 /// The projector type of Qwen2-VL's vision mmproj.
 pub const PROJECTOR: &str = "qwen2vl_merger";
+/// The projector type of Qwen2.5-VL's vision mmproj (its text model is a `qwen2vl` too).
+pub const PROJECTOR_QWEN25: &str = "qwen2.5vl_merger";
+/// Qwen2.5-VL's window side in pixels when the mmproj has no `clip.vision.window_size` (the
+/// converter writes none; every released Qwen2.5-VL has 112, llama.cpp's default too).
+pub const QWEN25_WINDOW_SIZE: usize = 112;
+/// Qwen2.5-VL's temporal ids per second of video, which the mmproj does not record: 2 in
+/// every released Qwen2.5-VL (3B, 7B, 32B, 72B; transformers' default of 4 is in none).
+pub const QWEN25_TOKENS_PER_SECOND: f64 = 2.0;
 
 /// Which of the two files a tensor is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -208,16 +219,17 @@ impl GgufModel {
                 ));
             }
             let proj = v.get_str("clip.projector_type")?;
-            if proj != PROJECTOR {
+            if proj != PROJECTOR && proj != PROJECTOR_QWEN25 {
                 return Err(err(
                     v,
-                    format!("clip.projector_type is '{proj}'; allowed: {PROJECTOR} (Qwen2-VL)"),
+                    format!("clip.projector_type is '{proj}'; allowed: {PROJECTOR} (Qwen2-VL) or {PROJECTOR_QWEN25} (Qwen2.5-VL)"),
                 ));
             }
             if v.get_bool_opt("clip.has_vision_encoder")? == Some(false) {
                 return Err(err(v, "clip.has_vision_encoder is false"));
             }
-            if v.get_bool_opt("clip.use_silu")? == Some(true) {
+            // Qwen2.5-VL's SwiGLU MLP is what the converter marks with use_silu.
+            if proj == PROJECTOR && v.get_bool_opt("clip.use_silu")? == Some(true) {
                 return Err(err(
                     v,
                     "clip.use_silu is true; allowed: quick_gelu or gelu vision MLPs",
@@ -578,6 +590,7 @@ fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLCon
             ..VisionConfig::default()
         },
         Some(v) => {
+            let qwen25 = v.get_str("clip.projector_type")? == PROJECTOR_QWEN25;
             let embed = u(v, "clip.vision.embedding_length")?;
             let up = v.tensor_info("v.blk.0.ffn_up.weight")?;
             // clip.vision.feed_forward_length is the text width for Qwen2-VL (a converter
@@ -589,7 +602,9 @@ fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLCon
                 depth: u(v, "clip.vision.block_count")?,
                 embed_dim: embed,
                 hidden_size: u(v, "clip.vision.projection_dim")?,
-                hidden_act: if v.get_bool_opt("clip.use_gelu")? == Some(true) {
+                hidden_act: if qwen25 {
+                    "silu".into()
+                } else if v.get_bool_opt("clip.use_gelu")? == Some(true) {
                     "gelu".into()
                 } else {
                     "quick_gelu".into()
@@ -603,6 +618,11 @@ fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLCon
                     None => 2,
                 },
                 temporal_patch_size: 2,
+                qwen25: if qwen25 {
+                    Some(qwen25_fields(v, mlp)?)
+                } else {
+                    None
+                },
             };
             if cfg.num_heads == 0
                 || !cfg.embed_dim.is_multiple_of(cfg.num_heads)
@@ -650,7 +670,11 @@ fn build_config(text: &GgufFile, vision: Option<&GgufFile>) -> Result<Qwen2VLCon
         });
     }
     Ok(Qwen2VLConfig {
-        architecture: crate::config::Architecture::Qwen2VL,
+        architecture: if vision.qwen25.is_some() {
+            crate::config::Architecture::Qwen25VL
+        } else {
+            crate::config::Architecture::Qwen2VL
+        },
         text: t,
         vision,
         vision_start_token_id: id(VISION_START)?,
@@ -710,6 +734,28 @@ fn moe_config(text: &GgufFile, arch: &str) -> Result<crate::config::MoeConfig> {
                     .is_none()
             })
             .collect(),
+    })
+}
+
+/// What a `qwen2.5vl_merger` mmproj says about its tower beyond Qwen2-VL's: the MLP width
+/// `mlp`, the window side (`clip.vision.window_size`, else [`QWEN25_WINDOW_SIZE`]) and the
+/// full-attention blocks. The converter writes `fullatt_block_indexes` as
+/// `clip.vision.n_wa_pattern` = first index + 1 (refusing any list that is not every
+/// pattern-th block), and llama.cpp attends over whole frames in block `i` when
+/// `(i + 1) % n_wa_pattern == 0`; no key (or 0): every block full.
+fn qwen25_fields(v: &GgufFile, mlp: usize) -> Result<crate::config::Qwen25Vision> {
+    let depth = u(v, "clip.vision.block_count")?;
+    let pattern = v.get_u32_opt("clip.vision.n_wa_pattern")?.unwrap_or(0) as usize;
+    let fullatt_block_indexes = (0..depth)
+        .filter(|i| pattern == 0 || (i + 1).is_multiple_of(pattern))
+        .collect();
+    Ok(crate::config::Qwen25Vision {
+        intermediate_size: mlp,
+        window_size: v
+            .get_u32_opt("clip.vision.window_size")?
+            .map_or(QWEN25_WINDOW_SIZE, |w| w as usize),
+        fullatt_block_indexes,
+        tokens_per_second: QWEN25_TOKENS_PER_SECOND,
     })
 }
 
@@ -822,8 +868,13 @@ fn build_index(cfg: &Qwen2VLConfig, text: &GgufFile, vision: bool) -> HashMap<St
                 ("norm1", "ln1"),
                 ("norm2", "ln2"),
                 ("attn.proj", "attn_out"),
+                // Qwen2-VL's MLP...
                 ("mlp.fc1", "ffn_up"),
                 ("mlp.fc2", "ffn_down"),
+                // ...and Qwen2.5-VL's SwiGLU.
+                ("mlp.gate_proj", "ffn_gate"),
+                ("mlp.up_proj", "ffn_up"),
+                ("mlp.down_proj", "ffn_down"),
             ] {
                 m.insert(
                     format!("{hf}.{h}.{suffix}"),

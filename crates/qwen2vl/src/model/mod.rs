@@ -514,19 +514,36 @@ impl Qwen2VL {
         )
     }
 
-    /// M-RoPE ids of a prompt (see [`rope::mrope_position_ids`]).
+    /// M-RoPE ids of a prompt (see [`rope::mrope_position_ids`]); a Qwen2.5-VL video whose
+    /// seconds per temporal patch are not given takes 1.0 (see
+    /// [`Qwen2VL::position_ids_timed`]).
     pub fn position_ids(
         &self,
         input_ids: &[u32],
         image_grids: &[[usize; 3]],
         video_grids: &[[usize; 3]],
     ) -> Result<MropePositions> {
-        rope::mrope_position_ids(
+        self.position_ids_timed(input_ids, image_grids, video_grids, &[])
+    }
+
+    /// M-RoPE ids of a prompt whose videos span `second_per_grid_ts` seconds per temporal
+    /// patch (the processor's `second_per_grid_ts`): Qwen2.5-VL places video frames in
+    /// absolute time ([`rope::mrope_position_ids_timed`]); Qwen2-VL ignores them.
+    pub fn position_ids_timed(
+        &self,
+        input_ids: &[u32],
+        image_grids: &[[usize; 3]],
+        video_grids: &[[usize; 3]],
+        second_per_grid_ts: &[f32],
+    ) -> Result<MropePositions> {
+        let times = self.config.video_times(second_per_grid_ts);
+        rope::mrope_position_ids_timed(
             input_ids,
             self.vision_tokens(),
             image_grids,
             video_grids,
             self.config.vision.spatial_merge_size,
+            times.as_ref(),
         )
     }
 

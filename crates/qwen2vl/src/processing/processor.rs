@@ -43,6 +43,14 @@ pub struct ProcessOptions {
     pub cache: Option<Arc<EncoderCache>>,
 }
 
+/// Seconds one temporal patch of a video sampled at `fps` spans, as Qwen2.5-VL's processor
+/// computes its `second_per_grid_ts` (`temporal_patch_size / fps` in Python floats, then a
+/// float32 tensor). `fps` is the rate of the sampled frames ([`VideoInfo::fps`]: what
+/// qwen-vl-utils' `process_vision_info(..., return_video_kwargs=True)` hands the processor).
+pub fn second_per_grid_t(temporal_patch_size: usize, fps: f64) -> f32 {
+    (temporal_patch_size as f64 / fps) as f32
+}
+
 /// Bytes of message text allowed per token of [`ProcessOptions::max_prompt_tokens`] before
 /// anything is tokenized. Qwen2's tokenizer averages about 4 bytes a token on English and
 /// fewer on code or CJK; 8 leaves room for unusual text while a 60 MB message is refused in
@@ -74,6 +82,8 @@ pub struct Processor {
     text_only: bool,
     /// The checkpoint's architecture (named when images are refused).
     architecture: crate::config::Architecture,
+    /// Qwen2.5-VL's temporal ids per second of video (`None`: one id per temporal patch).
+    tokens_per_second: Option<f32>,
 }
 
 impl std::fmt::Debug for Processor {
@@ -105,6 +115,7 @@ impl Processor {
             merge: config.vision.spatial_merge_size,
             text_only: !config.architecture.has_vision(),
             architecture: config.architecture,
+            tokens_per_second: config.video_times(&[]).map(|t| t.tokens_per_second),
         })
     }
 
@@ -122,6 +133,7 @@ impl Processor {
             merge: config.vision.spatial_merge_size,
             text_only: !config.architecture.has_vision(),
             architecture: config.architecture,
+            tokens_per_second: config.video_times(&[]).map(|t| t.tokens_per_second),
         })
     }
 
@@ -177,12 +189,22 @@ impl Processor {
         let input_ids = self.expand_pads(ids, &images, &videos)?;
         let image_grid_thw: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
         let video_grid_thw: Vec<[usize; 3]> = videos.iter().map(|v| v.grid_thw).collect();
-        let positions = rope::mrope_position_ids(
+        let times = self
+            .tokens_per_second
+            .map(|tokens_per_second| rope::VideoTimes {
+                second_per_grid_ts: videos
+                    .iter()
+                    .map(|v| second_per_grid_t(self.preprocessor.temporal_patch_size, v.fps))
+                    .collect(),
+                tokens_per_second,
+            });
+        let positions = rope::mrope_position_ids_timed(
             &input_ids,
             self.tokens,
             &image_grid_thw,
             &video_grid_thw,
             self.merge,
+            times.as_ref(),
         )?;
         Ok(ModelInputs {
             prompt: rendered.text,

@@ -125,6 +125,15 @@ impl Case {
             .expect("f32 tensor")
     }
 
+    /// The processor's `second_per_grid_ts` of a Qwen2.5-VL case's videos (empty for others).
+    pub fn second_per_grid_ts(&self) -> Vec<f32> {
+        if self.has("second_per_grid_ts") {
+            self.f32s("second_per_grid_ts")
+        } else {
+            vec![]
+        }
+    }
+
     /// `(n, 3)` grids.
     pub fn grids(&self, name: &str) -> Vec<[usize; 3]> {
         if !self.has(name) {
@@ -204,7 +213,7 @@ impl ReferencePrompt {
                 .expect("video vision")
         });
         let positions = model
-            .position_ids(&ids, &grids, &video_grids)
+            .position_ids_timed(&ids, &grids, &video_grids, &case.second_per_grid_ts())
             .expect("positions");
         ReferencePrompt {
             ids,

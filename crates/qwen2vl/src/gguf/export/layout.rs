@@ -134,7 +134,8 @@ impl Checkpoint {
     /// models, `qwen2` and `qwen2moe`.
     pub fn text_arch(&self) -> &'static str {
         match self.config.architecture {
-            Architecture::Qwen2VL => TEXT_ARCH,
+            // llama.cpp runs Qwen2.5-VL's decoder as `qwen2vl` too.
+            Architecture::Qwen2VL | Architecture::Qwen25VL => TEXT_ARCH,
             Architecture::Qwen2 => QWEN2_ARCH,
             Architecture::Qwen2Moe => QWEN2MOE_ARCH,
         }
@@ -254,6 +255,14 @@ impl Checkpoint {
 
     /// The vision projector's file, matrices as `scheme` says (`None`: f16).
     pub fn vision_plan(&self, scheme: Option<QuantScheme>, name: &str) -> Result<GgufPlan> {
+        if self.config.vision.qwen25.is_some() {
+            // Its layout (qwen2.5vl_merger, ffn_gate, n_wa_pattern) is read but not written
+            // yet; refused before any file is written.
+            return Err(Error::bad_input(
+                "this is a Qwen2.5-VL checkpoint: qwen2vl quantize writes Qwen2-VL GGUF files only",
+                "a Qwen2VLForConditionalGeneration checkpoint (run a Qwen2.5-VL from its safetensors with --quant, or convert it with llama.cpp's convert_hf_to_gguf.py)",
+            ));
+        }
         let plan = self.quant_plan(None, scheme);
         let mut tensors = Vec::new();
         for hf in self.names.iter().filter(|n| n.starts_with("visual.")) {

@@ -23,11 +23,38 @@
 //! exactly what it should be (unclosed, closed by the wrong tag, non-numeric coordinates, the
 //! wrong number of points), and every stray closing tag, stays in the text verbatim.
 //!
+//! Qwen2.5-VL writes coordinates in pixels of the resized image instead, mostly as JSON
+//! objects (`{"bbox_2d": [x1, y1, x2, y2], "label": "..."}`, see [`json`]) and sometimes in
+//! the same markup; [`Grounding::parse_for`] with [`BoxCoordinates::ResizedPixels`] reads both,
+//! and [`Grounding::image_pixel_shapes`] maps either kind onto the original image.
+//!
 //! A limitation: markers are recognised by their text, so if a model spelled
 //! `<|box_start|>` out of ordinary tokens it would be read as markup too. Qwen2-VL emits the
 //! markers as their single special tokens, and [`crate::pipeline`] decodes only those.
 
 use serde::{Deserialize, Serialize};
+
+pub mod json;
+
+pub use json::resized_to_pixel;
+
+/// What a model's box coordinates mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BoxCoordinates {
+    /// Qwen2-VL: integers in [0, 1000) of the image's width and height ([`SCALE`]).
+    #[default]
+    Thousandths,
+    /// Qwen2.5-VL: pixels of the image as the model saw it, after `smart_resize`
+    /// ([`crate::inputs::ImageInfo::resized_hw`]).
+    ResizedPixels,
+}
+
+impl BoxCoordinates {
+    fn is_thousandths(&self) -> bool {
+        *self == BoxCoordinates::Thousandths
+    }
+}
 
 /// Opens a referred phrase.
 pub const OBJECT_REF_START: &str = "<|object_ref_start|>";
@@ -114,8 +141,12 @@ pub struct GroundedObject {
 pub struct Grounding {
     /// The answer with the markup removed: phrases kept, each shape replaced by `[n]`.
     pub text: String,
-    /// Every well-formed reference and shape, in order of appearance.
+    /// Every well-formed reference and shape, in order of appearance (Qwen2.5-VL's JSON
+    /// boxes after the markup's).
     pub objects: Vec<GroundedObject>,
+    /// What the coordinates of `objects` mean (absent in JSON: [`BoxCoordinates::Thousandths`]).
+    #[serde(default, skip_serializing_if = "BoxCoordinates::is_thousandths")]
+    pub coordinates: BoxCoordinates,
 }
 
 /// Whether a [`PixelShape`] is a box or a quadrilateral.
@@ -175,6 +206,44 @@ impl Grounding {
         s.finish().1
     }
 
+    /// Parses an answer of a model whose boxes are in `coordinates`: the markup as
+    /// [`Grounding::parse`] does, and for [`BoxCoordinates::ResizedPixels`] (Qwen2.5-VL) also
+    /// the JSON `bbox_2d` objects left in the clean text ([`json`]). Never fails.
+    pub fn parse_for(answer: &str, coordinates: BoxCoordinates) -> Grounding {
+        let mut g = Grounding::parse(answer);
+        g.coordinates = coordinates;
+        if coordinates == BoxCoordinates::ResizedPixels {
+            let shapes: usize = g
+                .objects
+                .iter()
+                .map(|o| o.boxes.len() + o.quads.len())
+                .sum();
+            let found = json::json_boxes(&g.text, shapes + 1);
+            g.objects.extend(found);
+        }
+        g
+    }
+
+    /// Every box and quad, ordered by number, in pixels of the original image of `original`
+    /// `(width, height)` that the model saw resized to `resized` `(width, height)`: through
+    /// [`to_pixel`] for [`BoxCoordinates::Thousandths`], through [`resized_to_pixel`] for
+    /// [`BoxCoordinates::ResizedPixels`].
+    pub fn image_pixel_shapes(&self, original: (u32, u32), resized: (u32, u32)) -> Vec<PixelShape> {
+        if self.coordinates == BoxCoordinates::Thousandths {
+            return self.pixel_shapes(original.0, original.1);
+        }
+        let mut out = self.shapes();
+        for s in &mut out {
+            for p in &mut s.points {
+                *p = [
+                    resized_to_pixel(p[0], original.0, resized.0),
+                    resized_to_pixel(p[1], original.1, resized.1),
+                ];
+            }
+        }
+        out
+    }
+
     /// Whether any box or quad was found.
     pub fn has_shapes(&self) -> bool {
         self.objects
@@ -209,7 +278,8 @@ impl Grounding {
     }
 
     /// Every box and quad, ordered by number, in pixels of an image of `width` x `height`
-    /// (each coordinate through [`to_pixel`]).
+    /// (each coordinate through [`to_pixel`]; for Qwen2-VL's [0, 1000) coordinates, see
+    /// [`Grounding::image_pixel_shapes`] for either kind).
     pub fn pixel_shapes(&self, width: u32, height: u32) -> Vec<PixelShape> {
         let mut out = self.shapes();
         for s in &mut out {
@@ -879,6 +949,44 @@ mod tests {
         assert_eq!(shapes[1].kind, ShapeKind::Box);
         assert_eq!(shapes[1].label.as_deref(), Some("a"));
         assert_eq!(shapes[1].points, vec![[20, 20], [60, 40]]);
+    }
+
+    #[test]
+    fn qwen25_boxes_in_resized_pixels() {
+        // A 640x480 image the model saw as 644x476: a JSON box and a marked-up one, both in
+        // resized pixels.
+        let answer =
+            "<|object_ref_start|>sky<|object_ref_end|><|box_start|>(0,0),(644,238)<|box_end|> and
+```json
+[{\"bbox_2d\": [322, 119, 644, 476], \"label\": \"car\"}]
+```";
+        let g = Grounding::parse_for(answer, BoxCoordinates::ResizedPixels);
+        assert_eq!(g.coordinates, BoxCoordinates::ResizedPixels);
+        assert!(g.text.starts_with("sky [1] and\n```json"), "{}", g.text);
+        assert_eq!(g.objects.len(), 2);
+        let shapes = g.image_pixel_shapes((640, 480), (644, 476));
+        assert_eq!(shapes[0].points, vec![[0, 0], [639, 240]]);
+        assert_eq!(shapes[1].number, 2);
+        assert_eq!(shapes[1].label.as_deref(), Some("car"));
+        assert_eq!(shapes[1].points, vec![[320, 120], [639, 479]]);
+        let v = serde_json::to_value(&g).unwrap();
+        assert_eq!(v["coordinates"], "resized_pixels");
+        assert_eq!(serde_json::from_value::<Grounding>(v).unwrap(), g);
+        // The same text read as Qwen2-VL's: JSON is just text, thousandths of the original.
+        let old = Grounding::parse_for(answer, BoxCoordinates::Thousandths);
+        assert_eq!(old.objects.len(), 1);
+        assert_eq!(
+            old.image_pixel_shapes((640, 480), (644, 476)),
+            old.pixel_shapes(640, 480)
+        );
+        assert_eq!(
+            old.pixel_shapes(640, 480)[0].points,
+            vec![[0, 0], [412, 114]]
+        );
+        assert!(serde_json::to_value(&old)
+            .unwrap()
+            .get("coordinates")
+            .is_none());
     }
 
     #[test]
