@@ -16,6 +16,8 @@ down_proj gain 3), every tensor from its own generator seeded by (seed, name).
 The reference cases that use it (qwen25_*) are in dump_reference.py.
 
 Usage: python tools/reference/make_qwen25vl.py
+       python tools/reference/make_qwen25vl.py --preset-3b [OUT]   # real 3B shapes, random
+           weights, for `qwen2vl bench` (default OUT: /tmp/qwen25vl-3b-random, 7.5 GB)
 """
 import json
 import os
@@ -42,9 +44,8 @@ VISION = dict(depth=4, hidden_size=32, intermediate_size=56, num_heads=2, out_hi
 PREPROCESSOR_CONFIG = dict(make_tiny_model.PREPROCESSOR_CONFIG, processor_class="Qwen2_5_VLProcessor")
 
 
-def hub_config():
+def hub_config(t=TEXT, v=VISION, tied=True):
     """config.json laid out like Qwen2.5-VL-3B-Instruct's on the hub."""
-    t, v = TEXT, VISION
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
         "attention_dropout": 0.0,
@@ -68,7 +69,7 @@ def hub_config():
         "rms_norm_eps": 1e-06,
         "rope_theta": 1000000.0,
         "sliding_window": 32768,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": tied,
         "torch_dtype": DTYPE,
         "transformers_version": "4.41.2",
         "use_cache": True,
@@ -94,14 +95,14 @@ def hub_config():
     }
 
 
-def make_config():
+def make_config(cj=None):
     from transformers import Qwen2_5_VLConfig
 
-    cj = hub_config()
+    cj = dict(cj or hub_config())
     cj.pop("transformers_version")
     cfg = Qwen2_5_VLConfig(**cj)
-    head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
-    assert sum(TEXT["mrope_section"]) * 2 == head_dim
+    head_dim = cj["hidden_size"] // cj["num_attention_heads"]
+    assert sum(cj["rope_scaling"]["mrope_section"]) * 2 == head_dim
     for k, val in SPECIAL_IDS.items():
         assert getattr(cfg, k) == val, k
     return cfg
@@ -159,5 +160,59 @@ def main():
         print(f"  {fn:40s} {os.path.getsize(os.path.join(OUT, fn)):>10d}")
 
 
+# Qwen2.5-VL-3B-Instruct's shapes (its config.json on the hub), for speed measurements.
+TEXT_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, intermediate_size=11008, mrope_section=[16, 24, 24])
+VISION_3B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                 out_hidden_size=2048, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                 tokens_per_second=2)
+
+
+def make_3b(out, shards=2):
+    """Random weights with the real 3B shapes, bf16, built tensor by tensor (peak memory about
+    one shard), the same init as the tiny model: `qwen2vl bench` then costs what the real
+    model costs."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    cj = hub_config(TEXT_3B, VISION_3B)
+    cfg = make_config(cj)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items() if k != "lm_head.weight"]
+    del model
+    clean_dir(out)
+    total = sum(torch.Size(s).numel() * 2 for _, s in shapes)
+    target = total / shards
+    shard, size, no, weight_map = {}, 0, 1, {}
+
+    def flush(shard, no):
+        fname = f"model-{no:05d}-of-{shards:05d}.safetensors"
+        save_file(shard, os.path.join(out, fname), metadata={"format": "pt"})
+        for k in shard:
+            weight_map[k] = fname
+        print(f"  wrote {fname} ({len(shard)} tensors)", flush=True)
+
+    for k, shp in shapes:
+        t = init_tensor(k, shp, SEED).to(torch.bfloat16)
+        if shard and size + t.numel() * 2 > target and no < shards:
+            flush(shard, no)
+            shard, size, no = {}, 0, no + 1
+        shard[k] = t
+        size += t.numel() * 2
+    flush(shard, no)
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                  f, indent=2)
+    write_aux_files(out, cj)
+    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+        json.dump(PREPROCESSOR_CONFIG, f, indent=2)
+        f.write("\n")
+    print(f"3b: wrote {out}, {total / 1e9:.2f} GB of weights")
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) >= 2 and sys.argv[1] == "--preset-3b":
+        make_3b(sys.argv[2] if len(sys.argv) > 2 else "/tmp/qwen25vl-3b-random")
+    else:
+        main()

@@ -412,11 +412,20 @@ fn quantized_files_are_quant_at_load() {
             let gg = load(&path, None);
             let st = load(dir, Some(scheme));
             let (a, b) = (prompt_logits(&st), prompt_logits(&gg));
+            // Matrices the plan leaves float are f32 in the file and bf16 in the checkpoint:
+            // the same values, both multiplied in f32, but the f32 ones through candle's
+            // matmul and the bf16 ones in place through `ops::gemm_half`, which sum in
+            // another order. Bit-identical when every matrix is quantized.
+            let float_left = GgufFile::open(&path)
+                .unwrap()
+                .tensors()
+                .iter()
+                .any(|t| t.ne().len() >= 2 && t.ggml_type().name() == "f32");
+            let diff = common::max_abs_diff(&a, &b);
             assert!(
-                a == b,
-                "{} {scheme}: max |Δlogit| {}",
+                if float_left { diff <= 1e-4 } else { a == b },
+                "{} {scheme}: max |Δlogit| {diff} (float matrices left: {float_left})",
                 dir.display(),
-                common::max_abs_diff(&a, &b)
             );
             assert_eq!(greedy(&gg), greedy(&st), "{} {scheme}", dir.display());
         }
@@ -447,13 +456,23 @@ fn gguf_loads_are_checked_against_free_memory() {
                 st.resident_bytes(DType::F32, Some(&plan)),
                 gg.resident_bytes(DType::F32, None),
             );
-            assert_eq!(a, b, "{} {scheme:?}", dir.display());
+            // f32 compute reads the checkpoint's bf16 matrices in place (2 bytes a value);
+            // the matrices a quantized file keeps float are f32 there (4 bytes).
+            let f32_matrices: u64 = GgufFile::open(&file_in(&out))
+                .unwrap()
+                .tensors()
+                .iter()
+                .filter(|&t| t.ne().len() >= 2 && t.ggml_type().name() == "f32")
+                .map(|t| t.ne().iter().product::<u64>())
+                .sum();
+            assert_eq!(a + 2 * f32_matrices, b, "{} {scheme:?}", dir.display());
             assert!(a > 0);
         }
     }
     let dir = untied;
 
-    // A file whose first MLP matrix claims 2^36 f16 values (a 128 GiB file, 256 GiB in f32), its data a
+    // A file whose first MLP matrix claims 2^36 f16 values (a 128 GiB file, read in place by f32
+    // compute, so 128 GiB of weights), its data a
     // hole in a sparse file: refused up front, before a byte of it is read.
     let out = export_to(&dir, "m", None);
     let plan = qwen2vl::gguf::export::Checkpoint::open(&dir)
@@ -484,11 +503,11 @@ fn gguf_loads_are_checked_against_free_memory() {
         );
     } else {
         let Err(e) = Pipeline::load_with(&huge, &LoadOptions::default()) else {
-            panic!("a 256 GiB model was loaded");
+            panic!("a 128 GiB model was loaded");
         };
         let e = e.to_string();
         assert!(
-            e.contains("needs about 256.") && e.contains("GiB is available (MemAvailable)"),
+            e.contains("needs about 128.") && e.contains("GiB is available (MemAvailable)"),
             "{e}"
         );
         assert!(
