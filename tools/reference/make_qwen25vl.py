@@ -16,8 +16,9 @@ down_proj gain 3), every tensor from its own generator seeded by (seed, name).
 The reference cases that use it (qwen25_*) are in dump_reference.py.
 
 Usage: python tools/reference/make_qwen25vl.py
-       python tools/reference/make_qwen25vl.py --preset-3b [OUT]   # real 3B shapes, random
-           weights, for `qwen2vl bench` (default OUT: /tmp/qwen25vl-3b-random, 7.5 GB)
+       python tools/reference/make_qwen25vl.py --preset-3b|--preset-7b [OUT]   # real 3B / 7B
+           shapes, random weights, for `qwen2vl bench` (default OUT: /tmp/qwen25vl-3b-random,
+           7.5 GB; /tmp/qwen25vl-7b-random, 16.6 GB)
 """
 import json
 import os
@@ -168,18 +169,27 @@ VISION_3B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=1
                  tokens_per_second=2)
 
 
-def make_3b(out, shards=2):
-    """Random weights with the real 3B shapes, bf16, built tensor by tensor (peak memory about
-    one shard), the same init as the tiny model: `qwen2vl bench` then costs what the real
-    model costs."""
+# Qwen2.5-VL-7B-Instruct's shapes (untied head).
+TEXT_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, intermediate_size=18944, mrope_section=[16, 24, 24])
+VISION_7B = dict(VISION_3B, out_hidden_size=3584)
+PRESETS = {"3b": (TEXT_3B, VISION_3B, True, 2), "7b": (TEXT_7B, VISION_7B, False, 4)}
+
+
+def make_preset(preset, out):
+    """Random weights with a released model's shapes (`PRESETS`), bf16, built tensor by
+    tensor (peak memory about one shard), the same init as the tiny model: `qwen2vl bench`
+    then costs what the real model costs."""
     from safetensors.torch import save_file
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    cj = hub_config(TEXT_3B, VISION_3B)
+    text, vision, tied, shards = PRESETS[preset]
+    cj = hub_config(text, vision, tied)
     cfg = make_config(cj)
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(cfg)
-    shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items() if k != "lm_head.weight"]
+    shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items()
+              if not tied or k != "lm_head.weight"]
     del model
     clean_dir(out)
     total = sum(torch.Size(s).numel() * 2 for _, s in shapes)
@@ -208,11 +218,12 @@ def make_3b(out, shards=2):
     with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
         json.dump(PREPROCESSOR_CONFIG, f, indent=2)
         f.write("\n")
-    print(f"3b: wrote {out}, {total / 1e9:.2f} GB of weights")
+    print(f"{preset}: wrote {out}, {total / 1e9:.2f} GB of weights")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "--preset-3b":
-        make_3b(sys.argv[2] if len(sys.argv) > 2 else "/tmp/qwen25vl-3b-random")
+    if len(sys.argv) >= 2 and sys.argv[1] in ("--preset-3b", "--preset-7b"):
+        preset = sys.argv[1][-2:]
+        make_preset(preset, sys.argv[2] if len(sys.argv) > 2 else f"/tmp/qwen25vl-{preset}-random")
     else:
         main()
