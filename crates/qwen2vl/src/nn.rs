@@ -44,18 +44,9 @@ pub struct HalfLinear {
 impl HalfLinear {
     /// `x: (..., in)` → `(..., out)` in `x`'s dtype (computed in f32).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, k) = self.weight.dims();
-        let mut dims = x.dims().to_vec();
-        if dims.last() != Some(&k) {
-            return Err(Error::Internal(format!(
-                "a 16-bit ({n}, {k}) layer got input {dims:?}"
-            )));
-        }
-        let m = x.elem_count() / k.max(1);
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let y = self.weight.matmul(&xs, m, self.bias.as_deref())?;
-        *dims.last_mut().expect("rank >= 1") = n;
-        Ok(Tensor::from_vec(y, dims, &self.device)?.to_dtype(x.dtype())?)
+        f32_product(x, self.weight.dims(), "16-bit", &self.device, |xs, m| {
+            self.weight.matmul(xs, m, self.bias.as_deref())
+        })
     }
 }
 
@@ -81,19 +72,42 @@ impl Bf16Linear {
     /// `x: (..., in)` in any float dtype → `(..., out)` in `x`'s dtype (computed from `x`
     /// in f32, rounded to bf16 for the product, f32 sums).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, k) = self.weight.dims();
-        let mut dims = x.dims().to_vec();
-        if dims.last() != Some(&k) {
-            return Err(Error::Internal(format!(
-                "a bf16 ({n}, {k}) layer got input {dims:?}"
-            )));
-        }
-        let m = x.elem_count() / k.max(1);
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let y = self.weight.matmul(&xs, m, self.bias.as_deref())?;
-        *dims.last_mut().expect("rank >= 1") = n;
-        Ok(Tensor::from_vec(y, dims, &self.device)?.to_dtype(x.dtype())?)
+        f32_product(x, self.weight.dims(), "bf16", &self.device, |xs, m| {
+            self.weight.matmul(xs, m, self.bias.as_deref())
+        })
     }
+}
+
+/// `x: (..., k)` → `(..., n)` in `x`'s dtype through a product on f32 rows: `product(xs, m)`
+/// gets `x` as `m` rows of `k` f32 values and returns `m × n` values (the bf16, 16-bit and
+/// quantized kernels all take their input this way). `what` names the layer kind in the
+/// shape error.
+fn f32_product(
+    x: &Tensor,
+    (n, k): (usize, usize),
+    what: &str,
+    device: &candle_core::Device,
+    product: impl FnOnce(&[f32], usize) -> Result<Vec<f32>>,
+) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    if dims.last() != Some(&k) {
+        return Err(Error::Internal(format!(
+            "a {what} ({n}, {k}) layer got input {dims:?}"
+        )));
+    }
+    let m = x.elem_count() / k.max(1);
+    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let y = product(&xs, m)?;
+    *dims.last_mut().expect("rank >= 1") = n;
+    Ok(Tensor::from_vec(y, dims, device)?.to_dtype(x.dtype())?)
+}
+
+/// A bias tensor `(out,)` as f32 values, for the kernels that take plain slices.
+fn bias_f32(bias: Option<Tensor>) -> Result<Option<Vec<f32>>> {
+    Ok(match bias {
+        Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        None => None,
+    })
 }
 
 /// A linear layer with quantized weights.
@@ -132,33 +146,23 @@ impl Linear {
             },
         };
         if let Some(weight) = quantized {
-            let bias = match bias {
-                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                None => None,
-            };
             return Ok(Linear::Quant(QLinear {
                 weight: Arc::new(weight),
-                bias,
+                bias: bias_f32(bias)?,
                 device: w.device().clone(),
             }));
         }
         if w.bf16_products() {
             return Ok(Linear::Bf16(Bf16Linear {
                 weight: Arc::new(w.get_packed_bf16(&name, out_dim, in_dim)?),
-                bias: match bias {
-                    Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                    None => None,
-                },
+                bias: bias_f32(bias)?,
                 device: w.device().clone(),
             }));
         }
         if let Some(weight) = w.get_half(&name, out_dim, in_dim)? {
             return Ok(Linear::Half(HalfLinear {
                 weight: Arc::new(weight),
-                bias: match bias {
-                    Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                    None => None,
-                },
+                bias: bias_f32(bias)?,
                 device: w.device().clone(),
             }));
         }

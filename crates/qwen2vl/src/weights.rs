@@ -26,7 +26,7 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::gguf::model::{dequantize_widened, qtype_of, requantized_to, GgufModel, Part, Source};
-use crate::gguf::GgmlType;
+use crate::gguf::{GgmlType, GgufFile, TensorInfo};
 use crate::mapped::{le16, par_decode, release_pages};
 use crate::ops::gemm_bf16::PackedBf16;
 use crate::ops::gemm_half::{HalfKind, HalfMatrix};
@@ -289,8 +289,6 @@ impl Weights {
             return Ok(None);
         };
         let rb = k / block as usize * size as usize;
-        // (tensor, its mapped bytes, the rows taken from them)
-        let mut parts = Vec::with_capacity(infos.len());
         for &info in &infos {
             let ne = info.ne();
             if ne[0] as usize != k {
@@ -300,30 +298,9 @@ impl Weights {
                     ne[0]
                 )));
             }
-            let bytes = file.bytes_of(info)?;
-            let rows = match src {
-                Source::RowSlice(_, _, r) => {
-                    bytes.get(r.start * rb..r.end * rb).ok_or_else(|| {
-                        Error::Weights(format!(
-                            "tensor {} has no rows {r:?} for {name}",
-                            info.name()
-                        ))
-                    })?
-                }
-                _ => bytes,
-            };
-            parts.push((info, bytes, rows));
-        }
-        let total: usize = parts.iter().map(|p| p.2.len()).sum();
-        if total != n * rb {
-            return Err(Error::Weights(format!(
-                "tensor {name} ({}) holds {} rows of {k}, expected {n}",
-                names.join(" + "),
-                total / rb.max(1)
-            )));
         }
         // One copy, straight into the matrix's (huge-page) buffer, in its layout.
-        let rows: Vec<&[u8]> = parts.iter().map(|p| p.2).collect();
+        let rows = gguf_matrix_rows(file, &infos, src, name, &names, n, k, rb)?;
         let fail = |e: String| Error::Weights(format!("{name}: {e}"));
         let matrix = if requantize {
             use rayon::prelude::*;
@@ -338,7 +315,7 @@ impl Weights {
         } else {
             QMatrix::from_row_parts(t, n, k, &rows)?
         };
-        for (info, _, rows) in parts {
+        for (info, rows) in infos.iter().zip(rows) {
             self.record(info.name(), rows.len() as u64);
             file.release(rows);
         }
@@ -407,29 +384,7 @@ impl Weights {
                 return Ok(None);
             }
         }
-        let mut rows = Vec::with_capacity(infos.len());
-        for &info in &infos {
-            let bytes = file.bytes_of(info)?;
-            rows.push(match src {
-                Source::RowSlice(_, _, r) => {
-                    bytes.get(r.start * 2 * k..r.end * 2 * k).ok_or_else(|| {
-                        Error::Weights(format!(
-                            "tensor {} has no rows {r:?} for {name}",
-                            info.name()
-                        ))
-                    })?
-                }
-                _ => bytes,
-            });
-        }
-        let total: usize = rows.iter().map(|r| r.len()).sum();
-        if total != 2 * n * k {
-            return Err(Error::Weights(format!(
-                "tensor {name} ({}) holds {} rows of {k}, expected {n}",
-                names.join(" + "),
-                total / (2 * k).max(1)
-            )));
-        }
+        let rows = gguf_matrix_rows(file, &infos, src, name, &names, n, k, 2 * k)?;
         let m = HalfMatrix::new(kind, k, &rows, model.clone())
             .map_err(|e| Error::Weights(format!("{name}: {e}")))?;
         for info in infos {
@@ -751,6 +706,47 @@ impl Weights {
 
 /// The bytes Hugging Face tensor `name` (held at `src`) takes once loaded; see
 /// [`Weights::resident_bytes`].
+/// The bytes of matrix `name` (`n` rows of `k` values, `row_bytes` each) in GGUF tensors
+/// `infos` of `file` (named `names`), as `src` takes them: each tensor whole, in order (a
+/// stacked `qkv`), or a range of rows of one (q, k or v of a fused `attn_qkv`). An error
+/// naming the tensors when they do not hold exactly `n` rows.
+#[allow(clippy::too_many_arguments)]
+fn gguf_matrix_rows<'a>(
+    file: &'a GgufFile,
+    infos: &[&TensorInfo],
+    src: &Source,
+    name: &str,
+    names: &[&str],
+    n: usize,
+    k: usize,
+    row_bytes: usize,
+) -> Result<Vec<&'a [u8]>> {
+    let mut rows = Vec::with_capacity(infos.len());
+    for &info in infos {
+        let bytes = file.bytes_of(info)?;
+        rows.push(match src {
+            Source::RowSlice(_, _, r) => bytes
+                .get(r.start * row_bytes..r.end * row_bytes)
+                .ok_or_else(|| {
+                    Error::Weights(format!(
+                        "tensor {} has no rows {r:?} for {name}",
+                        info.name()
+                    ))
+                })?,
+            _ => bytes,
+        });
+    }
+    let total: usize = rows.iter().map(|r| r.len()).sum();
+    if total != n * row_bytes {
+        return Err(Error::Weights(format!(
+            "tensor {name} ({}) holds {} rows of {k}, expected {n}",
+            names.join(" + "),
+            total / row_bytes.max(1)
+        )));
+    }
+    Ok(rows)
+}
+
 fn gguf_resident(
     model: &GgufModel,
     name: &str,

@@ -39,6 +39,7 @@ use std::sync::{Arc, OnceLock};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::SyncPtr;
 use crate::error::{Error, Result};
 
 /// The 16-bit format of a [`HalfMatrix`].
@@ -349,21 +350,6 @@ const NC: usize = 256;
 const KC: usize = 256;
 /// Parallel tasks per thread, for balance on a shared pool.
 const TASKS_PER_THREAD: usize = 4;
-
-/// A pointer shared by tasks that write disjoint parts of its buffer.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: tasks write disjoint blocks (of `y`, or of the packed `x`), and the owner is
-// borrowed mutably until every task has finished.
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-
-impl SyncPtr {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// [`HalfMatrix::matmul`]'s tiled path with a chosen [`Isa`] (tests run each); `y` is
 /// overwritten. Panics on slices shorter than the shapes (callers check).

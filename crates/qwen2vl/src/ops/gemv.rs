@@ -24,6 +24,7 @@
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::{bf16, f16};
 
+use super::SyncPtr;
 use crate::error::Result;
 
 /// Most input rows (`x` flattened to `(m, k)`) for which [`linear`] runs [`gemv`]; above it
@@ -314,14 +315,6 @@ pub fn gemv_plain<W: WeightElem>(
     }
     y
 }
-
-/// The output pointer, shared by tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (distinct output columns `j0..j1`), and `gemv_with`
-// borrows `y` mutably until every task has finished.
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
 
 struct Problem<'a, W> {
     x: &'a [f32],

@@ -11,6 +11,22 @@ pub mod resize;
 pub mod resize_torch;
 pub mod team;
 
+/// An output pointer shared by parallel tasks that write disjoint parts of its buffer (the
+/// owner stays mutably borrowed until every task has finished).
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
+// SAFETY: only used for buffers whose tasks write disjoint elements while the owner is
+// mutably borrowed for the whole parallel section (see each use).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Max |a - b| of two tensors (test helper shared by the kernel tests).
 #[cfg(test)]
 pub(crate) fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
