@@ -1,5 +1,7 @@
 //! Kernels this crate owns. Each optimised kernel keeps a plain version beside it as its oracle.
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod amx;
 pub mod attention;
 pub mod fused;
 pub mod gemm_bf16;

@@ -14,9 +14,8 @@
 //! does not depend on the batch either; the hardware sums a pair in its own order and flushes
 //! subnormals, so its bits may differ from the AVX2/portable chain's.
 
-use std::sync::OnceLock;
-
 use super::{to_bf16_bits, PackedBf16, SendPtr, KSTEP, NR};
+use crate::ops::amx::{release, TileConfig};
 
 /// Rows of a block (two tiles).
 const BM: usize = 32;
@@ -25,73 +24,9 @@ const BM: usize = 32;
 const TASK_BLOCKS: usize = 4;
 
 /// Whether the CPU has AMX-TILE and AMX-BF16 and the kernel let this process use the tile
-/// data (Linux `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`; asked once, for the
-/// whole process).
+/// data ([`crate::ops::amx`]).
 pub(super) fn available() -> bool {
-    static READY: OnceLock<bool> = OnceLock::new();
-    *READY.get_or_init(|| {
-        // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
-        #[allow(unused_unsafe)]
-        // SAFETY: CPUID leaf 7 exists on every x86-64 CPU with AVX-512 (checked first).
-        let edx = unsafe {
-            if !std::arch::is_x86_feature_detected!("avx512f") {
-                return false;
-            }
-            std::arch::x86_64::__cpuid_count(7, 0).edx
-        };
-        if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
-            return false;
-        }
-        request_tile_data()
-    })
-}
-
-#[cfg(target_os = "linux")]
-fn request_tile_data() -> bool {
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // SAFETY: a plain syscall with integer arguments; it changes only this process's
-    // permission to use the AMX tile state.
-    unsafe {
-        libc::syscall(
-            libc::SYS_arch_prctl,
-            ARCH_REQ_XCOMP_PERM,
-            XFEATURE_XTILEDATA,
-        ) == 0
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn request_tile_data() -> bool {
-    false
-}
-
-/// The 64-byte tile configuration `ldtilecfg` reads: palette 1, eight tiles of 16 rows × 64
-/// bytes.
-#[repr(C, align(64))]
-struct TileConfig {
-    palette: u8,
-    start_row: u8,
-    reserved: [u8; 14],
-    colsb: [u16; 16],
-    rows: [u8; 16],
-}
-
-impl TileConfig {
-    fn all_16x64() -> Self {
-        let mut c = TileConfig {
-            palette: 1,
-            start_row: 0,
-            reserved: [0; 14],
-            colsb: [0; 16],
-            rows: [0; 16],
-        };
-        for t in 0..8 {
-            c.colsb[t] = 64;
-            c.rows[t] = 16;
-        }
-        c
-    }
+    crate::ops::amx::bf16_available()
 }
 
 /// `y = x Wᵀ + bias` on AMX (see the module doc); `y: (m, n)` zero-filled, `m, n, k > 0`.
@@ -123,13 +58,12 @@ pub(super) fn matmul(w: &PackedBf16, x: &[f32], m: usize, bias: Option<&[f32]>, 
         let (tm, tn) = (t / tasks_n, t % tasks_n);
         let rbs = tm * TASK_BLOCKS..((tm + 1) * TASK_BLOCKS).min(row_blocks);
         let cbs = tn * per_task_n..((tn + 1) * per_task_n).min(col_blocks);
-        let cfg = TileConfig::all_16x64();
+        let cfg = TileConfig::new([(16, 64); 8]);
         let mut scratch = [[0f32; 256]; 4];
         // SAFETY: AMX is available (checked by the caller through `available`), the
-        // configuration is valid, and the tiles are released before the task ends.
-        unsafe {
-            std::arch::asm!("ldtilecfg [{0}]", in(reg) &cfg as *const TileConfig, options(nostack, readonly))
-        };
+        // configuration is valid (eight tiles of 16 × 64 bytes), and the tiles are released
+        // before the task ends.
+        unsafe { cfg.load() };
         for cb in cbs {
             for rb in rbs.clone() {
                 // SAFETY: rows `rb * 32 .. + 32` are inside the padded `a`; panels
@@ -163,7 +97,7 @@ pub(super) fn matmul(w: &PackedBf16, x: &[f32], m: usize, bias: Option<&[f32]>, 
             }
         }
         // SAFETY: releases the tile state this task configured.
-        unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+        unsafe { release() };
     };
     let tasks = tasks_m * tasks_n;
     if m <= super::super::gemv::MAX_ROWS {

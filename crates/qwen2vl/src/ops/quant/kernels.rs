@@ -30,6 +30,14 @@ pub enum Backend {
     /// products instead of two multiply-adds), for batched decode and prefill.
     #[cfg(target_arch = "x86_64")]
     Vnni,
+    /// `Vnni`, and Intel AMX-INT8 tiles (`tdpbsud`, 16 output rows × up to 16 activation rows
+    /// × one 32-value block per instruction) for packed Q8_0 over
+    /// [`super::packed::q8_0::AMX_MIN_ROWS`] or more activation rows: batched decode and
+    /// prefill, where `vpdpbusd`'s eight instructions per block and activation row made the
+    /// product compute-bound. The same bits as `Vnni` (exact integer sums, the same f32
+    /// expression). `QWEN2VL_QUANT_AMX=0` keeps `Vnni`.
+    #[cfg(target_arch = "x86_64")]
+    Amx,
     /// Plain Rust.
     Portable,
 }
@@ -54,11 +62,20 @@ fn has_vnni() -> bool {
 }
 
 impl Backend {
-    /// The fastest backend this CPU runs (detected once by `std`, cached).
+    /// The fastest backend this CPU runs (detected once, cached).
     pub fn detect() -> Backend {
+        static DETECTED: std::sync::OnceLock<Backend> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(Backend::fastest)
+    }
+
+    fn fastest() -> Backend {
         #[cfg(target_arch = "x86_64")]
         {
             if has_vnni() {
+                let off = std::env::var("QWEN2VL_QUANT_AMX").is_ok_and(|v| v == "0");
+                if crate::ops::amx::int8_available() && !off {
+                    return Backend::Amx;
+                }
                 return Backend::Vnni;
             }
             if has_avx512() {
@@ -84,6 +101,9 @@ impl Backend {
             }
             if has_vnni() {
                 v.push(Backend::Vnni);
+                if crate::ops::amx::int8_available() {
+                    v.push(Backend::Amx);
+                }
             }
         }
         v
@@ -107,7 +127,7 @@ pub fn dot(backend: Backend, t: QType, w: &[u8], a: ActRow<'_>) -> f32 {
         // SAFETY: `Backend::Avx512` (and `Vnni`, a superset) is only produced when the CPU has
         // AVX-512 F/BW, AVX2 and F16C.
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx512 | Backend::Vnni => unsafe {
+        Backend::Avx512 | Backend::Vnni | Backend::Amx => unsafe {
             match t {
                 QType::Q8_0 => avx2::dot_q8_0(w, a),
                 QType::Q4K => avx512::dot_q4k(w, a),
@@ -133,9 +153,9 @@ type RowsKernel = unsafe fn(&[u8], &[ActRow<'_>], &mut [f32]);
 #[inline]
 pub fn dot_rows(backend: Backend, t: QType, w: &[u8], acts: &[ActRow<'_>], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if matches!(backend, Backend::Avx512 | Backend::Vnni) && acts.len() > 1 {
+    if matches!(backend, Backend::Avx512 | Backend::Vnni | Backend::Amx) && acts.len() > 1 {
         let rows: Option<RowsKernel> = match (backend, t) {
-            (Backend::Vnni, QType::Q8_0) => Some(vnni::dot_q8_0_rows),
+            (Backend::Vnni | Backend::Amx, QType::Q8_0) => Some(vnni::dot_q8_0_rows),
             (_, QType::Q4K) => Some(avx512::dot_q4k_rows),
             (_, QType::Q6K) => Some(avx512::dot_q6k_rows),
             _ => None,

@@ -356,6 +356,21 @@ impl QMatrix {
         let m = acts.len();
         let rb = self.t.row_bytes(self.k);
         let mut j = rows.start;
+        // AMX: the whole groups of the range with the tiles configured once.
+        if self.t == QType::Q8_0 && j.is_multiple_of(ROWS) {
+            let end = rows.end.min(self.packed) / ROWS * ROWS;
+            if end > j
+                && packed::q8_0::dot_groups_amx(
+                    backend,
+                    &self.data[j * rb..end * rb],
+                    ROWS * rb,
+                    acts,
+                    &mut out[..(end - j) * m],
+                )
+            {
+                j = end;
+            }
+        }
         while j < rows.end {
             let at = (j - rows.start) * m;
             let whole_group = j < self.packed && j.is_multiple_of(ROWS) && j + ROWS <= rows.end;
@@ -490,6 +505,9 @@ mod tests {
             (QType::Q8_0, 9, 224, 5),
             (QType::Q8_0, 3, 32, 4),
             (QType::Q8_0, 4, 416, 9),
+            // Two packed groups and a tail of rows, over AMX's row count (tiles of 12 rows).
+            (QType::Q8_0, 40, 256, 12),
+            (QType::Q8_0, 32, 96, 33),
         ];
         let shapes = [(7, 256, 1), (33, 512, 3), (64, 1536, 2), (5, 768, 17)];
         let cases = [QType::Q8_0, QType::Q4K, QType::Q6K]

@@ -48,13 +48,75 @@ pub fn unpack_row(group: &[u8], i: usize, dst: &mut [u8]) {
     }
 }
 
+/// Activation rows from which [`Backend::Amx`] gives packed Q8_0 products to the AMX tiles;
+/// fewer go through `vpdpbusd`. Measured on the 2B decode products (`quant_decode`, 2
+/// threads, 22:40 UTC 2026-12-07): 8 rows 96–109 ms a step either way, 16 rows 158–160 ms
+/// with `vpdpbusd` against 139–141 with tiles, 64 rows 620–700 against 530–540. A tile
+/// product covers one 32-value block only (Q8_0's scales change every block), so moving
+/// `C` through memory for the f32 scales costs about what the tile saves until the tile's
+/// rows fill up.
+pub const AMX_MIN_ROWS: usize = 9;
+
+/// `out[(16 g + i) · m + r]` for the whole groups `groups` (each `group_bytes` bytes) and the
+/// `m = acts.len()` activation rows, on AMX tiles with the tiles configured once for all the
+/// groups; `false` (nothing written) where that path does not apply: a `backend` other than
+/// [`Backend::Amx`], fewer than [`AMX_MIN_ROWS`] rows, or rows that are not one contiguous
+/// `(m, k)` array (the tiles load rows at a fixed stride).
+///
+/// # Panics
+/// When the lengths disagree (an internal invariant: the matrix checked them).
+pub fn dot_groups_amx(
+    backend: Backend,
+    groups: &[u8],
+    group_bytes: usize,
+    acts: &[ActRow<'_>],
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let m = acts.len();
+        if m < AMX_MIN_ROWS || backend != Backend::Amx {
+            return false;
+        }
+        let nb = group_bytes / BLOCK;
+        let n_groups = groups.len() / group_bytes.max(1);
+        assert!(
+            nb > 0
+                && group_bytes == nb * BLOCK
+                && groups.len() == n_groups * group_bytes
+                && out.len() >= n_groups * ROWS * m
+                && acts
+                    .iter()
+                    .all(|a| a.q.len() >= 32 * nb && a.d.len() >= nb && a.sums.len() >= 2 * nb),
+            "packed q8_0 groups of {group_bytes} bytes against {m} activation rows"
+        );
+        // SAFETY: `Backend::Amx` is only produced when the CPU has AVX-512 F/BW/VL/VNNI, AVX2,
+        // F16C and AMX-INT8 with the tile data granted; the lengths were checked above.
+        unsafe { amx::dot_groups(groups, group_bytes, acts, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (backend, groups, group_bytes, acts, out);
+        false
+    }
+}
+
 /// [`super::dot_group`] for Q8_0 (lengths checked there).
 pub(super) fn dot_group(backend: Backend, group: &[u8], acts: &[ActRow<'_>], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if backend == Backend::Amx
+        && acts.len() >= AMX_MIN_ROWS
+        // SAFETY: `Backend::Amx` is only produced when the CPU has AVX-512 F/BW/VL/VNNI,
+        // AVX2, F16C and AMX-INT8 with the tile data granted; lengths checked by the caller.
+        && unsafe { amx::dot_groups(group, group.len(), acts, out) }
+    {
+        return;
+    }
     match backend {
         // SAFETY: `Backend::Vnni` is only produced when the CPU has AVX-512 F/BW/VL/VNNI, AVX2
         // and F16C; the lengths were checked by the caller.
         #[cfg(target_arch = "x86_64")]
-        Backend::Vnni => unsafe { vnni::dot_group(group, acts, out) },
+        Backend::Vnni | Backend::Amx => unsafe { vnni::dot_group(group, acts, out) },
         // SAFETY: `Avx2` and `Avx512` are only produced when the CPU has AVX2 and F16C.
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2 | Backend::Avx512 => unsafe { avx2::dot_group(group, acts, out) },
@@ -149,6 +211,207 @@ mod vnni {
                 _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
                 super::super::scatter(&lanes, out, m, pass * PASS + r);
             }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    //! AMX-INT8: per block, one `tdpbsud` multiplies the activation tile `A` (up to 16 rows ×
+    //! the block's 32 values, signed) by the group's block, which in this module's layout is
+    //! already a `B` tile (8 rows of 64 bytes: four values of 16 weight rows each, unsigned
+    //! `q + 128`), giving `C = Σ a (q + 128)` for 16 activation × 16 weight rows as exact
+    //! i32. `C` goes through memory (`tilestored`) to the same f32 expression as the other
+    //! backends, blocks in order per row, so the bits are theirs. Rounds of four blocks use
+    //! tmm0–3 for `C`, tmm4–5 for `A` and tmm6–7 for `B`; the next round's tile products are
+    //! issued before this round's f32 work, so the two overlap.
+
+    use super::*;
+    use crate::ops::amx::{release, TileConfig};
+    use std::arch::x86_64::*;
+
+    /// Blocks per round (one `C` tile each).
+    const ROUND: usize = 4;
+
+    /// Two rounds of `C` tiles: 16 rows × 16 i32 per block.
+    #[repr(C, align(64))]
+    struct Scratch([[[i32; 256]; ROUND]; 2]);
+
+    /// The configuration for `rows` activation rows: tmm0–3 `C` (rows × 64 bytes), tmm4–5 `A`
+    /// (rows × 32 bytes), tmm6–7 `B` (8 × 64 bytes).
+    fn config(rows: usize) -> TileConfig {
+        let r = rows as u8;
+        TileConfig::new([
+            (r, 64),
+            (r, 64),
+            (r, 64),
+            (r, 64),
+            (r, 32),
+            (r, 32),
+            (8, 64),
+            (8, 64),
+        ])
+    }
+
+    /// The base and row stride of `acts` when its rows are one contiguous array.
+    fn contiguous(acts: &[ActRow<'_>]) -> Option<(*const i8, usize)> {
+        let k = acts.first()?.q.len();
+        let base = acts[0].q.as_ptr();
+        acts.iter()
+            .enumerate()
+            .all(|(r, a)| a.q.len() == k && std::ptr::eq(a.q.as_ptr(), base.wrapping_add(r * k)))
+            .then_some((base, k))
+    }
+
+    /// See [`super::dot_groups_amx`]; `false` when the rows are not contiguous.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL, AVX2, F16C and AMX-INT8 with the tile data granted; lengths checked
+    /// by the caller.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+    pub(super) unsafe fn dot_groups(
+        groups: &[u8],
+        group_bytes: usize,
+        acts: &[ActRow<'_>],
+        out: &mut [f32],
+    ) -> bool {
+        let Some((base, k)) = contiguous(acts) else {
+            return false;
+        };
+        let m = acts.len();
+        let nb = group_bytes / BLOCK;
+        // 128 · Σ a per row and block: what the stored `+ 128` added.
+        let offs: Vec<i32> = acts
+            .iter()
+            .flat_map(|a| {
+                (0..nb).map(|b| 128 * (i32::from(a.sums[2 * b]) + i32::from(a.sums[2 * b + 1])))
+            })
+            .collect();
+        let mut scratch = Scratch([[[0; 256]; ROUND]; 2]);
+        let mut configured = 0;
+        for (g, group) in groups.chunks_exact(group_bytes).enumerate() {
+            let gout = &mut out[g * ROWS * m..(g + 1) * ROWS * m];
+            for r0 in (0..m).step_by(ROWS) {
+                let rows = ROWS.min(m - r0);
+                if rows != configured {
+                    config(rows).load();
+                    configured = rows;
+                }
+                chunk(
+                    group.as_ptr(),
+                    nb,
+                    base.add(r0 * k),
+                    k,
+                    &acts[r0..r0 + rows],
+                    &offs[r0 * nb..],
+                    &mut scratch,
+                    gout,
+                    m,
+                    r0,
+                );
+            }
+        }
+        if configured != 0 {
+            release();
+        }
+        true
+    }
+
+    /// Issues the tile products of round `c` (blocks `4c ..`, at most `nb`) into `out`.
+    ///
+    /// # Safety
+    /// Tiles configured for the chunk's rows; `a` holds the rows × `k` values, `group` the
+    /// `nb` blocks.
+    #[inline(always)]
+    unsafe fn issue(
+        group: *const u8,
+        nb: usize,
+        a: *const i8,
+        k: usize,
+        c: usize,
+        out: &mut [[i32; 256]; ROUND],
+    ) {
+        macro_rules! block {
+            ($c:literal, $a:literal, $b:literal, $j:expr) => {{
+                let b = c * ROUND + $j;
+                let blk = group.add(b * BLOCK);
+                super::super::prefetch_ahead(blk, BLOCK);
+                std::arch::asm!(
+                    concat!("tilezero tmm", $c),
+                    concat!("tileloadd tmm", $a, ", [{a} + {sa} * 1]"),
+                    concat!("tileloadd tmm", $b, ", [{b} + {sb} * 1]"),
+                    concat!("tdpbsud tmm", $c, ", tmm", $a, ", tmm", $b),
+                    concat!("tilestored [{c} + {sc} * 1], tmm", $c),
+                    a = in(reg) a.add(32 * b),
+                    sa = in(reg) k,
+                    b = in(reg) blk.add(2 * ROWS),
+                    sb = in(reg) 64usize,
+                    c = in(reg) out[$j].as_mut_ptr(),
+                    sc = in(reg) 64usize,
+                    options(nostack)
+                );
+            }};
+        }
+        let n = ROUND.min(nb - c * ROUND);
+        block!("0", "4", "6", 0);
+        if n > 1 {
+            block!("1", "5", "7", 1);
+        }
+        if n > 2 {
+            block!("2", "4", "6", 2);
+        }
+        if n > 3 {
+            block!("3", "5", "7", 3);
+        }
+    }
+
+    /// One chunk of at most 16 activation rows (`acts`, starting at row `r0` of the `m`)
+    /// against one group: every block's tile products, then the f32 sums.
+    ///
+    /// # Safety
+    /// As [`dot_groups`], tiles configured for `acts.len()` rows.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+    unsafe fn chunk(
+        group: *const u8,
+        nb: usize,
+        a: *const i8,
+        k: usize,
+        acts: &[ActRow<'_>],
+        offs: &[i32],
+        scratch: &mut Scratch,
+        out: &mut [f32],
+        m: usize,
+        r0: usize,
+    ) {
+        let rows = acts.len();
+        let mut acc = [_mm512_setzero_ps(); ROWS];
+        let rounds = nb.div_ceil(ROUND);
+        issue(group, nb, a, k, 0, &mut scratch.0[0]);
+        for c in 0..rounds {
+            if c + 1 < rounds {
+                issue(group, nb, a, k, c + 1, &mut scratch.0[(c + 1) % 2]);
+            }
+            let tiles = &scratch.0[c % 2];
+            for (j, tile) in tiles.iter().enumerate().take(ROUND.min(nb - c * ROUND)) {
+                let b = c * ROUND + j;
+                let dw =
+                    _mm512_cvtph_ps(_mm256_loadu_si256(group.add(b * BLOCK) as *const __m256i));
+                for (r, a) in acts.iter().enumerate() {
+                    let p = _mm512_sub_epi32(
+                        _mm512_loadu_si512(tile.as_ptr().add(16 * r) as *const _),
+                        _mm512_set1_epi32(offs[r * nb + b]),
+                    );
+                    let s = _mm512_mul_ps(dw, _mm512_set1_ps(a.d[b]));
+                    acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(s, _mm512_cvtepi32_ps(p)));
+                }
+            }
+        }
+        for (r, acc) in acc[..rows].iter().enumerate() {
+            let mut lanes = [0f32; ROWS];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
+            super::super::scatter(&lanes, out, m, r0 + r);
         }
     }
 }
