@@ -280,15 +280,17 @@ pub fn gemv_with<W: WeightElem>(
         p.columns(0, n);
         return;
     }
-    // A few tasks per thread for balance (the pool is shared with whatever else runs), each
-    // at least MIN_TASK_ELEMS of weights.
+    // Tasks that shrink as the rows run out (the rows left ÷ 2 threads, at least
+    // MIN_TASK_ELEMS of weights), claimed in order: the thread that finishes first waits for
+    // the other only a short task's time (the same "guided" split as `ops::quant`'s).
     let min_rows = MIN_TASK_ELEMS.div_ceil(k.max(1));
-    let rows = n.div_ceil(threads * 4).max(min_rows);
-    let tasks = n.div_ceil(rows);
-    crate::ops::team::for_each(tasks, |t| {
-        let j0 = t * rows;
-        p.columns(j0, (j0 + rows).min(n));
-    });
+    let mut bounds = vec![0];
+    let mut j0 = 0;
+    while j0 < n {
+        j0 = (j0 + (n - j0).div_ceil(2 * threads).max(min_rows)).min(n);
+        bounds.push(j0);
+    }
+    crate::ops::team::for_each(bounds.len() - 1, |t| p.columns(bounds[t], bounds[t + 1]));
 }
 
 /// The plain oracle: `y (m, n) = x (m, k) · Wᵀ + b` accumulated in f64.
