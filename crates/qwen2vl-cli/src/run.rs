@@ -276,7 +276,10 @@ fn test_answer() -> Option<String> {
 }
 
 /// Makes `gen` describe `answer` (what the model would have produced with those markers):
-/// `text` as skip_special_tokens would show it, `grounding` parsed from it.
+/// `text` as skip_special_tokens would show it, `grounding` parsed from it. Used by `serve`'s
+/// scripted test backend, which exists in debug builds only (so a release build of the CLI
+/// does not warn about it).
+#[cfg(debug_assertions)]
 pub(crate) fn replace_answer(gen: &mut Generation, answer: &str) {
     replace_answer_for(gen, answer, qwen2vl::grounding::BoxCoordinates::Thousandths);
 }

@@ -10,6 +10,8 @@ use std::process::{Command, Output};
 use qwen2vl::grounding::{Grounding, ShapeKind};
 
 /// `draw::PALETTE[0]`, the colour of shape 1.
+// Only the debug-build tests (the scripted backend) draw shapes.
+#[cfg(debug_assertions)]
 const SHAPE1: [u8; 3] = [230, 25, 75];
 
 const ANSWER: &str = "It is <|object_ref_start|>the red car<|object_ref_end|><|box_start|>(100,200),(500,600)<|box_end|>, next to <|object_ref_start|>出口<|object_ref_end|><|quad_start|>(600,100),(900,100),(900,300),(600,300)<|quad_end|>.";
