@@ -103,13 +103,7 @@ pub fn dot_groups_amx(
 
 /// [`super::dot_group`] for Q8_0 (lengths checked there).
 pub(super) fn dot_group(backend: Backend, group: &[u8], acts: &[ActRow<'_>], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if backend == Backend::Amx
-        && acts.len() >= AMX_MIN_ROWS
-        // SAFETY: `Backend::Amx` is only produced when the CPU has AVX-512 F/BW/VL/VNNI,
-        // AVX2, F16C and AMX-INT8 with the tile data granted; lengths checked by the caller.
-        && unsafe { amx::dot_groups(group, group.len(), acts, out) }
-    {
+    if dot_groups_amx(backend, group, group.len(), acts, out) {
         return;
     }
     match backend {
