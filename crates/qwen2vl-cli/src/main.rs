@@ -69,23 +69,26 @@ enum Command {
 /// trimming it lets those buffers be reused; peak memory is unchanged. (The engine hands the
 /// free pages back when it goes idle.)
 ///
-/// One malloc arena per core instead of glibc's eight: a server's many short-lived threads
-/// (HTTP workers, a preprocessing thread per media request) otherwise spread their blocks
-/// over up to 8 x cores heaps, each keeping its own high-water mark. In the soak test
-/// (`tests/soak.rs`, 2 cores) the resting size after 600 mixed requests varied from 199 to
-/// 328 MiB from run to run with the default and stayed at 160-177 MiB with this, at the same
-/// speed.
+/// One malloc arena for the whole process instead of glibc's eight per core. A server's many
+/// short-lived threads (HTTP workers, a preprocessing thread per media request) otherwise
+/// spread their blocks over up to 8 x cores heaps, each keeping its own high-water mark: in
+/// the soak test (`tests/soak.rs`, 2 cores) the resting size after 600 mixed requests varied
+/// from 199 to 328 MiB from run to run with the default and stayed at 160-177 MiB with one
+/// arena per core. And a second arena splits the same working set in two: the tokenizer is
+/// built on the main thread, the forward passes run on the compute pool's threads, so with
+/// one arena per core the free blocks the load left could not serve the vision tower, whose
+/// own arena grew beside them (peak RSS of the 2B q8_0 model on a 640x480 image 3 188 MiB
+/// with two arenas, 3 125 MiB with one, at the same speed; the allocations of a forward
+/// pass are one per tensor op, too few to contend on the lock).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let arenas = i32::try_from(cores.max(2)).unwrap_or(i32::MAX);
         // SAFETY: mallopt only changes allocator tuning; called before any other thread
         // exists.
         unsafe {
             libc::mallopt(libc::M_MMAP_MAX, 0);
             libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-            libc::mallopt(libc::M_ARENA_MAX, arenas);
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
 }

@@ -141,18 +141,25 @@ fn main() {
         let xs: Vec<Vec<f32>> = [HIDDEN, INTER].iter().map(|&k| values(m * k, 7)).collect();
         // As the engine runs them: q, k and v as one group, o, gate and up as one group, down;
         // then the LM head.
+        // Seconds and bytes per part of a step (q/k/v, o, gate/up, down, LM head), summed
+        // over the timed steps: where the time goes, and which products stream slower.
+        let parts = std::sync::Mutex::new([(0f64, 0usize); 5]);
         let step = |mats: &[QMatrix]| {
-            let group = |ms: &[QMatrix], x: &[f32]| {
+            let group = |part: usize, ms: &[QMatrix], x: &[f32]| {
                 let products: Vec<_> = ms.iter().map(|q| (q, None)).collect();
+                let t0 = Instant::now();
                 std::hint::black_box(matmul_group(&products, x, m).unwrap());
+                let mut p = parts.lock().unwrap();
+                p[part].0 += t0.elapsed().as_secs_f64();
+                p[part].1 += ms.iter().map(|q| q.bytes().len()).sum::<usize>();
             };
             for layer in mats[..LAYERS * 7].chunks_exact(7) {
-                group(&layer[0..3], &xs[0]);
-                group(&layer[3..4], &xs[0]);
-                group(&layer[4..6], &xs[0]);
-                group(&layer[6..7], &xs[1]);
+                group(0, &layer[0..3], &xs[0]);
+                group(1, &layer[3..4], &xs[0]);
+                group(2, &layer[4..6], &xs[0]);
+                group(3, &layer[6..7], &xs[1]);
             }
-            group(&mats[LAYERS * 7..], &xs[0]);
+            group(4, &mats[LAYERS * 7..], &xs[0]);
         };
         // The LM head alone, per backend: the kernel's own streaming rate.
         let head = mats.last().expect("the LM head");
@@ -198,12 +205,25 @@ fn main() {
             );
         }
         qwen2vl::ops::pool::install(|| step(&mats)); // warm-up
+        *parts.lock().unwrap() = Default::default();
         let mut times = Vec::new();
         for _ in 0..steps {
             let t0 = Instant::now();
             qwen2vl::ops::pool::install(|| step(&mats));
             times.push(t0.elapsed().as_secs_f64());
         }
+        let per_part: Vec<String> = ["q/k/v", "o", "gate/up", "down", "LM head"]
+            .iter()
+            .zip(parts.lock().unwrap().iter())
+            .map(|(name, &(secs, b))| {
+                format!(
+                    "{name} {:.1} ms {:.1} GB/s",
+                    secs * 1e3 / steps as f64,
+                    b as f64 / secs / 1e9
+                )
+            })
+            .collect();
+        println!("  {t} per step: {}", per_part.join(", "));
         times.sort_by(f64::total_cmp);
         let med = times[times.len() / 2];
         let floor = bytes as f64 / bw;

@@ -62,6 +62,20 @@ fn fits(needed: u64, avail: u64, what: &str) -> Result<()> {
     ))
 }
 
+/// Hands the heap's free pages back to the operating system (glibc `malloc_trim`; nothing
+/// elsewhere). The CLI tunes malloc to keep freed memory (tensor buffers are then reused
+/// instead of page-faulted again, see `keep_freed_memory` in the CLI's main.rs), which is
+/// right during a burst of work but would keep a process at its peak forever; callers run
+/// this where a burst ends: after a load (the tokenizer's temporary blocks) and each time
+/// the engine goes idle, so an idle server returns to its resting size.
+pub fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator; no pointer is touched.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

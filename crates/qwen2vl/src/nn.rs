@@ -96,10 +96,31 @@ fn f32_product(
         )));
     }
     let m = x.elem_count() / k.max(1);
-    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let y = product(&xs, m)?;
+    let y = with_f32_values(x, |xs| product(xs, m))?;
     *dims.last_mut().expect("rank >= 1") = n;
     Ok(Tensor::from_vec(y, dims, device)?.to_dtype(x.dtype())?)
+}
+
+/// `f(values)` on `x`'s elements as f32 in row-major order: read in place when `x` is a
+/// contiguous f32 tensor on the CPU (the usual case: an activation on its way into a
+/// product), else from a converted copy.
+///
+/// Why not always copy: the copy is a second full-size buffer beside `x` for the whole
+/// product, and for the vision MLP's `fc2` input (1564 × 5120 f32 for a 640x480 image) that
+/// is 32 MB more at the pass's peak memory.
+pub(crate) fn with_f32_values<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    {
+        let (storage, layout) = x.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            // The read guard is held while `f` runs: nothing writes this storage meanwhile
+            // (in-place ops take it for writing, and the caller still borrows `x`).
+            return f(&v[a..b]);
+        }
+    }
+    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    f(&xs)
 }
 
 /// A bias tensor `(out,)` as f32 values, for the kernels that take plain slices.
@@ -248,12 +269,11 @@ impl Linear {
             )));
         }
         let m = x.elem_count() / k.max(1);
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let products: Vec<_> = layers
             .iter()
             .map(|q| (&*q.weight, q.bias.as_deref()))
             .collect();
-        let ys = crate::ops::quant::matmul_group(&products, &xs, m)?;
+        let ys = with_f32_values(x, |xs| crate::ops::quant::matmul_group(&products, xs, m))?;
         ys.into_iter()
             .zip(layers)
             .map(|(y, q)| {

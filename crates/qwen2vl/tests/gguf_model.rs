@@ -508,6 +508,41 @@ fn gguf_tokenizer_matches_tokenizer_json() {
             .as_str()
             .unwrap()
     );
+    // What the loaders do once the tokenizer is built: the vocabulary arrays are emptied
+    // (their memory freed), the rest of the metadata stays, and the tokenizer built before
+    // is unaffected; building another one from the files is an error, not a panic.
+    let mut model = model;
+    let config_before = format!("{:?}", model.config());
+    model.release_vocabulary();
+    for key in ["tokenizer.ggml.tokens", "tokenizer.ggml.merges"] {
+        assert_eq!(
+            model
+                .file(qwen2vl::gguf::model::Part::Text)
+                .unwrap()
+                .get_str_array(key)
+                .unwrap()
+                .len(),
+            0,
+            "{key}"
+        );
+    }
+    assert_eq!(
+        model
+            .file(qwen2vl::gguf::model::Part::Text)
+            .unwrap()
+            .get_i32_array("tokenizer.ggml.token_type")
+            .unwrap()
+            .len(),
+        0
+    );
+    assert!(model.chat_template().unwrap().is_some());
+    assert_eq!(format!("{:?}", model.config()), config_before);
+    let s = "ünïcødé, 你好世界 <|im_start|>user";
+    assert_eq!(
+        ours.encode_plain(s).unwrap(),
+        reference.encode_plain(s).unwrap()
+    );
+    assert!(Qwen2Tokenizer::from_gguf(&model).is_err());
 }
 
 /// A fused `attn_qkv` (the converter's `--fuse-qkv`) gives the same answer as split q/k/v.

@@ -133,19 +133,6 @@ struct Scheduler<'p> {
     trimmed: bool,
 }
 
-/// Hands the heap's free pages back to the operating system (glibc `malloc_trim`), once each
-/// time the engine goes idle. The CLI tunes malloc to keep freed memory (tensor buffers are
-/// then reused instead of page-faulted again, see `keep_freed_memory` in the CLI's main.rs),
-/// which is right during a burst but would keep a server at its peak forever after one
-/// large request; an idle server returns to its resting size instead.
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory of the allocator; no pointer is touched.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// The thread's body: loops until [`Shared`]'s `stop`, then cancels what runs and fails what
 /// waits.
 pub(crate) fn run(shared: Arc<Shared>, pipeline: Arc<Pipeline>) {
@@ -218,7 +205,7 @@ impl<'p> Scheduler<'p> {
                 .map_err(|_| ());
         } else if st.queue.is_empty() && self.ready.is_empty() && !self.trimmed {
             drop(st);
-            release_free_memory();
+            crate::memory::release_free_heap();
             self.trimmed = true;
         } else if st.queue.is_empty() && self.ready.is_empty() {
             // Wake on submit/shutdown; the timeout only bounds a missed notification.

@@ -517,6 +517,26 @@ pub enum MetaArray {
     Str(Vec<String>),
 }
 
+impl MetaArray {
+    /// An empty array of the same element type.
+    pub fn emptied(&self) -> MetaArray {
+        match self {
+            MetaArray::U8(_) => MetaArray::U8(Vec::new()),
+            MetaArray::I8(_) => MetaArray::I8(Vec::new()),
+            MetaArray::U16(_) => MetaArray::U16(Vec::new()),
+            MetaArray::I16(_) => MetaArray::I16(Vec::new()),
+            MetaArray::U32(_) => MetaArray::U32(Vec::new()),
+            MetaArray::I32(_) => MetaArray::I32(Vec::new()),
+            MetaArray::U64(_) => MetaArray::U64(Vec::new()),
+            MetaArray::I64(_) => MetaArray::I64(Vec::new()),
+            MetaArray::F32(_) => MetaArray::F32(Vec::new()),
+            MetaArray::F64(_) => MetaArray::F64(Vec::new()),
+            MetaArray::Bool(_) => MetaArray::Bool(Vec::new()),
+            MetaArray::Str(_) => MetaArray::Str(Vec::new()),
+        }
+    }
+}
+
 impl MetaValue {
     /// The value's type ([`ValueType::Array`] for arrays).
     pub fn value_type(&self) -> ValueType {
