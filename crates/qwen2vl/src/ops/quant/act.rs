@@ -30,6 +30,10 @@ pub struct QActs {
     /// formats apply their mins and offsets through them, packed Q8_0 its `+128` offset
     /// ([`super::packed`]).
     pub sums: Vec<i16>,
+    /// Q8_0 only (else empty): `−128 ×` the sum of each block of 32 values, `rows × k / 32`,
+    /// where the packed kernels start each block's integer sum (it undoes the `+128` of the
+    /// stored weights, [`super::packed`]).
+    pub offs: Vec<i32>,
 }
 
 impl QActs {
@@ -56,6 +60,13 @@ impl QActs {
                 sums[b * block / 16 + g] = s.iter().map(|&v| i16::from(v)).sum();
             }
         }
+        let offs = if t == QType::Q8_0 {
+            sums.chunks_exact(2)
+                .map(|p| -128 * (i32::from(p[0]) + i32::from(p[1])))
+                .collect()
+        } else {
+            Vec::new()
+        };
         QActs {
             t,
             rows,
@@ -63,6 +74,7 @@ impl QActs {
             q,
             d,
             sums,
+            offs,
         }
     }
 
@@ -70,10 +82,16 @@ impl QActs {
     pub fn row(&self, r: usize) -> ActRow<'_> {
         let per_block = self.k / self.t.block_len();
         let groups = self.k / 16;
+        let offs = if self.offs.is_empty() {
+            &self.offs[..]
+        } else {
+            &self.offs[r * self.k / 32..(r + 1) * self.k / 32]
+        };
         ActRow {
             q: &self.q[r * self.k..(r + 1) * self.k],
             d: &self.d[r * per_block..(r + 1) * per_block],
             sums: &self.sums[r * groups..(r + 1) * groups],
+            offs,
         }
     }
 
@@ -97,4 +115,6 @@ pub struct ActRow<'a> {
     pub d: &'a [f32],
     /// One sum per 16 values.
     pub sums: &'a [i16],
+    /// Q8_0: `−128 ×` each block's sum ([`QActs::offs`]); empty for the K formats.
+    pub offs: &'a [i32],
 }

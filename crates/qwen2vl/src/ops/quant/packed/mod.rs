@@ -92,7 +92,8 @@ pub fn dot_group(
             && group.len() == nb * ROWS * bb
             && acts
                 .iter()
-                .all(|a| a.q.len() >= nb * bl && a.d.len() >= nb && a.sums.len() >= nb * bl / 16),
+                .all(|a| a.q.len() >= nb * bl && a.d.len() >= nb && a.sums.len() >= nb * bl / 16)
+            && (t != QType::Q8_0 || acts.iter().all(|a| a.offs.len() >= nb)),
         "packed {t} group of {} bytes against {} activation rows",
         group.len(),
         acts.len()
@@ -242,7 +243,7 @@ mod tests {
             for k in [256, 1536] {
                 let rs = rows(t, k, 7);
                 let group = packed(t, &rs);
-                for m in [1, 2, 3, 4, 5, 8, 9, 17] {
+                for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 14, 15, 17] {
                     let x = values(m * k, 100 + m as u64);
                     let acts = QActs::quantize(t, &x, m, k);
                     let views: Vec<_> = (0..m).map(|r| acts.row(r)).collect();
