@@ -120,61 +120,79 @@ pub(super) mod vnni {
         out: &mut [f32],
     ) {
         let m = acts.len();
+        for (pass, rows) in acts.chunks(PASS).enumerate() {
+            let lanes = match rows.len() {
+                1 => pass_rows::<1>(group, rows),
+                2 => pass_rows::<2>(group, rows),
+                3 => pass_rows::<3>(group, rows),
+                _ => pass_rows::<4>(group, rows),
+            };
+            for (r, lanes) in lanes[..rows.len()].iter().enumerate() {
+                super::super::scatter(lanes, out, m, pass * PASS + r);
+            }
+        }
+    }
+
+    /// The 16 rows' results for `R` activation rows (`rows.len() == R`) in the slots `0..R`:
+    /// with `R` a constant the accumulators stay in registers and the loops over the rows
+    /// are unrolled (as in Q8_0's kernel, where that made 8 rows 29% faster).
+    ///
+    /// # Safety
+    /// As [`dot_group`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+    #[inline]
+    unsafe fn pass_rows<const R: usize>(group: &[u8], rows: &[ActRow<'_>]) -> [[f32; ROWS]; PASS] {
+        let rows: &[ActRow<'_>; R] = rows.try_into().expect("R activation rows");
         let nb = group.len() / BLOCK;
         let gp = group.as_ptr();
         let low4 = _mm512_set1_epi8(0x0f);
-        for (pass, rows) in acts.chunks(PASS).enumerate() {
-            let mut acc = [_mm512_setzero_ps(); PASS];
-            for b in 0..nb {
-                let blk = gp.add(b * BLOCK);
-                super::super::prefetch_ahead(blk, BLOCK);
-                let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
-                let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i));
-                let (sc, mn) = scales_mins(blk);
-                let mut isum = [_mm512_setzero_si512(); PASS];
-                for c in 0..4 {
-                    let mut lo = [_mm512_setzero_si512(); PASS];
-                    let mut hi = [_mm512_setzero_si512(); PASS];
-                    for g in 0..8 {
-                        let v = _mm512_loadu_si512(blk.add(256 + 512 * c + 64 * g) as *const _);
-                        let vl = _mm512_and_si512(v, low4);
-                        let vh = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4);
-                        for (r, a) in rows.iter().enumerate() {
-                            let at = 256 * b + 64 * c + 4 * g;
-                            lo[r] = _mm512_dpbusd_epi32(lo[r], vl, quad(a, at));
-                            hi[r] = _mm512_dpbusd_epi32(hi[r], vh, quad(a, at + 32));
-                        }
-                    }
-                    for r in 0..rows.len() {
-                        let s = _mm512_add_epi32(
-                            _mm512_mullo_epi32(lo[r], sc[2 * c]),
-                            _mm512_mullo_epi32(hi[r], sc[2 * c + 1]),
-                        );
-                        isum[r] = _mm512_add_epi32(isum[r], s);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = gp.add(b * BLOCK);
+            super::super::prefetch_ahead(blk, BLOCK);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i));
+            let (sc, mn) = scales_mins(blk);
+            let mut isum = [_mm512_setzero_si512(); R];
+            for c in 0..4 {
+                let mut lo = [_mm512_setzero_si512(); R];
+                let mut hi = [_mm512_setzero_si512(); R];
+                for g in 0..8 {
+                    let v = _mm512_loadu_si512(blk.add(256 + 512 * c + 64 * g) as *const _);
+                    let vl = _mm512_and_si512(v, low4);
+                    let vh = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4);
+                    for (r, a) in rows.iter().enumerate() {
+                        let at = 256 * b + 64 * c + 4 * g;
+                        lo[r] = _mm512_dpbusd_epi32(lo[r], vl, quad(a, at));
+                        hi[r] = _mm512_dpbusd_epi32(hi[r], vh, quad(a, at + 32));
                     }
                 }
-                for (r, a) in rows.iter().enumerate() {
-                    let sums = &a.sums[16 * b..16 * b + 16];
-                    let mut msum = _mm512_setzero_si512();
-                    for (j, mn) in mn.iter().enumerate() {
-                        let asum = i32::from(sums[2 * j]) + i32::from(sums[2 * j + 1]);
-                        msum = _mm512_add_epi32(
-                            msum,
-                            _mm512_mullo_epi32(*mn, _mm512_set1_epi32(asum)),
-                        );
-                    }
-                    let t = _mm512_sub_ps(
-                        _mm512_mul_ps(d, _mm512_cvtepi32_ps(isum[r])),
-                        _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(msum)),
+                for r in 0..R {
+                    let s = _mm512_add_epi32(
+                        _mm512_mullo_epi32(lo[r], sc[2 * c]),
+                        _mm512_mullo_epi32(hi[r], sc[2 * c + 1]),
                     );
-                    acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_set1_ps(a.d[b]), t));
+                    isum[r] = _mm512_add_epi32(isum[r], s);
                 }
             }
-            for (r, acc) in acc[..rows.len()].iter().enumerate() {
-                let mut lanes = [0f32; ROWS];
-                _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
-                super::super::scatter(&lanes, out, m, pass * PASS + r);
+            for (r, a) in rows.iter().enumerate() {
+                let sums = &a.sums[16 * b..16 * b + 16];
+                let mut msum = _mm512_setzero_si512();
+                for (j, mn) in mn.iter().enumerate() {
+                    let asum = i32::from(sums[2 * j]) + i32::from(sums[2 * j + 1]);
+                    msum = _mm512_add_epi32(msum, _mm512_mullo_epi32(*mn, _mm512_set1_epi32(asum)));
+                }
+                let t = _mm512_sub_ps(
+                    _mm512_mul_ps(d, _mm512_cvtepi32_ps(isum[r])),
+                    _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(msum)),
+                );
+                acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_set1_ps(a.d[b]), t));
             }
         }
+        let mut lanes = [[0f32; ROWS]; PASS];
+        for (l, acc) in lanes.iter_mut().zip(&acc) {
+            _mm512_storeu_ps(l.as_mut_ptr(), *acc);
+        }
+        lanes
     }
 }

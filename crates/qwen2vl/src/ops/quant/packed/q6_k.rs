@@ -108,52 +108,73 @@ pub(super) mod vnni {
         out: &mut [f32],
     ) {
         let m = acts.len();
+        for (pass, rows) in acts.chunks(PASS).enumerate() {
+            let lanes = match rows.len() {
+                1 => pass_rows::<1>(group, rows),
+                2 => pass_rows::<2>(group, rows),
+                3 => pass_rows::<3>(group, rows),
+                _ => pass_rows::<4>(group, rows),
+            };
+            for (r, lanes) in lanes[..rows.len()].iter().enumerate() {
+                super::super::scatter(lanes, out, m, pass * PASS + r);
+            }
+        }
+    }
+
+    /// The 16 rows' results for `R` activation rows (`rows.len() == R`) in the slots `0..R`:
+    /// with `R` a constant the accumulators stay in registers and the loops over the rows
+    /// are unrolled (as in Q8_0's kernel, where that made 8 rows 29% faster).
+    ///
+    /// # Safety
+    /// As [`dot_group`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+    #[inline]
+    unsafe fn pass_rows<const R: usize>(group: &[u8], rows: &[ActRow<'_>]) -> [[f32; ROWS]; PASS] {
+        let rows: &[ActRow<'_>; R] = rows.try_into().expect("R activation rows");
         let nb = group.len() / BLOCK;
         let gp = group.as_ptr();
-        for (pass, rows) in acts.chunks(PASS).enumerate() {
-            let mut acc = [_mm512_setzero_ps(); PASS];
-            for b in 0..nb {
-                let blk = gp.add(b * BLOCK);
-                super::super::prefetch_ahead(blk, BLOCK);
-                let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
-                let mut isum = [_mm512_setzero_si512(); PASS];
-                // Sub-blocks g = 8n + 2q + half: runs t = 4 half .. 4 half + 4 of quarter q.
-                for n in 0..2 {
-                    for half in 0..2 {
-                        let mut p = [[_mm512_setzero_si512(); 4]; PASS];
-                        for t in 4 * half..4 * half + 4 {
-                            let v = sixes(blk, n, t);
-                            for (r, a) in rows.iter().enumerate() {
-                                for q in 0..4 {
-                                    let at = 256 * b + 128 * n + 32 * q + 4 * t;
-                                    p[r][q] = _mm512_dpbusd_epi32(p[r][q], v[q], quad(a, at));
-                                }
-                            }
-                        }
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = gp.add(b * BLOCK);
+            super::super::prefetch_ahead(blk, BLOCK);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+            let mut isum = [_mm512_setzero_si512(); R];
+            // Sub-blocks g = 8n + 2q + half: runs t = 4 half .. 4 half + 4 of quarter q.
+            for n in 0..2 {
+                for half in 0..2 {
+                    let mut p = [[_mm512_setzero_si512(); 4]; R];
+                    for t in 4 * half..4 * half + 4 {
+                        let v = sixes(blk, n, t);
                         for (r, a) in rows.iter().enumerate() {
-                            for (q, p) in p[r].iter().enumerate() {
-                                let g = 8 * n + 2 * q + half;
-                                let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(
-                                    blk.add(SCALES + 16 * g) as *const __m128i,
-                                ));
-                                // The stored values are q + 32: take 32 × Σa back off.
-                                let offset = 32 * i32::from(a.sums[16 * b + g]);
-                                let t = _mm512_sub_epi32(*p, _mm512_set1_epi32(offset));
-                                isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(sc, t));
+                            for q in 0..4 {
+                                let at = 256 * b + 128 * n + 32 * q + 4 * t;
+                                p[r][q] = _mm512_dpbusd_epi32(p[r][q], v[q], quad(a, at));
                             }
                         }
                     }
-                }
-                for (r, a) in rows.iter().enumerate() {
-                    let t = _mm512_mul_ps(d, _mm512_cvtepi32_ps(isum[r]));
-                    acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_set1_ps(a.d[b]), t));
+                    for (r, a) in rows.iter().enumerate() {
+                        for (q, p) in p[r].iter().enumerate() {
+                            let g = 8 * n + 2 * q + half;
+                            let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                blk.add(SCALES + 16 * g) as *const __m128i,
+                            ));
+                            // The stored values are q + 32: take 32 × Σa back off.
+                            let offset = 32 * i32::from(a.sums[16 * b + g]);
+                            let t = _mm512_sub_epi32(*p, _mm512_set1_epi32(offset));
+                            isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(sc, t));
+                        }
+                    }
                 }
             }
-            for (r, acc) in acc[..rows.len()].iter().enumerate() {
-                let mut lanes = [0f32; ROWS];
-                _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
-                super::super::scatter(&lanes, out, m, pass * PASS + r);
+            for (r, a) in rows.iter().enumerate() {
+                let t = _mm512_mul_ps(d, _mm512_cvtepi32_ps(isum[r]));
+                acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_set1_ps(a.d[b]), t));
             }
         }
+        let mut lanes = [[0f32; ROWS]; PASS];
+        for (l, acc) in lanes.iter_mut().zip(&acc) {
+            _mm512_storeu_ps(l.as_mut_ptr(), *acc);
+        }
+        lanes
     }
 }
