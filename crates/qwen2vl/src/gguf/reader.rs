@@ -246,25 +246,18 @@ impl GgufFile {
     }
 
     /// Empties the array values of `keys` (keeping each key and its element type), freeing
-    /// their memory; other keys and missing ones are left alone. Returns how many values
-    /// were emptied.
+    /// their memory; other keys and missing ones are left alone.
     ///
     /// For metadata that is read once at load: a Qwen2 vocabulary's `tokenizer.ggml.tokens`
     /// and `.merges` are 300 thousand strings, ~22 MiB of heap for as long as the model is
     /// loaded, after the tokenizer has made its own copy (see
     /// [`crate::gguf::model::GgufModel::release_vocabulary`]).
-    pub fn release_arrays(&mut self, keys: &[&str]) -> usize {
-        let mut released = 0;
+    pub fn release_arrays(&mut self, keys: &[&str]) {
         for (key, value) in &mut self.header.metadata {
-            if !keys.contains(&key.as_str()) {
-                continue;
-            }
-            if let MetaValue::Array(a) = value {
+            if let (true, MetaValue::Array(a)) = (keys.contains(&key.as_str()), value) {
                 *a = a.emptied();
-                released += 1;
             }
         }
-        released
     }
 
     /// Whether `key` is present.

@@ -13,7 +13,7 @@
 //! touch). Smaller buffers and other systems get plain 64-byte-aligned memory; the advice
 //! is a hint, and its failure changes nothing but speed.
 //!
-//! Where: on Linux, buffers of [`OWN_MAP`] bytes or more get their own anonymous mapping
+//! Where: on Linux, buffers of 64 KiB (`OWN_MAP`) or more get their own anonymous mapping
 //! instead of a block of the malloc heap. Weights live as long as the model, and from the
 //! heap each one (with the 2 MiB alignment gap before it) sat between the load's and the
 //! forward passes' temporary blocks, so freed activations could not merge into large

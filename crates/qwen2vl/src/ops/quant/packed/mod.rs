@@ -159,6 +159,26 @@ unsafe fn prefetch_ahead(p: *const u8, len: usize) {
     }
 }
 
+/// Runs `pass` on `acts` in passes of up to `P` activation rows and writes each pass's
+/// results (slot `r` of the returned array for the pass's row `r`) into the transposed
+/// output: the loop of the VNNI kernels, whose `pass` picks a monomorphization for the
+/// pass's row count (so its accumulators stay in registers).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn by_passes<const P: usize>(
+    acts: &[ActRow<'_>],
+    out: &mut [f32],
+    mut pass: impl FnMut(&[ActRow<'_>]) -> [[f32; ROWS]; P],
+) {
+    let m = acts.len();
+    for (i, rows) in acts.chunks(P).enumerate() {
+        let lanes = pass(rows);
+        for (r, lanes) in lanes[..rows.len()].iter().enumerate() {
+            scatter(lanes, out, m, i * P + r);
+        }
+    }
+}
+
 /// Writes the 16 rows' results `lanes` for activation row `col` into the transposed output.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]

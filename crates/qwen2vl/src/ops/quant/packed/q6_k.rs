@@ -107,18 +107,12 @@ pub(super) mod vnni {
         acts: &[ActRow<'_>],
         out: &mut [f32],
     ) {
-        let m = acts.len();
-        for (pass, rows) in acts.chunks(PASS).enumerate() {
-            let lanes = match rows.len() {
-                1 => pass_rows::<1>(group, rows),
-                2 => pass_rows::<2>(group, rows),
-                3 => pass_rows::<3>(group, rows),
-                _ => pass_rows::<4>(group, rows),
-            };
-            for (r, lanes) in lanes[..rows.len()].iter().enumerate() {
-                super::super::scatter(lanes, out, m, pass * PASS + r);
-            }
-        }
+        super::super::by_passes::<PASS>(acts, out, |rows| match rows.len() {
+            1 => pass_rows::<1>(group, rows),
+            2 => pass_rows::<2>(group, rows),
+            3 => pass_rows::<3>(group, rows),
+            _ => pass_rows::<4>(group, rows),
+        });
     }
 
     /// The 16 rows' results for `R` activation rows (`rows.len() == R`) in the slots `0..R`:

@@ -5,7 +5,8 @@
 //! - the 16 rows' f16 scales `d` (32 bytes, row `i` at `2i`);
 //! - for each 4-value run `g` in 0..8 of the block, 64 bytes: row `i`'s values
 //!   `4g..4g+4` at `4i`, each stored as `q + 128` (`q ^ 0x80`, an unsigned byte), which is
-//!   what `vpdpbusd` multiplies; the kernels subtract `128 · Σ a` to undo the offset.
+//!   what `vpdpbusd` multiplies; the kernels add `−128 · Σ a`
+//!   ([`crate::ops::quant::QActs::offs`]) to undo the offset.
 //!
 //! Arithmetic (every backend, so the bits are the same): per row `i` and block `b`, the exact
 //! integer `p = Σ q_w q_a` over the block's 32 values, then `acc += (d_w · d_a) · p` with one
@@ -87,7 +88,7 @@ pub fn dot_groups_amx(
                 && out.len() >= n_groups * ROWS * m
                 && acts
                     .iter()
-                    .all(|a| a.q.len() >= 32 * nb && a.d.len() >= nb && a.sums.len() >= 2 * nb),
+                    .all(|a| a.q.len() >= 32 * nb && a.d.len() >= nb && a.offs.len() >= nb),
             "packed q8_0 groups of {group_bytes} bytes against {m} activation rows"
         );
         // SAFETY: `Backend::Amx` is only produced when the CPU has AVX-512 F/BW/VL/VNNI, AVX2,
@@ -164,23 +165,17 @@ mod vnni {
     /// AVX-512 F/BW/VL/VNNI, AVX2, F16C; lengths checked by [`super::super::dot_group`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
     pub(super) unsafe fn dot_group(group: &[u8], acts: &[ActRow<'_>], out: &mut [f32]) {
-        let m = acts.len();
         let nb = group.len() / BLOCK;
-        for (pass, rows) in acts.chunks(PASS).enumerate() {
-            let lanes = match rows.len() {
-                1 => pass_rows::<1>(group, nb, rows),
-                2 => pass_rows::<2>(group, nb, rows),
-                3 => pass_rows::<3>(group, nb, rows),
-                4 => pass_rows::<4>(group, nb, rows),
-                5 => pass_rows::<5>(group, nb, rows),
-                6 => pass_rows::<6>(group, nb, rows),
-                7 => pass_rows::<7>(group, nb, rows),
-                _ => pass_rows::<8>(group, nb, rows),
-            };
-            for (r, lanes) in lanes[..rows.len()].iter().enumerate() {
-                super::super::scatter(lanes, out, m, pass * PASS + r);
-            }
-        }
+        super::super::by_passes::<PASS>(acts, out, |rows| match rows.len() {
+            1 => pass_rows::<1>(group, nb, rows),
+            2 => pass_rows::<2>(group, nb, rows),
+            3 => pass_rows::<3>(group, nb, rows),
+            4 => pass_rows::<4>(group, nb, rows),
+            5 => pass_rows::<5>(group, nb, rows),
+            6 => pass_rows::<6>(group, nb, rows),
+            7 => pass_rows::<7>(group, nb, rows),
+            _ => pass_rows::<8>(group, nb, rows),
+        });
     }
 
     /// The 16 rows' results for `R` activation rows (`rows.len() == R`), in the slots
@@ -319,13 +314,6 @@ mod amx {
         };
         let m = acts.len();
         let nb = group_bytes / BLOCK;
-        // 128 · Σ a per row and block: what the stored `+ 128` added.
-        let offs: Vec<i32> = acts
-            .iter()
-            .flat_map(|a| {
-                (0..nb).map(|b| 128 * (i32::from(a.sums[2 * b]) + i32::from(a.sums[2 * b + 1])))
-            })
-            .collect();
         let mut scratch = Scratch([[[0; 256]; ROUND]; 2]);
         let mut configured = 0;
         for (g, group) in groups.chunks_exact(group_bytes).enumerate() {
@@ -342,7 +330,6 @@ mod amx {
                     base.add(r0 * k),
                     k,
                     &acts[r0..r0 + rows],
-                    &offs[r0 * nb..],
                     &mut scratch,
                     gout,
                     m,
@@ -418,7 +405,6 @@ mod amx {
         a: *const i8,
         k: usize,
         acts: &[ActRow<'_>],
-        offs: &[i32],
         scratch: &mut Scratch,
         out: &mut [f32],
         m: usize,
@@ -438,9 +424,10 @@ mod amx {
                 let dw =
                     _mm512_cvtph_ps(_mm256_loadu_si256(group.add(b * BLOCK) as *const __m256i));
                 for (r, a) in acts.iter().enumerate() {
-                    let p = _mm512_sub_epi32(
+                    // `a.offs[b]` is −128 Σ a: what the stored `+ 128` added, taken off.
+                    let p = _mm512_add_epi32(
                         _mm512_loadu_si512(tile.as_ptr().add(16 * r) as *const _),
-                        _mm512_set1_epi32(offs[r * nb + b]),
+                        _mm512_set1_epi32(a.offs[b]),
                     );
                     let s = _mm512_mul_ps(dw, _mm512_set1_ps(a.d[b]));
                     acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(s, _mm512_cvtepi32_ps(p)));
